@@ -1,0 +1,43 @@
+# `make test`: everything from a fresh clone — venv, pinned dependencies, the compiled
+# extension (CUDA kernels too where torch and nvcc allow), then the test suite.
+# `make bench`: the same set-up, then the benchmarks and their summary table.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-stamp
+# nvcc lives here on the project's machines; an explicit CUDA_HOME wins.
+CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export CUDA_HOME
+PYTEST_ARGS ?=
+
+.PHONY: test bench build clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): requirements-ci.txt | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-ci.txt
+	touch $@
+
+build: $(DEPS_STAMP)
+	@mkdir -p build
+	@echo "building the extension (log: build/install.log)"
+	@$(PY) -m pip install --no-build-isolation --no-deps -v -e . > build/install.log 2>&1 \
+		|| { tail -n 60 build/install.log; echo "make: building the extension failed"; exit 1; }
+	@grep -h "mtseg-kernels: building" build/install.log | tail -n 1
+	$(PY) -c "import mtseg_kernels; print('mtseg_kernels backends:', mtseg_kernels.backends())"
+
+# pytest exits 5 when it collected nothing: treat that as a failure, not a pass.
+test: build
+	@$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
+
+bench: build
+	$(PY) -m pytest benchmarks -o python_files='bench_*.py' --benchmark-only \
+		--benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)
+	$(PY) benchmarks/summarize.py benchmarks/results/latest.json
+
+clean:
+	rm -rf build *.egg-info mtseg_kernels/_C*.so .pytest_cache .benchmarks

@@ -1,0 +1,444 @@
+// CPU kernels of the HOG operators. The math is in mtseg/hog.h (shared with CUDA);
+// this file only lays out the loops: parallel over images x cell rows (cells) or
+// images x blocks (normalisation), with no allocation inside the per-pixel loops.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <type_traits>
+#include <cmath>
+#include <vector>
+
+#include "mtseg/hog.h"
+#include "mtseg/hog_host.h"
+
+namespace mtseg {
+namespace hog {
+namespace {
+
+// Work items of about this many pixels keep the parallel overhead small.
+constexpr int64_t kPixelsPerTask = 1 << 14;
+
+int64_t grain_for(int64_t pixels_per_item) { return std::max<int64_t>(1, kPixelsPerTask / std::max<int64_t>(1, pixels_per_item)); }
+
+template <typename scalar_t>
+ImageView<scalar_t> image_view(const at::Tensor& images, int64_t b) {
+  return ImageView<scalar_t>{images.data_ptr<scalar_t>() + b * images.stride(0),
+                             images.size(1),
+                             images.size(2),
+                             images.size(3),
+                             images.stride(1),
+                             images.stride(2),
+                             images.stride(3)};
+}
+
+// Calls f with (scalar_t, grad_t, acc_t) chosen from the image dtype (see hog.h).
+template <typename F>
+void dispatch_image_types(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kByte: return f(uint8_t{}, double{}, float{});
+    case at::kHalf: return f(at::Half{}, float{}, float{});
+    case at::kBFloat16: return f(at::BFloat16{}, float{}, float{});
+    case at::kFloat: return f(float{}, float{}, float{});
+    case at::kDouble: return f(double{}, double{}, double{});
+    default: TORCH_CHECK_TYPE(false, "hog: unsupported image dtype ", dtype);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Cells, general path: one pixel at a time through the shared per-pixel functions.
+// Used for double-precision gradients (float64 images, and uint8 images, which skimage
+// promotes to float64: channel ties are then decided by glibc's double hypot, which is
+// not monotone in g_row^2 + g_col^2, so only hypot itself reproduces them).
+// ---------------------------------------------------------------------------------
+template <typename scalar_t, typename grad_t, typename cell_t>
+void cells_kernel_generic(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt, const double* table,
+                          cell_t* cells) {
+  const int64_t n = g.orientations;
+  at::parallel_for(0, g.batch * g.n_cells_row, grain_for(g.cell_rows * g.width), [&](int64_t begin, int64_t end) {
+    std::vector<double> sums(g.n_cells_col * n);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
+      const auto img = image_view<scalar_t>(images, b);
+      std::fill(sums.begin(), sums.end(), 0.0);
+      for (int64_t y = cell_row * g.cell_rows; y < (cell_row + 1) * g.cell_rows; ++y) {
+        for (int64_t x = 0; x < g.n_cells_col * g.cell_cols; ++x) {
+          const auto px = pixel_gradient<grad_t>(img, y, x, transform_sqrt);
+          accumulate(sums[(x / g.cell_cols) * n + orientation_bin(px.g_row, px.g_col, table, n)], px.mag);
+        }
+      }
+      cell_t* out = cells + item * g.n_cells_col * n;
+      for (int64_t k = 0; k < g.n_cells_col * n; ++k) out[k] = cell_mean<cell_t>(sums[k], g.area());
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Cells, vectorised path for float gradients (float32, float16, bfloat16 images).
+// Per (image, cell row): the needed image rows are converted once into float row
+// buffers, then each pixel row goes through three loops over columns that the compiler
+// vectorises (channel choice, orientation bins, per-bin column sums). The per-element
+// math is the shared math of hog.h; the one thing done differently is the channel
+// choice, by g_row^2 + g_col^2 in double instead of float32 hypot: both orders agree
+// except when two channels' float32 magnitudes tie, which is flagged and redone with
+// pixel_gradient itself.
+// ---------------------------------------------------------------------------------
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
+#define MTSEG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MTSEG_CPU_CLONES
+#endif
+
+struct RowScratch {
+  std::vector<float> rows;           // C planes x (cell_rows + 2) rows x (W + 2) cols
+  std::vector<float> g_row, g_col;   // winning channel's differences, per column
+  std::vector<double> mag, up_row, up_col;  // magnitude; gradient turned into the upper half plane
+  std::vector<int32_t> bin;
+  std::vector<int64_t> ambiguous;  // as wide as a double, so its loop vectorises
+  std::vector<double> column_sums;   // n x covered columns, summed over the cell row's pixel rows
+};
+
+// Channel choice for one pixel row. `mid` points at column 0 of the pixel row in
+// channel 0's buffer plane; rows are `row_stride` apart, planes `plane_stride`.
+MTSEG_CPU_CLONES void select_channel_row(const float* mid, int64_t channels, int64_t plane_stride,
+                                         int64_t row_stride, int64_t n_cols,
+                                         float* g_row, float* g_col, double* best_sq, int64_t* ambiguous) {
+  for (int64_t x = 0; x < n_cols; ++x) best_sq[x] = -1.0;
+  for (int64_t k = 0; k < channels; ++k) {
+    const float* m = mid + k * plane_stride;
+    for (int64_t x = 0; x < n_cols; ++x) {
+      // The mirrored border (see load_rows) makes both differences exactly 0 there.
+      const float gr = m[x + row_stride] - m[x - row_stride], gc = m[x + 1] - m[x - 1];
+      const double sq = static_cast<double>(gr) * gr + static_cast<double>(gc) * gc;
+      const double best = best_sq[x];
+      const float best_r = g_row[x], best_c = g_col[x];
+      const bool take = sq > best;  // strict: the lowest channel keeps a tie
+      g_row[x] = take ? gr : best_r;
+      g_col[x] = take ? gc : best_c;
+      best_sq[x] = take ? sq : best;
+    }
+  }
+  for (int64_t x = 0; x < n_cols; ++x) ambiguous[x] = 0;
+  if (channels == 1) return;
+  // float32 magnitudes can tie only if the squares are within ~2^-22 of each other.
+  constexpr double kNear = 1.0 - 1.0 / (1 << 20);
+  for (int64_t k = 0; k < channels; ++k) {
+    const float* m = mid + k * plane_stride;
+    for (int64_t x = 0; x < n_cols; ++x) {
+      // The mirrored border (see load_rows) makes both differences exactly 0 there.
+      const float gr = m[x + row_stride] - m[x - row_stride], gc = m[x + 1] - m[x - 1];
+      const double sq = static_cast<double>(gr) * gr + static_cast<double>(gc) * gc;
+      ambiguous[x] |= static_cast<int64_t>((sq != best_sq[x]) & (sq >= best_sq[x] * kNear));
+    }
+  }
+}
+
+// Orientation bins of one pixel row, and their magnitudes added to per-bin column sums.
+MTSEG_CPU_CLONES void bin_row(const float* g_row, const float* g_col, const double* best_sq, int64_t n_cols,
+                              const double* table, int64_t n, double* up_row, double* up_col, double* mag,
+                              int32_t* bin, double* column_sums) {
+  for (int64_t x = 0; x < n_cols; ++x) {
+    const bool flip = g_row[x] < 0.0f;
+    up_row[x] = flip ? -static_cast<double>(g_row[x]) : static_cast<double>(g_row[x]);
+    up_col[x] = flip ? -static_cast<double>(g_col[x]) : static_cast<double>(g_col[x]);
+    mag[x] = std::sqrt(best_sq[x]);
+    bin[x] = 0;
+  }
+  for (int64_t i = 0; i < n - 1; ++i) {
+    const double c = table[i], s = table[(n - 1) + i], inclusive = table[2 * (n - 1) + i];
+    for (int64_t x = 0; x < n_cols; ++x) bin[x] += past_boundary(up_row[x], up_col[x], c, s, inclusive);
+  }
+  for (int64_t x = 0; x < n_cols; ++x) bin[x] = g_row[x] == 0.0f ? 0 : bin[x];
+  for (int64_t o = 0; o < n; ++o) {
+    double* sums = column_sums + o * n_cols;
+    for (int64_t x = 0; x < n_cols; ++x) sums[x] += bin[x] == o ? mag[x] : 0.0;
+  }
+}
+
+// Converts image rows [y_first - 1, y_first + n_rows - 1) of every channel into float
+// buffers of W + 2 columns. Outside the image the buffer mirrors the image without
+// repeating the edge (row -1 = row 1, col W = col W - 2), so the central differences at
+// the border are exactly 0, which is skimage's border rule, with no masks in the loops.
+// Returns false if a value is not finite (or, with transform_sqrt, negative).
+template <typename scalar_t>
+bool load_rows(const ImageView<scalar_t>& img, int64_t y_first, int64_t n_rows, bool transform_sqrt, float* rows) {
+  const int64_t W = img.width, H = img.height, row_stride = W + 2;
+  int32_t bad = 0;  // stays 0 while every value is finite (v - v == 0) and, for sqrt, >= 0
+  for (int64_t k = 0; k < img.channels; ++k) {
+    float* plane = rows + k * n_rows * row_stride;
+    for (int64_t j = 0; j < n_rows; ++j) {
+      const int64_t y = y_first - 1 + j;
+      if (y < 0 || y >= H) continue;  // filled by the mirror below
+      float* dst = plane + j * row_stride;
+      const scalar_t* src = img.data + k * img.stride_c + y * img.stride_h;
+      const int64_t sw = img.stride_w;
+      if (sw == 1) {  // the common case, a loop the compiler vectorises
+        for (int64_t x = 0; x < W; ++x) dst[x + 1] = static_cast<float>(src[x]);
+      } else {
+        for (int64_t x = 0; x < W; ++x) dst[x + 1] = static_cast<float>(src[x * sw]);
+      }
+      if (transform_sqrt) {
+        for (int64_t x = 1; x <= W; ++x) {
+          bad |= static_cast<int32_t>(!(dst[x] - dst[x] == 0.0f)) | static_cast<int32_t>(dst[x] < 0.0f);
+          dst[x] = std::sqrt(dst[x]);
+        }
+      } else {
+        for (int64_t x = 1; x <= W; ++x) bad |= static_cast<int32_t>(!(dst[x] - dst[x] == 0.0f));
+      }
+      dst[0] = W > 1 ? dst[2] : 0.0f;
+      dst[W + 1] = W > 1 ? dst[W - 1] : 0.0f;
+    }
+    for (int64_t j = 0; j < n_rows; ++j) {
+      const int64_t y = y_first - 1 + j;
+      if (y >= 0 && y < H) continue;
+      const int64_t mirror = y < 0 ? 1 : H - 2;  // the row whose difference must cancel
+      float* dst = plane + j * row_stride;
+      if (H > 1) {
+        const float* src = plane + (mirror - (y_first - 1)) * row_stride;
+        std::copy(src, src + row_stride, dst);
+      } else {
+        std::fill(dst, dst + row_stride, 0.0f);
+      }
+    }
+  }
+  return bad == 0;
+}
+
+template <typename scalar_t, typename cell_t>
+void cells_kernel_float(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt, const double* table,
+                        cell_t* cells) {
+  const int64_t n = g.orientations, W = g.width, C = g.channels;
+  const int64_t n_cols = g.n_cells_col * g.cell_cols, buf_rows = g.cell_rows + 2, row_stride = W + 2;
+  std::atomic<bool> all_valid{true};
+  at::parallel_for(0, g.batch * g.n_cells_row, grain_for(g.cell_rows * g.width), [&](int64_t begin, int64_t end) {
+    RowScratch t;
+    t.rows.resize(C * buf_rows * row_stride);
+    t.g_row.resize(n_cols), t.g_col.resize(n_cols), t.mag.resize(n_cols), t.up_row.resize(n_cols);
+    t.up_col.resize(n_cols), t.bin.resize(n_cols), t.ambiguous.resize(n_cols);
+    t.column_sums.resize(n * n_cols);
+    std::vector<double> best_sq(n_cols);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
+      const int64_t y0 = cell_row * g.cell_rows;
+      const auto img = image_view<scalar_t>(images, b);
+      if (!load_rows(img, y0, buf_rows, transform_sqrt, t.rows.data())) {
+        all_valid = false;
+        continue;
+      }
+      std::fill(t.column_sums.begin(), t.column_sums.end(), 0.0);
+      for (int64_t y = y0; y < y0 + g.cell_rows; ++y) {
+        const float* mid = t.rows.data() + (y - y0 + 1) * row_stride + 1;
+        select_channel_row(mid, C, buf_rows * row_stride, row_stride, n_cols,
+                           t.g_row.data(), t.g_col.data(), best_sq.data(), t.ambiguous.data());
+        if (C > 1) {
+          for (int64_t x = 0; x < n_cols; ++x) {
+            if (!t.ambiguous[x]) continue;
+            const auto px = pixel_gradient<float>(img, y, x, transform_sqrt);
+            t.g_row[x] = px.g_row, t.g_col[x] = px.g_col;
+            best_sq[x] = static_cast<double>(px.g_row) * px.g_row + static_cast<double>(px.g_col) * px.g_col;
+          }
+        }
+        bin_row(t.g_row.data(), t.g_col.data(), best_sq.data(), n_cols, table, n, t.up_row.data(), t.up_col.data(),
+                t.mag.data(), t.bin.data(), t.column_sums.data());
+      }
+      cell_t* out = cells + item * g.n_cells_col * n;
+      for (int64_t cc = 0; cc < g.n_cells_col; ++cc) {
+        for (int64_t o = 0; o < n; ++o) {
+          const double* sums = t.column_sums.data() + o * n_cols + cc * g.cell_cols;
+          double total = 0.0;
+          for (int64_t x = 0; x < g.cell_cols; ++x) total += sums[x];
+          out[cc * n + o] = cell_mean<cell_t>(total, g.area());
+        }
+      }
+    }
+  });
+  TORCH_CHECK_VALUE(all_valid.load(), "hog_cells: images contain NaN or Inf",
+                    transform_sqrt ? " or negative values (transform_sqrt needs images >= 0)" : "",
+                    "; HOG of such pixels is undefined");
+}
+
+at::Tensor hog_cells_cpu(const at::Tensor& images, int64_t orientations, at::IntArrayRef pixels_per_cell,
+                         bool transform_sqrt) {
+  const int64_t one_cell[2] = {1, 1};
+  const auto g = cell_geometry(images, orientations, pixels_per_cell, one_cell, "hog_cells");
+  auto cells = at::empty({g.batch, g.n_cells_row, g.n_cells_col, g.orientations},
+                         images.options().dtype(cell_dtype(images.scalar_type())));
+  if (cells.numel() == 0) return cells;
+  const auto table = orientation_table(orientations, images.device());
+  const auto dtype = images.scalar_type();
+  if (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) {
+    // The kernel checks the rows it reads; rows below the last cell row's neighbour are checked here.
+    const int64_t first_unread = g.n_cells_row * g.cell_rows + 1;
+    if (first_unread < g.height) check_image_values(images.narrow(2, first_unread, g.height - first_unread), transform_sqrt, "hog_cells");
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "hog_cells_cpu", [&] {
+      cells_kernel_float<scalar_t, float>(images, g, transform_sqrt, table.data_ptr<double>(), cells.data_ptr<float>());
+    });
+  } else {
+    check_image_values(images, transform_sqrt, "hog_cells");
+    dispatch_image_types(dtype, [&](auto s, auto gr, auto) {
+      using scalar_t = decltype(s);
+      using grad_t = decltype(gr);
+      if constexpr (std::is_same_v<grad_t, double>) {
+        if (dtype == at::kDouble)
+          cells_kernel_generic<scalar_t, grad_t, double>(images, g, transform_sqrt, table.data_ptr<double>(),
+                                                        cells.data_ptr<double>());
+        else
+          cells_kernel_generic<scalar_t, grad_t, float>(images, g, transform_sqrt, table.data_ptr<double>(),
+                                                       cells.data_ptr<float>());
+      }
+    });
+  }
+  return cells;
+}
+
+at::Tensor hog_blocks_cpu(const at::Tensor& cells_in, at::IntArrayRef cells_per_block, c10::string_view block_norm) {
+  const auto g = block_geometry(cells_in, cells_per_block, "hog_blocks");
+  const auto norm = parse_block_norm(block_norm);
+  const auto cells = cells_in.contiguous();
+  auto out = at::empty({g.batch, g.n_blocks_row, g.n_blocks_col, g.b_row, g.b_col, g.orientations}, cells.options());
+  const int64_t n_blocks = g.n_blocks_row * g.n_blocks_col;
+  AT_DISPATCH_FLOATING_TYPES(cells.scalar_type(), "hog_blocks_cpu", [&] {
+    const scalar_t* c = cells.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, g.batch * n_blocks, grain_for(g.block_len()), [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / n_blocks, r = (idx % n_blocks) / g.n_blocks_col, col = idx % g.n_blocks_col;
+        const BlockView<scalar_t> v{c + ((b * g.n_cells_row + r) * g.n_cells_col + col) * g.orientations,
+                                    g.n_cells_col * g.orientations, g.b_row, g.b_col, g.orientations};
+        normalize_block(v, norm, o + idx * g.block_len());
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor hog_cpu(const at::Tensor& images, int64_t orientations, at::IntArrayRef pixels_per_cell,
+                   at::IntArrayRef cells_per_block, c10::string_view block_norm, bool transform_sqrt) {
+  // Validate everything before any work, so a bad block_norm fails before the cells pass.
+  cell_geometry(images, orientations, pixels_per_cell, cells_per_block, "hog");
+  parse_block_norm(block_norm);
+  return hog_blocks_cpu(hog_cells_cpu(images, orientations, pixels_per_cell, transform_sqrt), cells_per_block,
+                        block_norm);
+}
+
+at::Tensor hog_blocks_backward_cpu(const at::Tensor& grad_in, const at::Tensor& cells_in,
+                                   at::IntArrayRef cells_per_block, c10::string_view block_norm) {
+  const auto g = block_geometry(cells_in, cells_per_block, "hog_blocks_backward");
+  const auto norm = parse_block_norm(block_norm);
+  TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({g.batch, g.n_blocks_row, g.n_blocks_col, g.b_row, g.b_col,
+                                                        g.orientations}),
+                    "hog_blocks_backward: grad has shape ", grad_in.sizes(), ", which does not match the blocks");
+  const auto cells = cells_in.contiguous();
+  const auto grad = grad_in.to(cells.scalar_type()).contiguous();
+  auto grad_blocks = at::empty_like(grad);
+  auto grad_cells = at::empty_like(cells);
+  const int64_t n_blocks = g.n_blocks_row * g.n_blocks_col;
+  AT_DISPATCH_FLOATING_TYPES(cells.scalar_type(), "hog_blocks_backward_cpu", [&] {
+    const scalar_t* c = cells.data_ptr<scalar_t>();
+    const scalar_t* go = grad.data_ptr<scalar_t>();
+    scalar_t* gb = grad_blocks.data_ptr<scalar_t>();
+    at::parallel_for(0, g.batch * n_blocks, grain_for(g.block_len()), [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / n_blocks, r = (idx % n_blocks) / g.n_blocks_col, col = idx % g.n_blocks_col;
+        const BlockView<scalar_t> v{c + ((b * g.n_cells_row + r) * g.n_cells_col + col) * g.orientations,
+                                    g.n_cells_col * g.orientations, g.b_row, g.b_col, g.orientations};
+        normalize_block_backward(v, norm, go + idx * g.block_len(), gb + idx * g.block_len());
+      }
+    });
+    scalar_t* gc = grad_cells.data_ptr<scalar_t>();
+    const int64_t row_len = g.n_cells_col * g.orientations;
+    at::parallel_for(0, g.batch * g.n_cells_row, grain_for(row_len * g.b_row * g.b_col), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / g.n_cells_row, r = item % g.n_cells_row;
+        const scalar_t* gb_b = gb + b * n_blocks * g.block_len();
+        for (int64_t col = 0; col < g.n_cells_col; ++col)
+          for (int64_t o = 0; o < g.orientations; ++o)
+            gc[item * row_len + col * g.orientations + o] = static_cast<scalar_t>(gather_cell_gradient(
+                gb_b, g.n_blocks_row, g.n_blocks_col, g.b_row, g.b_col, g.orientations, r, col, o));
+      }
+    });
+  });
+  return grad_cells;
+}
+
+template <typename scalar_t, typename grad_t, typename acc_t>
+void cells_backward_kernel(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt, const double* table,
+                           const acc_t* grad_cells, acc_t* d_row, acc_t* d_col, int32_t* channel, acc_t* grad_images) {
+  const int64_t n = g.orientations, H = g.height, W = g.width;
+  const int64_t covered_rows = g.n_cells_row * g.cell_rows, covered_cols = g.n_cells_col * g.cell_cols;
+  // Pass 1: per pixel, the gradient with respect to the winning channel's differences.
+  at::parallel_for(0, g.batch * H, grain_for(W), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / H, y = item % H;
+      const auto img = image_view<scalar_t>(images, b);
+      for (int64_t x = 0; x < W; ++x) {
+        const auto px = pixel_gradient<grad_t>(img, y, x, transform_sqrt);
+        double grad_mag = 0.0;
+        if (y < covered_rows && x < covered_cols) {
+          const int64_t bin = orientation_bin(px.g_row, px.g_col, table, n);
+          const acc_t* gcell = grad_cells + ((b * g.n_cells_row + y / g.cell_rows) * g.n_cells_col + x / g.cell_cols) * n;
+          grad_mag = static_cast<double>(gcell[bin]) / static_cast<double>(g.area());
+        }
+        const auto s = stencil_gradient(px, grad_mag);
+        d_row[item * W + x] = static_cast<acc_t>(s.d_row);
+        d_col[item * W + x] = static_cast<acc_t>(s.d_col);
+        channel[item * W + x] = static_cast<int32_t>(s.channel);
+      }
+    }
+  });
+  // Pass 2: per input element, the transpose of the difference stencil.
+  at::parallel_for(0, g.batch * g.channels * H, grain_for(W), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (g.channels * H), k = (item / H) % g.channels, y = item % H;
+      const auto img = image_view<scalar_t>(images, b);
+      const int64_t plane = b * H * W;
+      for (int64_t x = 0; x < W; ++x) {
+        double grad = input_gradient(d_row + plane, d_col + plane, channel + plane, H, W, k, y, x);
+        if (transform_sqrt) grad = sqrt_chain(grad, img.template load<double>(k, y, x, false));
+        grad_images[item * W + x] = static_cast<acc_t>(grad);
+      }
+    }
+  });
+}
+
+at::Tensor hog_cells_backward_cpu(const at::Tensor& grad_cells_in, const at::Tensor& images, int64_t orientations,
+                                  at::IntArrayRef pixels_per_cell, bool transform_sqrt) {
+  const int64_t one_cell[2] = {1, 1};
+  const auto g = cell_geometry(images, orientations, pixels_per_cell, one_cell, "hog_cells_backward");
+  TORCH_CHECK_VALUE(grad_cells_in.sizes() == at::IntArrayRef({g.batch, g.n_cells_row, g.n_cells_col, orientations}),
+                    "hog_cells_backward: grad has shape ", grad_cells_in.sizes(), ", expected (", g.batch, ", ",
+                    g.n_cells_row, ", ", g.n_cells_col, ", ", orientations, ")");
+  const auto acc_dtype = cell_dtype(images.scalar_type());
+  const auto grad_cells = grad_cells_in.to(acc_dtype).contiguous();
+  auto grad_images = at::empty(images.sizes(), images.options().dtype(acc_dtype));
+  if (grad_images.numel() == 0) return grad_images;
+  const auto opts = images.options().dtype(acc_dtype);
+  auto d_row = at::empty({g.batch, g.height, g.width}, opts);
+  auto d_col = at::empty({g.batch, g.height, g.width}, opts);
+  auto channel = at::empty({g.batch, g.height, g.width}, opts.dtype(at::kInt));
+  const auto table = orientation_table(orientations, images.device());
+  dispatch_image_types(images.scalar_type(), [&](auto s, auto gr, auto acc) {
+    using scalar_t = decltype(s);
+    using grad_t = decltype(gr);
+    using acc_t = decltype(acc);
+    cells_backward_kernel<scalar_t, grad_t, acc_t>(images, g, transform_sqrt, table.data_ptr<double>(),
+                                                   grad_cells.data_ptr<acc_t>(), d_row.data_ptr<acc_t>(),
+                                                   d_col.data_ptr<acc_t>(), channel.data_ptr<int32_t>(),
+                                                   grad_images.data_ptr<acc_t>());
+  });
+  return grad_images;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtseg, CPU, m) {
+  m.impl("hog", &hog_cpu);
+  m.impl("hog_cells", &hog_cells_cpu);
+  m.impl("hog_blocks", &hog_blocks_cpu);
+  m.impl("hog_cells_backward", &hog_cells_backward_cpu);
+  m.impl("hog_blocks_backward", &hog_blocks_backward_cpu);
+}
+
+}  // namespace hog
+}  // namespace mtseg

@@ -1,0 +1,52 @@
+// Module init of mtseg_kernels._C and every operator schema of the mtseg namespace.
+// Kernels register themselves per backend in csrc/cpu/*.cpp and csrc/cuda/*.cu;
+// fake (meta) kernels and autograd live in Python (mtseg_kernels/ops/*.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+std::vector<std::string> compiled_backends() {
+  std::vector<std::string> b{"cpu"};
+#ifdef MTSEG_WITH_CUDA
+  b.emplace_back("cuda");
+#endif
+  return b;
+}
+
+PyObject* py_compiled_backends(PyObject*, PyObject*) {
+  const auto b = compiled_backends();
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(b.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < b.size(); ++i) PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), PyUnicode_FromString(b[i].c_str()));
+  return list;
+}
+
+PyMethodDef methods[] = {
+    {"compiled_backends", py_compiled_backends, METH_NOARGS,
+     "Backends this build of mtseg_kernels._C has kernels for, e.g. ['cpu', 'cuda']."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "Compiled kernels of mtseg_kernels (torch.ops.mtseg).", -1,
+                          methods};
+
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+
+TORCH_LIBRARY(mtseg, m) {
+  // Histogram of Oriented Gradients (skimage.feature.hog semantics), images (B, C, H, W).
+  // hog = hog_blocks(hog_cells(images)); the pieces are exposed for autograd and reuse.
+  m.def(
+      "hog(Tensor images, int orientations, int[2] pixels_per_cell, int[2] cells_per_block, str block_norm, "
+      "bool transform_sqrt) -> Tensor");
+  m.def("hog_cells(Tensor images, int orientations, int[2] pixels_per_cell, bool transform_sqrt) -> Tensor");
+  m.def("hog_blocks(Tensor cells, int[2] cells_per_block, str block_norm) -> Tensor");
+  m.def(
+      "hog_cells_backward(Tensor grad_cells, Tensor images, int orientations, int[2] pixels_per_cell, "
+      "bool transform_sqrt) -> Tensor");
+  m.def("hog_blocks_backward(Tensor grad_blocks, Tensor cells, int[2] cells_per_block, str block_norm) -> Tensor");
+}

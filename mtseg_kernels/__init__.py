@@ -1,0 +1,52 @@
+"""mtseg-kernels: exact, batched PyTorch operators for the auxiliary labels of
+multi-task medical image segmentation.
+
+Importing the package loads the compiled extension, which registers the operators
+under ``torch.ops.mtseg``, and their fake kernels and autograd formulas.
+
+>>> import torch, mtseg_kernels
+>>> mtseg_kernels.hog(torch.rand(2, 3, 128, 64), 6, 16, 2).shape
+torch.Size([2, 504])
+"""
+
+from __future__ import annotations
+
+import torch  # first: the extension links against libtorch
+
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "mtseg_kernels._C (the compiled operators) is missing or does not match this torch. "
+        "Build it with `pip install --no-build-isolation -e .` (or `make test`) from the source tree."
+    ) from exc
+
+from .ops.hog import HOG, HOG_MTL_PRESETS, HOGPreset, hog, hog_blocks, hog_cells, hog_output_shape, hog_pseudo_label
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HOG",
+    "HOG_MTL_PRESETS",
+    "HOGPreset",
+    "backends",
+    "hog",
+    "hog_blocks",
+    "hog_cells",
+    "hog_output_shape",
+    "hog_pseudo_label",
+]
+
+
+def backends() -> dict[str, bool]:
+    """Which kernels this build has and which can run here.
+
+    Returns a dict: ``cpu`` (always True), ``cuda_compiled`` (the extension was built
+    with its CUDA kernels), ``cuda_available`` (compiled and a CUDA device is present).
+    """
+    compiled = set(_C.compiled_backends())
+    return {
+        "cpu": "cpu" in compiled,
+        "cuda_compiled": "cuda" in compiled,
+        "cuda_available": "cuda" in compiled and torch.cuda.is_available(),
+    }

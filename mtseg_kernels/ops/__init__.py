@@ -1,0 +1,1 @@
+"""Typed wrappers, modules, fake kernels and autograd of the ``torch.ops.mtseg`` operators, one file per op."""

@@ -1,0 +1,1 @@
+"""Slow, obviously correct implementations of every op: the oracle the kernels are tested against."""
