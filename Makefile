@@ -35,6 +35,7 @@ test: build
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
 
 bench: build
+	@mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks -o python_files='bench_*.py' --benchmark-only \
 		--benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)
 	$(PY) benchmarks/summarize.py benchmarks/results/latest.json

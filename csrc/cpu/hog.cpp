@@ -8,6 +8,7 @@
 #include <atomic>
 #include <type_traits>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "mtseg/hog.h"
@@ -80,9 +81,9 @@ void cells_kernel_generic(const at::Tensor& images, const CellGeometry& g, bool 
 // buffers, then each pixel row goes through three loops over columns that the compiler
 // vectorises (channel choice, orientation bins, per-bin column sums). The per-element
 // math is the shared math of hog.h; the one thing done differently is the channel
-// choice, by g_row^2 + g_col^2 in double instead of float32 hypot: both orders agree
-// except when two channels' float32 magnitudes tie, which is flagged and redone with
-// pixel_gradient itself.
+// choice, by g_row^2 + g_col^2 in float instead of float32 hypot: both orders agree
+// except where two channels are within rounding of each other, which is flagged and
+// redone with pixel_gradient itself.
 // ---------------------------------------------------------------------------------
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
 #define MTSEG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -93,101 +94,131 @@ void cells_kernel_generic(const at::Tensor& images, const CellGeometry& g, bool 
 struct RowScratch {
   std::vector<float> rows;           // C planes x (cell_rows + 2) rows x (W + 2) cols
   std::vector<float> g_row, g_col;   // winning channel's differences, per column
-  std::vector<double> mag, up_row, up_col;  // magnitude; gradient turned into the upper half plane
+  std::vector<double> mag, up_row, up_col;  // gradient turned into the upper half plane
   std::vector<int32_t> bin;
-  std::vector<int64_t> ambiguous;  // as wide as a double, so its loop vectorises
+  std::vector<int32_t> ambiguous;  // as wide as a float, so its loop vectorises
+  std::vector<float> best_sq;
   std::vector<double> column_sums;   // n x covered columns, summed over the cell row's pixel rows
 };
 
-// Channel choice for one pixel row. `mid` points at column 0 of the pixel row in
-// channel 0's buffer plane; rows are `row_stride` apart, planes `plane_stride`.
-MTSEG_CPU_CLONES void select_channel_row(const float* mid, int64_t channels, int64_t plane_stride,
-                                         int64_t row_stride, int64_t n_cols,
-                                         float* g_row, float* g_col, double* best_sq, int64_t* ambiguous) {
-  for (int64_t x = 0; x < n_cols; ++x) best_sq[x] = -1.0;
-  for (int64_t k = 0; k < channels; ++k) {
-    const float* m = mid + k * plane_stride;
+// Channel choice for one pixel row, in float arithmetic (16 lanes with AVX-512).
+// `mid` points at column 0 of the pixel row in channel 0's buffer plane; rows are
+// `row_stride` apart, planes `plane_stride`. Squares in float carry a relative error of
+// about 2^-23, so where two channels are not clearly apart (within 2^-19), or both are
+// tiny, the pixel is flagged `ambiguous` and redone exactly by the caller. The flag is
+// conservative: a channel near the final winner is near the running best when the later
+// of the two is compared.
+MTSEG_CPU_CLONES int32_t select_channel_row(const float* __restrict mid, int64_t channels, int64_t plane_stride,
+                                         int64_t row_stride, int64_t n_cols, float* __restrict g_row,
+                                         float* __restrict g_col, float* __restrict best_sq,
+                                         int32_t* __restrict ambiguous) {
+  constexpr float kLo = 1.0f - 1.0f / (1 << 19), kHi = 1.0f + 1.0f / (1 << 19), kTiny = 1e-30f;
+  const float* __restrict up0 = mid + row_stride;
+  const float* __restrict down0 = mid - row_stride;
+  for (int64_t x = 0; x < n_cols; ++x) {
+    // The mirrored border (see load_rows) makes both differences exactly 0 there.
+    const float gr = up0[x] - down0[x], gc = mid[x + 1] - mid[x - 1];
+    g_row[x] = gr;
+    g_col[x] = gc;
+    best_sq[x] = gr * gr + gc * gc;
+    ambiguous[x] = 0;
+  }
+  int32_t any_ambiguous = 0;
+  for (int64_t k = 1; k < channels; ++k) {
+    const float* __restrict up = mid + k * plane_stride + row_stride;
+    const float* __restrict down = mid + k * plane_stride - row_stride;
+    const float* __restrict m = mid + k * plane_stride;
     for (int64_t x = 0; x < n_cols; ++x) {
-      // The mirrored border (see load_rows) makes both differences exactly 0 there.
-      const float gr = m[x + row_stride] - m[x - row_stride], gc = m[x + 1] - m[x - 1];
-      const double sq = static_cast<double>(gr) * gr + static_cast<double>(gc) * gc;
-      const double best = best_sq[x];
-      const float best_r = g_row[x], best_c = g_col[x];
+      const float gr = up[x] - down[x], gc = m[x + 1] - m[x - 1];
+      const float sq = gr * gr + gc * gc;
+      const float best = best_sq[x], best_r = g_row[x], best_c = g_col[x];
+      const bool identical = (gr == best_r) & (gc == best_c);
+      const bool apart = (sq < best * kLo) | (sq > best * kHi);
+      const bool tiny = (sq < kTiny) & (best < kTiny);
+      const int32_t flag = static_cast<int32_t>(!identical & (!apart | tiny));
+      ambiguous[x] |= flag;
+      any_ambiguous |= flag;
       const bool take = sq > best;  // strict: the lowest channel keeps a tie
       g_row[x] = take ? gr : best_r;
       g_col[x] = take ? gc : best_c;
       best_sq[x] = take ? sq : best;
     }
   }
-  for (int64_t x = 0; x < n_cols; ++x) ambiguous[x] = 0;
-  if (channels == 1) return;
-  // float32 magnitudes can tie only if the squares are within ~2^-22 of each other.
-  constexpr double kNear = 1.0 - 1.0 / (1 << 20);
-  for (int64_t k = 0; k < channels; ++k) {
-    const float* m = mid + k * plane_stride;
-    for (int64_t x = 0; x < n_cols; ++x) {
-      // The mirrored border (see load_rows) makes both differences exactly 0 there.
-      const float gr = m[x + row_stride] - m[x - row_stride], gc = m[x + 1] - m[x - 1];
-      const double sq = static_cast<double>(gr) * gr + static_cast<double>(gc) * gc;
-      ambiguous[x] |= static_cast<int64_t>((sq != best_sq[x]) & (sq >= best_sq[x] * kNear));
-    }
-  }
+  return any_ambiguous;
 }
 
 // Orientation bins of one pixel row, and their magnitudes added to per-bin column sums.
-MTSEG_CPU_CLONES void bin_row(const float* g_row, const float* g_col, const double* best_sq, int64_t n_cols,
-                              const double* table, int64_t n, double* up_row, double* up_col, double* mag,
-                              int32_t* bin, double* column_sums) {
+MTSEG_CPU_CLONES void bin_row(const float* __restrict g_row, const float* __restrict g_col, int64_t n_cols,
+                              const double* __restrict table, int64_t n, double* __restrict up_row,
+                              double* __restrict up_col, double* __restrict mag, int32_t* __restrict bin,
+                              double* __restrict column_sums) {
   for (int64_t x = 0; x < n_cols; ++x) {
-    const bool flip = g_row[x] < 0.0f;
-    up_row[x] = flip ? -static_cast<double>(g_row[x]) : static_cast<double>(g_row[x]);
-    up_col[x] = flip ? -static_cast<double>(g_col[x]) : static_cast<double>(g_col[x]);
-    mag[x] = std::sqrt(best_sq[x]);
+    // Magnitude in float (16 lanes; double sqrt is 4x slower): within 2 float32 ulps of
+    // hog.h's magnitude(float, float), so float32 cells stay float32-accurate.
+    mag[x] = static_cast<double>(std::sqrt(g_row[x] * g_row[x] + g_col[x] * g_col[x]));
+  }
+  for (int64_t x = 0; x < n_cols; ++x) {
+    const double r = g_row[x], c = g_col[x];
+    const bool flip = r < 0.0;
+    up_row[x] = flip ? -r : r;
+    up_col[x] = flip ? -c : c;
     bin[x] = 0;
   }
   for (int64_t i = 0; i < n - 1; ++i) {
     const double c = table[i], s = table[(n - 1) + i], inclusive = table[2 * (n - 1) + i];
     for (int64_t x = 0; x < n_cols; ++x) bin[x] += past_boundary(up_row[x], up_col[x], c, s, inclusive);
   }
-  for (int64_t x = 0; x < n_cols; ++x) bin[x] = g_row[x] == 0.0f ? 0 : bin[x];
+  for (int64_t x = 0; x < n_cols; ++x) bin[x] = g_row[x] == 0.0f ? 0 : bin[x];  // theta = 0 or 180
   for (int64_t o = 0; o < n; ++o) {
     double* sums = column_sums + o * n_cols;
     for (int64_t x = 0; x < n_cols; ++x) sums[x] += bin[x] == o ? mag[x] : 0.0;
   }
 }
 
+// Finishes a converted row (`row[0..W)`, with one padding slot on each side): checks
+// the values, applies transform_sqrt, and mirrors the border columns. Returns 1 if a
+// value is not finite (or negative with transform_sqrt), else 0.
+MTSEG_CPU_CLONES int32_t finish_row(float* __restrict row, int64_t width, bool transform_sqrt) {
+  int32_t bad = 0;
+  if (transform_sqrt) {
+    for (int64_t x = 0; x < width; ++x) {
+      const float v = row[x];
+      bad |= static_cast<int32_t>(!(v - v == 0.0f)) | static_cast<int32_t>(v < 0.0f);
+      row[x] = std::sqrt(v);
+    }
+  } else {
+    for (int64_t x = 0; x < width; ++x) bad |= static_cast<int32_t>(!(row[x] - row[x] == 0.0f));
+  }
+  // Column -1 mirrors column 1 and column W mirrors column W - 2, so the central
+  // differences at the first and last column are exactly 0 (skimage's border rule).
+  row[-1] = width > 1 ? row[1] : 0.0f;
+  row[width] = width > 1 ? row[width - 2] : 0.0f;
+  return bad;
+}
+
 // Converts image rows [y_first - 1, y_first + n_rows - 1) of every channel into float
 // buffers of W + 2 columns. Outside the image the buffer mirrors the image without
-// repeating the edge (row -1 = row 1, col W = col W - 2), so the central differences at
-// the border are exactly 0, which is skimage's border rule, with no masks in the loops.
+// repeating the edge (row -1 = row 1, row H = row H - 2), so the central differences at
+// the border are exactly 0, with no masks in the vector loops.
 // Returns false if a value is not finite (or, with transform_sqrt, negative).
 template <typename scalar_t>
 bool load_rows(const ImageView<scalar_t>& img, int64_t y_first, int64_t n_rows, bool transform_sqrt, float* rows) {
   const int64_t W = img.width, H = img.height, row_stride = W + 2;
-  int32_t bad = 0;  // stays 0 while every value is finite (v - v == 0) and, for sqrt, >= 0
+  int32_t bad = 0;
   for (int64_t k = 0; k < img.channels; ++k) {
     float* plane = rows + k * n_rows * row_stride;
     for (int64_t j = 0; j < n_rows; ++j) {
       const int64_t y = y_first - 1 + j;
-      if (y < 0 || y >= H) continue;  // filled by the mirror below
-      float* dst = plane + j * row_stride;
+      if (y < 0 || y >= H) continue;  // mirrored below
+      float* dst = plane + j * row_stride + 1;
       const scalar_t* src = img.data + k * img.stride_c + y * img.stride_h;
       const int64_t sw = img.stride_w;
-      if (sw == 1) {  // the common case, a loop the compiler vectorises
-        for (int64_t x = 0; x < W; ++x) dst[x + 1] = static_cast<float>(src[x]);
+      if (std::is_same_v<scalar_t, float> && sw == 1) {
+        std::memcpy(dst, src, W * sizeof(float));
       } else {
-        for (int64_t x = 0; x < W; ++x) dst[x + 1] = static_cast<float>(src[x * sw]);
+        for (int64_t x = 0; x < W; ++x) dst[x] = static_cast<float>(src[x * sw]);
       }
-      if (transform_sqrt) {
-        for (int64_t x = 1; x <= W; ++x) {
-          bad |= static_cast<int32_t>(!(dst[x] - dst[x] == 0.0f)) | static_cast<int32_t>(dst[x] < 0.0f);
-          dst[x] = std::sqrt(dst[x]);
-        }
-      } else {
-        for (int64_t x = 1; x <= W; ++x) bad |= static_cast<int32_t>(!(dst[x] - dst[x] == 0.0f));
-      }
-      dst[0] = W > 1 ? dst[2] : 0.0f;
-      dst[W + 1] = W > 1 ? dst[W - 1] : 0.0f;
+      bad |= finish_row(dst, W, transform_sqrt);
     }
     for (int64_t j = 0; j < n_rows; ++j) {
       const int64_t y = y_first - 1 + j;
@@ -217,7 +248,7 @@ void cells_kernel_float(const at::Tensor& images, const CellGeometry& g, bool tr
     t.g_row.resize(n_cols), t.g_col.resize(n_cols), t.mag.resize(n_cols), t.up_row.resize(n_cols);
     t.up_col.resize(n_cols), t.bin.resize(n_cols), t.ambiguous.resize(n_cols);
     t.column_sums.resize(n * n_cols);
-    std::vector<double> best_sq(n_cols);
+    t.best_sq.resize(n_cols);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
       const int64_t y0 = cell_row * g.cell_rows;
@@ -229,18 +260,17 @@ void cells_kernel_float(const at::Tensor& images, const CellGeometry& g, bool tr
       std::fill(t.column_sums.begin(), t.column_sums.end(), 0.0);
       for (int64_t y = y0; y < y0 + g.cell_rows; ++y) {
         const float* mid = t.rows.data() + (y - y0 + 1) * row_stride + 1;
-        select_channel_row(mid, C, buf_rows * row_stride, row_stride, n_cols,
-                           t.g_row.data(), t.g_col.data(), best_sq.data(), t.ambiguous.data());
-        if (C > 1) {
+        const bool ambiguous = select_channel_row(mid, C, buf_rows * row_stride, row_stride, n_cols, t.g_row.data(),
+                                                  t.g_col.data(), t.best_sq.data(), t.ambiguous.data());
+        if (ambiguous) {
           for (int64_t x = 0; x < n_cols; ++x) {
             if (!t.ambiguous[x]) continue;
             const auto px = pixel_gradient<float>(img, y, x, transform_sqrt);
             t.g_row[x] = px.g_row, t.g_col[x] = px.g_col;
-            best_sq[x] = static_cast<double>(px.g_row) * px.g_row + static_cast<double>(px.g_col) * px.g_col;
           }
         }
-        bin_row(t.g_row.data(), t.g_col.data(), best_sq.data(), n_cols, table, n, t.up_row.data(), t.up_col.data(),
-                t.mag.data(), t.bin.data(), t.column_sums.data());
+        bin_row(t.g_row.data(), t.g_col.data(), n_cols, table, n, t.up_row.data(), t.up_col.data(), t.mag.data(),
+                t.bin.data(), t.column_sums.data());
       }
       cell_t* out = cells + item * g.n_cells_col * n;
       for (int64_t cc = 0; cc < g.n_cells_col; ++cc) {

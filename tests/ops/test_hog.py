@@ -132,6 +132,28 @@ def test_random_cases_match_skimage(case):
     assert_hog_parity(got32, expected32, 1e-5, image32, orientations, ppc, cpb, tsqrt)
 
 
+@pytest.mark.parametrize("precision", [np.float64, np.float32, np.uint8], ids=["float64", "float32", "uint8"])
+def test_channel_ties_follow_skimage(precision):
+    """Channels whose gradients differ but whose magnitudes tie ((3, 4) vs (0, 5) vs
+    (5, 0), scaled) go to the lowest channel, as numpy's argmax does in skimage; and the
+    near-ties that float32 rounding creates are decided at skimage's precision."""
+    rng = np.random.default_rng(7)
+    image = np.zeros((3, 40, 48))
+    rows, cols = np.mgrid[:40, :48]
+    image[0] = 2.5 * rows  # gradient (5, 0): rows
+    image[1] = 1.5 * rows + 2.0 * cols  # (3, 4)
+    image[2] = 2.5 * cols  # (0, 5)
+    image = image[rng.permutation(3)] + rng.integers(0, 2, size=(3, 40, 48))  # some exact, some broken ties
+    if precision == np.uint8:
+        image = image.astype(np.uint8)
+    else:
+        image = (image / 255).astype(precision)
+    for orientations in (4, 9):
+        expected = skimage_hog(image, orientations, (4, 4), (2, 2), "L1", False)
+        got = ours(image, orientations, (4, 4), (2, 2), "L1", False)
+        assert_hog_parity(got, expected, 1e-5, image.astype(np.float64), orientations, (4, 4), (2, 2), False)
+
+
 @pytest.mark.parametrize("orientations", [4, 8, 12, 14, 20, 28, 36, 44])
 def test_exact_boundary_directions(orientations):
     """Gradients exactly at 0/45/90/135 degrees land in skimage's bin for every n,

@@ -198,22 +198,27 @@ struct BlockView {
   const cell_t* data;
   int64_t row_stride, b_row, b_col, n;
   MTSEG_HOST_DEVICE int64_t size() const { return b_row * b_col * n; }
-  MTSEG_HOST_DEVICE double operator[](int64_t k) const {
+  // f(k, value) for every element in C order (k = 0 .. size-1), without divisions.
+  template <typename F>
+  MTSEG_HOST_DEVICE void for_each(F&& f) const {
     const int64_t per_row = b_col * n;
-    return static_cast<double>(data[(k / per_row) * row_stride + (k % per_row)]);
+    for (int64_t i = 0, k = 0; i < b_row; ++i) {
+      const cell_t* row = data + i * row_stride;
+      for (int64_t j = 0; j < per_row; ++j, ++k) f(k, static_cast<double>(row[j]));
+    }
   }
 };
 
 template <typename cell_t>
 MTSEG_HOST_DEVICE double block_sum_abs(const BlockView<cell_t>& v) {
   double s = 0.0;
-  for (int64_t k = 0; k < v.size(); ++k) s += ::fabs(v[k]);
+  v.for_each([&](int64_t, double x) { s += ::fabs(x); });
   return s;
 }
 template <typename cell_t>
 MTSEG_HOST_DEVICE double block_l2(const BlockView<cell_t>& v) {
   double s = 0.0;
-  for (int64_t k = 0; k < v.size(); ++k) s += v[k] * v[k];
+  v.for_each([&](int64_t, double x) { s += x * x; });
   return ::sqrt(s + kNormEps * kNormEps);
 }
 // L2-Hys: clipped L2-normalised value, and the norm of the clipped block.
@@ -221,36 +226,35 @@ MTSEG_HOST_DEVICE double hys_clip(double v, double l2) { return ::fmin(v / l2, k
 template <typename cell_t>
 MTSEG_HOST_DEVICE double block_hys_l2(const BlockView<cell_t>& v, double l2) {
   double s = 0.0;
-  for (int64_t k = 0; k < v.size(); ++k) {
-    const double o = hys_clip(v[k], l2);
+  v.for_each([&](int64_t, double x) {
+    const double o = hys_clip(x, l2);
     s += o * o;
-  }
+  });
   return ::sqrt(s + kNormEps * kNormEps);
 }
 
 template <typename cell_t, typename out_t>
 MTSEG_HOST_DEVICE void normalize_block(const BlockView<cell_t>& v, BlockNorm norm, out_t* out) {
-  const int64_t len = v.size();
   switch (norm) {
     case BlockNorm::L1: {
       const double d = block_sum_abs(v) + kNormEps;
-      for (int64_t k = 0; k < len; ++k) out[k] = static_cast<out_t>(v[k] / d);
+      v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(x / d); });
       break;
     }
     case BlockNorm::L1Sqrt: {
       const double d = block_sum_abs(v) + kNormEps;
-      for (int64_t k = 0; k < len; ++k) out[k] = static_cast<out_t>(::sqrt(v[k] / d));
+      v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(::sqrt(x / d)); });
       break;
     }
     case BlockNorm::L2: {
       const double l2 = block_l2(v);
-      for (int64_t k = 0; k < len; ++k) out[k] = static_cast<out_t>(v[k] / l2);
+      v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(x / l2); });
       break;
     }
     case BlockNorm::L2Hys: {
       const double l2 = block_l2(v);
       const double l2_clipped = block_hys_l2(v, l2);
-      for (int64_t k = 0; k < len; ++k) out[k] = static_cast<out_t>(hys_clip(v[k], l2) / l2_clipped);
+      v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(hys_clip(x, l2) / l2_clipped); });
       break;
     }
   }
@@ -261,33 +265,33 @@ MTSEG_HOST_DEVICE void normalize_block(const BlockView<cell_t>& v, BlockNorm nor
 template <typename cell_t, typename grad_t>
 MTSEG_HOST_DEVICE void normalize_block_backward(const BlockView<cell_t>& v, BlockNorm norm, const grad_t* grad_out,
                                                 grad_t* grad_in) {
-  const int64_t len = v.size();
   switch (norm) {
     case BlockNorm::L1:
     case BlockNorm::L1Sqrt: {
       const double d = block_sum_abs(v) + kNormEps;
       // For L1-sqrt, out = sqrt(u) with u = v / d: chain through d sqrt(u) = 1 / (2 sqrt(u)).
-      auto grad_u = [&](int64_t k) -> double {
+      auto grad_u = [&](int64_t k, double x) -> double {
         const double g = static_cast<double>(grad_out[k]);
         if (norm == BlockNorm::L1) return g;
-        const double o = ::sqrt(v[k] / d);
+        const double o = ::sqrt(x / d);
         return o > 0.0 ? g * 0.5 / o : 0.0;
       };
       double q = 0.0;
-      for (int64_t k = 0; k < len; ++k) q += grad_u(k) * v[k];
-      for (int64_t k = 0; k < len; ++k) {
-        const double sign = v[k] > 0.0 ? 1.0 : (v[k] < 0.0 ? -1.0 : 0.0);
-        grad_in[k] = static_cast<grad_t>(grad_u(k) / d - sign * q / (d * d));
-      }
+      v.for_each([&](int64_t k, double x) { q += grad_u(k, x) * x; });
+      v.for_each([&](int64_t k, double x) {
+        const double sign = x > 0.0 ? 1.0 : (x < 0.0 ? -1.0 : 0.0);
+        grad_in[k] = static_cast<grad_t>(grad_u(k, x) / d - sign * q / (d * d));
+      });
       break;
     }
     case BlockNorm::L2: {
       const double l2 = block_l2(v);
       double q = 0.0;
-      for (int64_t k = 0; k < len; ++k) q += static_cast<double>(grad_out[k]) * v[k];
+      v.for_each([&](int64_t k, double x) { q += static_cast<double>(grad_out[k]) * x; });
       const double l2_cubed = l2 * l2 * l2;
-      for (int64_t k = 0; k < len; ++k)
-        grad_in[k] = static_cast<grad_t>(static_cast<double>(grad_out[k]) / l2 - v[k] * q / l2_cubed);
+      v.for_each([&](int64_t k, double x) {
+        grad_in[k] = static_cast<grad_t>(static_cast<double>(grad_out[k]) / l2 - x * q / l2_cubed);
+      });
       break;
     }
     case BlockNorm::L2Hys: {
@@ -295,18 +299,18 @@ MTSEG_HOST_DEVICE void normalize_block_backward(const BlockView<cell_t>& v, Bloc
       const double n1 = block_l2(v);
       const double n2 = block_hys_l2(v, n1);
       double q2 = 0.0;
-      for (int64_t k = 0; k < len; ++k) q2 += static_cast<double>(grad_out[k]) * hys_clip(v[k], n1);
+      v.for_each([&](int64_t k, double x) { q2 += static_cast<double>(grad_out[k]) * hys_clip(x, n1); });
       const double n2_cubed = n2 * n2 * n2;
       // Gradient with respect to o1 = v / n1; the clip passes it where v / n1 <= 0.2.
-      auto grad_o1 = [&](int64_t k) -> double {
-        const double o1 = v[k] / n1;
+      auto grad_o1 = [&](int64_t k, double x) -> double {
+        const double o1 = x / n1;
         if (o1 > kHysClip) return 0.0;
         return static_cast<double>(grad_out[k]) / n2 - o1 * q2 / n2_cubed;
       };
       double q1 = 0.0;
-      for (int64_t k = 0; k < len; ++k) q1 += grad_o1(k) * v[k];
+      v.for_each([&](int64_t k, double x) { q1 += grad_o1(k, x) * x; });
       const double n1_cubed = n1 * n1 * n1;
-      for (int64_t k = 0; k < len; ++k) grad_in[k] = static_cast<grad_t>(grad_o1(k) / n1 - v[k] * q1 / n1_cubed);
+      v.for_each([&](int64_t k, double x) { grad_in[k] = static_cast<grad_t>(grad_o1(k, x) / n1 - x * q1 / n1_cubed); });
       break;
     }
   }
