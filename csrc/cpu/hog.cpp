@@ -48,94 +48,72 @@ void dispatch_image_types(at::ScalarType dtype, F&& f) {
 }
 
 // ---------------------------------------------------------------------------------
-// Cells, general path: one pixel at a time through the shared per-pixel functions.
-// Used for double-precision gradients (float64 images, and uint8 images, which skimage
-// promotes to float64: channel ties are then decided by glibc's double hypot, which is
-// not monotone in g_row^2 + g_col^2, so only hypot itself reproduces them).
-// ---------------------------------------------------------------------------------
-template <typename scalar_t, typename grad_t, typename cell_t>
-void cells_kernel_generic(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt, const double* table,
-                          cell_t* cells) {
-  const int64_t n = g.orientations;
-  at::parallel_for(0, g.batch * g.n_cells_row, grain_for(g.cell_rows * g.width), [&](int64_t begin, int64_t end) {
-    std::vector<double> sums(g.n_cells_col * n);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
-      const auto img = image_view<scalar_t>(images, b);
-      std::fill(sums.begin(), sums.end(), 0.0);
-      for (int64_t y = cell_row * g.cell_rows; y < (cell_row + 1) * g.cell_rows; ++y) {
-        for (int64_t x = 0; x < g.n_cells_col * g.cell_cols; ++x) {
-          const auto px = pixel_gradient<grad_t>(img, y, x, transform_sqrt);
-          accumulate(sums[(x / g.cell_cols) * n + orientation_bin(px.g_row, px.g_col, table, n)], px.mag);
-        }
-      }
-      cell_t* out = cells + item * g.n_cells_col * n;
-      for (int64_t k = 0; k < g.n_cells_col * n; ++k) out[k] = cell_mean<cell_t>(sums[k], g.area());
-    }
-  });
-}
-
-// ---------------------------------------------------------------------------------
-// Cells, vectorised path for float gradients (float32, float16, bfloat16 images).
-// Per (image, cell row): the needed image rows are converted once into float row
-// buffers, then each pixel row goes through three loops over columns that the compiler
-// vectorises (channel choice, orientation bins, per-bin column sums). The per-element
-// math is the shared math of hog.h; the one thing done differently is the channel
-// choice, by g_row^2 + g_col^2 in float instead of float32 hypot: both orders agree
-// except where two channels are within rounding of each other, which is flagged and
-// redone with pixel_gradient itself.
+// Cells. Per (image, cell row) the needed image rows are converted once into row
+// buffers of the working type T (float for float32/float16/bfloat16 images and uint8
+// without transform_sqrt, whose differences are exact small integers; double for
+// float64, and for uint8 with transform_sqrt, as skimage computes those in double).
+// Each pixel row then goes through loops over columns that the compiler vectorises:
+// channel choice, orientation bins, per-bin column sums. The one thing done differently
+// from hog.h's pixel_gradient is the channel choice, by g_row^2 + g_col^2 in T instead of
+// skimage's hypot: the two orders agree except where two channels are within rounding
+// of each other, and those pixels are flagged and redone with pixel_gradient itself.
 // ---------------------------------------------------------------------------------
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
 #define MTSEG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define MTSEG_CPU_CLONES
 #endif
+#define MTSEG_ALWAYS_INLINE inline __attribute__((always_inline))
 
-struct RowScratch {
-  std::vector<float> rows;           // C planes x (cell_rows + 2) rows x (W + 2) cols
-  std::vector<float> g_row, g_col;   // winning channel's differences, per column
-  std::vector<double> mag, up_row, up_col;  // gradient turned into the upper half plane
-  std::vector<int32_t> bin;
-  std::vector<int32_t> ambiguous;  // as wide as a float, so its loop vectorises
-  std::vector<float> best_sq;
-  std::vector<double> column_sums;   // n x covered columns, summed over the cell row's pixel rows
+// Flags as wide as T, so that no loop mixes vector widths.
+template <typename T>
+using flag_t = std::conditional_t<std::is_same_v<T, float>, int32_t, int64_t>;
+
+template <typename T>
+struct SelectMargins;
+template <>
+struct SelectMargins<float> {  // float squares: relative error about 2^-23
+  static constexpr float lo = 1.0f - 1.0f / (1 << 19), hi = 1.0f + 1.0f / (1 << 19), tiny = 1e-30f;
+};
+template <>
+struct SelectMargins<double> {  // double squares against glibc's hypot (< 1 ulp)
+  static constexpr double lo = 1.0 - 1.0 / (1LL << 44), hi = 1.0 + 1.0 / (1LL << 44), tiny = 1e-290;
 };
 
-// Channel choice for one pixel row, in float arithmetic (16 lanes with AVX-512).
-// `mid` points at column 0 of the pixel row in channel 0's buffer plane; rows are
-// `row_stride` apart, planes `plane_stride`. Squares in float carry a relative error of
-// about 2^-23, so where two channels are not clearly apart (within 2^-19), or both are
-// tiny, the pixel is flagged `ambiguous` and redone exactly by the caller. The flag is
-// conservative: a channel near the final winner is near the running best when the later
-// of the two is compared.
-MTSEG_CPU_CLONES int32_t select_channel_row(const float* __restrict mid, int64_t channels, int64_t plane_stride,
-                                         int64_t row_stride, int64_t n_cols, float* __restrict g_row,
-                                         float* __restrict g_col, float* __restrict best_sq,
-                                         int32_t* __restrict ambiguous) {
-  constexpr float kLo = 1.0f - 1.0f / (1 << 19), kHi = 1.0f + 1.0f / (1 << 19), kTiny = 1e-30f;
-  const float* __restrict up0 = mid + row_stride;
-  const float* __restrict down0 = mid - row_stride;
+// Channel choice for one pixel row. `mid` points at column 0 of the pixel row in
+// channel 0's buffer plane; rows are `row_stride` apart, planes `plane_stride`. A pixel
+// whose best channels are not clearly apart, or both tiny, is flagged `ambiguous`; the
+// flag is conservative: a channel near the final winner is near the running best when
+// the later of the two is compared. Returns whether any pixel was flagged.
+template <typename T>
+MTSEG_ALWAYS_INLINE flag_t<T> select_channel_row_impl(const T* __restrict mid, int64_t channels, int64_t plane_stride,
+                                                      int64_t row_stride, int64_t n_cols, T* __restrict g_row,
+                                                      T* __restrict g_col, T* __restrict best_sq,
+                                                      flag_t<T>* __restrict ambiguous) {
+  constexpr T lo = SelectMargins<T>::lo, hi = SelectMargins<T>::hi, tiny_sq = SelectMargins<T>::tiny;
+  const T* __restrict up0 = mid + row_stride;
+  const T* __restrict down0 = mid - row_stride;
   for (int64_t x = 0; x < n_cols; ++x) {
     // The mirrored border (see load_rows) makes both differences exactly 0 there.
-    const float gr = up0[x] - down0[x], gc = mid[x + 1] - mid[x - 1];
+    const T gr = up0[x] - down0[x], gc = mid[x + 1] - mid[x - 1];
     g_row[x] = gr;
     g_col[x] = gc;
     best_sq[x] = gr * gr + gc * gc;
     ambiguous[x] = 0;
   }
-  int32_t any_ambiguous = 0;
+  flag_t<T> any_ambiguous = 0;
   for (int64_t k = 1; k < channels; ++k) {
-    const float* __restrict up = mid + k * plane_stride + row_stride;
-    const float* __restrict down = mid + k * plane_stride - row_stride;
-    const float* __restrict m = mid + k * plane_stride;
+    const T* __restrict up = mid + k * plane_stride + row_stride;
+    const T* __restrict down = mid + k * plane_stride - row_stride;
+    const T* __restrict m = mid + k * plane_stride;
     for (int64_t x = 0; x < n_cols; ++x) {
-      const float gr = up[x] - down[x], gc = m[x + 1] - m[x - 1];
-      const float sq = gr * gr + gc * gc;
-      const float best = best_sq[x], best_r = g_row[x], best_c = g_col[x];
+      const T gr = up[x] - down[x], gc = m[x + 1] - m[x - 1];
+      const T sq = gr * gr + gc * gc;
+      const T best = best_sq[x], best_r = g_row[x], best_c = g_col[x];
       const bool identical = (gr == best_r) & (gc == best_c);
-      const bool apart = (sq < best * kLo) | (sq > best * kHi);
-      const bool tiny = (sq < kTiny) & (best < kTiny);
-      const int32_t flag = static_cast<int32_t>(!identical & (!apart | tiny));
+      const bool apart = (sq < best * lo) | (sq > best * hi);
+      const bool tiny = (sq < tiny_sq) & (best < tiny_sq);
+      const flag_t<T> flag = static_cast<flag_t<T>>((!identical) & ((!apart) | tiny));
       ambiguous[x] |= flag;
       any_ambiguous |= flag;
       const bool take = sq > best;  // strict: the lowest channel keeps a tie
@@ -148,15 +126,15 @@ MTSEG_CPU_CLONES int32_t select_channel_row(const float* __restrict mid, int64_t
 }
 
 // Orientation bins of one pixel row, and their magnitudes added to per-bin column sums.
-MTSEG_CPU_CLONES void bin_row(const float* __restrict g_row, const float* __restrict g_col, int64_t n_cols,
-                              const double* __restrict table, int64_t n, double* __restrict up_row,
-                              double* __restrict up_col, double* __restrict mag, int32_t* __restrict bin,
-                              double* __restrict column_sums) {
-  for (int64_t x = 0; x < n_cols; ++x) {
-    // Magnitude in float (16 lanes; double sqrt is 4x slower): within 2 float32 ulps of
-    // hog.h's magnitude(float, float), so float32 cells stay float32-accurate.
-    mag[x] = static_cast<double>(std::sqrt(g_row[x] * g_row[x] + g_col[x] * g_col[x]));
-  }
+template <typename T>
+MTSEG_ALWAYS_INLINE void bin_row_impl(const T* __restrict g_row, const T* __restrict g_col, int64_t n_cols,
+                                      const double* __restrict table, int64_t n, double* __restrict up_row,
+                                      double* __restrict up_col, double* __restrict mag, int32_t* __restrict bin,
+                                      double* __restrict column_sums) {
+  // Magnitude in T: for float, a float sqrt (16 lanes; double sqrt is 4x slower) within
+  // 2 float32 ulps of hog.h's magnitude(float, float), so float32 cells stay
+  // float32-accurate; for double, within an ulp of hog.h's hypot.
+  for (int64_t x = 0; x < n_cols; ++x) mag[x] = static_cast<double>(std::sqrt(g_row[x] * g_row[x] + g_col[x] * g_col[x]));
   for (int64_t x = 0; x < n_cols; ++x) {
     const double r = g_row[x], c = g_col[x];
     const bool flip = r < 0.0;
@@ -168,7 +146,7 @@ MTSEG_CPU_CLONES void bin_row(const float* __restrict g_row, const float* __rest
     const double c = table[i], s = table[(n - 1) + i], inclusive = table[2 * (n - 1) + i];
     for (int64_t x = 0; x < n_cols; ++x) bin[x] += past_boundary(up_row[x], up_col[x], c, s, inclusive);
   }
-  for (int64_t x = 0; x < n_cols; ++x) bin[x] = g_row[x] == 0.0f ? 0 : bin[x];  // theta = 0 or 180
+  for (int64_t x = 0; x < n_cols; ++x) bin[x] = g_row[x] == T(0) ? 0 : bin[x];  // theta = 0 or 180
   for (int64_t o = 0; o < n; ++o) {
     double* sums = column_sums + o * n_cols;
     for (int64_t x = 0; x < n_cols; ++x) sums[x] += bin[x] == o ? mag[x] : 0.0;
@@ -178,45 +156,83 @@ MTSEG_CPU_CLONES void bin_row(const float* __restrict g_row, const float* __rest
 // Finishes a converted row (`row[0..W)`, with one padding slot on each side): checks
 // the values, applies transform_sqrt, and mirrors the border columns. Returns 1 if a
 // value is not finite (or negative with transform_sqrt), else 0.
-MTSEG_CPU_CLONES int32_t finish_row(float* __restrict row, int64_t width, bool transform_sqrt) {
-  int32_t bad = 0;
+template <typename T>
+MTSEG_ALWAYS_INLINE flag_t<T> finish_row_impl(T* __restrict row, int64_t width, bool transform_sqrt) {
+  flag_t<T> bad = 0;
   if (transform_sqrt) {
     for (int64_t x = 0; x < width; ++x) {
-      const float v = row[x];
-      bad |= static_cast<int32_t>(!(v - v == 0.0f)) | static_cast<int32_t>(v < 0.0f);
+      const T v = row[x];
+      bad |= static_cast<flag_t<T>>(!(v - v == T(0))) | static_cast<flag_t<T>>(v < T(0));
       row[x] = std::sqrt(v);
     }
   } else {
-    for (int64_t x = 0; x < width; ++x) bad |= static_cast<int32_t>(!(row[x] - row[x] == 0.0f));
+    for (int64_t x = 0; x < width; ++x) bad |= static_cast<flag_t<T>>(!(row[x] - row[x] == T(0)));
   }
   // Column -1 mirrors column 1 and column W mirrors column W - 2, so the central
   // differences at the first and last column are exactly 0 (skimage's border rule).
-  row[-1] = width > 1 ? row[1] : 0.0f;
-  row[width] = width > 1 ? row[width - 2] : 0.0f;
+  row[-1] = width > 1 ? row[1] : T(0);
+  row[width] = width > 1 ? row[width - 2] : T(0);
   return bad;
 }
 
-// Converts image rows [y_first - 1, y_first + n_rows - 1) of every channel into float
+// The vector loops, compiled once per instruction set and picked at load time.
+#define MTSEG_DEFINE_ROW_KERNELS(T)                                                                               \
+  MTSEG_CPU_CLONES flag_t<T> select_channel_row(const T* __restrict mid, int64_t channels, int64_t plane_stride, \
+                                                int64_t row_stride, int64_t n_cols, T* __restrict g_row,           \
+                                                T* __restrict g_col, T* __restrict best_sq,                        \
+                                                flag_t<T>* __restrict ambiguous) {                                 \
+    return select_channel_row_impl<T>(mid, channels, plane_stride, row_stride, n_cols, g_row, g_col, best_sq,     \
+                                      ambiguous);                                                                  \
+  }                                                                                                                \
+  MTSEG_CPU_CLONES void bin_row(const T* __restrict g_row, const T* __restrict g_col, int64_t n_cols,             \
+                                const double* __restrict table, int64_t n, double* __restrict up_row,              \
+                                double* __restrict up_col, double* __restrict mag, int32_t* __restrict bin,        \
+                                double* __restrict column_sums) {                                                  \
+    bin_row_impl<T>(g_row, g_col, n_cols, table, n, up_row, up_col, mag, bin, column_sums);                       \
+  }                                                                                                                \
+  MTSEG_CPU_CLONES flag_t<T> finish_row(T* __restrict row, int64_t width, bool transform_sqrt) {                 \
+    return finish_row_impl<T>(row, width, transform_sqrt);                                                         \
+  }
+MTSEG_DEFINE_ROW_KERNELS(float)
+MTSEG_DEFINE_ROW_KERNELS(double)
+#undef MTSEG_DEFINE_ROW_KERNELS
+
+template <typename T>
+struct RowScratch {
+  std::vector<T> rows;                       // C planes x (cell_rows + 2) rows x (W + 2) cols
+  std::vector<T> g_row, g_col, best_sq;      // winning channel's differences, per column
+  std::vector<flag_t<T>> ambiguous;
+  std::vector<double> mag, up_row, up_col;   // magnitude; gradient turned into the upper half plane
+  std::vector<int32_t> bin;
+  std::vector<double> column_sums;           // n x covered columns, summed over the cell row's pixel rows
+  RowScratch(int64_t channels, int64_t buf_rows, int64_t row_stride, int64_t n_cols, int64_t n)
+      : rows(channels * buf_rows * row_stride), g_row(n_cols), g_col(n_cols), best_sq(n_cols), ambiguous(n_cols),
+        mag(n_cols), up_row(n_cols), up_col(n_cols), bin(n_cols), column_sums(n * n_cols) {}
+};
+
+// Converts image rows [y_first - 1, y_first + n_rows - 1) of every channel into T
 // buffers of W + 2 columns. Outside the image the buffer mirrors the image without
 // repeating the edge (row -1 = row 1, row H = row H - 2), so the central differences at
 // the border are exactly 0, with no masks in the vector loops.
 // Returns false if a value is not finite (or, with transform_sqrt, negative).
-template <typename scalar_t>
-bool load_rows(const ImageView<scalar_t>& img, int64_t y_first, int64_t n_rows, bool transform_sqrt, float* rows) {
+template <typename T, typename scalar_t>
+bool load_rows(const ImageView<scalar_t>& img, int64_t y_first, int64_t n_rows, bool transform_sqrt, T* rows) {
   const int64_t W = img.width, H = img.height, row_stride = W + 2;
-  int32_t bad = 0;
+  flag_t<T> bad = 0;
   for (int64_t k = 0; k < img.channels; ++k) {
-    float* plane = rows + k * n_rows * row_stride;
+    T* plane = rows + k * n_rows * row_stride;
     for (int64_t j = 0; j < n_rows; ++j) {
       const int64_t y = y_first - 1 + j;
       if (y < 0 || y >= H) continue;  // mirrored below
-      float* dst = plane + j * row_stride + 1;
+      T* dst = plane + j * row_stride + 1;
       const scalar_t* src = img.data + k * img.stride_c + y * img.stride_h;
       const int64_t sw = img.stride_w;
-      if (std::is_same_v<scalar_t, float> && sw == 1) {
-        std::memcpy(dst, src, W * sizeof(float));
+      if (std::is_same_v<scalar_t, T> && sw == 1) {
+        std::memcpy(dst, src, W * sizeof(T));
+      } else if (sw == 1) {
+        for (int64_t x = 0; x < W; ++x) dst[x] = static_cast<T>(src[x]);
       } else {
-        for (int64_t x = 0; x < W; ++x) dst[x] = static_cast<float>(src[x * sw]);
+        for (int64_t x = 0; x < W; ++x) dst[x] = static_cast<T>(src[x * sw]);
       }
       bad |= finish_row(dst, W, transform_sqrt);
     }
@@ -224,49 +240,45 @@ bool load_rows(const ImageView<scalar_t>& img, int64_t y_first, int64_t n_rows, 
       const int64_t y = y_first - 1 + j;
       if (y >= 0 && y < H) continue;
       const int64_t mirror = y < 0 ? 1 : H - 2;  // the row whose difference must cancel
-      float* dst = plane + j * row_stride;
+      T* dst = plane + j * row_stride;
       if (H > 1) {
-        const float* src = plane + (mirror - (y_first - 1)) * row_stride;
+        const T* src = plane + (mirror - (y_first - 1)) * row_stride;
         std::copy(src, src + row_stride, dst);
       } else {
-        std::fill(dst, dst + row_stride, 0.0f);
+        std::fill(dst, dst + row_stride, T(0));
       }
     }
   }
   return bad == 0;
 }
 
-template <typename scalar_t, typename cell_t>
-void cells_kernel_float(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt, const double* table,
-                        cell_t* cells) {
+// T: working type of the row buffers; grad_t: hog.h's gradient type for this image
+// dtype (the exact rule the flagged pixels are redone with); cell_t: output type.
+template <typename scalar_t, typename T, typename grad_t, typename cell_t>
+void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt, const double* table,
+                  cell_t* cells) {
   const int64_t n = g.orientations, W = g.width, C = g.channels;
   const int64_t n_cols = g.n_cells_col * g.cell_cols, buf_rows = g.cell_rows + 2, row_stride = W + 2;
   std::atomic<bool> all_valid{true};
   at::parallel_for(0, g.batch * g.n_cells_row, grain_for(g.cell_rows * g.width), [&](int64_t begin, int64_t end) {
-    RowScratch t;
-    t.rows.resize(C * buf_rows * row_stride);
-    t.g_row.resize(n_cols), t.g_col.resize(n_cols), t.mag.resize(n_cols), t.up_row.resize(n_cols);
-    t.up_col.resize(n_cols), t.bin.resize(n_cols), t.ambiguous.resize(n_cols);
-    t.column_sums.resize(n * n_cols);
-    t.best_sq.resize(n_cols);
+    RowScratch<T> t(C, buf_rows, row_stride, n_cols, n);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
       const int64_t y0 = cell_row * g.cell_rows;
       const auto img = image_view<scalar_t>(images, b);
-      if (!load_rows(img, y0, buf_rows, transform_sqrt, t.rows.data())) {
+      if (!load_rows<T>(img, y0, buf_rows, transform_sqrt, t.rows.data())) {
         all_valid = false;
         continue;
       }
       std::fill(t.column_sums.begin(), t.column_sums.end(), 0.0);
       for (int64_t y = y0; y < y0 + g.cell_rows; ++y) {
-        const float* mid = t.rows.data() + (y - y0 + 1) * row_stride + 1;
-        const bool ambiguous = select_channel_row(mid, C, buf_rows * row_stride, row_stride, n_cols, t.g_row.data(),
-                                                  t.g_col.data(), t.best_sq.data(), t.ambiguous.data());
-        if (ambiguous) {
+        const T* mid = t.rows.data() + (y - y0 + 1) * row_stride + 1;
+        if (select_channel_row(mid, C, buf_rows * row_stride, row_stride, n_cols, t.g_row.data(), t.g_col.data(),
+                               t.best_sq.data(), t.ambiguous.data())) {
           for (int64_t x = 0; x < n_cols; ++x) {
             if (!t.ambiguous[x]) continue;
-            const auto px = pixel_gradient<float>(img, y, x, transform_sqrt);
-            t.g_row[x] = px.g_row, t.g_col[x] = px.g_col;
+            const auto px = pixel_gradient<grad_t>(img, y, x, transform_sqrt);
+            t.g_row[x] = static_cast<T>(px.g_row), t.g_col[x] = static_cast<T>(px.g_col);
           }
         }
         bin_row(t.g_row.data(), t.g_col.data(), n_cols, table, n, t.up_row.data(), t.up_col.data(), t.mag.data(),
@@ -296,28 +308,27 @@ at::Tensor hog_cells_cpu(const at::Tensor& images, int64_t orientations, at::Int
                          images.options().dtype(cell_dtype(images.scalar_type())));
   if (cells.numel() == 0) return cells;
   const auto table = orientation_table(orientations, images.device());
-  const auto dtype = images.scalar_type();
-  if (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) {
-    // The kernel checks the rows it reads; rows below the last cell row's neighbour are checked here.
-    const int64_t first_unread = g.n_cells_row * g.cell_rows + 1;
-    if (first_unread < g.height) check_image_values(images.narrow(2, first_unread, g.height - first_unread), transform_sqrt, "hog_cells");
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "hog_cells_cpu", [&] {
-      cells_kernel_float<scalar_t, float>(images, g, transform_sqrt, table.data_ptr<double>(), cells.data_ptr<float>());
-    });
-  } else {
-    check_image_values(images, transform_sqrt, "hog_cells");
-    dispatch_image_types(dtype, [&](auto s, auto gr, auto) {
-      using scalar_t = decltype(s);
-      using grad_t = decltype(gr);
-      if constexpr (std::is_same_v<grad_t, double>) {
-        if (dtype == at::kDouble)
-          cells_kernel_generic<scalar_t, grad_t, double>(images, g, transform_sqrt, table.data_ptr<double>(),
-                                                        cells.data_ptr<double>());
-        else
-          cells_kernel_generic<scalar_t, grad_t, float>(images, g, transform_sqrt, table.data_ptr<double>(),
-                                                       cells.data_ptr<float>());
-      }
-    });
+  const double* tab = table.data_ptr<double>();
+  // The kernel checks the rows it reads; rows below the last cell row's neighbour are checked here.
+  const int64_t first_unread = g.n_cells_row * g.cell_rows + 1;
+  if (first_unread < g.height)
+    check_image_values(images.narrow(2, first_unread, g.height - first_unread), transform_sqrt, "hog_cells");
+  switch (images.scalar_type()) {
+    case at::kFloat: cells_kernel<float, float, float>(images, g, transform_sqrt, tab, cells.data_ptr<float>()); break;
+    case at::kHalf: cells_kernel<at::Half, float, float>(images, g, transform_sqrt, tab, cells.data_ptr<float>()); break;
+    case at::kBFloat16:
+      cells_kernel<at::BFloat16, float, float>(images, g, transform_sqrt, tab, cells.data_ptr<float>());
+      break;
+    case at::kDouble:
+      cells_kernel<double, double, double>(images, g, transform_sqrt, tab, cells.data_ptr<double>());
+      break;
+    case at::kByte:
+      if (transform_sqrt)
+        cells_kernel<uint8_t, double, double>(images, g, true, tab, cells.data_ptr<float>());
+      else
+        cells_kernel<uint8_t, float, double>(images, g, false, tab, cells.data_ptr<float>());
+      break;
+    default: TORCH_CHECK_TYPE(false, "hog_cells: unsupported image dtype ", images.scalar_type());
   }
   return cells;
 }
