@@ -252,6 +252,26 @@ bool load_rows(const ImageView<scalar_t>& img, int64_t y_first, int64_t n_rows, 
   return bad == 0;
 }
 
+// Exact channel choice for one flagged pixel: pixel_gradient's rule (hog.h's
+// magnitude and selection_key in grad_t, lowest channel on ties) on the row buffers,
+// which hold the very values skimage differentiates.
+template <typename T, typename grad_t>
+void redo_channel_choice(const T* mid, int64_t channels, int64_t plane_stride, int64_t row_stride, int64_t x,
+                         RowScratch<T>& t) {
+  grad_t best_key = grad_t(-1);
+  for (int64_t k = 0; k < channels; ++k) {
+    const T* m = mid + k * plane_stride;
+    const grad_t gr = static_cast<grad_t>(m[x + row_stride] - m[x - row_stride]);
+    const grad_t gc = static_cast<grad_t>(m[x + 1] - m[x - 1]);
+    const grad_t key = selection_key(gr, magnitude(gr, gc));
+    if (key > best_key) {
+      best_key = key;
+      t.g_row[x] = static_cast<T>(gr);
+      t.g_col[x] = static_cast<T>(gc);
+    }
+  }
+}
+
 // T: working type of the row buffers; grad_t: hog.h's gradient type for this image
 // dtype (the exact rule the flagged pixels are redone with); cell_t: output type.
 template <typename scalar_t, typename T, typename grad_t, typename cell_t>
@@ -276,9 +296,7 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
         if (select_channel_row(mid, C, buf_rows * row_stride, row_stride, n_cols, t.g_row.data(), t.g_col.data(),
                                t.best_sq.data(), t.ambiguous.data())) {
           for (int64_t x = 0; x < n_cols; ++x) {
-            if (!t.ambiguous[x]) continue;
-            const auto px = pixel_gradient<grad_t>(img, y, x, transform_sqrt);
-            t.g_row[x] = static_cast<T>(px.g_row), t.g_col[x] = static_cast<T>(px.g_col);
+            if (t.ambiguous[x]) redo_channel_choice<T, grad_t>(mid, C, buf_rows * row_stride, row_stride, x, t);
           }
         }
         bin_row(t.g_row.data(), t.g_col.data(), n_cols, table, n, t.up_row.data(), t.up_col.data(), t.mag.data(),
