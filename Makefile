@@ -17,9 +17,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(DEPS_STAMP): requirements-ci.txt | $(PY)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-ci.txt
-	touch $@
+	@echo "installing the pinned requirements (log: $(VENV)/install.log)"
+	@{ $(PY) -m pip install --upgrade pip && $(PY) -m pip install -r requirements-ci.txt; } > $(VENV)/install.log 2>&1 \
+		|| { tail -n 40 $(VENV)/install.log; echo "make: installing the requirements failed"; exit 1; }
+	@touch $@
 
 build: $(DEPS_STAMP)
 	@mkdir -p build

@@ -6,9 +6,9 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <type_traits>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "mtseg/hog.h"
@@ -34,19 +34,6 @@ ImageView<scalar_t> image_view(const at::Tensor& images, int64_t b) {
                              images.stride(3)};
 }
 
-// Calls f with (scalar_t, grad_t, acc_t) chosen from the image dtype (see hog.h).
-template <typename F>
-void dispatch_image_types(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kByte: return f(uint8_t{}, double{}, float{});
-    case at::kHalf: return f(at::Half{}, float{}, float{});
-    case at::kBFloat16: return f(at::BFloat16{}, float{}, float{});
-    case at::kFloat: return f(float{}, float{}, float{});
-    case at::kDouble: return f(double{}, double{}, double{});
-    default: TORCH_CHECK_TYPE(false, "hog: unsupported image dtype ", dtype);
-  }
-}
-
 // ---------------------------------------------------------------------------------
 // Cells. Per (image, cell row) the needed image rows are converted once into row
 // buffers of the working type T (float for float32/float16/bfloat16 images and uint8
@@ -56,7 +43,8 @@ void dispatch_image_types(at::ScalarType dtype, F&& f) {
 // channel choice, orientation bins, per-bin column sums. The one thing done differently
 // from hog.h's pixel_gradient is the channel choice, by g_row^2 + g_col^2 in T instead of
 // skimage's hypot: the two orders agree except where two channels are within rounding
-// of each other, and those pixels are flagged and redone with pixel_gradient itself.
+// of each other, and those pixels are flagged and redone with hog.h's magnitude and
+// selection_key (redo_channel_choice).
 // ---------------------------------------------------------------------------------
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
 #define MTSEG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))

@@ -46,18 +46,6 @@ ImageBatch<scalar_t> image_batch(const at::Tensor& t) {
                               t.stride(0),            t.stride(1), t.stride(2), t.stride(3)};
 }
 
-template <typename F>
-void dispatch_image_types(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kByte: return f(uint8_t{}, double{}, float{});
-    case at::kHalf: return f(at::Half{}, float{}, float{});
-    case at::kBFloat16: return f(at::BFloat16{}, float{}, float{});
-    case at::kFloat: return f(float{}, float{}, float{});
-    case at::kDouble: return f(double{}, double{}, double{});
-    default: TORCH_CHECK_TYPE(false, "hog: unsupported image dtype ", dtype);
-  }
-}
-
 template <typename scalar_t, typename grad_t, typename acc_t>
 __global__ void cells_kernel(ImageBatch<scalar_t> images, CellGeometry g, bool transform_sqrt, const double* table,
                              acc_t* cells) {

@@ -32,5 +32,19 @@ at::Tensor orientation_table(int64_t orientations, const at::Device& device);
 // Cells are float32 except for float64 images; the descriptor follows the cells.
 at::ScalarType cell_dtype(at::ScalarType image_dtype);
 
+// Calls f(scalar_t{}, grad_t{}, cell_t{}) for the image dtype: the input type, hog.h's
+// gradient type (double for float64 and uint8, as skimage promotes them), and the cell type.
+template <typename F>
+void dispatch_image_types(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kByte: return f(uint8_t{}, double{}, float{});
+    case at::kHalf: return f(at::Half{}, float{}, float{});
+    case at::kBFloat16: return f(at::BFloat16{}, float{}, float{});
+    case at::kFloat: return f(float{}, float{}, float{});
+    case at::kDouble: return f(double{}, double{}, double{});
+    default: TORCH_CHECK_TYPE(false, "hog: unsupported image dtype ", dtype);
+  }
+}
+
 }  // namespace hog
 }  // namespace mtseg
