@@ -40,11 +40,13 @@ ImageView<scalar_t> image_view(const at::Tensor& images, int64_t b) {
 // without transform_sqrt, whose differences are exact small integers; double for
 // float64, and for uint8 with transform_sqrt, as skimage computes those in double).
 // Each pixel row then goes through loops over columns that the compiler vectorises:
-// channel choice, orientation bins, per-bin column sums. The one thing done differently
-// from hog.h's pixel_gradient is the channel choice, by g_row^2 + g_col^2 in T instead of
-// skimage's hypot: the two orders agree except where two channels are within rounding
-// of each other, and those pixels are flagged and redone with hog.h's magnitude and
-// selection_key (redo_channel_choice).
+// channel choice, orientation bins, per-bin column sums. The channel choice follows
+// skimage's rule exactly in two ways: for float32/float16/bfloat16 images by its key,
+// float32 hypot, computed in the vector loop (select_channel_row_by_key); where the key
+// is glibc's double hypot (uint8, float64), which no vector loop reproduces, by
+// g_row^2 + g_col^2, whose order agrees with hypot's except where two channels are within
+// rounding of each other: those pixels are flagged and redone with hog.h's magnitude and
+// selection_key (select_channel_row, then redo_channel_choice).
 // ---------------------------------------------------------------------------------
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
 #define MTSEG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -111,6 +113,31 @@ MTSEG_ALWAYS_INLINE flag_t<T> select_channel_row_impl(const T* __restrict mid, i
     }
   }
   return any_ambiguous;
+}
+
+// Channel choice for float rows by skimage's own key, float32 hypot, computed as glibc
+// does (sqrt of the double sum of squares, rounded to float; hog.h's selection_key), so
+// no pixel needs a second look. Used where the rule is float32 hypot (float32, float16,
+// bfloat16 images); uint8 images, decided by double hypot, use select_channel_row.
+MTSEG_CPU_CLONES void select_channel_row_by_key(const float* __restrict mid, int64_t channels, int64_t plane_stride,
+                                                int64_t row_stride, int64_t n_cols, float* __restrict g_row,
+                                                float* __restrict g_col, float* __restrict best_key) {
+  for (int64_t x = 0; x < n_cols; ++x) best_key[x] = -1.0f;
+  for (int64_t k = 0; k < channels; ++k) {
+    const float* __restrict up = mid + k * plane_stride + row_stride;
+    const float* __restrict down = mid + k * plane_stride - row_stride;
+    const float* __restrict m = mid + k * plane_stride;
+    for (int64_t x = 0; x < n_cols; ++x) {
+      const float gr = up[x] - down[x], gc = m[x + 1] - m[x - 1];
+      const double r = gr, c = gc;
+      const float key = static_cast<float>(std::sqrt(r * r + c * c));
+      const float best = best_key[x], best_r = g_row[x], best_c = g_col[x];
+      const bool take = key > best;  // strict: the lowest channel keeps a tie
+      g_row[x] = take ? gr : best_r;
+      g_col[x] = take ? gc : best_c;
+      best_key[x] = take ? key : best;
+    }
+  }
 }
 
 // Orientation bins of one pixel row, and their magnitudes added to per-bin column sums.
@@ -281,6 +308,15 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
       std::fill(t.column_sums.begin(), t.column_sums.end(), 0.0);
       for (int64_t y = y0; y < y0 + g.cell_rows; ++y) {
         const T* mid = t.rows.data() + (y - y0 + 1) * row_stride + 1;
+        if constexpr (std::is_same_v<T, float> && std::is_same_v<grad_t, float>) {
+          if (C > 1) {
+            select_channel_row_by_key(mid, C, buf_rows * row_stride, row_stride, n_cols, t.g_row.data(),
+                                      t.g_col.data(), t.best_sq.data());
+            bin_row(t.g_row.data(), t.g_col.data(), n_cols, table, n, t.up_row.data(), t.up_col.data(),
+                    t.mag.data(), t.bin.data(), t.column_sums.data());
+            continue;
+          }
+        }
         if (select_channel_row(mid, C, buf_rows * row_stride, row_stride, n_cols, t.g_row.data(), t.g_col.data(),
                                t.best_sq.data(), t.ambiguous.data())) {
           for (int64_t x = 0; x < n_cols; ++x) {
