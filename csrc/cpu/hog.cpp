@@ -79,7 +79,7 @@ template <typename T>
 MTSEG_ALWAYS_INLINE flag_t<T> select_channel_row_impl(const T* __restrict mid, int64_t channels, int64_t plane_stride,
                                                       int64_t row_stride, int64_t n_cols, T* __restrict g_row,
                                                       T* __restrict g_col, T* __restrict best_sq,
-                                                      flag_t<T>* __restrict ambiguous) {
+                                                      flag_t<T>* __restrict ambiguous, flag_t<T>* __restrict winner) {
   constexpr T lo = SelectMargins<T>::lo, hi = SelectMargins<T>::hi, tiny_sq = SelectMargins<T>::tiny;
   const T* __restrict up0 = mid + row_stride;
   const T* __restrict down0 = mid - row_stride;
@@ -90,6 +90,7 @@ MTSEG_ALWAYS_INLINE flag_t<T> select_channel_row_impl(const T* __restrict mid, i
     g_col[x] = gc;
     best_sq[x] = gr * gr + gc * gc;
     ambiguous[x] = 0;
+    winner[x] = 0;
   }
   flag_t<T> any_ambiguous = 0;
   for (int64_t k = 1; k < channels; ++k) {
@@ -110,6 +111,7 @@ MTSEG_ALWAYS_INLINE flag_t<T> select_channel_row_impl(const T* __restrict mid, i
       g_row[x] = take ? gr : best_r;
       g_col[x] = take ? gc : best_c;
       best_sq[x] = take ? sq : best;
+      winner[x] = take ? static_cast<flag_t<T>>(k) : winner[x];
     }
   }
   return any_ambiguous;
@@ -121,7 +123,8 @@ MTSEG_ALWAYS_INLINE flag_t<T> select_channel_row_impl(const T* __restrict mid, i
 // bfloat16 images); uint8 images, decided by double hypot, use select_channel_row.
 MTSEG_CPU_CLONES void select_channel_row_by_key(const float* __restrict mid, int64_t channels, int64_t plane_stride,
                                                 int64_t row_stride, int64_t n_cols, float* __restrict g_row,
-                                                float* __restrict g_col, float* __restrict best_key) {
+                                                float* __restrict g_col, float* __restrict best_key,
+                                                int32_t* __restrict winner) {
   for (int64_t x = 0; x < n_cols; ++x) best_key[x] = -1.0f;
   for (int64_t k = 0; k < channels; ++k) {
     const float* __restrict up = mid + k * plane_stride + row_stride;
@@ -136,6 +139,7 @@ MTSEG_CPU_CLONES void select_channel_row_by_key(const float* __restrict mid, int
       g_row[x] = take ? gr : best_r;
       g_col[x] = take ? gc : best_c;
       best_key[x] = take ? key : best;
+      winner[x] = take ? static_cast<int32_t>(k) : winner[x];
     }
   }
 }
@@ -162,6 +166,7 @@ MTSEG_ALWAYS_INLINE void bin_row_impl(const T* __restrict g_row, const T* __rest
     for (int64_t x = 0; x < n_cols; ++x) bin[x] += past_boundary(up_row[x], up_col[x], c, s, inclusive);
   }
   for (int64_t x = 0; x < n_cols; ++x) bin[x] = g_row[x] == T(0) ? 0 : bin[x];  // theta = 0 or 180
+  if (column_sums == nullptr) return;  // the backward needs only the bins
   for (int64_t o = 0; o < n; ++o) {
     double* sums = column_sums + o * n_cols;
     for (int64_t x = 0; x < n_cols; ++x) sums[x] += bin[x] == o ? mag[x] : 0.0;
@@ -195,9 +200,9 @@ MTSEG_ALWAYS_INLINE flag_t<T> finish_row_impl(T* __restrict row, int64_t width, 
   MTSEG_CPU_CLONES flag_t<T> select_channel_row(const T* __restrict mid, int64_t channels, int64_t plane_stride, \
                                                 int64_t row_stride, int64_t n_cols, T* __restrict g_row,           \
                                                 T* __restrict g_col, T* __restrict best_sq,                        \
-                                                flag_t<T>* __restrict ambiguous) {                                 \
+                                                flag_t<T>* __restrict ambiguous, flag_t<T>* __restrict winner) {   \
     return select_channel_row_impl<T>(mid, channels, plane_stride, row_stride, n_cols, g_row, g_col, best_sq,     \
-                                      ambiguous);                                                                  \
+                                      ambiguous, winner);                                                          \
   }                                                                                                                \
   MTSEG_CPU_CLONES void bin_row(const T* __restrict g_row, const T* __restrict g_col, int64_t n_cols,             \
                                 const double* __restrict table, int64_t n, double* __restrict up_row,              \
@@ -216,13 +221,13 @@ template <typename T>
 struct RowScratch {
   std::vector<T> rows;                       // C planes x (cell_rows + 2) rows x (W + 2) cols
   std::vector<T> g_row, g_col, best_sq;      // winning channel's differences, per column
-  std::vector<flag_t<T>> ambiguous;
+  std::vector<flag_t<T>> ambiguous, winner;  // flagged pixels; winning channel
   std::vector<double> mag, up_row, up_col;   // magnitude; gradient turned into the upper half plane
   std::vector<int32_t> bin;
   std::vector<double> column_sums;           // n x covered columns, summed over the cell row's pixel rows
   RowScratch(int64_t channels, int64_t buf_rows, int64_t row_stride, int64_t n_cols, int64_t n)
       : rows(channels * buf_rows * row_stride), g_row(n_cols), g_col(n_cols), best_sq(n_cols), ambiguous(n_cols),
-        mag(n_cols), up_row(n_cols), up_col(n_cols), bin(n_cols), column_sums(n * n_cols) {}
+        winner(n_cols), mag(n_cols), up_row(n_cols), up_col(n_cols), bin(n_cols), column_sums(n * n_cols) {}
 };
 
 // Converts image rows [y_first - 1, y_first + n_rows - 1) of every channel into T
@@ -283,8 +288,33 @@ void redo_channel_choice(const T* mid, int64_t channels, int64_t plane_stride, i
       best_key = key;
       t.g_row[x] = static_cast<T>(gr);
       t.g_col[x] = static_cast<T>(gc);
+      t.winner[x] = static_cast<flag_t<T>>(k);
     }
   }
+}
+
+// One pixel row through the vector loops: the winning channel (t.winner) and its
+// differences (t.g_row, t.g_col), the magnitude (t.mag) and bin (t.bin) of every
+// covered column; with `column_sums`, the magnitudes are also added to the per-bin sums.
+template <typename T, typename grad_t>
+void orient_pixel_row(RowScratch<T>& t, const T* mid, int64_t channels, int64_t plane_stride, int64_t row_stride,
+                      int64_t n_cols, const double* table, int64_t n, double* column_sums) {
+  bool by_key = false;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<grad_t, float>) {
+    // float32 hypot is the rule: compute it (winner is flag_t<float> = int32_t here)
+    if (channels > 1) {
+      select_channel_row_by_key(mid, channels, plane_stride, row_stride, n_cols, t.g_row.data(), t.g_col.data(),
+                                t.best_sq.data(), t.winner.data());
+      by_key = true;
+    }
+  }
+  if (!by_key && select_channel_row(mid, channels, plane_stride, row_stride, n_cols, t.g_row.data(), t.g_col.data(),
+                                    t.best_sq.data(), t.ambiguous.data(), t.winner.data())) {
+    for (int64_t x = 0; x < n_cols; ++x)
+      if (t.ambiguous[x]) redo_channel_choice<T, grad_t>(mid, channels, plane_stride, row_stride, x, t);
+  }
+  bin_row(t.g_row.data(), t.g_col.data(), n_cols, table, n, t.up_row.data(), t.up_col.data(), t.mag.data(),
+          t.bin.data(), column_sums);
 }
 
 // T: working type of the row buffers; grad_t: hog.h's gradient type for this image
@@ -308,23 +338,8 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
       std::fill(t.column_sums.begin(), t.column_sums.end(), 0.0);
       for (int64_t y = y0; y < y0 + g.cell_rows; ++y) {
         const T* mid = t.rows.data() + (y - y0 + 1) * row_stride + 1;
-        if constexpr (std::is_same_v<T, float> && std::is_same_v<grad_t, float>) {
-          if (C > 1) {
-            select_channel_row_by_key(mid, C, buf_rows * row_stride, row_stride, n_cols, t.g_row.data(),
-                                      t.g_col.data(), t.best_sq.data());
-            bin_row(t.g_row.data(), t.g_col.data(), n_cols, table, n, t.up_row.data(), t.up_col.data(),
-                    t.mag.data(), t.bin.data(), t.column_sums.data());
-            continue;
-          }
-        }
-        if (select_channel_row(mid, C, buf_rows * row_stride, row_stride, n_cols, t.g_row.data(), t.g_col.data(),
-                               t.best_sq.data(), t.ambiguous.data())) {
-          for (int64_t x = 0; x < n_cols; ++x) {
-            if (t.ambiguous[x]) redo_channel_choice<T, grad_t>(mid, C, buf_rows * row_stride, row_stride, x, t);
-          }
-        }
-        bin_row(t.g_row.data(), t.g_col.data(), n_cols, table, n, t.up_row.data(), t.up_col.data(), t.mag.data(),
-                t.bin.data(), t.column_sums.data());
+        orient_pixel_row<T, grad_t>(t, mid, C, buf_rows * row_stride, row_stride, n_cols, table, n,
+                                    t.column_sums.data());
       }
       cell_t* out = cells + item * g.n_cells_col * n;
       for (int64_t cc = 0; cc < g.n_cells_col; ++cc) {
@@ -445,42 +460,104 @@ at::Tensor hog_blocks_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
   return grad_cells;
 }
 
-template <typename scalar_t, typename grad_t, typename acc_t>
+// hog.h's input_gradient for a whole row (y, x = 0..W-1) of channel k, as four
+// branch-free loops the compiler vectorises, in the gradient's own type (one vector
+// width per loop).
+template <typename acc_t>
+MTSEG_ALWAYS_INLINE void transpose_stencil_row_impl(const acc_t* __restrict d_row, const acc_t* __restrict d_col,
+                                                    const int32_t* __restrict channel, int64_t H, int64_t W,
+                                                    int32_t k, int64_t y, acc_t* __restrict out) {
+  for (int64_t x = 0; x < W; ++x) out[x] = acc_t(0);
+  if (y > 0) {  // +d_row of the pixel above
+    const acc_t* d = d_row + (y - 1) * W;
+    const int32_t* ch = channel + (y - 1) * W;
+    for (int64_t x = 0; x < W; ++x) {
+      const acc_t v = d[x];  // loaded unconditionally, so the select vectorises
+      out[x] += ch[x] == k ? v : acc_t(0);
+    }
+  }
+  if (y + 1 < H) {  // -d_row of the pixel below
+    const acc_t* d = d_row + (y + 1) * W;
+    const int32_t* ch = channel + (y + 1) * W;
+    for (int64_t x = 0; x < W; ++x) {
+      const acc_t v = d[x];
+      out[x] += ch[x] == k ? -v : acc_t(0);  // (written as an add so the select vectorises)
+    }
+  }
+  const acc_t* d = d_col + y * W;
+  const int32_t* ch = channel + y * W;
+  for (int64_t x = 1; x < W; ++x) {  // +d_col of the pixel to the left
+    const acc_t v = d[x - 1];
+    out[x] += ch[x - 1] == k ? v : acc_t(0);
+  }
+  for (int64_t x = 0; x < W - 1; ++x) {  // -d_col of the pixel to the right
+    const acc_t v = d[x + 1];
+    out[x] += ch[x + 1] == k ? -v : acc_t(0);
+  }
+}
+MTSEG_CPU_CLONES void transpose_stencil_row(const float* __restrict d_row, const float* __restrict d_col,
+                                            const int32_t* __restrict channel, int64_t H, int64_t W, int32_t k,
+                                            int64_t y, float* __restrict out) {
+  transpose_stencil_row_impl<float>(d_row, d_col, channel, H, W, k, y, out);
+}
+MTSEG_CPU_CLONES void transpose_stencil_row(const double* __restrict d_row, const double* __restrict d_col,
+                                            const int32_t* __restrict channel, int64_t H, int64_t W, int32_t k,
+                                            int64_t y, double* __restrict out) {
+  transpose_stencil_row_impl<double>(d_row, d_col, channel, H, W, k, y, out);
+}
+
+// Backward of the cells. Pass 1 runs the forward's row loops again (same winning
+// channel, differences, magnitude and bin as the forward) and turns dL/dcell into
+// hog.h's stencil_gradient per covered pixel; pixels outside the cells keep 0.
+// Pass 2 is hog.h's input_gradient, the transpose of the difference stencil, a row at a
+// time (transpose_stencil_row).
+template <typename scalar_t, typename T, typename grad_t, typename acc_t>
 void cells_backward_kernel(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt, const double* table,
                            const acc_t* grad_cells, acc_t* d_row, acc_t* d_col, int32_t* channel, acc_t* grad_images) {
-  const int64_t n = g.orientations, H = g.height, W = g.width;
-  const int64_t covered_rows = g.n_cells_row * g.cell_rows, covered_cols = g.n_cells_col * g.cell_cols;
-  // Pass 1: per pixel, the gradient with respect to the winning channel's differences.
-  at::parallel_for(0, g.batch * H, grain_for(W), [&](int64_t begin, int64_t end) {
+  const int64_t n = g.orientations, H = g.height, W = g.width, C = g.channels;
+  const int64_t n_cols = g.n_cells_col * g.cell_cols, buf_rows = g.cell_rows + 2, row_stride = W + 2;
+  std::atomic<bool> all_valid{true};
+  at::parallel_for(0, g.batch * g.n_cells_row, grain_for(g.cell_rows * W), [&](int64_t begin, int64_t end) {
+    RowScratch<T> t(C, buf_rows, row_stride, n_cols, n);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / H, y = item % H;
-      const auto img = image_view<scalar_t>(images, b);
-      for (int64_t x = 0; x < W; ++x) {
-        const auto px = pixel_gradient<grad_t>(img, y, x, transform_sqrt);
-        double grad_mag = 0.0;
-        if (y < covered_rows && x < covered_cols) {
-          const int64_t bin = orientation_bin(px.g_row, px.g_col, table, n);
-          const acc_t* gcell = grad_cells + ((b * g.n_cells_row + y / g.cell_rows) * g.n_cells_col + x / g.cell_cols) * n;
-          grad_mag = static_cast<double>(gcell[bin]) / static_cast<double>(g.area());
+      const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
+      const int64_t y0 = cell_row * g.cell_rows;
+      if (!load_rows<T>(image_view<scalar_t>(images, b), y0, buf_rows, transform_sqrt, t.rows.data())) {
+        all_valid = false;
+        continue;
+      }
+      const acc_t* gcells = grad_cells + item * g.n_cells_col * n;
+      for (int64_t y = y0; y < y0 + g.cell_rows; ++y) {
+        const T* mid = t.rows.data() + (y - y0 + 1) * row_stride + 1;
+        orient_pixel_row<T, grad_t>(t, mid, C, buf_rows * row_stride, row_stride, n_cols, table, n, nullptr);
+        const int64_t row = (b * H + y) * W;
+        for (int64_t x = 0; x < n_cols; ++x) {
+          const double grad_mag =
+              static_cast<double>(gcells[(x / g.cell_cols) * n + t.bin[x]]) / static_cast<double>(g.area());
+          const PixelGradient<T> px{t.g_row[x], t.g_col[x], t.mag[x], static_cast<int64_t>(t.winner[x])};
+          const auto st = stencil_gradient(px, grad_mag);
+          d_row[row + x] = static_cast<acc_t>(st.d_row);
+          d_col[row + x] = static_cast<acc_t>(st.d_col);
+          channel[row + x] = static_cast<int32_t>(st.channel);
         }
-        const auto s = stencil_gradient(px, grad_mag);
-        d_row[item * W + x] = static_cast<acc_t>(s.d_row);
-        d_col[item * W + x] = static_cast<acc_t>(s.d_col);
-        channel[item * W + x] = static_cast<int32_t>(s.channel);
       }
     }
   });
-  // Pass 2: per input element, the transpose of the difference stencil.
-  at::parallel_for(0, g.batch * g.channels * H, grain_for(W), [&](int64_t begin, int64_t end) {
+  TORCH_CHECK_VALUE(all_valid.load(), "hog_cells_backward: images contain NaN or Inf",
+                    transform_sqrt ? " or negative values (transform_sqrt needs images >= 0)" : "");
+  at::parallel_for(0, g.batch * C * H, grain_for(W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> out(W);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (g.channels * H), k = (item / H) % g.channels, y = item % H;
-      const auto img = image_view<scalar_t>(images, b);
+      const int64_t b = item / (C * H), k = (item / H) % C, y = item % H;
       const int64_t plane = b * H * W;
-      for (int64_t x = 0; x < W; ++x) {
-        double grad = input_gradient(d_row + plane, d_col + plane, channel + plane, H, W, k, y, x);
-        if (transform_sqrt) grad = sqrt_chain(grad, img.template load<double>(k, y, x, false));
-        grad_images[item * W + x] = static_cast<acc_t>(grad);
+      transpose_stencil_row(d_row + plane, d_col + plane, channel + plane, H, W, static_cast<int32_t>(k), y,
+                            out.data());
+      if (transform_sqrt) {
+        const auto img = image_view<scalar_t>(images, b);
+        for (int64_t x = 0; x < W; ++x)
+          out[x] = static_cast<acc_t>(sqrt_chain(out[x], img.template load<double>(k, y, x, false)));
       }
+      std::copy(out.begin(), out.end(), grad_images + item * W);
     }
   });
 }
@@ -497,19 +574,31 @@ at::Tensor hog_cells_backward_cpu(const at::Tensor& grad_cells_in, const at::Ten
   auto grad_images = at::empty(images.sizes(), images.options().dtype(acc_dtype));
   if (grad_images.numel() == 0) return grad_images;
   const auto opts = images.options().dtype(acc_dtype);
-  auto d_row = at::empty({g.batch, g.height, g.width}, opts);
-  auto d_col = at::empty({g.batch, g.height, g.width}, opts);
-  auto channel = at::empty({g.batch, g.height, g.width}, opts.dtype(at::kInt));
+  // Zero outside the cells (rows and columns no cell covers), written by pass 1 inside.
+  auto d_row = at::zeros({g.batch, g.height, g.width}, opts);
+  auto d_col = at::zeros({g.batch, g.height, g.width}, opts);
+  auto channel = at::zeros({g.batch, g.height, g.width}, opts.dtype(at::kInt));
   const auto table = orientation_table(orientations, images.device());
-  dispatch_image_types(images.scalar_type(), [&](auto s, auto gr, auto acc) {
-    using scalar_t = decltype(s);
-    using grad_t = decltype(gr);
+  const double* tab = table.data_ptr<double>();
+  auto run = [&](auto scalar, auto working, auto grad, auto acc) {
+    using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    cells_backward_kernel<scalar_t, grad_t, acc_t>(images, g, transform_sqrt, table.data_ptr<double>(),
-                                                   grad_cells.data_ptr<acc_t>(), d_row.data_ptr<acc_t>(),
-                                                   d_col.data_ptr<acc_t>(), channel.data_ptr<int32_t>(),
-                                                   grad_images.data_ptr<acc_t>());
-  });
+    cells_backward_kernel<scalar_t, decltype(working), decltype(grad), acc_t>(
+        images, g, transform_sqrt, tab, grad_cells.data_ptr<acc_t>(), d_row.data_ptr<acc_t>(),
+        d_col.data_ptr<acc_t>(), channel.data_ptr<int32_t>(), grad_images.data_ptr<acc_t>());
+  };
+  // Same working types as the forward (hog_cells_cpu).
+  switch (images.scalar_type()) {
+    case at::kFloat: run(float{}, float{}, float{}, float{}); break;
+    case at::kHalf: run(at::Half{}, float{}, float{}, float{}); break;
+    case at::kBFloat16: run(at::BFloat16{}, float{}, float{}, float{}); break;
+    case at::kDouble: run(double{}, double{}, double{}, double{}); break;
+    case at::kByte:
+      if (transform_sqrt) run(uint8_t{}, double{}, double{}, float{});
+      else run(uint8_t{}, float{}, double{}, float{});
+      break;
+    default: TORCH_CHECK_TYPE(false, "hog_cells_backward: unsupported image dtype ", images.scalar_type());
+  }
   return grad_images;
 }
 
