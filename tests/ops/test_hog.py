@@ -284,6 +284,19 @@ def test_backward_matches_autograd_through_reference(norm, tsqrt):
     torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-9, atol=1e-12)
 
 
+def test_float32_backward_matches_reference():
+    """The float32 kernels (float lanes, float32-hypot channel choice) give the float64
+    reference's gradient to float32 accuracy. Random pixels: no channel ties, which
+    float32 and float64 may break differently (skimage's float32 rule is tested above)."""
+    images = torch.rand(2, 3, 96, 64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    out = mk.hog(images, 6, 16, 2, "L2-Hys", feature_vector=False)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    (ours_grad,) = torch.autograd.grad((out * upstream).sum(), images)
+    ref_in = images.detach().double().requires_grad_()
+    (ref_grad,) = torch.autograd.grad((hog_reference(ref_in, 6, (16, 16), (2, 2)) * upstream.double()).sum(), ref_in)
+    torch.testing.assert_close(ours_grad.double(), ref_grad, rtol=1e-3, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------
 # Gradients, opcheck, torch.compile
 # --------------------------------------------------------------------------------------
