@@ -132,8 +132,7 @@ MTSEG_CPU_CLONES void select_channel_row_by_key(const float* __restrict mid, int
     const float* __restrict m = mid + k * plane_stride;
     for (int64_t x = 0; x < n_cols; ++x) {
       const float gr = up[x] - down[x], gc = m[x + 1] - m[x - 1];
-      const double r = gr, c = gc;
-      const float key = static_cast<float>(std::sqrt(r * r + c * c));
+      const float key = selection_key(gr, magnitude(gr, gc));
       const float best = best_key[x], best_r = g_row[x], best_c = g_col[x];
       const bool take = key > best;  // strict: the lowest channel keeps a tie
       g_row[x] = take ? gr : best_r;
