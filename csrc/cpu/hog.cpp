@@ -316,6 +316,22 @@ void orient_pixel_row(RowScratch<T>& t, const T* mid, int64_t channels, int64_t 
           t.bin.data(), column_sums);
 }
 
+// Calls f(scalar_t{}, T{}, grad_t{}, cell_t{}) with the CPU kernels' types for an
+// image dtype: T is the working type of the row buffers (see the comment on top of the
+// cells section), grad_t and cell_t as in dispatch_image_types.
+template <typename F>
+void dispatch_working_types(at::ScalarType dtype, bool transform_sqrt, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{}, float{}, float{}, float{});
+    case at::kHalf: return f(at::Half{}, float{}, float{}, float{});
+    case at::kBFloat16: return f(at::BFloat16{}, float{}, float{}, float{});
+    case at::kDouble: return f(double{}, double{}, double{}, double{});
+    case at::kByte:  // exact integer differences in float, unless the sqrt makes them irrational
+      return transform_sqrt ? f(uint8_t{}, double{}, double{}, float{}) : f(uint8_t{}, float{}, double{}, float{});
+    default: TORCH_CHECK_TYPE(false, "hog: unsupported image dtype ", dtype);
+  }
+}
+
 // T: working type of the row buffers; grad_t: hog.h's gradient type for this image
 // dtype (the exact rule the flagged pixels are redone with); cell_t: output type.
 template <typename scalar_t, typename T, typename grad_t, typename cell_t>
@@ -369,23 +385,11 @@ at::Tensor hog_cells_cpu(const at::Tensor& images, int64_t orientations, at::Int
   const int64_t first_unread = g.n_cells_row * g.cell_rows + 1;
   if (first_unread < g.height)
     check_image_values(images.narrow(2, first_unread, g.height - first_unread), transform_sqrt, "hog_cells");
-  switch (images.scalar_type()) {
-    case at::kFloat: cells_kernel<float, float, float>(images, g, transform_sqrt, tab, cells.data_ptr<float>()); break;
-    case at::kHalf: cells_kernel<at::Half, float, float>(images, g, transform_sqrt, tab, cells.data_ptr<float>()); break;
-    case at::kBFloat16:
-      cells_kernel<at::BFloat16, float, float>(images, g, transform_sqrt, tab, cells.data_ptr<float>());
-      break;
-    case at::kDouble:
-      cells_kernel<double, double, double>(images, g, transform_sqrt, tab, cells.data_ptr<double>());
-      break;
-    case at::kByte:
-      if (transform_sqrt)
-        cells_kernel<uint8_t, double, double>(images, g, true, tab, cells.data_ptr<float>());
-      else
-        cells_kernel<uint8_t, float, double>(images, g, false, tab, cells.data_ptr<float>());
-      break;
-    default: TORCH_CHECK_TYPE(false, "hog_cells: unsupported image dtype ", images.scalar_type());
-  }
+  dispatch_working_types(images.scalar_type(), transform_sqrt, [&](auto scalar, auto working, auto grad, auto cell) {
+    using cell_t = decltype(cell);
+    cells_kernel<decltype(scalar), decltype(working), decltype(grad)>(images, g, transform_sqrt, tab,
+                                                                        cells.data_ptr<cell_t>());
+  });
   return cells;
 }
 
@@ -579,25 +583,13 @@ at::Tensor hog_cells_backward_cpu(const at::Tensor& grad_cells_in, const at::Ten
   auto channel = at::zeros({g.batch, g.height, g.width}, opts.dtype(at::kInt));
   const auto table = orientation_table(orientations, images.device());
   const double* tab = table.data_ptr<double>();
-  auto run = [&](auto scalar, auto working, auto grad, auto acc) {
-    using scalar_t = decltype(scalar);
+  // Same working types as the forward, so the backward sees the forward's winners and bins.
+  dispatch_working_types(images.scalar_type(), transform_sqrt, [&](auto scalar, auto working, auto grad, auto acc) {
     using acc_t = decltype(acc);
-    cells_backward_kernel<scalar_t, decltype(working), decltype(grad), acc_t>(
+    cells_backward_kernel<decltype(scalar), decltype(working), decltype(grad), acc_t>(
         images, g, transform_sqrt, tab, grad_cells.data_ptr<acc_t>(), d_row.data_ptr<acc_t>(),
         d_col.data_ptr<acc_t>(), channel.data_ptr<int32_t>(), grad_images.data_ptr<acc_t>());
-  };
-  // Same working types as the forward (hog_cells_cpu).
-  switch (images.scalar_type()) {
-    case at::kFloat: run(float{}, float{}, float{}, float{}); break;
-    case at::kHalf: run(at::Half{}, float{}, float{}, float{}); break;
-    case at::kBFloat16: run(at::BFloat16{}, float{}, float{}, float{}); break;
-    case at::kDouble: run(double{}, double{}, double{}, double{}); break;
-    case at::kByte:
-      if (transform_sqrt) run(uint8_t{}, double{}, double{}, float{});
-      else run(uint8_t{}, float{}, double{}, float{});
-      break;
-    default: TORCH_CHECK_TYPE(false, "hog_cells_backward: unsupported image dtype ", images.scalar_type());
-  }
+  });
   return grad_images;
 }
 
