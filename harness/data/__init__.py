@@ -1,0 +1,32 @@
+"""Dataset adapters, weak labels and batched augmentation of the mtseg harness.
+
+>>> from mtseg_harness.data import create_dataset, collate, BatchAugment
+>>> ds = create_dataset("cadis", "/data/CaDIS", split="train", task=2)       # doctest: +SKIP
+>>> loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate)  # doctest: +SKIP
+
+Every adapter reads the unmodified official download (layouts in each module's
+docstring and in DESIGN.md section 6); samples are dicts, see :mod:`.base`.
+"""
+
+from .base import (IGNORE_INDEX, SegmentationDataset, create_dataset, list_datasets, ratio_split,
+                   register_dataset)
+from .io import DatasetError, MissingFileError
+from .cadis import CaDIS, cadis_lut
+from .endovis import EndoVis2017, EndoVis2018, decode_colour_label, read_labels_json
+from .brats import BraTS, brats_regions
+from .refuge import REFUGE
+from .glas import GlaS
+from .hc18 import HC18
+from .lits import LiTS
+from .generic import ImageMaskFolder, NiftiPairs
+from .weak import WeakLabels, make_weak_labels, read_weak_labels, weak_region
+from .transforms import BatchAugment, collate
+
+__all__ = [
+    "IGNORE_INDEX", "SegmentationDataset", "create_dataset", "list_datasets", "ratio_split", "register_dataset",
+    "DatasetError", "MissingFileError",
+    "CaDIS", "cadis_lut", "EndoVis2017", "EndoVis2018", "decode_colour_label", "read_labels_json",
+    "BraTS", "brats_regions", "REFUGE", "GlaS", "HC18", "LiTS", "ImageMaskFolder", "NiftiPairs",
+    "WeakLabels", "make_weak_labels", "read_weak_labels", "weak_region",
+    "BatchAugment", "collate",
+]

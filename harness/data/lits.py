@@ -1,0 +1,121 @@
+"""LiTS (Liver Tumor Segmentation challenge): abdominal CT, liver and tumour.
+
+Layout (official, any sub-folders such as ``Training Batch 1``/``2``)::
+
+    <root>/**/volume-N.nii          CT in Hounsfield units
+    <root>/**/segmentation-N.nii    0 background, 1 liver, 2 tumour
+
+(``.nii.gz`` is accepted as well.) ``mode="2d"`` (default) yields axial slices: the index
+holds one record per slice, built from the NIfTI headers (cached, see ``cache_dir``); a
+slice is read lazily from disk (for uncompressed ``.nii`` only that slice's bytes).
+``mode="3d"`` yields whole volumes.
+
+``image``: ``(1, H, W)`` / ``(1, D, H, W)``: HU clipped to ``hu_window`` (default
+[-200, 250]) and scaled to [0, 1]. Voxel order of the file, ``(Z, Y, X)`` -> ``(D, H, W)``.
+``target="liver"`` (default, CMU-Net): 0 background, 1 liver (tumour counts as liver);
+``target="liver_tumour"``: 0/1/2. ``presence``: the per-class presence vector, so
+``presence[1]`` is CMU-Net's image-level organ label ``C = max(Y)``.
+``spacing``: ``(sy, sx)`` in 2D, ``(sz, sy, sx)`` in 3D, from the header.
+
+Splits: by volume (no slice of a volume crosses splits), 70/10/20 ``train``/``val``/
+``test`` (:func:`ratio_split`, ``seed`` 0); ``all`` takes every volume.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from .base import SegmentationDataset, ratio_split, register_dataset
+from .io import (DatasetError, as_integer_labels, check_same_size, check_values, load_nifti, nifti_data,
+                 nifti_spacing, volume_to_dhw)
+
+FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
+_VOL = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
+
+
+@register_dataset("lits")
+class LiTS(SegmentationDataset):
+    name = "lits"
+    splits = ("train", "val", "test", "all")
+
+    def __init__(self, root, split="train", *, mode: str = "2d", target: str = "liver",
+                 hu_window=(-200.0, 250.0), seed: int = 0, **kw):
+        if mode not in ("2d", "3d"):
+            raise ValueError(f"mode must be '2d' or '3d', got {mode!r}")
+        if target not in ("liver", "liver_tumour"):
+            raise ValueError(f"target must be 'liver' or 'liver_tumour', got {target!r}")
+        lo, hi = (float(v) for v in hu_window)
+        if not hi > lo:
+            raise ValueError(f"hu_window must be (low, high) with high > low, got {hu_window}")
+        self.mode, self.target, self.hu_window, self.seed = mode, target, (lo, hi), int(seed)
+        self.class_names = ("background", "liver") + (("tumour",) if target == "liver_tumour" else ())
+        self.num_classes = len(self.class_names)
+        super().__init__(root, split, **kw)
+
+    def layout_hint(self):
+        return "<root>/**/volume-N.nii + segmentation-N.nii"
+
+    def index_options(self):
+        return (self.mode,)
+
+    def _index(self):
+        records = []
+        vols = sorted((p for p in self.root.rglob("volume-*.nii*") if _VOL.match(p.name)),
+                      key=lambda p: int(_VOL.match(p.name).group(1)))
+        for v in vols:
+            n = int(_VOL.match(v.name).group(1))
+            seg = next((c for c in (v.with_name(f"segmentation-{n}.nii"), v.with_name(f"segmentation-{n}.nii.gz"))
+                        if c.is_file()), v.with_name(f"segmentation-{n}.nii"))
+            base = {"case_id": f"volume-{n}", "volume": n, "image": str(v), "mask": str(seg)}
+            if not seg.is_file():
+                records.append({**base, "error": (str(seg), "segmentation not found (its volume exists)")})
+                continue
+            try:
+                shape = load_nifti(v, "CT volume").shape
+                sshape = load_nifti(seg, "segmentation").shape
+                if len(shape) != 3:
+                    raise DatasetError(v, f"CT volume must be 3D, header says shape {shape}")
+                check_same_size(shape, sshape, v, seg)
+            except DatasetError as exc:
+                records.append({**base, "error": (exc.path, exc.reason)})
+                continue
+            if self.mode == "3d":
+                records.append(base)
+            else:
+                records.extend({**base, "case_id": f"volume-{n}/slice-{z:04d}", "z": z} for z in range(shape[2]))
+        return records
+
+    def _select(self, records, split):
+        if split == "all":
+            return records
+        assign = ratio_split(sorted({r["case_id"].split("/")[0] for r in records}), FRACTIONS, self.seed)
+        return [r for r in records if assign[r["case_id"].split("/")[0]] == split]
+
+    def _load(self, rec):
+        vimg = load_nifti(rec["image"], "CT volume")
+        simg = load_nifti(rec["mask"], "segmentation")
+        check_same_size(vimg.shape, simg.shape, rec["image"], rec["mask"])
+        slicer = None if self.mode == "3d" else (slice(None), slice(None), rec["z"])
+        ct = nifti_data(vimg, rec["image"], slicer, "CT volume").astype(np.float32)
+        seg = as_integer_labels(nifti_data(simg, rec["mask"], slicer, "segmentation"), rec["mask"])
+        check_values(seg, (0, 1, 2), rec["mask"], "LiTS segmentation")
+        if not np.isfinite(ct).all():
+            raise DatasetError(rec["image"], "CT volume holds NaN or Inf")
+        if self.target == "liver":
+            seg = (seg > 0).astype(np.int64)
+        lo, hi = self.hu_window
+        ct = (np.clip(ct, lo, hi) - lo) / (hi - lo)
+        sx, sy, sz = nifti_spacing(vimg)
+        if self.mode == "3d":
+            ct, seg, spacing = volume_to_dhw(ct), volume_to_dhw(seg), [sz, sy, sx]
+        else:
+            ct, seg, spacing = np.ascontiguousarray(ct.T), np.ascontiguousarray(seg.T), [sy, sx]
+        return {
+            "image": torch.from_numpy(ct)[None],
+            "mask": torch.from_numpy(seg),
+            "spacing": torch.tensor(spacing, dtype=torch.float32),
+            "case_id": rec["case_id"],
+        }
