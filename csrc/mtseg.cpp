@@ -49,4 +49,24 @@ TORCH_LIBRARY(mtseg, m) {
       "hog_cells_backward(Tensor grad_cells, Tensor images, int orientations, int[2] pixels_per_cell, "
       "bool transform_sqrt) -> Tensor");
   m.def("hog_blocks_backward(Tensor grad_blocks, Tensor cells, int[2] cells_per_block, str block_norm) -> Tensor");
+
+  // Class presence (TDSNet, CMU-Net). Labels (B, *spatial) integer; logits or
+  // probabilities (B, K, *spatial); presence (B, K). soft_presence, presence_from_labels
+  // and sync_loss are compositions (csrc/presence.cpp); soft_presence_forward returns the
+  // presence and the (B, K, 2) float64 statistics its backward needs (mtseg/presence.h).
+  m.def("class_counts(Tensor labels, int num_classes, int ignore_index=-100) -> Tensor");
+  m.def("presence_from_labels(Tensor labels, int num_classes, int ignore_index=-100, int min_count=1) -> Tensor");
+  m.def(
+      "soft_presence(Tensor input, str mode=\"max\", str activation=\"softmax\", float temperature=0.1, "
+      "float threshold=0.5, Tensor? valid_mask=None) -> Tensor");
+  m.def(
+      "soft_presence_forward(Tensor input, str mode, str activation, float temperature, float threshold, "
+      "Tensor? valid_mask) -> (Tensor, Tensor)");
+  m.def(
+      "soft_presence_backward(Tensor grad, Tensor input, Tensor stats, str mode, str activation, float temperature, "
+      "Tensor? valid_mask) -> Tensor");
+  m.def(
+      "sync_loss(Tensor seg_logits, Tensor class_logits, str mode=\"hard\", str direction=\"seg_to_class\", "
+      "str reduction=\"mean\", Tensor? weight=None, str activation=\"softmax\", float temperature=0.1, "
+      "float threshold=0.5, Tensor? valid_mask=None) -> Tensor");
 }

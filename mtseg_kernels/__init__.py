@@ -22,6 +22,15 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 from .ops.hog import HOG, HOG_MTL_PRESETS, HOGPreset, hog, hog_blocks, hog_cells, hog_output_shape, hog_pseudo_label
+from .ops.presence import (
+    SoftPresence,
+    SyncLoss,
+    class_counts,
+    presence_from_labels,
+    soft_presence,
+    sync_loss,
+    valid_mask_from_labels,
+)
 
 __version__ = "0.1.0"
 
@@ -29,12 +38,19 @@ __all__ = [
     "HOG",
     "HOG_MTL_PRESETS",
     "HOGPreset",
+    "SoftPresence",
+    "SyncLoss",
     "backends",
+    "class_counts",
     "hog",
     "hog_blocks",
     "hog_cells",
     "hog_output_shape",
     "hog_pseudo_label",
+    "presence_from_labels",
+    "soft_presence",
+    "sync_loss",
+    "valid_mask_from_labels",
 ]
 
 

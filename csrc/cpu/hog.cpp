@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "mtseg/cpu.h"
 #include "mtseg/hog.h"
 #include "mtseg/hog_host.h"
 
@@ -48,12 +49,6 @@ ImageView<scalar_t> image_view(const at::Tensor& images, int64_t b) {
 // rounding of each other: those pixels are flagged and redone with hog.h's magnitude and
 // selection_key (select_channel_row, then redo_channel_choice).
 // ---------------------------------------------------------------------------------
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
-#define MTSEG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MTSEG_CPU_CLONES
-#endif
-#define MTSEG_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // Flags as wide as T, so that no loop mixes vector widths.
 template <typename T>

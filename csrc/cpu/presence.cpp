@@ -1,0 +1,583 @@
+// CPU kernels of the presence operators. Input (B, K, N) is cut into chunks of voxels;
+// every (image, chunk) is one work item that turns the logits into probabilities for all
+// K classes at once (max-subtracted softmax, or a stable sigmoid), reduces each class
+// over the chunk, and leaves a partial result. Partials are merged per (image, class) in
+// chunk order, so results do not depend on the number of threads. The backward
+// recomputes the probabilities chunk by chunk from the input and the (B, K, 2)
+// statistics of the forward: nothing of size B*K*N is stored between the two.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "mtseg/cpu.h"
+#include "mtseg/presence.h"
+
+namespace mtseg {
+namespace presence {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // voxels per work item
+
+// Index flags as wide as T, so that no vector loop mixes widths.
+template <typename T>
+using index_t = std::conditional_t<std::is_same_v<T, float>, int32_t, int64_t>;
+
+MTSEG_ALWAYS_INLINE float exp_(float x) { return cpu::exp(x); }
+MTSEG_ALWAYS_INLINE double exp_(double x) { return std::exp(x); }
+MTSEG_ALWAYS_INLINE float log_(float x) { return cpu::log(x); }
+MTSEG_ALWAYS_INLINE double log_(double x) { return std::log(x); }
+
+// log(1 + y) from log(1 + y) rounded: exact to a few ulp even where 1 + y rounds to 1
+// (the correction y / ((1 + y) - 1) of Goldberg, "What every computer scientist should
+// know about floating-point arithmetic", Theorem 4).
+template <typename T>
+MTSEG_ALWAYS_INLINE T log1p_(T y) {
+  const T u = T(1) + y;
+  const T l = log_(u) * (y / (u - T(1)));
+  return u == T(1) ? y : l;
+}
+
+// Probabilities of all K classes of one chunk: P[k * len + x]. With kLog, also
+// L = log(1 - P), computed without cancellation: for the winning class of a voxel
+// (softmax) from the sum of the other classes, for sigmoid as -softplus(z).
+template <typename T, Activation A, bool kLog>
+MTSEG_ALWAYS_INLINE void probabilities_impl(const T* __restrict z, int64_t stride, int64_t K, int64_t len,
+                                            T* __restrict P, T* __restrict L, T* __restrict zmax,
+                                            T* __restrict others, index_t<T>* __restrict winner) {
+  if constexpr (A == Activation::Softmax) {
+    for (int64_t x = 0; x < len; ++x) {
+      zmax[x] = z[x];
+      winner[x] = 0;
+      others[x] = T(0);
+    }
+    for (int64_t k = 1; k < K; ++k) {
+      const T* zk = z + k * stride;
+      for (int64_t x = 0; x < len; ++x) {
+        const T v = zk[x];
+        const bool gt = v > zmax[x];
+        zmax[x] = gt ? v : zmax[x];
+        winner[x] = gt ? static_cast<index_t<T>>(k) : winner[x];
+      }
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const T* zk = z + k * stride;
+      T* pk = P + k * len;
+      for (int64_t x = 0; x < len; ++x) {
+        const T e = exp_(zk[x] - zmax[x]);
+        pk[x] = e;
+        others[x] += winner[x] == static_cast<index_t<T>>(k) ? T(0) : e;
+      }
+    }
+    // zmax is no longer needed: it holds 1 / (1 + others) from here on.
+    for (int64_t x = 0; x < len; ++x) zmax[x] = T(1) / (T(1) + others[x]);
+    for (int64_t k = 0; k < K; ++k) {
+      T* pk = P + k * len;
+      T* lk = L + k * len;
+      for (int64_t x = 0; x < len; ++x) {
+        const T p = pk[x] * zmax[x];
+        pk[x] = p;
+        if constexpr (kLog) {
+          const T rest = log_(others[x] * zmax[x]);
+          const T lp = log1p_(-p);
+          lk[x] = winner[x] == static_cast<index_t<T>>(k) ? rest : lp;
+        }
+      }
+    }
+  } else if constexpr (A == Activation::Sigmoid) {
+    for (int64_t k = 0; k < K; ++k) {
+      const T* zk = z + k * stride;
+      T* pk = P + k * len;
+      T* lk = L + k * len;
+      for (int64_t x = 0; x < len; ++x) {
+        const T v = zk[x];
+        const T a = exp_(-std::abs(v));
+        const T d = T(1) + a;
+        pk[x] = (v >= T(0) ? T(1) : a) / d;
+        if constexpr (kLog) lk[x] = -((v > T(0) ? v : T(0)) + log1p_(a));
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) {
+      const T* zk = z + k * stride;
+      T* pk = P + k * len;
+      T* lk = L + k * len;
+      for (int64_t x = 0; x < len; ++x) {
+        pk[x] = zk[x];
+        if constexpr (kLog) lk[x] = log1p_(-zk[x]);
+      }
+    }
+  }
+}
+
+// Backward through the activation: from G = dLoss/dP (K rows of len) to dLoss/dz.
+template <typename T, Activation A>
+MTSEG_ALWAYS_INLINE void activation_backward_impl(const T* __restrict z, int64_t stride, int64_t K, int64_t len,
+                                                  const T* __restrict P, const T* __restrict G, T* __restrict dot,
+                                                  T* __restrict out, int64_t out_stride) {
+  if constexpr (A == Activation::Softmax) {
+    for (int64_t x = 0; x < len; ++x) dot[x] = T(0);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t x = 0; x < len; ++x) dot[x] += P[k * len + x] * G[k * len + x];
+    for (int64_t k = 0; k < K; ++k) {
+      T* ok = out + k * out_stride;
+      for (int64_t x = 0; x < len; ++x) ok[x] = P[k * len + x] * (G[k * len + x] - dot[x]);
+    }
+  } else if constexpr (A == Activation::Sigmoid) {
+    for (int64_t k = 0; k < K; ++k) {
+      const T* zk = z + k * stride;
+      T* ok = out + k * out_stride;
+      for (int64_t x = 0; x < len; ++x) {
+        const T v = zk[x];
+        const T a = exp_(-std::abs(v));
+        const T q = (v >= T(0) ? a : T(1)) / (T(1) + a);  // 1 - p without cancellation
+        ok[x] = G[k * len + x] * P[k * len + x] * q;
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) {
+      T* ok = out + k * out_stride;
+      for (int64_t x = 0; x < len; ++x) ok[x] = G[k * len + x];
+    }
+  }
+}
+
+// float copies for each instruction set; double (gradcheck, reference precision) stays scalar.
+#define MTSEG_DEFINE_PROBABILITIES(NAME, A, LOG)                                                                    \
+  MTSEG_CPU_CLONES void NAME(const float* __restrict z, int64_t stride, int64_t K, int64_t len, float* __restrict P, \
+                             float* __restrict L, float* __restrict zmax, float* __restrict others,                 \
+                             int32_t* __restrict winner) {                                                           \
+    probabilities_impl<float, A, LOG>(z, stride, K, len, P, L, zmax, others, winner);                                \
+  }
+MTSEG_DEFINE_PROBABILITIES(probabilities_softmax, Activation::Softmax, false)
+MTSEG_DEFINE_PROBABILITIES(probabilities_softmax_log, Activation::Softmax, true)
+MTSEG_DEFINE_PROBABILITIES(probabilities_sigmoid, Activation::Sigmoid, false)
+MTSEG_DEFINE_PROBABILITIES(probabilities_sigmoid_log, Activation::Sigmoid, true)
+#undef MTSEG_DEFINE_PROBABILITIES
+
+#define MTSEG_DEFINE_ACTIVATION_BACKWARD(NAME, A)                                                                  \
+  MTSEG_CPU_CLONES void NAME(const float* __restrict z, int64_t stride, int64_t K, int64_t len,                    \
+                             const float* __restrict P, const float* __restrict G, float* __restrict dot,          \
+                             float* __restrict out, int64_t out_stride) {                                          \
+    activation_backward_impl<float, A>(z, stride, K, len, P, G, dot, out, out_stride);                              \
+  }
+MTSEG_DEFINE_ACTIVATION_BACKWARD(activation_backward_softmax, Activation::Softmax)
+MTSEG_DEFINE_ACTIVATION_BACKWARD(activation_backward_sigmoid, Activation::Sigmoid)
+#undef MTSEG_DEFINE_ACTIVATION_BACKWARD
+
+template <typename T>
+void probabilities(Activation A, bool want_log, const T* z, int64_t stride, int64_t K, int64_t len, T* P, T* L, T* zmax,
+                   T* others, index_t<T>* winner) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (A == Activation::Softmax)
+      return want_log ? probabilities_softmax_log(z, stride, K, len, P, L, zmax, others, winner)
+                      : probabilities_softmax(z, stride, K, len, P, L, zmax, others, winner);
+    if (A == Activation::Sigmoid)
+      return want_log ? probabilities_sigmoid_log(z, stride, K, len, P, L, zmax, others, winner)
+                      : probabilities_sigmoid(z, stride, K, len, P, L, zmax, others, winner);
+  } else {
+    if (A == Activation::Softmax)
+      return want_log ? probabilities_impl<T, Activation::Softmax, true>(z, stride, K, len, P, L, zmax, others, winner)
+                      : probabilities_impl<T, Activation::Softmax, false>(z, stride, K, len, P, L, zmax, others, winner);
+    if (A == Activation::Sigmoid)
+      return want_log ? probabilities_impl<T, Activation::Sigmoid, true>(z, stride, K, len, P, L, zmax, others, winner)
+                      : probabilities_impl<T, Activation::Sigmoid, false>(z, stride, K, len, P, L, zmax, others, winner);
+  }
+  return want_log ? probabilities_impl<T, Activation::None, true>(z, stride, K, len, P, L, zmax, others, winner)
+                  : probabilities_impl<T, Activation::None, false>(z, stride, K, len, P, L, zmax, others, winner);
+}
+
+template <typename T>
+void activation_backward(Activation A, const T* z, int64_t stride, int64_t K, int64_t len, const T* P, const T* G,
+                         T* dot, T* out, int64_t out_stride) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (A == Activation::Softmax) return activation_backward_softmax(z, stride, K, len, P, G, dot, out, out_stride);
+    if (A == Activation::Sigmoid) return activation_backward_sigmoid(z, stride, K, len, P, G, dot, out, out_stride);
+  } else {
+    if (A == Activation::Softmax)
+      return activation_backward_impl<T, Activation::Softmax>(z, stride, K, len, P, G, dot, out, out_stride);
+    if (A == Activation::Sigmoid)
+      return activation_backward_impl<T, Activation::Sigmoid>(z, stride, K, len, P, G, dot, out, out_stride);
+  }
+  activation_backward_impl<T, Activation::None>(z, stride, K, len, P, G, dot, out, out_stride);
+}
+
+// Per-chunk scratch: probabilities and logs of K classes, per-voxel terms, validity.
+template <typename T>
+struct Scratch {
+  std::vector<T> P, L, zmax, others, valid;
+  std::vector<index_t<T>> winner;
+  Scratch(int64_t K, int64_t len) : P(K * len), L(K * len), zmax(len), others(len), valid(len), winner(len) {}
+};
+
+// One class's reduction over a chunk, merged across chunks in order.
+struct Partial {
+  double a = 0, b = 0;  // see the statistics layout in mtseg/presence.h
+  int64_t index = -1;   // max: first voxel holding the maximum
+  bool nan = false;     // max: a NaN probability was seen (NaN wins, as in torch.amax)
+};
+
+struct Problem {
+  Mode mode;
+  Activation act;
+  double temperature, threshold;
+  int64_t B, K, N, n_chunks;
+};
+
+// Validity of the chunk's voxels as 0/1 in T (all 1 without a mask).
+template <typename T>
+void load_valid(const bool* mask, int64_t len, T* valid) {
+  for (int64_t x = 0; x < len; ++x) valid[x] = mask == nullptr || mask[x] ? T(1) : T(0);
+}
+
+template <typename T>
+Partial reduce_class(const Problem& pr, const T* p, const T* l, const T* valid, int64_t x0, int64_t len) {
+  Partial out;
+  switch (pr.mode) {
+    case Mode::Max: {
+      double best = -1;  // below every probability: a chunk without valid voxels keeps index -1
+      for (int64_t x = 0; x < len; ++x) {
+        if (valid[x] == T(0)) continue;
+        const T v = p[x];
+        if (v != v) out.nan = true;
+        if (static_cast<double>(v) > best) {
+          best = static_cast<double>(v);
+          out.index = x0 + x;
+        }
+      }
+      out.a = best;
+      break;
+    }
+    case Mode::NoisyOr: {
+      double sum = 0;
+      T inf_count = 0;
+      for (int64_t x = 0; x < len; ++x) {
+        const T li = valid[x] != T(0) ? l[x] : T(0);
+        const bool inf = li == -std::numeric_limits<T>::infinity();
+        sum += inf ? 0.0 : static_cast<double>(li);
+        inf_count += inf ? T(1) : T(0);
+      }
+      out.a = sum;
+      out.b = static_cast<double>(inf_count);
+      break;
+    }
+    case Mode::SmoothMax: {
+      T m = -std::numeric_limits<T>::infinity();
+      bool nan = false;
+      for (int64_t x = 0; x < len; ++x) {
+        if (valid[x] == T(0)) continue;
+        nan |= p[x] != p[x];
+        m = p[x] > m ? p[x] : m;
+      }
+      if (nan) m = std::numeric_limits<T>::quiet_NaN();
+      double s = 0;
+      if (m == m && m > -std::numeric_limits<T>::infinity()) {
+        const T inv_t = static_cast<T>(1.0 / pr.temperature);
+        T acc = 0;
+        for (int64_t x = 0; x < len; ++x) acc += valid[x] != T(0) ? exp_((p[x] - m) * inv_t) : T(0);
+        s = static_cast<double>(acc);
+      }
+      out.a = static_cast<double>(m);
+      out.b = s;
+      break;
+    }
+    case Mode::Hard: {
+      bool any = false;
+      const T t = static_cast<T>(pr.threshold);
+      for (int64_t x = 0; x < len; ++x) any |= valid[x] != T(0) && p[x] > t;
+      out.a = any ? 1 : 0;
+      break;
+    }
+  }
+  return out;
+}
+
+void merge(Mode mode, double temperature, Partial& into, const Partial& next) {
+  switch (mode) {
+    case Mode::Max:
+      into.nan |= next.nan;
+      if (next.index >= 0 && (into.index < 0 || next.a > into.a)) {
+        into.a = next.a;
+        into.index = next.index;
+      }
+      break;
+    case Mode::NoisyOr:
+      into.a += next.a;
+      into.b += next.b;
+      break;
+    case Mode::SmoothMax: {
+      // (m, s) pairs merge like the running max and sum of an online softmax.
+      if (next.a != next.a || into.a != into.a) {
+        into.a = std::numeric_limits<double>::quiet_NaN();
+      } else if (next.b > 0) {
+        if (into.b <= 0) {
+          into = next;
+        } else {
+          const double m = std::max(into.a, next.a);
+          into.b = into.b * std::exp((into.a - m) / temperature) + next.b * std::exp((next.a - m) / temperature);
+          into.a = m;
+        }
+      }
+      break;
+    }
+    case Mode::Hard:
+      into.a = std::max(into.a, next.a);
+      break;
+  }
+}
+
+// (presence, stats) of one (image, class) from its merged partial; n = valid voxels.
+template <typename T>
+void finish(const Problem& pr, const Partial& r, int64_t n, T* presence, double* stats) {
+  constexpr double nan = std::numeric_limits<double>::quiet_NaN();
+  switch (pr.mode) {
+    case Mode::Max:
+      *presence = static_cast<T>(r.nan ? nan : (r.index >= 0 ? r.a : 0.0));
+      stats[0] = static_cast<double>(r.index);
+      stats[1] = 0;
+      break;
+    case Mode::NoisyOr:  // 1 - prod(1 - p) = -expm1(sum log(1 - p)); any p = 1 makes it 1
+      *presence = static_cast<T>(r.b > 0 ? (r.a != r.a ? nan : 1.0) : -std::expm1(r.a));
+      stats[0] = r.a;
+      stats[1] = r.b;
+      break;
+    case Mode::SmoothMax:
+      *presence = static_cast<T>(n == 0 ? 0.0 : r.a + pr.temperature * (std::log(r.b) - std::log(double(n))));
+      stats[0] = r.a;
+      stats[1] = r.b;
+      break;
+    case Mode::Hard:
+      *presence = static_cast<T>(r.a);
+      stats[0] = stats[1] = 0;
+      break;
+  }
+}
+
+template <typename T>
+void soft_presence_forward_kernel(const Problem& pr, const T* in, const bool* mask, T* presence, double* stats) {
+  const int64_t B = pr.B, K = pr.K, N = pr.N, C = pr.n_chunks;
+  std::vector<Partial> partials(B * C * K);
+  std::vector<int64_t> valid_counts(B * C, 0);
+  const bool want_log = pr.mode == Mode::NoisyOr;
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> s(K, std::min(kChunk, N));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / C, x0 = (task % C) * kChunk, len = std::min(kChunk, N - x0);
+      const T* z = in + b * K * N + x0;
+      load_valid(mask == nullptr ? nullptr : mask + b * N + x0, len, s.valid.data());
+      int64_t n = 0;
+      for (int64_t x = 0; x < len; ++x) n += s.valid[x] != T(0);
+      valid_counts[task] = n;
+      probabilities<T>(pr.act, want_log, z, N, K, len, s.P.data(), s.L.data(), s.zmax.data(), s.others.data(),
+                       s.winner.data());
+      for (int64_t k = 0; k < K; ++k)
+        partials[task * K + k] = reduce_class(pr, s.P.data() + k * len, s.L.data() + k * len, s.valid.data(), x0, len);
+    }
+  });
+  at::parallel_for(0, B * K, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / K, k = bk % K;
+      Partial r = partials[(b * C) * K + k];
+      int64_t n = valid_counts[b * C];
+      for (int64_t c = 1; c < C; ++c) {
+        merge(pr.mode, pr.temperature, r, partials[(b * C + c) * K + k]);
+        n += valid_counts[b * C + c];
+      }
+      finish(pr, r, n, presence + bk, stats + 2 * bk);
+    }
+  });
+}
+
+// max: the gradient of each (image, class) goes to the single voxel holding the maximum.
+template <typename T>
+void max_backward_kernel(const Problem& pr, const T* grad, const T* in, const double* stats, T* out) {
+  const int64_t K = pr.K, N = pr.N;
+  at::parallel_for(0, pr.B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> p(K);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t x = static_cast<int64_t>(stats[2 * (b * K + k)]);
+        const T g = grad[b * K + k];
+        if (x < 0 || g == T(0)) continue;
+        const T* z = in + b * K * N + x;
+        T* o = out + b * K * N + x;
+        if (pr.act == Activation::Softmax) {
+          T m = z[0];
+          for (int64_t j = 1; j < K; ++j) m = std::max(m, z[j * N]);
+          T sum = 0;
+          for (int64_t j = 0; j < K; ++j) sum += (p[j] = std::exp(z[j * N] - m));
+          for (int64_t j = 0; j < K; ++j) p[j] /= sum;
+          for (int64_t j = 0; j < K; ++j) o[j * N] += g * p[k] * ((j == k ? T(1) : T(0)) - p[j]);
+        } else if (pr.act == Activation::Sigmoid) {
+          const T v = z[k * N];
+          const T a = std::exp(-std::abs(v));
+          o[k * N] += g * a / ((T(1) + a) * (T(1) + a));  // sigmoid'(v) = p (1 - p)
+        } else {
+          o[k * N] += g;
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void soft_presence_backward_kernel(const Problem& pr, const T* grad, const T* in, const bool* mask,
+                                   const double* stats, T* out) {
+  const int64_t B = pr.B, K = pr.K, N = pr.N, C = pr.n_chunks;
+  if (pr.mode == Mode::Max) return max_backward_kernel(pr, grad, in, stats, out);
+  const bool noisy_or = pr.mode == Mode::NoisyOr;
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> s(K, std::min(kChunk, N));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / C, x0 = (task % C) * kChunk, len = std::min(kChunk, N - x0);
+      const T* z = in + b * K * N + x0;
+      load_valid(mask == nullptr ? nullptr : mask + b * N + x0, len, s.valid.data());
+      probabilities<T>(pr.act, noisy_or, z, N, K, len, s.P.data(), s.L.data(), s.zmax.data(), s.others.data(),
+                       s.winner.data());
+      // dPresence/dp per class, written over L.
+      for (int64_t k = 0; k < K; ++k) {
+        const double* st = stats + 2 * (b * K + k);
+        const T g = grad[b * K + k];
+        const T* p = s.P.data() + k * len;
+        T* G = s.L.data() + k * len;
+        const T* valid = s.valid.data();
+        if (noisy_or) {
+          // d(1 - prod(1 - p))/dp_x = prod over the other voxels of (1 - p) = exp(S - log(1 - p_x)).
+          const T S = static_cast<T>(st[0]);
+          const double inf_count = st[1];
+          const T lone = static_cast<T>(std::exp(st[0]));  // the one voxel with p = 1, when there is one
+          constexpr T ninf = -std::numeric_limits<T>::infinity();
+          for (int64_t x = 0; x < len; ++x) {
+            const T l = G[x];
+            const T d = inf_count == 0 ? exp_(S - l) : (inf_count == 1 && l == ninf ? lone : T(0));
+            G[x] = valid[x] != T(0) ? g * d : T(0);
+          }
+        } else {  // smooth max: d(m + T log(s / n))/dp_x = exp((p_x - m) / T) / s
+          const T m = static_cast<T>(st[0]), inv_t = static_cast<T>(1.0 / pr.temperature);
+          const T gs = static_cast<T>(static_cast<double>(g) / st[1]);
+          for (int64_t x = 0; x < len; ++x) G[x] = valid[x] != T(0) ? gs * exp_((p[x] - m) * inv_t) : T(0);
+        }
+      }
+      activation_backward<T>(pr.act, z, N, K, len, s.P.data(), s.L.data(), s.zmax.data(), out + b * K * N + x0, N);
+    }
+  });
+}
+
+Problem make_problem(const at::Tensor& input, Mode mode, Activation act, double temperature, double threshold) {
+  Problem pr{mode, act, temperature, threshold, input.size(0), input.size(1), 1, 0};
+  for (int64_t d = 2; d < input.dim(); ++d) pr.N *= input.size(d);
+  pr.n_chunks = (pr.N + kChunk - 1) / kChunk;
+  return pr;
+}
+
+// float16/bfloat16 are computed in float32.
+at::Tensor working_input(const at::Tensor& input) {
+  return input.to(presence_dtype(input.scalar_type())).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_presence_forward_cpu(const at::Tensor& input, c10::string_view mode,
+                                                             c10::string_view activation, double temperature,
+                                                             double threshold,
+                                                             const c10::optional<at::Tensor>& valid_mask) {
+  const char* op = "soft_presence";
+  const Mode m = parse_mode(mode, op);
+  const Activation a = parse_activation(activation, op);
+  check_soft_presence_args(input, m, temperature, valid_mask, op);
+  const at::Tensor x = working_input(input);
+  const at::Tensor v = valid_mask.has_value() ? valid_mask->contiguous() : at::Tensor();
+  const Problem pr = make_problem(input, m, a, temperature, threshold);
+  at::Tensor presence = at::empty({pr.B, pr.K}, x.options());
+  at::Tensor stats = at::empty({pr.B, pr.K, 2}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_presence_forward_cpu", [&] {
+    soft_presence_forward_kernel<scalar_t>(pr, x.data_ptr<scalar_t>(), v.defined() ? v.data_ptr<bool>() : nullptr,
+                                           presence.data_ptr<scalar_t>(), stats.data_ptr<double>());
+  });
+  return {presence, stats};
+}
+
+at::Tensor soft_presence_backward_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& stats,
+                                      c10::string_view mode, c10::string_view activation, double temperature,
+                                      const c10::optional<at::Tensor>& valid_mask) {
+  const char* op = "soft_presence_backward";
+  const Mode m = parse_mode(mode, op);
+  const Activation a = parse_activation(activation, op);
+  TORCH_CHECK_VALUE(m != Mode::Hard, op, ": mode 'hard' has no gradient");
+  check_soft_presence_args(input, m, temperature, valid_mask, op);
+  const Problem pr = make_problem(input, m, a, temperature, 0.0);
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({pr.B, pr.K}), op, ": expected grad of shape (B, K) = (", pr.B,
+                    ", ", pr.K, "); got ", grad.sizes());
+  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({pr.B, pr.K, 2}) && stats.scalar_type() == at::kDouble, op,
+                    ": expected float64 stats of shape (B, K, 2) from soft_presence_forward; got ",
+                    stats.scalar_type(), " ", stats.sizes());
+  const at::Tensor x = working_input(input);
+  const at::Tensor g = grad.to(x.scalar_type()).contiguous();
+  const at::Tensor st = stats.contiguous();
+  const at::Tensor v = valid_mask.has_value() ? valid_mask->contiguous() : at::Tensor();
+  at::Tensor out = m == Mode::Max ? at::zeros_like(x) : at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_presence_backward_cpu", [&] {
+    soft_presence_backward_kernel<scalar_t>(pr, g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                            v.defined() ? v.data_ptr<bool>() : nullptr, st.data_ptr<double>(),
+                                            out.data_ptr<scalar_t>());
+  });
+  return out.to(input.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------
+// Voxel counts per class from label maps.
+// ---------------------------------------------------------------------------------
+at::Tensor class_counts_cpu(const at::Tensor& labels, int64_t num_classes, int64_t ignore_index) {
+  const char* op = "class_counts";
+  check_label_args(labels, num_classes, op);
+  const at::Tensor l = labels.contiguous();
+  const int64_t B = l.size(0), K = num_classes, N = l.numel() / B;
+  const int64_t C = std::max<int64_t>(1, (N + (1 << 16) - 1) >> 16);
+  at::Tensor counts = at::zeros({B, K}, l.options().dtype(at::kLong));
+  std::vector<int64_t> partial(B * C * K, 0);
+  std::vector<int64_t> first_bad(B * C, -1);
+  AT_DISPATCH_INTEGRAL_TYPES(l.scalar_type(), "class_counts_cpu", [&] {
+    const scalar_t* data = l.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / C, x0 = (task % C) << 16, x1 = std::min(N, x0 + (int64_t(1) << 16));
+        int64_t* hist = partial.data() + task * K;
+        for (int64_t x = x0; x < x1; ++x) {
+          const int64_t v = static_cast<int64_t>(data[b * N + x]);
+          if (v == ignore_index) continue;
+          if (v >= 0 && v < K) {
+            ++hist[v];
+          } else if (first_bad[task] < 0) {
+            first_bad[task] = x;
+          }
+        }
+      }
+    });
+    for (int64_t task = 0; task < B * C; ++task) {
+      if (first_bad[task] < 0) continue;
+      const int64_t b = task / C;
+      TORCH_CHECK_VALUE(false, op, ": image ", b, " holds the label ", static_cast<int64_t>(data[b * N + first_bad[task]]),
+                        " (at flat voxel index ", first_bad[task], "); expected values in [0, ", K,
+                        ") or ignore_index = ", ignore_index);
+    }
+  });
+  int64_t* c = counts.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < C; ++t)
+      for (int64_t k = 0; k < K; ++k) c[b * K + k] += partial[(b * C + t) * K + k];
+  return counts;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtseg, CPU, m) {
+  m.impl("class_counts", &class_counts_cpu);
+  m.impl("soft_presence_forward", &soft_presence_forward_cpu);
+  m.impl("soft_presence_backward", &soft_presence_backward_cpu);
+}
+
+}  // namespace presence
+}  // namespace mtseg

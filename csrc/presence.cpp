@@ -1,0 +1,169 @@
+// Presence operators that are compositions of other mtseg operators: registered as
+// CompositeImplicitAutograd, so they run on every backend and their gradients come from
+// the pieces (soft_presence_forward has its autograd formula in mtseg_kernels/ops/presence.py).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "mtseg/presence.h"
+
+namespace mtseg {
+namespace presence {
+
+Mode parse_mode(c10::string_view name, const char* op) {
+  if (name == "max") return Mode::Max;
+  if (name == "noisy_or") return Mode::NoisyOr;
+  if (name == "smooth_max") return Mode::SmoothMax;
+  if (name == "hard") return Mode::Hard;
+  TORCH_CHECK_VALUE(false, op, ": mode must be one of 'max', 'noisy_or', 'smooth_max', 'hard'; got '", name, "'");
+}
+
+Activation parse_activation(c10::string_view name, const char* op) {
+  if (name == "softmax") return Activation::Softmax;
+  if (name == "sigmoid") return Activation::Sigmoid;
+  if (name == "none") return Activation::None;
+  TORCH_CHECK_VALUE(false, op, ": activation must be 'softmax' (logits, one class per voxel), 'sigmoid' (logits, ",
+                    "multi-label) or 'none' (probabilities); got '", name, "'");
+}
+
+void check_soft_presence_args(const at::Tensor& input, Mode mode, double temperature,
+                              const c10::optional<at::Tensor>& valid_mask, const char* op) {
+  TORCH_CHECK_VALUE(input.dim() >= 3 && input.dim() <= 5, op,
+                    ": expected input of shape (B, K, *spatial) with 1 to 3 spatial dims; got shape ", input.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()), op,
+                   ": expected floating-point logits or probabilities (float16, bfloat16, float32, float64); got ",
+                   input.scalar_type());
+  TORCH_CHECK_VALUE(input.size(0) > 0 && input.size(1) > 0, op,
+                    ": expected at least one image and one class; got shape ", input.sizes());
+  for (int64_t d = 2; d < input.dim(); ++d)
+    TORCH_CHECK_VALUE(input.size(d) > 0, op, ": expected at least one voxel; got shape ", input.sizes());
+  if (mode == Mode::SmoothMax)
+    TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                      ": smooth_max needs a finite temperature > 0; got ", temperature);
+  if (valid_mask.has_value()) {
+    const at::Tensor& v = *valid_mask;
+    TORCH_CHECK_TYPE(v.scalar_type() == at::kBool, op, ": valid_mask must be a bool tensor; got ", v.scalar_type());
+    std::vector<int64_t> expected{input.size(0)};
+    for (int64_t d = 2; d < input.dim(); ++d) expected.push_back(input.size(d));
+    TORCH_CHECK_VALUE(v.sizes() == at::IntArrayRef(expected), op, ": valid_mask must have shape (B, *spatial) = ",
+                      at::IntArrayRef(expected), "; got ", v.sizes());
+    TORCH_CHECK_VALUE(v.device() == input.device(), op, ": valid_mask is on ", v.device(), " but input is on ",
+                      input.device());
+  }
+}
+
+void check_label_args(const at::Tensor& labels, int64_t num_classes, const char* op) {
+  TORCH_CHECK_VALUE(labels.dim() >= 2 && labels.dim() <= 4, op,
+                    ": expected labels of shape (B, *spatial) with 1 to 3 spatial dims; got shape ", labels.sizes());
+  TORCH_CHECK_TYPE(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false), op,
+                   ": expected integer labels (uint8, int8, int16, int32, int64); got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(num_classes >= 1, op, ": num_classes must be >= 1; got ", num_classes);
+  TORCH_CHECK_VALUE(labels.size(0) > 0, op, ": expected at least one image; got shape ", labels.sizes());
+}
+
+at::ScalarType presence_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& input, c10::string_view mode,
+                                                c10::string_view activation, double temperature, double threshold,
+                                                const c10::optional<at::Tensor>& valid_mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mtseg::soft_presence_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c10::string_view, c10::string_view,
+                                                                 double, double, const c10::optional<at::Tensor>&)>();
+  return op.call(input, mode, activation, temperature, threshold, valid_mask);
+}
+
+at::Tensor call_class_counts(const at::Tensor& labels, int64_t num_classes, int64_t ignore_index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mtseg::class_counts", "")
+                       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
+  return op.call(labels, num_classes, ignore_index);
+}
+
+// The hard rule is a comparison: like `p > t` in torch, its result carries no gradient.
+at::Tensor soft_presence(const at::Tensor& input, c10::string_view mode, c10::string_view activation,
+                         double temperature, double threshold, const c10::optional<at::Tensor>& valid_mask) {
+  const Mode m = parse_mode(mode, "soft_presence");
+  return std::get<0>(call_forward(m == Mode::Hard ? input.detach() : input, mode, activation, temperature, threshold,
+                                  valid_mask));
+}
+
+at::Tensor presence_from_labels(const at::Tensor& labels, int64_t num_classes, int64_t ignore_index,
+                                int64_t min_count) {
+  TORCH_CHECK_VALUE(min_count >= 1, "presence_from_labels: min_count must be >= 1; got ", min_count);
+  return call_class_counts(labels, num_classes, ignore_index).ge(min_count).to(at::kFloat);
+}
+
+// Binary cross-entropy between the class head and the presence of the segmentation
+// output. Each direction is a BCE whose prediction is the receiving side and whose
+// target is the detached sending side; `both` is the sum of the two.
+at::Tensor sync_loss(const at::Tensor& seg_logits, const at::Tensor& class_logits, c10::string_view mode,
+                     c10::string_view direction, c10::string_view reduction, const c10::optional<at::Tensor>& weight,
+                     c10::string_view activation, double temperature, double threshold,
+                     const c10::optional<at::Tensor>& valid_mask) {
+  const char* op = "sync_loss";
+  const Mode m = parse_mode(mode, op);
+  const bool to_class = direction == "seg_to_class" || direction == "both";
+  const bool to_seg = direction == "class_to_seg" || direction == "both";
+  TORCH_CHECK_VALUE(to_class || to_seg, op, ": direction must be 'seg_to_class' (the paper: the segmentation side is ",
+                    "detached), 'class_to_seg' or 'both'; got '", direction, "'");
+  TORCH_CHECK_VALUE(!(to_seg && m == Mode::Hard), op, ": mode='hard' has no gradient, so direction '", direction,
+                    "' cannot train the segmentation; use mode 'max', 'noisy_or' or 'smooth_max', or direction "
+                    "'seg_to_class'");
+  int64_t red;
+  if (reduction == "mean") red = at::Reduction::Mean;
+  else if (reduction == "sum") red = at::Reduction::Sum;
+  else if (reduction == "none") red = at::Reduction::None;
+  else TORCH_CHECK_VALUE(false, op, ": reduction must be 'mean', 'sum' or 'none'; got '", reduction, "'");
+
+  TORCH_CHECK_VALUE(seg_logits.dim() >= 3, op, ": expected seg_logits (B, K, *spatial); got shape ", seg_logits.sizes());
+  TORCH_CHECK_VALUE(class_logits.dim() == 2 && class_logits.size(0) == seg_logits.size(0) &&
+                        class_logits.size(1) == seg_logits.size(1),
+                    op, ": expected class_logits of shape (B, K) = (", seg_logits.size(0), ", ", seg_logits.size(1),
+                    "); got ", class_logits.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(class_logits.scalar_type()), op,
+                   ": expected floating-point class_logits; got ", class_logits.scalar_type());
+  TORCH_CHECK_VALUE(class_logits.device() == seg_logits.device(), op, ": class_logits is on ", class_logits.device(),
+                    " but seg_logits is on ", seg_logits.device());
+  at::Tensor w;
+  if (weight.has_value()) {
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == seg_logits.size(1), op,
+                      ": expected weight of shape (K,) = (", seg_logits.size(1), ",); got ", weight->sizes());
+    TORCH_CHECK_VALUE(weight->device() == seg_logits.device(), op, ": weight is on ", weight->device(),
+                      " but seg_logits is on ", seg_logits.device());
+    w = weight->unsqueeze(0);
+  }
+
+  const at::Tensor seg = to_seg ? seg_logits : seg_logits.detach();
+  const at::Tensor presence = soft_presence(seg, mode, activation, temperature, threshold, valid_mask);
+  const at::Tensor cls = class_logits.to(presence.scalar_type());
+  at::Tensor loss;
+  if (to_class) {
+    loss = at::binary_cross_entropy_with_logits(cls, presence.detach(), w, c10::nullopt, at::Reduction::None);
+  }
+  if (to_seg) {
+    const at::Tensor target = at::sigmoid(cls).detach();
+    const at::Tensor term = at::binary_cross_entropy(presence, target, w, at::Reduction::None);
+    loss = loss.defined() ? loss + term : term;
+  }
+  if (red == at::Reduction::Mean) return loss.mean();
+  if (red == at::Reduction::Sum) return loss.sum();
+  return loss;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtseg, CompositeImplicitAutograd, m) {
+  m.impl("soft_presence", &soft_presence);
+  m.impl("presence_from_labels", &presence_from_labels);
+  m.impl("sync_loss", &sync_loss);
+}
+
+}  // namespace presence
+}  // namespace mtseg
