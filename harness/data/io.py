@@ -108,7 +108,12 @@ def image_to_tensor(arr: np.ndarray):
 def check_values(arr: np.ndarray, allowed: Iterable[int], path, what: str = "label map") -> None:
     """Raise, listing the offending values and their pixel counts, if ``arr`` has values outside ``allowed``."""
     allowed = np.asarray(sorted(set(int(v) for v in allowed)))
-    values, counts = np.unique(arr, return_counts=True)
+    if arr.dtype in (np.uint8, np.uint16):  # a histogram is much faster than sorting
+        hist = np.bincount(arr.ravel())
+        values = np.nonzero(hist)[0]
+        counts = hist[values]
+    else:
+        values, counts = np.unique(arr, return_counts=True)
     bad = ~np.isin(values, allowed)
     if bad.any():
         shown = ", ".join(f"{v} ({c} px)" for v, c in zip(values[bad][:8].tolist(), counts[bad][:8].tolist()))
