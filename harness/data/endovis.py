@@ -125,6 +125,8 @@ class EndoVis2017(SegmentationDataset):
     def _load(self, rec):
         img = read_rgb(rec["image"])
         h, w = img.shape[:2]
+        if self.crop and (h, w) != (1080, 1920):
+            raise DatasetError(rec["image"], f"crop=True expects 1920x1080 frames, got {w}x{h}")
         mask = np.zeros((h, w), np.int64)
         inst = np.zeros((h, w), np.int64)
         for k, mpath in enumerate(rec["masks"], start=1):
@@ -144,8 +146,6 @@ class EndoVis2017(SegmentationDataset):
                 else:
                     mask[on] = m[on] // 10
         if self.crop:
-            if (h, w) != (1080, 1920):
-                raise DatasetError(rec["image"], f"crop=True expects 1920x1080 frames, got {w}x{h}")
             img, mask, inst = img[CROP17], mask[CROP17], inst[CROP17]
         return {
             "image": image_to_tensor(np.ascontiguousarray(img)),
