@@ -11,8 +11,8 @@ from its boundary. :func:`make_weak_labels` imitates them from full labels, per 
 3. Score = ``d / max(d)`` + ``jitter`` x smooth random field (Gaussian-filtered noise,
    ``smoothness`` = its sigma as a fraction of the instance size), which gives the
    region an irregular, hand-drawn outline.
-4. The top-scoring eligible pixels, ``shrink_ratio`` x instance area of them, form the
-   region; its largest connected component is kept. With ``jitter = 0`` the region is a
+4. The top-scoring eligible pixels, ``shrink_ratio`` x instance area of them (ties go
+   to the pixels nearest the centroid), form the region; its largest connected component is kept. With ``jitter = 0`` the region is a
    level set of the distance (a shrunken copy of the instance).
 
 ``shrink_ratio`` is the target area of the weak region as a fraction of the instance's
@@ -87,9 +87,14 @@ def weak_region(obj: np.ndarray, shrink_ratio: float = 0.3, jitter: float = 0.3,
         size = max(sub.shape)
         score = score + jitter * _smooth_noise(sub.shape, max(smoothness * size, 0.5), rng)
     k = min(max(int(round(shrink_ratio * area)), 1), n_el)
-    vals = score[eligible]
-    thr = np.partition(vals, n_el - k)[n_el - k]
-    region = eligible & (score >= thr)
+    # Top-k eligible pixels by score; ties (plateaus of the distance in boxy shapes) go to
+    # the pixels nearest the object's centroid, so the region has exactly k pixels.
+    idx = np.nonzero(eligible)
+    centroid = [a.mean() for a in np.nonzero(sub)]
+    r2 = sum((a - c) ** 2 for a, c in zip(idx, centroid))
+    order = np.lexsort((r2, -score[idx]))[:k]
+    region = np.zeros(sub.shape, bool)
+    region[tuple(a[order] for a in idx)] = True
     lab, n = ndimage.label(region, structure=ndimage.generate_binary_structure(obj.ndim, 1))
     if n > 1:
         sizes = np.bincount(lab.ravel())[1:]
