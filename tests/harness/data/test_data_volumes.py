@@ -179,3 +179,18 @@ def test_nifti_pairs(tmp_path):
         NiftiPairs(tmp_path / "missing", num_classes=2)
     with pytest.raises(DatasetError, match=r"labelsTr/case_b\.nii\.gz: label volume not found"):
         NiftiPairs(root, split="all", num_classes=3)
+
+
+def test_lits_nan_and_float_labels(tmp_path):
+    root = tmp_path / "L"
+    ct = np.zeros((8, 6, 3), np.float32)
+    ct[1, 1, 0] = np.nan
+    write_nifti(root / "volume-0.nii", ct)
+    write_nifti(root / "segmentation-0.nii", np.ones((8, 6, 3), np.float32))  # float labels: accepted if integral
+    ds = LiTS(root, split="all")
+    with pytest.raises(DatasetError, match=r"volume-0\.nii: CT volume holds NaN or Inf"):
+        ds[0]
+    assert int(ds[1]["mask"].sum()) == 48
+    write_nifti(root / "segmentation-0.nii", np.full((8, 6, 3), 0.5, np.float32))
+    with pytest.raises(DatasetError, match=r"segmentation-0\.nii: segmentation holds non-integer values"):
+        ds[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from scipy import ndimage
 
 from dataset_writers import write_glas, write_png
@@ -122,3 +123,20 @@ def test_wrapper_generated_and_from_files(tmp_path):
         read_weak_labels(wdir / "bad.png", (24, 30), num_classes=2)
     with pytest.raises(DatasetError, match=r"nope\.png: weak label map not found"):
         read_weak_labels(wdir / "nope.png")
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), ratio=st.floats(0.05, 0.9), jitter=st.floats(0.0, 1.0))
+def test_property_random_blobs(seed, ratio, jitter):
+    """Random blobby instance maps: every weak region is inside its instance, off its boundary,
+    and present whenever the instance has an interior (a pixel at distance >= 2 from outside)."""
+    r = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(r.standard_normal((40, 48)), 3)
+    inst, _ = ndimage.label(field > 0.05)
+    _, weak_inst = make_weak_labels((inst > 0).astype(np.int64), inst, shrink_ratio=ratio, jitter=jitter, seed=seed)
+    for i in range(1, int(inst.max()) + 1):
+        obj = inst == i
+        region = weak_inst == i
+        d = ndimage.distance_transform_edt(np.pad(obj, 1))[1:-1, 1:-1]
+        assert (region <= obj).all() and (d[region] >= 2).all()
+        assert region.any() == (d >= 2).any()
