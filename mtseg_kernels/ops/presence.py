@@ -113,7 +113,7 @@ def check_label_args(labels: Tensor, num_classes: int, op: str) -> None:
 # Fake kernels (shapes and dtypes for torch.compile and meta tensors)
 # --------------------------------------------------------------------------------------
 @torch.library.register_fake("mtseg::class_counts")
-def _class_counts_fake(labels, num_classes, ignore_index):
+def _class_counts_fake(labels, num_classes, ignore_index=-100):
     return labels.new_empty((labels.shape[0], num_classes), dtype=torch.int64)
 
 

@@ -1,0 +1,530 @@
+"""Presence from labels, soft presence and the sync loss against the plain-PyTorch
+reference (mtseg_kernels/reference/presence.py: softmax then reduce, in float64), on
+the CPU kernels and on the Triton launchers (interpreter on a CPU machine)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mtseg_kernels as mk
+from mtseg_kernels.reference import presence as ref
+
+MODES = ("max", "noisy_or", "smooth_max", "hard")
+SOFT_MODES = ("max", "noisy_or", "smooth_max")
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
+
+
+def make_input(shape, activation, dtype=torch.float32, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    if activation == "none":
+        x = torch.rand(shape, generator=g, dtype=torch.float64) * 0.98
+    else:
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    return x.to(dtype)
+
+
+def make_mask(shape, seed=0, p=0.7):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.rand((shape[0], *shape[2:]), generator=g) < p
+
+
+def triton_presence():
+    pytest.importorskip("triton")
+    from mtseg_kernels.triton import presence
+
+    return presence
+
+
+# --------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("shape", [(4, 17, 23), (2, 5, 9, 7), (1, 1, 1)])
+def test_class_counts_matches_reference(dtype, shape):
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 7, shape, generator=g).to(dtype)
+    labels.view(-1)[:: 5] = 250  # ignored
+    got = mk.class_counts(labels, 7, ignore_index=250)
+    assert got.dtype == torch.int64 and got.shape == (shape[0], 7)
+    assert torch.equal(got, ref.class_counts(labels, 7, 250))
+    assert torch.equal(got.sum(1), (labels != 250).reshape(shape[0], -1).sum(1))
+
+
+def test_class_counts_ignore_index_inside_the_class_range_is_not_counted():
+    labels = torch.tensor([[0, 0, 1, 2, 2, 2]])
+    assert mk.class_counts(labels, 3, ignore_index=0).tolist() == [[0, 1, 3]]
+
+
+def test_presence_from_labels_hand_built():
+    labels = torch.tensor([[[0, 0, 2], [2, 2, 255]], [[1, 1, 1], [1, 1, 0]]])
+    assert mk.presence_from_labels(labels, 4, ignore_index=255).tolist() == [[1, 0, 1, 0], [1, 1, 0, 0]]
+    assert mk.presence_from_labels(labels, 4, ignore_index=255, min_count=2).tolist() == [[1, 0, 1, 0], [0, 1, 0, 0]]
+    assert mk.presence_from_labels(labels, 4, 255).dtype == torch.float32
+
+
+def test_presence_from_labels_is_cmunet_max_over_one_hot():
+    labels = torch.randint(0, 5, (3, 8, 8, 4))
+    one_hot = torch.nn.functional.one_hot(labels, 5).amax(dim=(1, 2, 3)).float()  # C = max(Y)
+    assert torch.equal(mk.presence_from_labels(labels, 5), one_hot)
+
+
+def test_class_counts_names_the_bad_label():
+    labels = torch.zeros(2, 4, 4, dtype=torch.int64)
+    labels[1, 2, 3] = 9
+    with pytest.raises(ValueError, match=r"image 1 holds the label 9 .*\[0, 5\) or ignore_index = 255"):
+        mk.class_counts(labels, 5, ignore_index=255)
+    labels[1, 2, 3] = -1
+    with pytest.raises(ValueError, match="label -1"):
+        torch.ops.mtseg.class_counts(labels, 5, 255)
+
+
+@pytest.mark.parametrize(
+    "labels, match, exc",
+    [
+        (torch.zeros(4, 4), "integer labels", TypeError),
+        (torch.zeros(4, dtype=torch.int64), r"\(B, \*spatial\)", ValueError),
+        (torch.zeros(1, 2, 2, 2, 2, dtype=torch.int64), r"\(B, \*spatial\)", ValueError),
+        (torch.zeros(0, 3, 3, dtype=torch.int64), "at least one image", ValueError),
+    ],
+)
+def test_label_ops_reject_bad_input(labels, match, exc):
+    with pytest.raises(exc, match=match):
+        mk.class_counts(labels, 3)
+    with pytest.raises(exc, match=match):
+        torch.ops.mtseg.class_counts(labels, 3, -100)
+
+
+def test_label_ops_reject_bad_num_classes_and_min_count():
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        mk.class_counts(torch.zeros(1, 3, dtype=torch.int64), 0)
+    with pytest.raises(ValueError, match="min_count must be >= 1"):
+        mk.presence_from_labels(torch.zeros(1, 3, dtype=torch.int64), 2, min_count=0)
+
+
+# --------------------------------------------------------------------------------------
+# Soft presence: forward
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 13, 11), (16, 3, 9, 10), (2, 40, 7, 6), (2, 4, 5, 6, 7), (3, 2, 300)], ids=str
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_soft_presence_matches_reference(activation, mode, shape, masked):
+    x = make_input(shape, activation, torch.float32, seed=len(shape) + shape[1])
+    mask = make_mask(shape) if masked else None
+    got = mk.soft_presence(x, mode, activation, 0.2, 0.5, mask)
+    want = ref.soft_presence(x, mode, activation, 0.2, 0.5, mask)
+    assert got.shape == shape[:2] and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=TOL[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+def test_soft_presence_dtypes(dtype, mode):
+    x = make_input((4, 6, 12, 12), "softmax", dtype, seed=5)
+    got = mk.soft_presence(x, mode)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # half inputs are computed in float32 on the rounded values: compare on those values
+    torch.testing.assert_close(got.double(), ref.soft_presence(x, mode), atol=TOL[dtype], rtol=0)
+
+
+def test_soft_presence_strided_input_equals_contiguous():
+    base = make_input((3, 12, 20, 6), "softmax")
+    x = base.permute(0, 3, 2, 1)[:, ::2]  # (3, 3, 20, 12), non-contiguous
+    for mode in MODES:
+        assert torch.equal(mk.soft_presence(x, mode), mk.soft_presence(x.contiguous(), mode))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    k=st.integers(1, 9),
+    spatial=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    mode=st.sampled_from(MODES),
+    activation=st.sampled_from(ACTIVATIONS),
+    seed=st.integers(0, 2**16),
+)
+def test_soft_presence_random_shapes(b, k, spatial, mode, activation, seed):
+    shape = (b, k, *spatial)
+    x = make_input(shape, activation, torch.float64, seed=seed, scale=4.0)
+    mask = make_mask(shape, seed)
+    torch.testing.assert_close(
+        mk.soft_presence(x, mode, activation, 0.3, 0.5, mask), ref.soft_presence(x, mode, activation, 0.3, 0.5, mask)
+    )
+
+
+def test_soft_presence_chunks_merge_in_order():
+    # Over 2048 voxels per image the CPU kernel works in several chunks; the maximum and its
+    # index must be the first one in raster order even when it repeats in later chunks.
+    x = torch.full((1, 2, 10000), -5.0, dtype=torch.float64)
+    x[0, 0, [3000, 4500, 9999]] = 5.0
+    p, stats = torch.ops.mtseg.soft_presence_forward(x, "max", "softmax", 0.1, 0.5, None)
+    assert stats[0, 0, 0].item() == 3000
+    assert p[0, 0].item() == pytest.approx(torch.softmax(torch.tensor([5.0, -5.0], dtype=torch.float64), 0)[0].item())
+
+
+def test_soft_presence_is_deterministic_across_thread_counts():
+    x = make_input((3, 5, 70, 90), "softmax", torch.float32, seed=11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [mk.soft_presence(x, m) for m in MODES]
+        torch.set_num_threads(max(2, threads))
+        many = [mk.soft_presence(x, m) for m in MODES]
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# TDSNet semantics and extreme inputs
+# --------------------------------------------------------------------------------------
+def test_tdsnet_rule_on_a_hand_built_case():
+    # 3 classes on a 2x2 image; class 0 wins at one pixel with p = 0.6; class 1 wins at
+    # another pixel but never exceeds 0.5 (0.45, 0.35, 0.2); class 2 is everywhere below 0.5.
+    probs = torch.tensor(
+        [
+            [[0.6, 0.1], [0.2, 0.3]],
+            [[0.3, 0.45], [0.4, 0.35]],
+            [[0.1, 0.45], [0.4, 0.35]],
+        ]
+    ).unsqueeze(0)
+    logits = probs.log()  # softmax(log p) = p
+    got = mk.soft_presence(logits, "hard", "softmax", threshold=0.5)
+    assert got.tolist() == [[1.0, 0.0, 0.0]]
+    assert mk.soft_presence(probs, "hard", "none").tolist() == [[1.0, 0.0, 0.0]]
+    assert not got.requires_grad
+
+
+def test_hard_mode_has_no_gradient():
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    assert not mk.soft_presence(x, "hard").requires_grad
+    presence, _ = torch.ops.mtseg.soft_presence_forward(x, "hard", "softmax", 0.1, 0.5, None)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        presence.sum().backward()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_huge_logits_stay_finite(mode):
+    x = torch.full((2, 3, 8, 8), -1e4)
+    x[:, 1, 2, 3] = 1e4  # class 1 certain at one voxel, class 0 certain elsewhere
+    x[:, 0] = torch.where(x[:, 1] > 0, -1e4, 1e4)
+    x.requires_grad_(True)
+    p = mk.soft_presence(x, mode)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.double(), ref.soft_presence(x.detach(), mode), atol=1e-6, rtol=0)
+    if mode != "smooth_max":  # smooth max is a soft mean: one certain voxel of 64 is not 1
+        assert p[:, :2].tolist() == [[1.0, 1.0]] * 2 and p[:, 2].tolist() == [0.0, 0.0]
+    if mode != "hard":
+        (grad,) = torch.autograd.grad(p.sum(), x)
+        assert torch.isfinite(grad).all()
+
+
+def test_noisy_or_is_exact_for_ten_million_tiny_probabilities():
+    # p = sigmoid(-20) ~ 2e-9 at 10^7 voxels: sum log(1 - p) ~ -0.02. A float32 product or
+    # log(1 - p) with 1 - p rounded would return 0.
+    n = 10_000_000
+    x = torch.full((1, 1, n), -20.0)
+    exact = -math.expm1(n * math.log1p(-1.0 / (1.0 + math.exp(20.0))))
+    got = mk.soft_presence(x, "noisy_or", "sigmoid").item()
+    assert got == pytest.approx(exact, rel=1e-5)
+    # The same with softmax: class 0 holds 1 - 2e-9 everywhere.
+    x2 = torch.stack([torch.zeros(n), torch.full((n,), -20.0)]).unsqueeze(0)
+    got2 = mk.soft_presence(x2, "noisy_or", "softmax")
+    assert got2[0, 1].item() == pytest.approx(exact, rel=1e-5)
+    assert got2[0, 0].item() == 1.0
+
+
+@pytest.mark.slow
+def test_noisy_or_on_a_256_cubed_volume_has_no_nan_or_inf():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 256, 256, 256, generator=g) * 30
+    x.requires_grad_(True)
+    p = mk.soft_presence(x, "noisy_or")
+    (grad,) = torch.autograd.grad(p.sum(), x)
+    assert torch.isfinite(p).all() and torch.isfinite(grad).all()
+    assert p.tolist() == [[1.0, 1.0]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_all_ignored_image_gives_zero_presence_and_zero_gradient(mode):
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 6, 6, dtype=torch.bool)
+    mask[1] = False
+    p = mk.soft_presence(x, mode, valid_mask=mask)
+    assert p[1].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(p[0], ref.soft_presence(x[:1], mode)[0])
+    if mode != "hard":
+        (grad,) = torch.autograd.grad(p.sum(), x)
+        assert grad[1].abs().max().item() == 0.0
+
+
+def test_single_class_and_single_voxel():
+    x = torch.randn(3, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    for mode in SOFT_MODES:  # softmax over one class is 1 everywhere: presence 1, no gradient
+        p = mk.soft_presence(x, mode)
+        assert p.tolist() == [[1.0]] * 3
+        (grad,) = torch.autograd.grad(p.sum(), x)
+        assert grad.abs().max().item() == 0.0
+    v = torch.randn(2, 4, 1, dtype=torch.float64)
+    for mode in MODES:
+        torch.testing.assert_close(mk.soft_presence(v, mode), ref.soft_presence(v, mode))
+
+
+def test_nan_propagates():
+    x = torch.randn(1, 3, 4, 4)
+    x[0, 1, 2, 2] = float("nan")
+    for mode in SOFT_MODES:
+        assert mk.soft_presence(x, mode).isnan().all(), mode
+    assert not mk.soft_presence(x, "hard").isnan().any()
+
+
+# --------------------------------------------------------------------------------------
+# Soft presence: gradients
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("mode", SOFT_MODES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_soft_presence_gradcheck(activation, mode, masked):
+    shape = (2, 3, 4, 5)
+    x = make_input(shape, activation, torch.float64, seed=7, scale=1.0)
+    if activation == "none":
+        x = x * 0.8 + 0.05
+    x.requires_grad_(True)
+    mask = make_mask(shape, 3) if masked else None
+    assert torch.autograd.gradcheck(lambda t: mk.soft_presence(t, mode, activation, 0.3, 0.5, mask), (x,))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("mode", SOFT_MODES)
+def test_soft_presence_gradient_matches_reference(activation, mode):
+    shape = (16, 6, 40, 30)  # several chunks per image
+    x = make_input(shape, activation, torch.float32, seed=9)
+    mask = make_mask(shape, 9)
+    g = torch.randn(shape[:2], generator=torch.Generator().manual_seed(2))
+    xa = x.clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(mk.soft_presence(xa, mode, activation, 0.2, 0.5, mask), xa, g)
+    xr = x.double().requires_grad_(True)
+    (want,) = torch.autograd.grad(ref.soft_presence(xr, mode, activation, 0.2, 0.5, mask), xr, g.double())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-4)
+
+
+def test_half_input_gets_half_gradient():
+    x = make_input((2, 4, 8, 8), "softmax", torch.bfloat16).requires_grad_(True)
+    (grad,) = torch.autograd.grad(mk.soft_presence(x, "smooth_max").sum(), x)
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all()
+
+
+# --------------------------------------------------------------------------------------
+# Sync loss
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("direction", ["seg_to_class", "class_to_seg", "both"])
+@pytest.mark.parametrize("mode", SOFT_MODES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sync_loss_matches_reference(direction, mode, reduction, dtype):
+    if dtype == torch.float32 and mode == "noisy_or" and direction != "seg_to_class":
+        # BCE(q, t) with q near 1 is ill-conditioned in float32 (1 - q carries ~6e-8 / (1 - q)
+        # relative error): a documented limit of class_to_seg with noisy_or; float64 checks it.
+        pytest.skip("float32 BCE on a noisy-or presence near 1 is ill-conditioned; covered in float64")
+    shape = (3, 4, 3, 3)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-9)
+    seg = make_input(shape, "softmax", dtype, seed=1).requires_grad_(True)
+    cls = torch.randn(3, 4, generator=torch.Generator().manual_seed(4), dtype=dtype).requires_grad_(True)
+    weight = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=dtype)
+    got = mk.sync_loss(seg, cls, mode, direction, reduction, weight, temperature=0.2)
+    want = ref.sync_loss(seg, cls, mode, direction, reduction, weight, temperature=0.2)
+    torch.testing.assert_close(got.double(), want, **tol)
+    g = torch.ones_like(got)
+    got_grads = torch.autograd.grad(got, (seg, cls), g, allow_unused=True)
+    want_grads = torch.autograd.grad(want, (seg, cls), g.double(), allow_unused=True)
+    for a, b in zip(got_grads, want_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a.double(), b.double(), **tol)
+    assert (got_grads[0] is None) == (direction == "seg_to_class")
+    assert (got_grads[1] is None) == (direction == "class_to_seg")
+
+
+def test_sync_loss_default_is_the_paper():
+    # hard presence of the segmentation as the BCE target of the class head; seg untouched.
+    seg = torch.randn(2, 3, 8, 8, requires_grad=True)
+    cls = torch.randn(2, 3, requires_grad=True)
+    loss = mk.sync_loss(seg, cls)
+    target = (torch.softmax(seg.detach(), 1) > 0.5).flatten(2).any(2).float()
+    torch.testing.assert_close(loss, torch.nn.functional.binary_cross_entropy_with_logits(cls, target))
+    loss.backward()
+    assert seg.grad is None and cls.grad is not None
+
+
+def test_sync_loss_rejects_bad_arguments():
+    seg, cls = torch.randn(2, 3, 4, 4), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="mode='hard' has no gradient"):
+        mk.sync_loss(seg, cls, "hard", "both")
+    with pytest.raises(ValueError, match="mode='hard' has no gradient"):
+        torch.ops.mtseg.sync_loss(seg, cls, "hard", "class_to_seg")
+    with pytest.raises(ValueError, match="direction must be one of"):
+        mk.sync_loss(seg, cls, "max", "sideways")
+    with pytest.raises(ValueError, match=r"class_logits of shape \(B, K\) = \(2, 3\); got \(2, 4\)"):
+        mk.sync_loss(seg, torch.randn(2, 4), "max")
+    with pytest.raises(ValueError, match=r"class_logits of shape \(B, K\)"):
+        torch.ops.mtseg.sync_loss(seg, torch.randn(3, 3), "max")
+    with pytest.raises(ValueError, match=r"weight of shape \(K,\)"):
+        mk.sync_loss(seg, cls, "max", weight=torch.ones(4))
+    with pytest.raises(ValueError, match="reduction must be"):
+        mk.sync_loss(seg, cls, "max", reduction="avg")
+
+
+def test_sync_loss_keeps_no_softmax_for_backward():
+    # What autograd saves for the fused loss: the input (alive anyway) and O(B*K) tensors.
+    seg = torch.randn(2, 5, 64, 64, requires_grad=True)
+    cls = torch.randn(2, 5, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mk.sync_loss(seg, cls, "noisy_or", "both")
+    big = [t for t in saved if t.numel() > 2 * 5 * 2 and t.data_ptr() != seg.data_ptr()]
+    assert big == [], [tuple(t.shape) for t in big]
+
+
+# --------------------------------------------------------------------------------------
+# Modules, bad input, operator checks, torch.compile
+# --------------------------------------------------------------------------------------
+def test_modules():
+    x = torch.randn(2, 3, 8, 8, 4)
+    torch.testing.assert_close(mk.SoftPresence("smooth_max", temperature=0.05)(x), mk.soft_presence(x, "smooth_max", temperature=0.05))
+    loss = mk.SyncLoss(mode="max", direction="both", weight=torch.tensor([1.0, 2.0, 3.0]))
+    assert "weight" in dict(loss.named_buffers())
+    cls = torch.randn(2, 3)
+    torch.testing.assert_close(loss(x, cls), mk.sync_loss(x, cls, "max", "both", weight=torch.tensor([1.0, 2.0, 3.0])))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        mk.SoftPresence("mean")
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(input=torch.randn(3, 4)), ValueError, r"\(B, K, \*spatial\)"),
+        (dict(input=torch.randint(0, 3, (1, 2, 4, 4))), TypeError, "floating-point"),
+        (dict(input=torch.randn(0, 2, 4, 4)), ValueError, "at least one"),
+        (dict(input=torch.randn(1, 2, 4, 4), mode="mean"), ValueError, "mode must be one of"),
+        (dict(input=torch.randn(1, 2, 4, 4), activation="relu"), ValueError, "activation must be"),
+        (dict(input=torch.randn(1, 2, 4, 4), mode="smooth_max", temperature=0.0), ValueError, "temperature > 0"),
+        (dict(input=torch.randn(1, 2, 4, 4), valid_mask=torch.ones(1, 4, 4)), TypeError, "bool tensor"),
+        (dict(input=torch.randn(1, 2, 4, 4), valid_mask=torch.ones(1, 4, 5, dtype=torch.bool)), ValueError,
+         r"\(B, \*spatial\) = .1, 4, 4"),
+    ],
+)
+def test_soft_presence_rejects_bad_input(kwargs, exc, match):
+    full = dict(mode="max", activation="softmax", temperature=0.1, threshold=0.5, valid_mask=None) | kwargs
+    with pytest.raises(exc, match=match):
+        mk.soft_presence(**full)
+    with pytest.raises(exc, match=match):  # the C++ operator checks on its own
+        torch.ops.mtseg.soft_presence_forward(
+            full["input"], full["mode"], full["activation"], full["temperature"], 0.5, full["valid_mask"]
+        )
+
+
+def test_opcheck():
+    x = torch.randn(2, 3, 6, 5, requires_grad=True)
+    mask = make_mask((2, 3, 6, 5))
+    for mode in MODES:
+        xm = x.detach() if mode == "hard" else x  # hard has no gradient: its backward raises
+        torch.library.opcheck(torch.ops.mtseg.soft_presence_forward, (xm, mode, "softmax", 0.2, 0.5, mask))
+        torch.library.opcheck(torch.ops.mtseg.soft_presence, (x.detach(), mode, "sigmoid", 0.2, 0.5, None))
+    _, stats = torch.ops.mtseg.soft_presence_forward(x.detach(), "noisy_or", "softmax", 0.2, 0.5, mask)
+    torch.library.opcheck(
+        torch.ops.mtseg.soft_presence_backward, (torch.randn(2, 3), x.detach(), stats, "noisy_or", "softmax", 0.2, mask)
+    )
+    labels = torch.randint(0, 4, (2, 5, 5))
+    torch.library.opcheck(torch.ops.mtseg.class_counts, (labels, 4, -100))
+    torch.library.opcheck(torch.ops.mtseg.presence_from_labels, (labels, 4, -100, 2))
+    torch.library.opcheck(torch.ops.mtseg.sync_loss, (x, torch.randn(2, 3, requires_grad=True), "max", "both"))
+
+
+def test_compile_training_step_fullgraph():
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+    head = torch.nn.Linear(1, 4)
+
+    def step(image, labels):
+        seg = conv(image)
+        cls = head(image.mean(dim=(2, 3)))
+        target = mk.presence_from_labels(labels, 4)
+        loss = torch.nn.functional.cross_entropy(seg, labels)
+        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(cls, target)
+        return loss + mk.sync_loss(seg, cls, "smooth_max", "both") + mk.soft_presence(seg, "noisy_or").mean()
+
+    image, labels = torch.randn(2, 1, 16, 16), torch.randint(0, 4, (2, 16, 16))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(image, labels)
+    grads = torch.autograd.grad(loss, list(conv.parameters()) + list(head.parameters()))
+    eager = step(image, labels)
+    want = torch.autograd.grad(eager, list(conv.parameters()) + list(head.parameters()))
+    torch.testing.assert_close(loss, eager)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# Triton launchers (the CUDA implementation), in the interpreter on a CPU machine
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_forward_and_backward_match_reference(activation, mode, dtype):
+    tp = triton_presence()
+    shape = (2, 5, 30, 70)  # K_BLOCK 8 x BLOCK 512: several chunks, a ragged last one
+    x = make_input(shape, activation, dtype, seed=13)
+    mask = make_mask(shape, 13)
+    presence, stats = tp.soft_presence_forward(x, mode, activation, 0.2, 0.5, mask)
+    want = ref.soft_presence(x, mode, activation, 0.2, 0.5, mask)
+    assert presence.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(presence.double(), want, atol=TOL[dtype], rtol=0)
+    if mode == "hard":
+        return
+    g = torch.randn(shape[:2], dtype=dtype, generator=torch.Generator().manual_seed(1))
+    grad = tp.soft_presence_backward(g, x, stats, mode, activation, 0.2, mask)
+    xr = x.double().requires_grad_(True)
+    (want_grad,) = torch.autograd.grad(ref.soft_presence(xr, mode, activation, 0.2, 0.5, mask), xr, g.double())
+    torch.testing.assert_close(grad.double(), want_grad, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=1e-4)
+
+
+def test_triton_3d_k40_and_extremes():
+    tp = triton_presence()
+    x = make_input((1, 40, 4, 5, 6), "softmax", torch.float32, seed=2)
+    for mode in MODES:
+        p, _ = tp.soft_presence_forward(x, mode, "softmax", 0.2, 0.5, None)
+        torch.testing.assert_close(p.double(), ref.soft_presence(x, mode, temperature=0.2), atol=2e-6, rtol=0)
+    big = torch.full((1, 2, 64), -1e4)
+    big[0, 0] = 1e4
+    for mode in MODES:
+        p, stats = tp.soft_presence_forward(big, mode, "softmax", 0.1, 0.5, None)
+        assert torch.isfinite(p).all() and p.tolist() == [[1.0, 0.0]]
+    empty = torch.zeros(1, 64, dtype=torch.bool)
+    for mode in MODES:
+        p, _ = tp.soft_presence_forward(big, mode, "softmax", 0.1, 0.5, empty)
+        assert p.tolist() == [[0.0, 0.0]]
+
+
+def test_triton_class_counts():
+    tp = triton_presence()
+    labels = torch.randint(0, 70, (3, 33, 41), generator=torch.Generator().manual_seed(0))
+    labels[0, :3] = 255
+    assert torch.equal(tp.class_counts(labels, 70, 255), ref.class_counts(labels, 70, 255))
+    labels[2, 5, 5] = 80
+    with pytest.raises(ValueError, match="image 2 holds the label 80"):
+        tp.class_counts(labels, 70, 255)
