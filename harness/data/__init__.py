@@ -20,7 +20,7 @@ from .hc18 import HC18
 from .lits import LiTS
 from .generic import ImageMaskFolder, NiftiPairs
 from .weak import WeakLabels, make_weak_labels, read_weak_labels, weak_region
-from .transforms import BatchAugment, collate
+from .transforms import BatchAugment, collate, presence_from_mask
 
 __all__ = [
     "IGNORE_INDEX", "SegmentationDataset", "create_dataset", "list_datasets", "ratio_split", "register_dataset",
@@ -28,5 +28,5 @@ __all__ = [
     "CaDIS", "cadis_lut", "EndoVis2017", "EndoVis2018", "decode_colour_label", "read_labels_json",
     "BraTS", "brats_regions", "REFUGE", "GlaS", "HC18", "LiTS", "ImageMaskFolder", "NiftiPairs",
     "WeakLabels", "make_weak_labels", "read_weak_labels", "weak_region",
-    "BatchAugment", "collate",
+    "BatchAugment", "collate", "presence_from_mask",
 ]

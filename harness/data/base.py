@@ -23,9 +23,8 @@ import json
 import logging
 import os
 import threading
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -320,13 +319,3 @@ class SegmentationDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"
-
-
-def warn_once(msg: str) -> None:
-    warnings.warn(msg, stacklevel=3)
-
-
-def numbers_in(name: str) -> list[int]:
-    import re
-
-    return [int(x) for x in re.findall(r"\d+", name)]

@@ -19,7 +19,9 @@ rotations in the (H, W) plane (odd multiples only when H == W, otherwise 0 or 18
 batch keeps its shape); arbitrary rotations (uniform in +-``rotate`` degrees) and scaling
 (uniform in ``scale``) are in the (H, W) plane about the centre, with the output the same
 size as the input; pixels that come from outside the input are 0 in the image and
-``ignore_index`` in ``mask``/``weak`` (0 in instance maps and regions).
+``ignore_index`` in ``mask``/``weak`` (0 in instance maps and regions). A ``presence``
+vector in the batch is recomputed from the transformed ``mask`` when a crop or an
+affine resampling may have removed classes (flips and 90 degree turns cannot).
 """
 
 from __future__ import annotations
@@ -65,6 +67,16 @@ def collate(samples: Sequence[dict | None]) -> dict:
         else:
             out[key] = vals
     return out
+
+
+def presence_from_mask(mask: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """``(B, *spatial)`` labels -> float ``(B, K)``: 1 where class k occurs (ignored pixels do not count)."""
+    b = mask.shape[0]
+    flat = mask.reshape(b, -1).long()
+    flat = torch.where((flat == ignore_index) | (flat < 0) | (flat >= num_classes), torch.full_like(flat, num_classes), flat)
+    hits = torch.zeros(b, num_classes + 1, device=mask.device)
+    hits.scatter_(1, flat, 1.0)
+    return hits[:, :num_classes]
 
 
 def _rand(gen, n, lo, hi):
@@ -178,6 +190,9 @@ class BatchAugment:
         tensors["image"] = x
         for k, t in tensors.items():
             out[k] = t.squeeze(1) if squeeze[k] else t
+        if "presence" in batch and "mask" in out and any(k in params for k in ("angle", "crop_start")):
+            out["presence"] = presence_from_mask(out["mask"], batch["presence"].shape[1], self.ignore_index).to(
+                batch["presence"].dtype)
         return out
 
     def _fill(self, key):

@@ -129,3 +129,17 @@ def test_image_mask_folder(tmp_path):
         ImageMaskFolder(root, split="all", mask_suffix="_mask", num_classes=2)[0]
     with pytest.raises(ValueError, match="give num_classes"):
         ImageMaskFolder(root, split="all", mask_suffix="_mask")
+
+
+def test_datasets_pickle_for_dataloader_workers(glas_root):
+    import pickle
+
+    from mtseg_harness.data import WeakLabels, collate
+
+    root, _ = glas_root
+    ds = WeakLabels(GlaS(root, split="all"), seed=1)
+    clone = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(clone[0]["weak"], ds[0]["weak"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate)
+    batch = next(iter(loader))
+    assert batch["weak"].shape == (2, 24, 30) and batch["scene"].tolist() == [1, 0]

@@ -127,3 +127,16 @@ def test_collate():
     with pytest.raises(ValueError, match=r"cannot stack 'image'.*cases \['c0', 'c1', 'c2'\]"):
         collate(s)
     assert collate([None, None]) == {"n_skipped": 2}
+
+
+def test_presence_follows_the_crop():
+    mask = torch.zeros(2, 20, 20, dtype=torch.long)
+    mask[:, :5, :5] = 2   # only in the top-left corner
+    mask[:, 10:, :] = 1
+    mask[:, 0, 19] = 255
+    presence = torch.tensor([[1.0, 1.0, 1.0]] * 2)
+    aug = BatchAugment(flip_prob=0.0, crop=(10, 10), seed=0)
+    params = aug.sample_params(2, (20, 20))
+    params["crop_start"] = torch.tensor([[10, 10], [0, 0]])
+    out = aug.apply({"image": torch.zeros(2, 1, 20, 20), "mask": mask, "presence": presence}, params)
+    assert out["presence"].tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
