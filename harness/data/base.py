@@ -157,10 +157,10 @@ class SegmentationDataset(Dataset):
         self.skipped: list[tuple[str, str]] = []  # (path, reason)
         self._skipped_paths: set[str] = set()
         records = self._cached_index()
-        bad = [r for r in records if "error" in r]
-        records = [r for r in records if "error" not in r]
-        selected = self._select(records, split)
-        bad = self._select(bad, split) if bad else []
+        # Split over all records, bad ones included, so a broken file never moves others between splits.
+        chosen = self._select(records, split)
+        bad = [r for r in chosen if "error" in r]
+        selected = [r for r in chosen if "error" not in r]
         for r in bad:
             path, reason = r["error"]
             if on_error == "raise":
@@ -170,7 +170,7 @@ class SegmentationDataset(Dataset):
         if not selected:
             raise DatasetError(
                 self.root,
-                f"no {self.name} samples for split {split!r} ({len(records)} found in total); "
+                f"no {self.name} samples for split {split!r} ({len(records)} found in total, {len(bad)} bad); "
                 f"expected the official layout: {self.layout_hint()}",
             )
         self.records = selected

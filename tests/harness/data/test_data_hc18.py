@@ -158,3 +158,16 @@ def test_size_mismatch(hc_root):
     write_png(root / "training_set" / "000_HC_Annotation.png", np.zeros((10, 10), np.uint8))
     with pytest.raises(DatasetError, match=r"000_HC_Annotation\.png: size \(10, 10\) does not match \(54, 80\)"):
         HC18(root, split="all")[0]
+
+
+def test_split_does_not_move_when_a_file_breaks(tmp_path):
+    root = tmp_path / "h"
+    write_hc18(root, n=12)
+    before = {s: [r["case_id"] for r in HC18(root, split=s).records] for s in ("train", "val", "test")}
+    victim = before["test"][0]
+    (root / "training_set" / f"{victim}_Annotation.png").unlink()
+    HC18.clear_memory_cache()
+    for s in ("train", "val", "test"):
+        ds = HC18(root, split=s, on_error="skip")
+        assert [r["case_id"] for r in ds.records] == [c for c in before[s] if c != victim]
+        assert len(ds.skipped) == (s == "test")
