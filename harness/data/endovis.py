@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 from .base import SegmentationDataset, register_dataset
-from .io import DatasetError, MissingFileError, check_same_size, check_values, image_to_tensor, read_label, read_rgb
+from .io import (DatasetError, MissingFileError, check_same_size, check_values, image_to_tensor, read_image,
+                 read_label, read_rgb)
 
 # ----------------------------------------------------------------------------- 2017
 
@@ -260,9 +261,7 @@ class EndoVis2018(SegmentationDataset):
 
     def _load(self, rec):
         img = read_rgb(rec["image"])
-        from .io import read_image
-
-        lab = read_image(rec["mask"], "colour label")
+        lab = read_image(rec["mask"], "colour label", palette="rgb")
         check_same_size(img.shape[:2], lab.shape[:2], rec["image"], rec["mask"])
         mask = decode_colour_label(lab[..., :3] if lab.ndim == 3 else lab, self.table, rec["mask"])
         return {

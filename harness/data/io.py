@@ -37,11 +37,12 @@ def require_file(path, what: str = "file") -> Path:
 # --------------------------------------------------------------------------- 2D images
 
 
-def read_image(path, what: str = "image") -> np.ndarray:
+def read_image(path, what: str = "image", palette: str = "index") -> np.ndarray:
     """Read a PNG/BMP/JPEG/TIFF fully (so truncation is detected) as ``(H, W)`` or ``(H, W, C)``.
 
-    Palette images are returned as their index values (PIL mode ``P`` keeps indices),
-    16-bit images keep their range.
+    Palette images (PIL mode ``P``) give their index values with ``palette="index"``
+    (label maps stored with a palette) or their colours with ``palette="rgb"`` (images,
+    colour-coded labels). 16-bit images keep their range.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -49,6 +50,8 @@ def read_image(path, what: str = "image") -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()  # decodes every byte: a truncated file fails here, not later
+            if im.mode in ("P", "PA") and palette == "rgb":
+                im = im.convert("RGB")
             if im.mode in ("I;16", "I;16B", "I;16L"):
                 arr = np.array(im, dtype=np.uint16)
             elif im.mode in ("RGBA", "LA") and what != "image":
@@ -70,7 +73,7 @@ def read_image(path, what: str = "image") -> np.ndarray:
 
 def read_rgb(path, what: str = "image") -> np.ndarray:
     """``(H, W, 3)`` uint8: grey images are repeated, an alpha channel is dropped."""
-    arr = read_image(path, what)
+    arr = read_image(path, what, palette="rgb")
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     elif arr.shape[2] == 4:

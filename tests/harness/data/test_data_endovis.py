@@ -154,3 +154,17 @@ def test_endovis17_bad_inputs(tmp_path):
         EndoVis2017(root2, split="all")[0]
     skip = EndoVis2017(root2, split="all", crop=False, on_error="skip")
     assert skip.validate() and len(skip) == 0 and len(skip.skipped) == 3
+
+
+def test_endovis18_palette_png_labels_decode_by_colour(tmp_path):
+    """A colour label saved as a palette PNG is decoded by its colours, not its palette indices."""
+    from PIL import Image
+
+    root = tmp_path / "ev18"
+    written = write_endovis18(root, seqs=(4,), frames=(0,))
+    ids = written[(4, 0)][1]
+    colours = np.array([e["color"] for e in LABELS18_JSON], np.uint8)
+    pal = Image.fromarray(colours[ids]).quantize(colors=12, method=Image.Quantize.MEDIANCUT)
+    assert pal.mode == "P"
+    pal.save(root / "seq_4" / "labels" / "frame000.png")
+    assert torch.equal(EndoVis2018(root, split="all")[0]["mask"], torch.from_numpy(ids))
