@@ -57,8 +57,12 @@ def test_compile_fullgraph_traces_without_breaks(case: Case):
         _assert_same(compiled(x), model(x))
 
 
+@pytest.mark.slow
 def test_compile_inductor_equals_eager():
-    """Inductor (C++ code generation on CPU) on a tiny UNet with every 2D head."""
+    """Inductor (C++ code generation on CPU) on a tiny UNet with every 2D head.
+
+    About 25 s on a 2-core machine with a cold inductor cache (C++ compilation), ~5 s warm.
+    """
     torch.manual_seed(0)
     model = create_model("unet", 1, 2, heads={"hog": True, "presence": True, "scene": 3, "approx": True},
                          channels=(4, 8)).eval()
