@@ -153,7 +153,7 @@ class SegmentationDataset(Dataset):
         self.split = split
         self.on_error = on_error
         self.transform = transform
-        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
         self.skipped: list[tuple[str, str]] = []  # (path, reason)
         self._skipped_paths: set[str] = set()
         records = self._cached_index()
