@@ -55,12 +55,18 @@ class SegmentationModel(nn.Module):
         self.size_multiple: tuple[int, ...] = (1,) * self.spatial_dims
         self.min_size: tuple[int, ...] = (1,) * self.spatial_dims
 
+    @property
+    def display_name(self) -> str:
+        """The registry name when built by ``create_model`` (e.g. ``cmunet``), else the class."""
+        name = getattr(self, "model_name", None)
+        return f"{name} ({type(self).__name__})" if name else type(self).__name__
+
     def has_head(self, name: str) -> bool:
         return name in self.head_config
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear error for a wrong rank, channel count or spatial size."""
-        who = type(self).__name__
+        who = self.display_name
         nd = self.spatial_dims
         axes = "(B, C, H, W)" if nd == 2 else "(B, C, H, W, D)"
         if not isinstance(x, torch.Tensor):

@@ -16,7 +16,10 @@ __all__ = ["ModelSpec", "create_model", "get_model_spec", "list_models", "regist
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered architecture: its builder and what it supports."""
+    """A registered architecture: its builder and what it supports.
+
+    ``heads`` lists the heads the architecture can carry (``hog`` needs 2D inputs).
+    """
 
     name: str
     builder: Callable[..., nn.Module]
@@ -85,6 +88,6 @@ register_model("unet_bilinear", unet, defaults={"upsampling": "bilinear"},
 register_model("u2net", U2Net, defaults={"config": "full"}, description="U^2-Net full (Qin et al. 2020)")
 register_model("u2net_lite", U2Net, defaults={"config": "lite"}, description="U^2-Net lite (U2NETP)")
 register_model("tdsnet", TDSNet, spatial_dims=(2,), description="TDSNet-style VGG16 + context ensemble (Ren et al. 2020)")
-register_model("unet3d_aniso", anisotropic_unet3d, spatial_dims=(3,),
+register_model("unet3d_aniso", anisotropic_unet3d, spatial_dims=(3,), heads=("presence", "scene", "approx"),
                description="anisotropic 3D UNet for BraTS crops 144x144x19 (3x3x1 + 1x1x3 convs)")
 register_model("cmunet", cmunet, description="CMU-Net UNet (Moseley et al.): 16-256, instance norm, LeakyReLU 0.2")

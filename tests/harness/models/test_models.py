@@ -141,3 +141,28 @@ def test_determinism_with_a_seed():
             fb = fb if isinstance(fb, tuple) else (fb,)
             for ta, tb in zip(fa, fb):
                 assert (ta is None and tb is None) or torch.equal(ta, tb), case.id
+
+
+def test_registry_specs_state_the_heads_each_model_takes():
+    from mtseg_harness.models import HEAD_NAMES, get_model_spec
+
+    values = {"hog": True, "presence": True, "scene": 2, "approx": True}
+    for case in CASES:
+        spec = get_model_spec(case.name)
+        assert case.spatial_dims in spec.spatial_dims
+        for head in HEAD_NAMES:
+            takes = head in spec.heads and not (head == "hog" and case.spatial_dims != 2)
+            if takes:
+                _build(case, {head: values[head]})
+            else:
+                with pytest.raises(ValueError):
+                    _build(case, {head: values[head]})
+
+
+def test_package_docstring_example():
+    import doctest
+
+    import mtseg_harness.models as models
+
+    result = doctest.testmod(models, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
