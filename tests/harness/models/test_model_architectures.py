@@ -164,3 +164,11 @@ def test_bad_inputs_at_forward():
     tds = create_model("tdsnet", 1, 2, channels=(4, 4, 8, 8, 8), branch_channels=4, decoder_channels=4).eval()
     with pytest.raises(ValueError, match=r"at least \(8, 8\)"):
         tds(torch.randn(1, 1, 4, 16))
+
+
+def test_unet_depth_and_width():
+    model = create_model("unet", 1, 2, depth=2, base_channels=4)
+    assert model.channels == (4, 8, 16) and model.size_multiple == (4, 4)
+    assert create_model("unet", 1, 2, depth=5, base_channels=2).channels == (2, 4, 8, 16, 32, 64)
+    with pytest.raises(ValueError, match="depth must be an int >= 1"):
+        create_model("unet", 1, 2, depth=0)

@@ -71,3 +71,26 @@ def test_compile_inductor_equals_eager():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         _assert_same(compiled(x), model(x), atol=1e-4)
+
+
+def test_compiled_training_step_matches_eager_gradients():
+    """Training mode (batch-norm batch statistics) through AOTAutograd: same loss, same grads."""
+    heads = {"hog": True, "presence": True, "scene": 2, "approx": True}
+    torch.manual_seed(0)
+    eager = create_model("unet", 1, 2, heads=heads, channels=(4, 8)).train()
+    torch.manual_seed(0)
+    model = create_model("unet", 1, 2, heads=heads, channels=(4, 8)).train()
+    x = torch.randn(2, 1, 8, 12)
+
+    def loss_of(out: ModelOutput) -> torch.Tensor:
+        return sum((t * t).mean() for t in [out.seg, *out.hog, out.presence, out.scene, out.approx])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss_c = loss_of(compiled(x))
+    loss_e = loss_of(eager(x))
+    torch.testing.assert_close(loss_c, loss_e)
+    loss_c.backward()
+    loss_e.backward()
+    for (name, pc), pe in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=name)
