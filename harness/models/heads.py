@@ -37,6 +37,8 @@ __all__ = [
     "ClassHead",
     "HOGHead",
     "ModelOutput",
+    "make_class_head",
+    "make_hog_head",
     "parse_heads",
 ]
 
@@ -124,6 +126,22 @@ class ClassHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(torch.flatten(x, 2).mean(dim=2))
+
+
+def make_hog_head(config: Mapping[str, dict], in_channels: int) -> HOGHead | None:
+    """The HOG head from :func:`parse_heads` options, or ``None`` when it is off."""
+    if "hog" not in config:
+        return None
+    o = config["hog"]
+    return HOGHead(in_channels, o["dim"], o["hidden"], o["pool_size"])
+
+
+def make_class_head(config: Mapping[str, dict], name: str, in_channels: int) -> ClassHead | None:
+    """The ``presence`` or ``scene`` head from :func:`parse_heads` options, or ``None``."""
+    if name not in config:
+        return None
+    o = config[name]
+    return ClassHead(in_channels, o["num_classes"] if name == "presence" else o["num_scenes"], o["hidden"])
 
 
 # --------------------------------------------------------------------------------------

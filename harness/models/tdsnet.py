@@ -29,7 +29,7 @@ from torch import nn
 
 from .base import SegmentationModel
 from .blocks import ConvNormAct, conv, resize_to
-from .heads import ClassHead, HOGHead, ModelOutput
+from .heads import ModelOutput, make_class_head, make_hog_head
 
 __all__ = ["ContextEnsemble", "TDSNet", "VGG16_LAYOUT"]
 
@@ -45,9 +45,13 @@ class ContextEnsemble(nn.Module):
     Output ``x + y1 + ... + y5``. Shapes: ``(B, C, H, W) -> (B, C, H, W)``.
     """
 
-    def __init__(self, channels: int, dilations: Sequence[int] = (1, 2, 4, 8, 16), norm: str | None = "batch", spatial_dims: int = 2):
+    def __init__(
+        self, channels: int, dilations: Sequence[int] = (1, 2, 4, 8, 16), norm: str | None = "batch", spatial_dims: int = 2
+    ):
         super().__init__()
-        self.convs = nn.ModuleList(ConvNormAct(spatial_dims, channels, channels, 3, dilation=d, norm=norm) for d in dilations)
+        self.convs = nn.ModuleList(
+            ConvNormAct(spatial_dims, channels, channels, 3, dilation=d, norm=norm) for d in dilations
+        )
 
     def branches(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``[y0, y1, ..., y5]``, each ``(B, C, H, W)``."""
@@ -148,9 +152,9 @@ class TDSNet(SegmentationModel):
         self.decoder = last_blocks()
         self.classifier = conv(2, d, num_classes, 1)
 
-        self.hog_head = HOGHead(top, hc["hog"]["dim"], hc["hog"]["hidden"], hc["hog"]["pool_size"]) if "hog" in hc else None
-        self.presence_head = ClassHead(2 * b, hc["presence"]["num_classes"], hc["presence"]["hidden"]) if "presence" in hc else None
-        self.scene_head = ClassHead(2 * b, hc["scene"]["num_scenes"], hc["scene"]["hidden"]) if "scene" in hc else None
+        self.hog_head = make_hog_head(hc, top)
+        self.presence_head = make_class_head(hc, "presence", 2 * b)
+        self.scene_head = make_class_head(hc, "scene", 2 * b)
         self.approx_blocks = 0
         self.approx_decoder = None
         self.approx_classifier = None

@@ -19,7 +19,7 @@ from torch import nn
 from .base import SegmentationModel
 from .blocks import ConvNormAct as _ConvNormAct
 from .blocks import conv, max_pool, resize_to
-from .heads import ClassHead, HOGHead, ModelOutput
+from .heads import ModelOutput, make_class_head, make_hog_head
 
 __all__ = ["RSU", "RSU4F", "U2Net", "U2NET_CONFIGS"]
 
@@ -166,12 +166,9 @@ class U2Net(SegmentationModel):
         self.fuse = conv(nd, 6 * num_classes, num_classes, 1)
 
         hc = self.head_config
-        self.hog_heads = None
-        if "hog" in hc:
-            o = hc["hog"]
-            self.hog_heads = nn.ModuleList(HOGHead(c, o["dim"], o["hidden"], o["pool_size"]) for c in self.side_channels)
-        self.presence_head = ClassHead(enc_out[-1], hc["presence"]["num_classes"], hc["presence"]["hidden"]) if "presence" in hc else None
-        self.scene_head = ClassHead(enc_out[-1], hc["scene"]["num_scenes"], hc["scene"]["hidden"]) if "scene" in hc else None
+        self.hog_heads = nn.ModuleList(make_hog_head(hc, c) for c in self.side_channels) if "hog" in hc else None
+        self.presence_head = make_class_head(hc, "presence", enc_out[-1])
+        self.scene_head = make_class_head(hc, "scene", enc_out[-1])
         self.approx_side = None
         self.approx_fuse = None
         if "approx" in hc:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .base import SegmentationModel, per_axis_product
 from .blocks import DoubleConv, as_tuple, conv, conv_transpose, max_pool, resize_to
-from .heads import ClassHead, HOGHead, ModelOutput
+from .heads import ModelOutput, make_class_head, make_hog_head
 
 __all__ = ["UNet", "anisotropic_pool_schedule", "anisotropic_unet3d", "cmunet", "unet"]
 
@@ -135,9 +135,9 @@ class UNet(SegmentationModel):
 
         cfg = self.head_config
         bottleneck = channels[-1]
-        self.hog_head = HOGHead(bottleneck, cfg["hog"]["dim"], cfg["hog"]["hidden"], cfg["hog"]["pool_size"]) if "hog" in cfg else None
-        self.presence_head = ClassHead(bottleneck, cfg["presence"]["num_classes"], cfg["presence"]["hidden"]) if "presence" in cfg else None
-        self.scene_head = ClassHead(bottleneck, cfg["scene"]["num_scenes"], cfg["scene"]["hidden"]) if "scene" in cfg else None
+        self.hog_head = make_hog_head(cfg, bottleneck)
+        self.presence_head = make_class_head(cfg, "presence", bottleneck)
+        self.scene_head = make_class_head(cfg, "scene", bottleneck)
         self.approx_decoder = None
         self.approx_out = None
         self.approx_blocks = 0
