@@ -1,9 +1,10 @@
 """U^2-Net (Qin et al., Pattern Recognition 2020): nested UNet of RSU blocks.
 
-Full configuration about 44.0M parameters, lite (``U2NETP``) about 1.1M, as published
-(3 input channels, 1 output). Six encoder stages (RSU-7, RSU-6, RSU-5, RSU-4, RSU-4F,
-RSU-4F), five decoder stages, a 3x3 side-output conv on each of the six deepest-to-
-shallowest decoder features, all upsampled to the input size and fused by a 1x1 conv.
+Full configuration 44,009,869 parameters (the published 44.0M), lite (``U2NETP``)
+1,131,181 (1.13M), for 3 input channels and 1 output. Six encoder stages (RSU-7, RSU-6,
+RSU-5, RSU-4, RSU-4F, RSU-4F), five decoder stages, a 3x3 side-output conv on each of six
+features (decoder stages 1d-5d and encoder stage 6), all upsampled to the input size and
+fused by a 1x1 conv.
 Pooling rounds up (``ceil_mode``) and every upsampling resizes to the skip's size, so
 any input size works. Outputs are logits (the published code applies a sigmoid).
 """
