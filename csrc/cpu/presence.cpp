@@ -36,11 +36,14 @@ MTSEG_ALWAYS_INLINE double log_(double x) { return std::log(x); }
 // log(1 + y) from log(1 + y) rounded: exact to a few ulp even where 1 + y rounds to 1
 // (the correction y / ((1 + y) - 1) of Goldberg, "What every computer scientist should
 // know about floating-point arithmetic", Theorem 4).
+// The division is computed on every lane, with a safe denominator, so that the select
+// needs no branch (GCC does not speculate a possibly trapping division into a select).
 template <typename T>
 MTSEG_ALWAYS_INLINE T log1p_(T y) {
   const T u = T(1) + y;
-  const T l = log_(u) * (y / (u - T(1)));
-  return u == T(1) ? y : l;
+  const T d = u - T(1);
+  const T l = log_(u) * (y / (d == T(0) ? T(1) : d));
+  return d == T(0) ? y : l;
 }
 
 // Probabilities of all K classes of one chunk: P[k * len + x]. With kLog, also

@@ -1,0 +1,108 @@
+"""Speed and memory of the fused sync loss against the eager PyTorch composition and
+``torch.compile`` of that composition, in the same run.
+
+Cases (one pytest-benchmark group each; forward + backward, direction ``both`` so that
+both the segmentation and the class head get gradients):
+
+* ``sync-2d``: seg logits (16, 12, 256, 256), the TDSNet-sized 2D batch.
+* ``sync-3d``: seg logits (2, 4, 144, 144, 19), BraTS-style crops.
+
+each with ``mode`` ``max`` and ``noisy_or``. The eager composition is what users write
+today: ``softmax`` over classes, a reduction over space, ``binary_cross_entropy``.
+
+Peak memory: each contestant runs once more in a fresh subprocess, which reports the
+growth of its peak resident set (``ru_maxrss``) over the inputs during one forward and
+backward; stored as ``peak_extra_mib`` in the benchmark's extra_info.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import mtseg_kernels as mk
+
+CASES = {"sync-2d": (16, 12, 256, 256), "sync-3d": (2, 4, 144, 144, 19)}
+MODES = ("max", "noisy_or")
+
+
+def eager_sync_loss(seg: torch.Tensor, cls: torch.Tensor, mode: str) -> torch.Tensor:
+    """The plain composition (direction 'both'): what the fused op replaces."""
+    p = torch.softmax(seg, dim=1).flatten(2)
+    if mode == "max":
+        q = p.amax(2)
+    else:
+        q = -torch.expm1(torch.log1p(-p).sum(2))
+    s2c = F.binary_cross_entropy_with_logits(cls, q.detach(), reduction="none")
+    c2s = F.binary_cross_entropy(q, torch.sigmoid(cls).detach(), reduction="none")
+    return (s2c + c2s).mean()
+
+
+def fused_sync_loss(seg: torch.Tensor, cls: torch.Tensor, mode: str) -> torch.Tensor:
+    return mk.sync_loss(seg, cls, mode, "both")
+
+
+_compiled = torch.compile(eager_sync_loss, dynamic=False)
+CONTESTANTS = {"mtseg": fused_sync_loss, "eager": eager_sync_loss, "compiled": _compiled}
+
+
+def _inputs(shape):
+    g = torch.Generator().manual_seed(0)
+    seg = (torch.randn(shape, generator=g) * 2).requires_grad_(True)
+    cls = torch.randn(shape[:2], generator=g).requires_grad_(True)
+    return seg, cls
+
+
+def _step(fn, seg, cls, mode):
+    seg.grad = cls.grad = None
+    fn(seg, cls, mode).backward()
+
+
+PEAK_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    sys.path.insert(0, {bench_dir!r})
+    import bench_presence as b
+    torch.set_num_threads({threads})
+    seg, cls = b._inputs({shape!r})
+    fn = b.CONTESTANTS[{name!r}]
+    if {name!r} == "compiled":  # compile outside the measured peak
+        b._step(fn, *b._inputs((1,) + {shape!r}[1:2] + tuple(min(8, s) for s in {shape!r}[2:])), {mode!r})
+        b._step(fn, seg, cls, {mode!r})
+        seg.grad = cls.grad = None
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    b._step(fn, seg, cls, {mode!r})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({{"peak_extra_mib": (peak - base) / 1024}}))
+    """
+)
+
+
+def peak_extra_mib(name: str, shape, mode: str) -> float:
+    from pathlib import Path
+
+    script = PEAK_SCRIPT.format(
+        bench_dir=str(Path(__file__).parent), threads=torch.get_num_threads(), shape=tuple(shape), name=name, mode=mode
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mib"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("contestant", list(CONTESTANTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_sync_loss_fwd_bwd(benchmark, case, contestant, mode):
+    shape = CASES[case]
+    benchmark.group = f"{case}-{mode}"
+    seg, cls = _inputs(shape)
+    fn = CONTESTANTS[contestant]
+    _step(fn, seg, cls, mode)  # warm-up (and compilation for torch.compile)
+    benchmark.extra_info.update(shape=list(shape), threads=torch.get_num_threads(), mode=mode)
+    benchmark.pedantic(_step, args=(fn, seg, cls, mode), rounds=5, warmup_rounds=1)
+    benchmark.extra_info["peak_extra_mib"] = round(peak_extra_mib(contestant, shape, mode), 1)
