@@ -1,0 +1,197 @@
+"""YAML experiment configs with dotted command-line overrides.
+
+A config is a nested mapping with the sections below; a file may start from other
+files with ``base: other.yaml`` (or a list; paths relative to the file), deep-merged
+in order, the file's own keys last. Overrides ``a.b.c=value`` (value parsed as YAML:
+``optim.lr=1e-3``, ``train.amp=false``, ``data.augment.crop=[128,128]``) apply on top.
+The final config is ``DEFAULTS`` <- the method's paper defaults
+(``Method.config_defaults``, e.g. HOG-MTL's Adam 2e-4 halved every 50k of 150k steps)
+<- the file <- the overrides.
+
+Sections::
+
+    seed, deterministic, device         run-wide
+    data:   name, root, options, splits, batch_size, num_workers, augment, eval_batch_size
+    model:  name, options (architecture keyword arguments)
+    method: name, + the method's options (see mtseg_harness.methods)
+    optim:  name (adam|adamw|sgd), lr, weight_decay, betas, momentum, nesterov
+    sched:  name (none|step|multistep|cosine_restarts), step_size, gamma, milestones, T_0, T_mult, eta_min
+    train:  steps, val_every, log_every, checkpoint_every, grad_clip, amp, out_dir, resume, progress,
+            sync_bn, tensorboard, threads
+    eval:   split, hd (surface metrics on/off), overlays
+
+``data.root: builtin:hc18_sample`` is the HC18 sample shipped with the package.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "deterministic": False,
+    "device": "auto",
+    "data": {
+        "name": "hc18",
+        "root": "builtin:hc18_sample",
+        "options": {},
+        "splits": {"train": "train", "val": "val", "test": "test"},
+        "batch_size": 8,
+        "eval_batch_size": 8,
+        "num_workers": 0,
+        "augment": {"flip_prob": 0.5},
+        "cache": True,
+    },
+    "model": {"name": "unet", "options": {}},
+    "method": {"name": "baseline"},
+    "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999], "momentum": 0.9,
+              "nesterov": False},
+    "sched": {"name": "none", "step_size": 1000, "gamma": 0.1, "milestones": [], "T_0": 1000, "T_mult": 1,
+              "eta_min": 0.0},
+    "train": {"steps": 1000, "val_every": 200, "log_every": 10, "checkpoint_every": 200, "grad_clip": None,
+              "amp": "auto", "out_dir": "runs/default", "resume": False, "progress": True, "sync_bn": True,
+              "tensorboard": True, "threads": None, "val_max_batches": None},
+    "eval": {"split": "test", "hd": True, "overlays": 4, "checkpoint": "best", "pad_multiple": 32},
+}
+
+SECTIONS = set(DEFAULTS)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+BUILTIN_PREFIX = "builtin:"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """A copy of ``base`` with ``update`` merged in (mappings recursively, everything else replaced)."""
+    out = copy.deepcopy(dict(base))
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        parsed = yaml_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse the value as YAML ({exc})") from None
+    return key.split("."), parsed
+
+
+def apply_overrides(cfg: Mapping, overrides: Iterable[str]) -> dict:
+    out = copy.deepcopy(dict(cfg))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for p in path[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[path[-1]] = value
+    return out
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must hold a mapping at the top level, got {type(data).__name__}")
+    bases = data.pop("base", None)
+    if bases:
+        merged: dict = {}
+        for b in [bases] if isinstance(bases, str) else bases:
+            merged = deep_merge(merged, read_yaml(path.parent / b))
+        data = deep_merge(merged, data)
+    return data
+
+
+def resolve(user: Mapping) -> dict:
+    """DEFAULTS <- method paper defaults <- ``user``; checks the section names."""
+    unknown = set(user) - SECTIONS
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")
+    for section, value in user.items():
+        if isinstance(DEFAULTS[section], dict) and not isinstance(value, Mapping):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {value!r}")
+    from .methods import method_class
+
+    method_name = (user.get("method") or {}).get("name", DEFAULTS["method"]["name"])
+    cfg = deep_merge(DEFAULTS, method_class(method_name).config_defaults)
+    cfg = deep_merge(cfg, user)
+    for section in ("train", "optim", "sched", "eval"):
+        extra = set(cfg[section]) - set(DEFAULTS[section])
+        if extra:
+            raise ConfigError(f"unknown key(s) in {section!r}: {sorted(extra)}; known: {sorted(DEFAULTS[section])}")
+    return cfg
+
+
+def load_config(path=None, overrides: Iterable[str] = (), base: Mapping | None = None) -> dict:
+    """Read ``path`` (or start from ``base``/nothing), apply ``overrides``, merge with the defaults."""
+    user = read_yaml(path) if path is not None else {}
+    if base is not None:
+        user = deep_merge(base, user)
+    user = apply_overrides(user, overrides)
+    return resolve(user)
+
+
+def builtin_root(name: str) -> Path:
+    return Path(__file__).resolve().parent / "assets" / name
+
+
+def data_root(root) -> Path:
+    root = str(root)
+    if root.startswith(BUILTIN_PREFIX):
+        return builtin_root(root[len(BUILTIN_PREFIX):])
+    return Path(root).expanduser()
+
+
+def dump(cfg: Mapping) -> str:
+    return yaml.safe_dump(_plain(cfg), sort_keys=False)
+
+
+def _plain(x):
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

@@ -1,0 +1,124 @@
+"""Run a model over a dataset and tabulate per-image, per-class metrics (pandas)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from . import metrics as M
+
+
+def _pad(x: torch.Tensor, multiple: int):
+    if not multiple or multiple <= 1:
+        return x, None
+    spatial = x.shape[2:]
+    target = [int(math.ceil(s / multiple) * multiple) for s in spatial]
+    if list(spatial) == target:
+        return x, None
+    pad = []
+    for s, t in zip(reversed(spatial), reversed(target)):
+        pad += [0, t - s]
+    return F.pad(x, pad), tuple(slice(0, s) for s in spatial)
+
+
+@torch.no_grad()
+def predict_batch(model, method, image: torch.Tensor, batch: dict | None = None, pad_multiple: int = 32,
+                  amp_dtype=None) -> torch.Tensor:
+    """Label maps ``(B, *S)`` for an image batch, padding to ``pad_multiple`` and cropping back."""
+    x, crop = _pad(image, pad_multiple)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        labels = method.segment(model, x, batch)
+    if crop is not None:
+        labels = labels[(slice(None),) + crop]
+    return labels
+
+
+@torch.no_grad()
+def evaluate(model, method, loader, device, num_classes: int, ignore_index: int = 255, class_names=None,
+             hd: bool = True, pad_multiple: int = 32, keep_examples: int = 0, max_batches: int | None = None,
+             amp_dtype=None, objects: bool = False, brats: bool = False):
+    """Per-image metric table and the mean of every column.
+
+    Returns ``(table, summary, examples)``: ``table`` a DataFrame with one row per image
+    (``case_id``, ``dice_<class>``, ``iou_<class>``, and with ``hd=True`` ``hd95_<class>``,
+    ``hd_<class>`` in the spacing's units, i.e. mm), ``summary`` a dict of column means
+    (``nanmean``; Hausdorff means over finite values, with the count of infinite ones)
+    plus ``dice_fg`` / ``iou_fg`` (mean over foreground classes), dataset-level ``miou``;
+    ``examples``: up to ``keep_examples`` (image, target, prediction) numpy triples.
+    """
+    names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
+    was_training = model.training
+    model.eval()
+    rows, examples = [], []
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    hd = hd and M.has_surface_metrics()
+    try:
+        for bi, batch in enumerate(loader):
+            if max_batches is not None and bi >= max_batches:
+                break
+            image = batch["image"].to(device).float()
+            target = batch["mask"]
+            pred = predict_batch(model, method, image, batch, pad_multiple, amp_dtype).cpu()
+            cm += M.confusion_matrix(pred, target, num_classes, ignore_index)
+            dice, iou = M.dice_iou(pred, target, num_classes, ignore_index)
+            surf = None
+            if hd:
+                surf = M.surface_distances(pred, target, num_classes, batch.get("spacing"), ignore_index)
+            obj = None
+            if objects and "instances" in batch:
+                from scipy import ndimage
+                pred_inst = [ndimage.label(p > 0, np.ones((3, 3)))[0] for p in pred.numpy()]
+                obj = [(M.object_dice(pi, gi), M.object_hausdorff(pi, gi))
+                       for pi, gi in zip(pred_inst, batch["instances"].numpy())]
+            bra = M.brats_dice(pred, target) if brats else None
+            ids = batch.get("case_id", [f"{bi}_{i}" for i in range(len(pred))])
+            for i in range(len(pred)):
+                row = {"case_id": ids[i]}
+                for k, n in enumerate(names):
+                    row[f"dice_{n}"] = float(dice[i, k])
+                    row[f"iou_{n}"] = float(iou[i, k])
+                if surf is not None:
+                    for k, n in enumerate(names[1:]):
+                        row[f"hd95_{n}"] = float(surf["hd95"][i, k])
+                        row[f"hd_{n}"] = float(surf["hd"][i, k])
+                        row[f"assd_{n}"] = float(surf["assd"][i, k])
+                if obj is not None:
+                    row["object_dice"], row["object_hausdorff"] = obj[i]
+                if bra is not None:
+                    for k, n in enumerate(M.BRATS_REGIONS):
+                        row[f"dice_{n}"] = float(bra[i, k])
+                rows.append(row)
+                if len(examples) < keep_examples:
+                    examples.append((batch["image"][i].numpy(), target[i].numpy(), pred[i].numpy()))
+    finally:
+        model.train(was_training)
+    table = pd.DataFrame(rows)
+    summary = summarize(table, names)
+    iou_ds, _ = M.miou_from_confusion(cm)
+    summary["miou"] = float(np.nanmean(iou_ds.numpy()))
+    return table, summary, examples
+
+
+def summarize(table: pd.DataFrame, names) -> dict:
+    out: dict = {"n_images": int(len(table))}
+    for col in table.columns:
+        if col == "case_id":
+            continue
+        v = table[col].to_numpy(dtype=float)
+        finite = v[np.isfinite(v)]
+        out[col] = float(finite.mean()) if finite.size else float("nan")
+        if col.startswith(("hd", "assd", "object_hausdorff")):
+            out[col + "_n_inf"] = int(np.isinf(v).sum())
+    fg = names[1:] if len(names) > 1 else names
+    for m in ("dice", "iou"):
+        cols = [f"{m}_{n}" for n in fg if f"{m}_{n}" in table]
+        if cols:
+            out[f"{m}_fg"] = float(np.nanmean([out[c] for c in cols]))
+    cols = [f"hd95_{n}" for n in fg if f"hd95_{n}" in table]
+    if cols:
+        out["hd95_fg"] = float(np.nanmean([out[c] for c in cols]))
+    return out

@@ -1,0 +1,16 @@
+"""Methods of the four multi-task papers on one shared trainer (see :mod:`.base`).
+
+>>> from mtseg_harness.methods import create_method, list_methods
+>>> list_methods()                                     # doctest: +SKIP
+>>> m = create_method("hog_mtl", num_classes=2)        # m.heads() -> {"hog": 504}
+"""
+
+from .base import Method, create_method, list_methods, method_class, register_method
+from . import losses
+from .baseline import Baseline
+from .hog_mtl import HOGMTL
+from .tdsnet import TDSNet
+from .cmunet import CMUNet
+
+__all__ = ["Method", "create_method", "list_methods", "method_class", "register_method", "losses",
+           "Baseline", "HOGMTL", "TDSNet", "CMUNet"]

@@ -1,0 +1,134 @@
+"""The method interface: what a paper adds to the shared trainer.
+
+A method decides the model heads it needs, derives its auxiliary labels on the device
+inside the training step (after augmentation), computes its loss, and may hook into the
+trainer (e.g. label updates every N steps). The trainer owns everything else: data,
+optimiser, schedule, AMP, DDP, checkpoints and logs.
+
+Methods are registered by name (:func:`register_method`) and built with
+:func:`create_method` from the ``method`` section of a config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import losses
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_method(*names: str):
+    def deco(cls):
+        for n in names:
+            _REGISTRY[n.lower()] = cls
+        cls.name = names[0]
+        return cls
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_method(name: str, num_classes: int, ignore_index: int = 255, **options) -> "Method":
+    try:
+        cls = _REGISTRY[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(list_methods())}") from None
+    return cls(num_classes, ignore_index=ignore_index, **options)
+
+
+def method_class(name: str) -> type:
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(list_methods())}") from None
+
+
+class Method:
+    """Base class. Subclasses set ``defaults`` (their options) and override the hooks.
+
+    ``config_defaults`` holds config sections the method's paper prescribes (e.g.
+    HOG-MTL's optimiser and schedule); a user config overrides them.
+    """
+
+    name = "base"
+    defaults: dict[str, Any] = {}
+    config_defaults: dict[str, Any] = {}
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, **options):
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown option(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.options = {**self.defaults, **options}
+
+    # ------------------------------------------------------------------ set-up
+    def heads(self) -> dict:
+        """Model heads this method needs (``create_model(heads=...)``)."""
+        return {}
+
+    def wrap_dataset(self, dataset, split: str):
+        """Give the method a chance to add labels to a dataset (e.g. weak labels)."""
+        return dataset
+
+    def setup(self, trainer) -> None:
+        """Called once by the trainer before training (after resume)."""
+
+    # ------------------------------------------------------------------ step
+    def targets(self, batch: dict) -> dict:
+        """Add auxiliary labels to a batch already on the device and augmented."""
+        return batch
+
+    def loss(self, out, batch: dict, step: int, total_steps: int) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def after_step(self, trainer, step: int) -> None:
+        """Called after every optimiser step with the 1-based number of steps done."""
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, out) -> Tensor:
+        """Segmentation logits ``(B, K, *S)`` from the model output."""
+        return out.seg
+
+    def segment(self, model, image: Tensor, batch: dict | None = None) -> Tensor:
+        """Label map ``(B, *S)`` for evaluation (the recursive method grows it once more)."""
+        return self.predict(model(image)).argmax(1)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # ------------------------------------------------------------------ helpers
+    def seg_loss(self, out, mask: Tensor, kind: str = "ce") -> tuple[Tensor, dict[str, float]]:
+        """Segmentation loss over the main output and every side output (U2Net: 7 terms).
+
+        ``kind``: ``ce``, ``dice_ce`` (Dice + CE, equal weights) or ``ce_iou``
+        (TDSNet: ``CE + (1 - soft IoU)``).
+        """
+        outputs = (out.seg,) + tuple(out.side)
+        total = 0.0
+        logs = {}
+        for i, logits in enumerate(outputs):
+            term = losses.cross_entropy(logits, mask, self.ignore_index)
+            if kind == "dice_ce":
+                term = term + losses.soft_dice_loss(logits, mask, self.ignore_index)
+            elif kind == "ce_iou":
+                term = term + (1 - losses.soft_iou(logits, mask, self.ignore_index))
+            elif kind != "ce":
+                raise ValueError(f"segmentation loss must be 'ce', 'dice_ce' or 'ce_iou', got {kind!r}")
+            total = total + term
+            if i == 0:
+                logs["seg"] = float(term.detach())
+        if len(outputs) > 1:
+            logs["seg_all"] = float(total.detach())
+        return total, logs

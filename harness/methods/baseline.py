@@ -1,0 +1,17 @@
+"""Single-task segmentation: cross-entropy, or Dice + cross-entropy (equal weights).
+
+Over U2Net's fused and six side outputs the loss is summed (seven terms), as in Qin et al.
+"""
+
+from __future__ import annotations
+
+from .base import Method, register_method
+
+
+@register_method("baseline")
+class Baseline(Method):
+    defaults = {"loss": "ce"}
+
+    def loss(self, out, batch, step, total_steps):
+        loss, logs = self.seg_loss(out, batch["mask"], self.options["loss"])
+        return loss, logs

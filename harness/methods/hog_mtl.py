@@ -1,0 +1,42 @@
+"""HOG-MTL (Bhattarai et al., MICCAI-W 2021 / MedIA 2023): regress the HOG of the input.
+
+Targets are ``mtseg_kernels.hog_pseudo_label`` of the *augmented* image, computed on the
+device inside the step (resize to 128 x 64, 6 orientations, 16 x 16 cells, 2 x 2
+blocks, L2-Hys: 504 values; other presets by ``dim``). Loss, summed over all heads:
+``alpha * sum_o CE(o) + beta * sum_h MSE(h, HOG)`` -- UNet: one CE and one HOG head at
+the bottleneck; U2Net: seven CE terms (fused + six side outputs) and six HOG heads (one
+per decoder stage). Paper defaults: alpha = beta = 1; Adam, lr 2e-4, halved every 50k
+of 150k iterations (``config_defaults``, overridden by the user's config).
+"""
+
+from __future__ import annotations
+
+import mtseg_kernels
+
+from . import losses
+from .base import Method, register_method
+
+
+@register_method("hog_mtl", "hog")
+class HOGMTL(Method):
+    defaults = {"alpha": 1.0, "beta": 1.0, "dim": 504, "seg_loss": "ce"}
+    config_defaults = {
+        "optim": {"name": "adam", "lr": 2e-4},
+        "sched": {"name": "step", "step_size": 50_000, "gamma": 0.5},
+        "train": {"steps": 150_000},
+    }
+
+    def heads(self):
+        return {"hog": int(self.options["dim"])}
+
+    def targets(self, batch):
+        batch["hog"] = mtseg_kernels.hog_pseudo_label(batch["image"].float(), dim=int(self.options["dim"]))
+        return batch
+
+    def loss(self, out, batch, step, total_steps):
+        seg, logs = self.seg_loss(out, batch["mask"], self.options["seg_loss"])
+        if not out.hog:
+            raise ValueError("hog_mtl: the model has no HOG head (build it with heads={'hog': dim})")
+        hog = sum(losses.mse(h, batch["hog"]) for h in out.hog)
+        logs["hog"] = float(hog.detach())
+        return self.options["alpha"] * seg + self.options["beta"] * hog, logs

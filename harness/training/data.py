@@ -1,0 +1,100 @@
+"""Datasets, loaders and the step-indexed data order of the trainer.
+
+The order of training samples is a function of (seed, step) only: epoch ``e`` is the
+permutation ``torch.randperm(n)`` drawn from a generator seeded with ``(seed, e)``, cut
+into global batches of ``batch_size * world_size`` (the last incomplete batch dropped);
+step ``s`` takes global batch ``s mod batches_per_epoch`` of epoch ``s div
+batches_per_epoch``, and process ``r`` takes the ``r``-th slice of it. A run resumed at
+step ``s`` therefore sees exactly the batches an uninterrupted run sees, and a
+2-process run sees the same global batches as a 1-process run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..config import data_root
+from ..data import collate, create_dataset
+
+
+class StepBatchSampler(Sampler):
+    """Infinite batch sampler indexed by training step (see the module docstring)."""
+
+    def __init__(self, n: int, batch_size: int, *, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 start_step: int = 0):
+        self.n, self.batch_size, self.world_size, self.rank = int(n), int(batch_size), int(world_size), int(rank)
+        self.seed, self.start_step = int(seed), int(start_step)
+        self.global_batch = self.batch_size * self.world_size
+        self.per_epoch = self.n // self.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(f"the training set has {n} samples, fewer than one global batch "
+                             f"({batch_size} x {world_size} processes); lower data.batch_size")
+
+    def order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def batch_at(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.per_epoch)
+        perm = self.order(epoch)
+        start = k * self.global_batch + self.rank * self.batch_size
+        return perm[start:start + self.batch_size].tolist()
+
+    def __iter__(self):
+        step = self.start_step
+        epoch, k = divmod(step, self.per_epoch)
+        perm = self.order(epoch)
+        while True:
+            if k == self.per_epoch:
+                epoch, k = epoch + 1, 0
+                perm = self.order(epoch)
+            start = k * self.global_batch + self.rank * self.batch_size
+            yield perm[start:start + self.batch_size].tolist()
+            k += 1
+
+    def __len__(self):  # infinite; DataLoader only needs this for len(loader)
+        return 2**62
+
+
+def build_dataset(cfg: dict, split_key: str, method=None):
+    d = cfg["data"]
+    split = d["splits"][split_key]
+    ds = create_dataset(d["name"], data_root(d["root"]), split=split, **(d.get("options") or {}))
+    if method is not None:
+        ds = method.wrap_dataset(ds, split_key)
+    return ds
+
+
+def train_loader(dataset, cfg: dict, *, world_size: int = 1, rank: int = 0, start_step: int = 0) -> DataLoader:
+    d = cfg["data"]
+    sampler = StepBatchSampler(len(dataset), d["batch_size"], world_size=world_size, rank=rank, seed=cfg["seed"],
+                               start_step=start_step)
+    workers = int(d.get("num_workers") or 0)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                      persistent_workers=False, pin_memory=False)
+
+
+def eval_loader(dataset, cfg: dict) -> DataLoader:
+    d = cfg["data"]
+    return DataLoader(dataset, batch_size=int(d.get("eval_batch_size") or d["batch_size"]), shuffle=False,
+                      collate_fn=collate, num_workers=int(d.get("num_workers") or 0))
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def slice_params(params: dict, rank: int, batch_size: int) -> dict:
+    """This process's part of augmentation parameters drawn for the whole global batch."""
+    lo, hi = rank * batch_size, (rank + 1) * batch_size
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out[k] = {a: t[lo:hi] for a, t in v.items()}
+        elif isinstance(v, torch.Tensor) and v.dim() >= 1:
+            out[k] = v[lo:hi]
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,337 @@
+"""The one trainer every method runs on.
+
+:class:`Trainer` takes a resolved config (:mod:`mtseg_harness.config`) and builds the
+datasets, the method, the model (with the method's heads), the optimiser and the LR
+schedule from it (or takes them ready-made). Per step: a global batch (see
+:mod:`.data`), to the device, seeded augmentation (:class:`~mtseg_harness.data.BatchAugment`),
+the method's auxiliary labels on the device, forward under autocast, the method's loss,
+backward (with a GradScaler for float16), gradient clipping, optimiser and scheduler
+step, then the method's hook (e.g. label updates), logging, validation every
+``train.val_every`` steps (best-on-validation checkpoint ``best.pt``) and ``last.pt``
+every ``train.checkpoint_every`` steps, both written atomically.
+
+Resuming (``train.resume: true`` or a path) restores model, optimiser, scheduler,
+scaler, step, best score, the method's state and every RNG (python, numpy, torch,
+CUDA, the augmentation generator); the data order is a function of the step, so a
+resumed run continues with exactly the batches an uninterrupted one would see. With
+``deterministic: true`` on the CPU the result is bitwise identical.
+A ``KeyboardInterrupt`` saves ``last.pt`` before it propagates.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import dump
+from ..data import BatchAugment
+from ..evaluation.evaluate import evaluate
+from ..methods import create_method
+from ..models import create_model
+from . import distributed as D
+from .checkpoint import load_checkpoint, save_atomic
+from .data import build_dataset, eval_loader, slice_params, to_device, train_loader
+from .logs import CSVLog, TensorBoardLog
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def amp_dtype_for(setting, device: torch.device):
+    """``auto``: bf16 (or fp16 without bf16) on CUDA, off on the CPU; ``bf16``/``fp16``/``off``/bool."""
+    if setting in (False, None, "off", "none", "false"):
+        return None
+    if setting in ("auto", True, "true", "on"):
+        if device.type != "cuda":
+            return torch.bfloat16 if setting is True else None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if setting not in table:
+        raise ValueError(f"train.amp must be auto, off, bf16 or fp16; got {setting!r}")
+    if device.type == "cpu" and table[setting] == torch.float16:
+        raise ValueError("train.amp=fp16 is for CUDA; use bf16 on the CPU")
+    return table[setting]
+
+
+def build_optimizer(params, o: dict) -> torch.optim.Optimizer:
+    name = str(o["name"]).lower()
+    if name == "adam":
+        return torch.optim.Adam(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
+                               nesterov=bool(o["nesterov"]))
+    raise ValueError(f"optim.name must be adam, adamw or sgd; got {o['name']!r}")
+
+
+def build_scheduler(opt, s: dict):
+    """Per-iteration LR schedules (torch's): step, multistep, cosine_restarts, or none."""
+    name = str(s["name"]).lower()
+    if name in ("none", "constant"):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=int(s["step_size"]), gamma=s["gamma"])
+    if name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(m) for m in s["milestones"]], gamma=s["gamma"])
+    if name in ("cosine_restarts", "cosine_warm_restarts"):
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=int(s["T_0"]), T_mult=int(s["T_mult"]),
+                                                                    eta_min=s["eta_min"])
+    raise ValueError(f"sched.name must be none, step, multistep or cosine_restarts; got {s['name']!r}")
+
+
+def _rng_state(augment: BatchAugment | None) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if augment is not None:
+        state["augment"] = augment.generator.get_state()
+    return state
+
+
+def _set_rng_state(state: dict, augment: BatchAugment | None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if augment is not None and "augment" in state:
+        augment.generator.set_state(state["augment"])
+
+
+class Trainer:
+    """Train ``cfg`` (a resolved config). Anything passed in replaces what the config would build."""
+
+    def __init__(self, cfg: dict, *, model: nn.Module | None = None, method=None, train_set=None, val_set=None,
+                 device=None, progress: bool | None = None):
+        self.cfg = cfg
+        t = cfg["train"]
+        if t.get("threads"):
+            torch.set_num_threads(int(t["threads"]))
+        dev_name = cfg.get("device", "auto") if device is None else str(device)
+        self.rank, self.world, self.local_rank = D.init_distributed(resolve_device(dev_name).type)
+        self.device = resolve_device(dev_name, self.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        seed_everything(int(cfg["seed"]), bool(cfg["deterministic"]))
+        self.is_main = self.rank == 0
+        self.out_dir = Path(t["out_dir"])
+        self.total_steps = int(t["steps"])
+
+        self.train_set = train_set if train_set is not None else build_dataset(cfg, "train")
+        self.num_classes = int(getattr(self.train_set, "num_classes"))
+        self.ignore_index = int(getattr(self.train_set, "ignore_index", 255))
+        self.class_names = list(getattr(self.train_set, "class_names", ()) or [str(k) for k in range(self.num_classes)])
+        if method is None:
+            mopts = {k: v for k, v in cfg["method"].items() if k != "name"}
+            method = create_method(cfg["method"]["name"], self.num_classes, self.ignore_index, **mopts)
+        self.method = method
+        self.train_set = self.method.wrap_dataset(self.train_set, "train")
+        self.val_set = val_set
+        if self.val_set is None and t["val_every"] and cfg["data"]["splits"].get("val"):
+            self.val_set = build_dataset(cfg, "val")
+        if model is None:
+            first = self.train_set[0]
+            heads = {**self.method.heads(), **(cfg["model"].get("heads") or {})}
+            model = create_model(cfg["model"]["name"], int(first["image"].shape[0]), self.num_classes, heads=heads,
+                                 **(cfg["model"].get("options") or {}))
+        self.model = model.to(self.device)
+        self.ddp_model = self.model
+        if self.world > 1:
+            if self.device.type == "cuda" and t.get("sync_bn", True):
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+
+        self.optimizer = build_optimizer(self.model.parameters(), cfg["optim"])
+        self.scheduler = build_scheduler(self.optimizer, cfg["sched"])
+        self.amp_dtype = amp_dtype_for(t["amp"], self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        aug = cfg["data"].get("augment") or {}
+        self.augment = BatchAugment(seed=int(cfg["seed"]), ignore_index=self.ignore_index, **aug) if aug else None
+
+        self.step = 0
+        self.best = -math.inf
+        self.best_step = None
+        self.history: list[dict] = []
+        self.val_history: list[dict] = []
+        self.show_progress = bool(t["progress"]) if progress is None else progress
+        resume = t.get("resume")
+        if resume:
+            path = self.out_dir / "last.pt" if resume is True or resume == "auto" else Path(resume)
+            if path.is_file():
+                self.load(path)
+            elif resume not in (True, "auto"):
+                raise FileNotFoundError(f"train.resume: checkpoint {path} not found")
+        self.method.setup(self)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "best": self.best,
+            "best_step": self.best_step,
+            "method": self.method.state_dict(),
+            "rng": _rng_state(self.augment),
+            "config": self.cfg,
+            "world_size": self.world,
+        }
+
+    def save(self, path) -> Path | None:
+        if not self.is_main:
+            return None
+        return save_atomic(self.state_dict(), path)
+
+    def load(self, path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best = float(state["best"])
+        self.best_step = state.get("best_step")
+        self.method.load_state_dict(state.get("method") or {})
+        rng = state["rng"]
+        if isinstance(rng.get("torch"), torch.Tensor):
+            rng["torch"] = rng["torch"].cpu()
+        if "augment" in rng:
+            rng["augment"] = rng["augment"].cpu()
+        _set_rng_state(rng, self.augment)
+
+    # ------------------------------------------------------------------ one step
+    def prepare(self, batch: dict) -> dict:
+        batch = to_device(batch, self.device)
+        batch["image"] = batch["image"].float()
+        if self.augment is not None:
+            b = batch["image"].shape[0]
+            params = self.augment.sample_params(b * self.world, batch["image"].shape[2:])
+            if self.world > 1:
+                params = slice_params(params, self.rank, b)
+            batch = self.augment.apply(batch, params)
+        with torch.no_grad():
+            batch = self.method.targets(batch)
+        return batch
+
+    def train_step(self, batch: dict) -> tuple[float, dict]:
+        self.ddp_model.train()
+        batch = self.prepare(batch)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = self.ddp_model(batch["image"])
+        loss, logs = self.method.loss(out, batch, self.step, self.total_steps)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {self.step}: loss is {float(loss)} ({logs})")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        clip = self.cfg["train"].get("grad_clip")
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip)))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.method.after_step(self, self.step)
+        return float(loss.detach()), logs
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Train until ``train.steps`` (or ``stop_at``, which saves ``last.pt`` there, as an interruption would)."""
+        t = self.cfg["train"]
+        end = self.total_steps if stop_at is None else min(int(stop_at), self.total_steps)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(dump(self.cfg))
+        train_log = CSVLog(self.out_dir / "train_log.csv") if self.is_main else None
+        val_log = CSVLog(self.out_dir / "val_log.csv") if self.is_main else None
+        if self.is_main:
+            train_log.truncate_after(self.step)
+            val_log.truncate_after(self.step)
+        tb = TensorBoardLog(self.out_dir / "tb", enabled=self.is_main and bool(t.get("tensorboard")))
+        loader = train_loader(self.train_set, self.cfg, world_size=self.world, rank=self.rank, start_step=self.step)
+        bar = None
+        if self.is_main and self.show_progress and end > self.step:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=end, initial=self.step, desc=str(self.cfg["method"]["name"]), dynamic_ncols=True,
+                       leave=False)
+        gbatch = int(self.cfg["data"]["batch_size"]) * self.world
+        log_every, val_every = int(t["log_every"] or 0), int(t["val_every"] or 0)
+        ckpt_every = int(t["checkpoint_every"] or 0)
+        losses, t0, t_log = [], time.perf_counter(), time.perf_counter()
+        it = iter(loader)
+        try:
+            while self.step < end:
+                batch = next(it)
+                loss, logs = self.train_step(batch)
+                losses.append(loss)
+                now = time.perf_counter()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{gbatch / max(now - t0, 1e-9):.1f}")
+                t0 = now
+                if self.is_main and log_every and (self.step % log_every == 0 or self.step == end):
+                    row = {"step": self.step, "loss": float(np.mean(losses)), "lr": self.scheduler.get_last_lr()[0],
+                           "img_s": gbatch * len(losses) / max(now - t_log, 1e-9), **logs}
+                    train_log.write(row)
+                    tb.write("train", row, self.step)
+                    self.history.append(row)
+                    losses, t_log = [], time.perf_counter()
+                if val_every and self.val_set is not None and (self.step % val_every == 0 or self.step == self.total_steps):
+                    self._validate(val_log, tb)
+                    t0 = t_log = time.perf_counter()
+                if ckpt_every and self.step % ckpt_every == 0:
+                    self.save(self.out_dir / "last.pt")
+        except KeyboardInterrupt:
+            self.save(self.out_dir / "last.pt")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            tb.close()
+        self.save(self.out_dir / "last.pt")
+        D.barrier()
+        return {"step": self.step, "best": self.best, "best_step": self.best_step}
+
+    def _validate(self, val_log, tb) -> None:
+        if self.is_main:
+            loader = eval_loader(self.val_set, self.cfg)
+            _, summary, _ = evaluate(self.model, self.method, loader, self.device, self.num_classes, self.ignore_index,
+                                     self.class_names, hd=False, pad_multiple=int(self.cfg["eval"].get("pad_multiple", 32)),
+                                     max_batches=self.cfg["train"].get("val_max_batches"), amp_dtype=self.amp_dtype)
+            score = summary.get("dice_fg", float("nan"))
+            row = {"step": self.step, "dice_fg": score, "miou": summary.get("miou")}
+            val_log.write(row)
+            tb.write("val", row, self.step)
+            self.val_history.append(row)
+            if np.isfinite(score) and score > self.best:
+                self.best, self.best_step = float(score), self.step
+                self.save(self.out_dir / "best.pt")
+        D.barrier()
