@@ -46,10 +46,14 @@ MTSEG_ALWAYS_INLINE T log1p_(T y) {
   return d == T(0) ? y : l;
 }
 
-// Probabilities of all K classes of one chunk: P[k * len + x]. With kLog, also
-// L = log(1 - P), computed without cancellation: for the winning class of a voxel
-// (softmax) from the sum of the other classes, for sigmoid as -softplus(z).
-template <typename T, Activation A, bool kLog>
+// What probabilities() writes into L next to the probabilities P.
+enum class Extra { None, Log, Complement };
+
+// Probabilities of all K classes of one chunk: P[k * len + x]. With Extra::Log, also
+// L = log(1 - P), with Extra::Complement L = 1 - P, both without cancellation: for the
+// winning class of a voxel (softmax) from the sum of the other classes, for sigmoid from
+// exp(-|z|) (log: -softplus(z)).
+template <typename T, Activation A, Extra E>
 MTSEG_ALWAYS_INLINE void probabilities_impl(const T* __restrict z, int64_t stride, int64_t K, int64_t len,
                                             T* __restrict P, T* __restrict L, T* __restrict zmax,
                                             T* __restrict others, index_t<T>* __restrict winner) {
@@ -77,19 +81,21 @@ MTSEG_ALWAYS_INLINE void probabilities_impl(const T* __restrict z, int64_t strid
         others[x] += winner[x] == static_cast<index_t<T>>(k) ? T(0) : e;
       }
     }
-    // zmax is no longer needed: it holds 1 / (1 + others) from here on.
+    // zmax is no longer needed: it holds 1 / (1 + others) from here on, and others holds
+    // log(1 - p) of the winning class, others / (1 + others).
     for (int64_t x = 0; x < len; ++x) zmax[x] = T(1) / (T(1) + others[x]);
+    if constexpr (E == Extra::Log)
+      for (int64_t x = 0; x < len; ++x) others[x] = log_(others[x] * zmax[x]);
+    if constexpr (E == Extra::Complement)
+      for (int64_t x = 0; x < len; ++x) others[x] = others[x] * zmax[x];
     for (int64_t k = 0; k < K; ++k) {
       T* pk = P + k * len;
       T* lk = L + k * len;
       for (int64_t x = 0; x < len; ++x) {
         const T p = pk[x] * zmax[x];
         pk[x] = p;
-        if constexpr (kLog) {
-          const T rest = log_(others[x] * zmax[x]);
-          const T lp = log1p_(-p);
-          lk[x] = winner[x] == static_cast<index_t<T>>(k) ? rest : lp;
-        }
+        if constexpr (E == Extra::Log) lk[x] = winner[x] == static_cast<index_t<T>>(k) ? others[x] : log1p_(-p);
+        if constexpr (E == Extra::Complement) lk[x] = winner[x] == static_cast<index_t<T>>(k) ? others[x] : T(1) - p;
       }
     }
   } else if constexpr (A == Activation::Sigmoid) {
@@ -102,7 +108,8 @@ MTSEG_ALWAYS_INLINE void probabilities_impl(const T* __restrict z, int64_t strid
         const T a = exp_(-std::abs(v));
         const T d = T(1) + a;
         pk[x] = (v >= T(0) ? T(1) : a) / d;
-        if constexpr (kLog) lk[x] = -((v > T(0) ? v : T(0)) + log1p_(a));
+        if constexpr (E == Extra::Log) lk[x] = -((v > T(0) ? v : T(0)) + log1p_(a));
+        if constexpr (E == Extra::Complement) lk[x] = (v >= T(0) ? a : T(1)) / d;
       }
     }
   } else {
@@ -112,7 +119,8 @@ MTSEG_ALWAYS_INLINE void probabilities_impl(const T* __restrict z, int64_t strid
       T* lk = L + k * len;
       for (int64_t x = 0; x < len; ++x) {
         pk[x] = zk[x];
-        if constexpr (kLog) lk[x] = log1p_(-zk[x]);
+        if constexpr (E == Extra::Log) lk[x] = log1p_(-zk[x]);
+        if constexpr (E == Extra::Complement) lk[x] = T(1) - zk[x];
       }
     }
   }
@@ -157,10 +165,12 @@ MTSEG_ALWAYS_INLINE void activation_backward_impl(const T* __restrict z, int64_t
                              int32_t* __restrict winner) {                                                           \
     probabilities_impl<float, A, LOG>(z, stride, K, len, P, L, zmax, others, winner);                                \
   }
-MTSEG_DEFINE_PROBABILITIES(probabilities_softmax, Activation::Softmax, false)
-MTSEG_DEFINE_PROBABILITIES(probabilities_softmax_log, Activation::Softmax, true)
-MTSEG_DEFINE_PROBABILITIES(probabilities_sigmoid, Activation::Sigmoid, false)
-MTSEG_DEFINE_PROBABILITIES(probabilities_sigmoid_log, Activation::Sigmoid, true)
+MTSEG_DEFINE_PROBABILITIES(probabilities_softmax, Activation::Softmax, Extra::None)
+MTSEG_DEFINE_PROBABILITIES(probabilities_softmax_log, Activation::Softmax, Extra::Log)
+MTSEG_DEFINE_PROBABILITIES(probabilities_softmax_complement, Activation::Softmax, Extra::Complement)
+MTSEG_DEFINE_PROBABILITIES(probabilities_sigmoid, Activation::Sigmoid, Extra::None)
+MTSEG_DEFINE_PROBABILITIES(probabilities_sigmoid_log, Activation::Sigmoid, Extra::Log)
+MTSEG_DEFINE_PROBABILITIES(probabilities_sigmoid_complement, Activation::Sigmoid, Extra::Complement)
 #undef MTSEG_DEFINE_PROBABILITIES
 
 #define MTSEG_DEFINE_ACTIVATION_BACKWARD(NAME, A)                                                                  \
@@ -173,26 +183,35 @@ MTSEG_DEFINE_ACTIVATION_BACKWARD(activation_backward_softmax, Activation::Softma
 MTSEG_DEFINE_ACTIVATION_BACKWARD(activation_backward_sigmoid, Activation::Sigmoid)
 #undef MTSEG_DEFINE_ACTIVATION_BACKWARD
 
-template <typename T>
-void probabilities(Activation A, bool want_log, const T* z, int64_t stride, int64_t K, int64_t len, T* P, T* L, T* zmax,
-                   T* others, index_t<T>* winner) {
+template <typename T, Extra E>
+void probabilities_for(Activation A, const T* z, int64_t stride, int64_t K, int64_t len, T* P, T* L, T* zmax, T* others,
+                       index_t<T>* winner) {
   if constexpr (std::is_same_v<T, float>) {
+    constexpr bool log = E == Extra::Log, none = E == Extra::None;
     if (A == Activation::Softmax)
-      return want_log ? probabilities_softmax_log(z, stride, K, len, P, L, zmax, others, winner)
-                      : probabilities_softmax(z, stride, K, len, P, L, zmax, others, winner);
+      return (log ? probabilities_softmax_log : none ? probabilities_softmax : probabilities_softmax_complement)(
+          z, stride, K, len, P, L, zmax, others, winner);
     if (A == Activation::Sigmoid)
-      return want_log ? probabilities_sigmoid_log(z, stride, K, len, P, L, zmax, others, winner)
-                      : probabilities_sigmoid(z, stride, K, len, P, L, zmax, others, winner);
+      return (log ? probabilities_sigmoid_log : none ? probabilities_sigmoid : probabilities_sigmoid_complement)(
+          z, stride, K, len, P, L, zmax, others, winner);
   } else {
     if (A == Activation::Softmax)
-      return want_log ? probabilities_impl<T, Activation::Softmax, true>(z, stride, K, len, P, L, zmax, others, winner)
-                      : probabilities_impl<T, Activation::Softmax, false>(z, stride, K, len, P, L, zmax, others, winner);
+      return probabilities_impl<T, Activation::Softmax, E>(z, stride, K, len, P, L, zmax, others, winner);
     if (A == Activation::Sigmoid)
-      return want_log ? probabilities_impl<T, Activation::Sigmoid, true>(z, stride, K, len, P, L, zmax, others, winner)
-                      : probabilities_impl<T, Activation::Sigmoid, false>(z, stride, K, len, P, L, zmax, others, winner);
+      return probabilities_impl<T, Activation::Sigmoid, E>(z, stride, K, len, P, L, zmax, others, winner);
   }
-  return want_log ? probabilities_impl<T, Activation::None, true>(z, stride, K, len, P, L, zmax, others, winner)
-                  : probabilities_impl<T, Activation::None, false>(z, stride, K, len, P, L, zmax, others, winner);
+  probabilities_impl<T, Activation::None, E>(z, stride, K, len, P, L, zmax, others, winner);
+}
+
+template <typename T>
+void probabilities(Activation A, Extra E, const T* z, int64_t stride, int64_t K, int64_t len, T* P, T* L, T* zmax,
+                   T* others, index_t<T>* winner) {
+  switch (E) {
+    case Extra::None: return probabilities_for<T, Extra::None>(A, z, stride, K, len, P, L, zmax, others, winner);
+    case Extra::Log: return probabilities_for<T, Extra::Log>(A, z, stride, K, len, P, L, zmax, others, winner);
+    case Extra::Complement:
+      return probabilities_for<T, Extra::Complement>(A, z, stride, K, len, P, L, zmax, others, winner);
+  }
 }
 
 template <typename T>
@@ -366,7 +385,7 @@ void soft_presence_forward_kernel(const Problem& pr, const T* in, const bool* ma
   const int64_t B = pr.B, K = pr.K, N = pr.N, C = pr.n_chunks;
   std::vector<Partial> partials(B * C * K);
   std::vector<int64_t> valid_counts(B * C, 0);
-  const bool want_log = pr.mode == Mode::NoisyOr;
+  const Extra extra = pr.mode == Mode::NoisyOr ? Extra::Log : Extra::None;
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> s(K, std::min(kChunk, N));
     for (int64_t task = begin; task < end; ++task) {
@@ -376,7 +395,7 @@ void soft_presence_forward_kernel(const Problem& pr, const T* in, const bool* ma
       int64_t n = 0;
       for (int64_t x = 0; x < len; ++x) n += s.valid[x] != T(0);
       valid_counts[task] = n;
-      probabilities<T>(pr.act, want_log, z, N, K, len, s.P.data(), s.L.data(), s.zmax.data(), s.others.data(),
+      probabilities<T>(pr.act, extra, z, N, K, len, s.P.data(), s.L.data(), s.zmax.data(), s.others.data(),
                        s.winner.data());
       for (int64_t k = 0; k < K; ++k)
         partials[task * K + k] = reduce_class(pr, s.P.data() + k * len, s.L.data() + k * len, s.valid.data(), x0, len);
@@ -434,14 +453,25 @@ void soft_presence_backward_kernel(const Problem& pr, const T* grad, const T* in
   const int64_t B = pr.B, K = pr.K, N = pr.N, C = pr.n_chunks;
   if (pr.mode == Mode::Max) return max_backward_kernel(pr, grad, in, stats, out);
   const bool noisy_or = pr.mode == Mode::NoisyOr;
+  // Noisy-or: d(1 - prod(1 - p))/dp_x = prod over the other voxels of (1 - p). Where
+  // exp(S) (S = sum log(1 - p)) is a normal number of T and no p is 1, it is
+  // exp(S) / (1 - p_x), from the complements (no log needed); otherwise
+  // exp(S - log(1 - p_x)) from the logs, with the voxels of p = 1 handled apart.
+  const double min_log = std::is_same_v<T, float> ? -80.0 : -700.0;
+  std::vector<char> by_complement(B, noisy_or);
+  if (noisy_or)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < K; ++k)
+        if (stats[2 * (b * K + k) + 1] != 0 || !(stats[2 * (b * K + k)] >= min_log)) by_complement[b] = false;
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> s(K, std::min(kChunk, N));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / C, x0 = (task % C) * kChunk, len = std::min(kChunk, N - x0);
       const T* z = in + b * K * N + x0;
+      const bool complement = by_complement[b] && pr.act != Activation::None;
       load_valid(mask == nullptr ? nullptr : mask + b * N + x0, len, s.valid.data());
-      probabilities<T>(pr.act, noisy_or, z, N, K, len, s.P.data(), s.L.data(), s.zmax.data(), s.others.data(),
-                       s.winner.data());
+      probabilities<T>(pr.act, !noisy_or ? Extra::None : complement ? Extra::Complement : Extra::Log, z, N, K, len,
+                       s.P.data(), s.L.data(), s.zmax.data(), s.others.data(), s.winner.data());
       // dPresence/dp per class, written over L.
       for (int64_t k = 0; k < K; ++k) {
         const double* st = stats + 2 * (b * K + k);
@@ -449,8 +479,10 @@ void soft_presence_backward_kernel(const Problem& pr, const T* grad, const T* in
         const T* p = s.P.data() + k * len;
         T* G = s.L.data() + k * len;
         const T* valid = s.valid.data();
-        if (noisy_or) {
-          // d(1 - prod(1 - p))/dp_x = prod over the other voxels of (1 - p) = exp(S - log(1 - p_x)).
+        if (noisy_or && complement) {
+          const T gp = static_cast<T>(static_cast<double>(g) * std::exp(st[0]));
+          for (int64_t x = 0; x < len; ++x) G[x] = valid[x] != T(0) ? gp / G[x] : T(0);
+        } else if (noisy_or) {
           const T S = static_cast<T>(st[0]);
           const double inf_count = st[1];
           const T lone = static_cast<T>(std::exp(st[0]));  // the one voxel with p = 1, when there is one
