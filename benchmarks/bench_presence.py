@@ -115,12 +115,21 @@ def peak_extra_mib(name: str, shape, mode: str) -> float:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("contestant", list(CONTESTANTS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_sync_loss_fwd_bwd(benchmark, case, contestant, mode):
+def test_sync_loss_fwd_bwd(benchmark, runtime_info, case, contestant, mode):
     shape = CASES[case]
     benchmark.group = f"{case}-{mode}"
     seg, cls = _inputs(shape)
     fn = CONTESTANTS[contestant]
     _step(fn, seg, cls, mode)  # warm-up (and compilation for torch.compile)
-    benchmark.extra_info.update(shape=list(shape), threads=torch.get_num_threads(), mode=mode)
+    benchmark.extra_info.update(runtime_info)
+    benchmark.extra_info.update(
+        contestant=f"{contestant} sync_loss fwd+bwd",
+        role="mtseg" if contestant == "mtseg" else "peer",  # baseline of summarize.py's speed-up column
+        device="cpu",
+        input_dtype="float32",
+        n_images=shape[0],
+        shape=list(shape),
+        mode=mode,
+    )
     benchmark.pedantic(_step, args=(fn, seg, cls, mode), rounds=5, warmup_rounds=1)
     benchmark.extra_info["peak_extra_mib"] = round(peak_extra_mib(contestant, shape, mode), 1)
