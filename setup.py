@@ -104,13 +104,17 @@ setup(
     + ["mtseg_harness." + p for p in find_packages(where="harness")],
     # `harness/` installs as `mtseg_harness`: a top-level `harness` would collide in site-packages.
     package_dir={"mtseg_harness": "harness"},
+    package_data={"mtseg_harness": ["assets/hc18_sample/*.csv", "assets/hc18_sample/*.md",
+                                    "assets/hc18_sample/training_set/*.png"]},
+    entry_points={"console_scripts": ["mtseg = mtseg_harness.cli:main"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.6,<3", "numpy>=1.24"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "scikit-image>=0.25", "scipy>=1.11", "expecttest"],
         "bench": ["pytest-benchmark>=4", "scikit-image>=0.25", "opencv-python-headless>=4.8,<5"],
-        "harness": ["nibabel>=5", "pandas>=2", "scipy>=1.11", "scikit-image>=0.25"],
+        "harness": ["nibabel>=5", "pandas>=2", "scipy>=1.11", "scikit-image>=0.25", "pyyaml>=6", "matplotlib>=3.7",
+                    "tqdm>=4.60", "pillow>=9"],
     },
     zip_safe=False,
 )

@@ -11,7 +11,8 @@ The final config is ``DEFAULTS`` <- the method's paper defaults
 Sections::
 
     seed, deterministic, device         run-wide
-    data:   name, root, options, splits, batch_size, num_workers, augment, eval_batch_size
+    data:   name, root, options, splits, batch_size, eval_batch_size, num_workers, augment, input_size
+            (train on images resized to [H, W]; evaluation resizes the logits back)
     model:  name, options (architecture keyword arguments)
     method: name, + the method's options (see mtseg_harness.methods)
     optim:  name (adam|adamw|sgd), lr, weight_decay, betas, momentum, nesterov
@@ -45,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
         "eval_batch_size": 8,
         "num_workers": 0,
         "augment": {"flip_prob": 0.5},
-        "cache": True,
+        "input_size": None,
     },
     "model": {"name": "unet", "options": {}},
     "method": {"name": "baseline"},

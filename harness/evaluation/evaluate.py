@@ -25,22 +25,52 @@ def _pad(x: torch.Tensor, multiple: int):
     return F.pad(x, pad), tuple(slice(0, s) for s in spatial)
 
 
+def resize_image(image: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear, antialiased resize of ``(B, C, H, W)`` images (what the trainer does with ``data.input_size``)."""
+    if size is None or tuple(image.shape[2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+
 @torch.no_grad()
 def predict_batch(model, method, image: torch.Tensor, batch: dict | None = None, pad_multiple: int = 32,
-                  amp_dtype=None) -> torch.Tensor:
-    """Label maps ``(B, *S)`` for an image batch, padding to ``pad_multiple`` and cropping back."""
-    x, crop = _pad(image, pad_multiple)
+                  amp_dtype=None, input_size=None) -> torch.Tensor:
+    """Label maps ``(B, *S)`` at the images' own size.
+
+    With ``input_size`` the model sees images resized to it and its logits are resized
+    back; the input is zero-padded to a multiple of ``pad_multiple`` and the output cropped.
+    """
+    size = tuple(image.shape[2:])
+    x = resize_image(image, input_size)
+    x, crop = _pad(x, pad_multiple)
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        labels = method.segment(model, x, batch)
-    if crop is not None:
-        labels = labels[(slice(None),) + crop]
+        if crop is None and input_size is None:
+            labels = method.segment(model, x, batch)
+        else:
+            labels = method.segment(_Cropped(model, crop), x, batch, out_size=size)
     return labels
+
+
+class _Cropped(torch.nn.Module):
+    """Crops every spatial output of a model back to the unpadded size."""
+
+    def __init__(self, model, crop):
+        super().__init__()
+        self.model, self.crop = model, crop
+
+    def forward(self, x):
+        out = self.model(x)
+        if self.crop is None:
+            return out
+        c = (slice(None), slice(None)) + self.crop
+        return out._replace(seg=out.seg[c], side=tuple(s[c] for s in out.side),
+                            approx=None if out.approx is None else out.approx[c])
 
 
 @torch.no_grad()
 def evaluate(model, method, loader, device, num_classes: int, ignore_index: int = 255, class_names=None,
              hd: bool = True, pad_multiple: int = 32, keep_examples: int = 0, max_batches: int | None = None,
-             amp_dtype=None, objects: bool = False, brats: bool = False):
+             amp_dtype=None, objects: bool = False, brats: bool = False, input_size=None):
     """Per-image metric table and the mean of every column.
 
     Returns ``(table, summary, examples)``: ``table`` a DataFrame with one row per image
@@ -62,7 +92,7 @@ def evaluate(model, method, loader, device, num_classes: int, ignore_index: int 
                 break
             image = batch["image"].to(device).float()
             target = batch["mask"]
-            pred = predict_batch(model, method, image, batch, pad_multiple, amp_dtype).cpu()
+            pred = predict_batch(model, method, image, batch, pad_multiple, amp_dtype, input_size).cpu()
             cm += M.confusion_matrix(pred, target, num_classes, ignore_index)
             dice, iou = M.dice_iou(pred, target, num_classes, ignore_index)
             surf = None

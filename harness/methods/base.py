@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import losses
@@ -97,9 +98,16 @@ class Method:
         """Segmentation logits ``(B, K, *S)`` from the model output."""
         return out.seg
 
-    def segment(self, model, image: Tensor, batch: dict | None = None) -> Tensor:
-        """Label map ``(B, *S)`` for evaluation (the recursive method grows it once more)."""
-        return self.predict(model(image)).argmax(1)
+    def segment(self, model, image: Tensor, batch: dict | None = None, out_size=None) -> Tensor:
+        """Label map ``(B, *S)`` for evaluation (the recursive method grows it once more).
+
+        ``out_size``: spatial size of the labels when the model ran on a resized image
+        (logits are resized bilinearly before the argmax).
+        """
+        logits = self.predict(model(image)).float()
+        if out_size is not None and tuple(logits.shape[2:]) != tuple(out_size):
+            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return logits.argmax(1)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

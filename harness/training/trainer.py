@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import dump
 from ..data import BatchAugment
-from ..evaluation.evaluate import evaluate
+from ..data.transforms import LABEL_KEYS
+from ..evaluation.evaluate import evaluate, resize_image
 from ..methods import create_method
 from ..models import create_model
 from . import distributed as D
@@ -231,6 +233,13 @@ class Trainer:
     def prepare(self, batch: dict) -> dict:
         batch = to_device(batch, self.device)
         batch["image"] = batch["image"].float()
+        size = self.cfg["data"].get("input_size")
+        if size is not None and tuple(batch["image"].shape[2:]) != tuple(size):
+            batch["image"] = resize_image(batch["image"], size)
+            for k in LABEL_KEYS:
+                if isinstance(batch.get(k), torch.Tensor):
+                    v = batch[k]
+                    batch[k] = F.interpolate(v.unsqueeze(1).double(), size=tuple(size), mode="nearest-exact")[:, 0].to(v.dtype)
         if self.augment is not None:
             b = batch["image"].shape[0]
             params = self.augment.sample_params(b * self.world, batch["image"].shape[2:])
@@ -325,7 +334,8 @@ class Trainer:
             loader = eval_loader(self.val_set, self.cfg)
             _, summary, _ = evaluate(self.model, self.method, loader, self.device, self.num_classes, self.ignore_index,
                                      self.class_names, hd=False, pad_multiple=int(self.cfg["eval"].get("pad_multiple", 32)),
-                                     max_batches=self.cfg["train"].get("val_max_batches"), amp_dtype=self.amp_dtype)
+                                     max_batches=self.cfg["train"].get("val_max_batches"), amp_dtype=self.amp_dtype,
+                                     input_size=self.cfg["data"].get("input_size"))
             score = summary.get("dice_fg", float("nan"))
             row = {"step": self.step, "dice_fg": score, "miou": summary.get("miou")}
             val_log.write(row)

@@ -1,0 +1,152 @@
+"""Trainer: resume = uninterrupted (bitwise), atomic checkpoints, data order, schedules, AMP, clipping, logs."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from mtseg_harness.training import StepBatchSampler, Trainer, build_scheduler, save_atomic
+from mtseg_harness.training.checkpoint import load_checkpoint
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("method", ["baseline", "hog_mtl"])
+def test_resume_after_interrupt_is_bitwise_identical(tmp_path, method):
+    extra = {"method": {"name": method}, "train": {"steps": 6, "val_every": 3, "log_every": 1},
+             "sched": {"name": "step", "step_size": 2, "gamma": 0.5}}
+    full = Trainer(tiny_config(tmp_path / "full", **extra))
+    full.fit()
+    a = _weights(full.model)
+
+    part = Trainer(tiny_config(tmp_path / "part", **extra))
+    part.fit(stop_at=4)  # "interrupted" after step 4: last.pt written there
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 4
+    del part
+    resumed = Trainer(tiny_config(tmp_path / "part", **{**extra, "train": {**extra["train"], "resume": True}}))
+    assert resumed.step == 4
+    resumed.fit()
+    _same(a, _weights(resumed.model))
+    assert resumed.optimizer.param_groups[0]["lr"] == full.optimizer.param_groups[0]["lr"]
+    # the logs of the resumed run read like the uninterrupted one (same steps, same losses)
+    import pandas as pd
+
+    la, lb = pd.read_csv(tmp_path / "full" / "train_log.csv"), pd.read_csv(tmp_path / "part" / "train_log.csv")
+    assert la["step"].tolist() == lb["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert la["loss"].tolist() == lb["loss"].tolist()
+    assert resumed.best == full.best and resumed.best_step == full.best_step
+
+
+def test_keyboard_interrupt_saves_last_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, train={"steps": 5})
+    tr = Trainer(cfg)
+    calls = {"n": 0}
+    orig = tr.method.after_step
+
+    def boom(trainer, step):
+        orig(trainer, step)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    tr.method.after_step = boom
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+
+
+def test_best_checkpoint_and_logs(tmp_path):
+    cfg = tiny_config(tmp_path, train={"steps": 4, "val_every": 2, "checkpoint_every": 2})
+    tr = Trainer(cfg)
+    tr.fit()
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["step"] == tr.best_step and best["best"] == tr.best
+    assert (tmp_path / "config.yaml").is_file()
+    import pandas as pd
+
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert {"step", "loss", "lr", "img_s", "seg"} <= set(log.columns)
+    val = pd.read_csv(tmp_path / "val_log.csv")
+    assert val["step"].tolist() == [2, 4]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "ck.pt"
+    save_atomic({"a": 1}, path)
+
+    class Bad:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        save_atomic({"a": Bad()}, path)
+    assert torch.load(path) == {"a": 1}
+    assert os.listdir(tmp_path) == ["ck.pt"]
+
+
+def test_step_sampler_order_is_a_function_of_the_step_and_shards_the_global_batch():
+    one = StepBatchSampler(23, 6, seed=3)
+    it = iter(one)
+    batches = [next(it) for _ in range(9)]
+    assert batches == [one.batch_at(s) for s in range(9)]
+    # an epoch covers 3 batches of 6 distinct samples (the last 5 samples are dropped, re-drawn next epoch)
+    assert len(set(sum(batches[:3], []))) == 18
+    later = iter(StepBatchSampler(23, 6, seed=3, start_step=5))
+    assert next(later) == batches[5]
+    # two processes with 3 each hold the two halves of the 1-process batch of 6
+    r0 = iter(StepBatchSampler(23, 3, world_size=2, rank=0, seed=3))
+    r1 = iter(StepBatchSampler(23, 3, world_size=2, rank=1, seed=3))
+    for s in range(9):
+        assert next(r0) + next(r1) == batches[s]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        StepBatchSampler(5, 4, world_size=2)
+
+
+@pytest.mark.parametrize("sched,expected", [
+    ({"name": "step", "step_size": 2, "gamma": 0.5}, [1, 1, 0.5, 0.5, 0.25]),
+    ({"name": "multistep", "milestones": [1, 4], "gamma": 0.1}, [1, 0.1, 0.1, 0.1, 0.01]),
+    ({"name": "cosine_restarts", "T_0": 2, "T_mult": 1, "eta_min": 0.0}, [1, 0.5, 1, 0.5, 1]),
+    ({"name": "none"}, [1, 1, 1, 1, 1]),
+])
+def test_schedules_per_iteration(sched, expected):
+    from mtseg_harness.config import DEFAULTS
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    s = build_scheduler(opt, {**DEFAULTS["sched"], **sched})
+    got = []
+    for _ in range(5):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    assert got == pytest.approx(expected)
+
+
+def test_bf16_autocast_and_gradient_clipping_on_cpu(tmp_path):
+    cfg = tiny_config(tmp_path, train={"steps": 2, "amp": "bf16", "grad_clip": 0.01})
+    tr = Trainer(cfg)
+    assert tr.amp_dtype == torch.bfloat16
+    tr.fit()
+    assert tr.history[-1]["grad_norm"] > 0
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+
+
+def test_hog_mtl_paper_defaults_apply_unless_overridden(tmp_path):
+    from mtseg_harness.config import load_config
+
+    cfg = load_config(None, ["method.name=hog_mtl"])
+    assert cfg["optim"]["name"] == "adam" and cfg["optim"]["lr"] == 2e-4
+    assert cfg["sched"] == {**cfg["sched"], "name": "step", "step_size": 50_000, "gamma": 0.5}
+    assert cfg["train"]["steps"] == 150_000
+    cfg = load_config(None, ["method.name=hog_mtl", "optim.lr=1e-3"])
+    assert cfg["optim"]["lr"] == 1e-3
