@@ -68,7 +68,7 @@ class SegmentationModel(nn.Module):
         """Raise a clear error for a wrong rank, channel count or spatial size."""
         who = self.display_name
         nd = self.spatial_dims
-        axes = "(B, C, H, W)" if nd == 2 else "(B, C, H, W, D)"
+        axes = "(B, C, H, W)" if nd == 2 else "(B, C, D, H, W)"
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{who}: expected a tensor {axes}, got {type(x).__name__}")
         if x.dim() != nd + 2:

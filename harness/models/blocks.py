@@ -3,9 +3,10 @@
 Every factory takes ``spatial_dims`` (2 or 3) so one network definition serves both:
 ``conv(2, ...)`` is an ``nn.Conv2d``, ``conv(3, ...)`` an ``nn.Conv3d``. Kernel sizes,
 strides and dilations may be an int (same on every axis) or one value per axis, which
-is how the anisotropic 3D UNet asks for ``(3, 3, 1)`` in-plane and ``(1, 1, 3)``
+is how the anisotropic 3D UNet asks for ``(1, 3, 3)`` in-plane and ``(3, 1, 1)``
 through-plane convolutions. Tensors are ``(B, C, *spatial)`` with spatial ``(H, W)`` in
-2D and ``(H, W, D)`` in 3D (depth last, as in MONAI and NIfTI volumes).
+2D and ``(D, H, W)`` in 3D (depth first: torch's ``Conv3d`` order, the layout of the
+data adapters' volumes and of the ``mtseg`` operators).
 """
 
 from __future__ import annotations

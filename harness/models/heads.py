@@ -51,7 +51,7 @@ HEAD_NAMES = ("hog", "presence", "scene", "approx")
 class ModelOutput(NamedTuple):
     """The named outputs of every model; the same fields whatever heads are configured.
 
-    ``S`` is the input's spatial size, ``(H, W)`` in 2D or ``(H, W, D)`` in 3D.
+    ``S`` is the input's spatial size, ``(H, W)`` in 2D or ``(D, H, W)`` in 3D.
 
     Attributes:
         seg: segmentation logits ``(B, K, *S)`` (U2Net: the fused output).

@@ -7,9 +7,9 @@ widths, convolution kernels, pooling, normalisation and activation:
   norm; widths 64..1024 (depth 4). Upsampling by 2x2 transposed convolution, or
   (bi/tri)linear resize followed by a 1x1 convolution that halves the channels. Both
   variants keep the same bottleneck width, so the HOG head at the bottleneck fits both.
-* ``unet3d_aniso``: 3D UNet for BraTS-style crops ``(B, 4, 144, 144, 19)``: each block is
-  an in-plane ``3x3x1`` then a through-plane ``1x1x3`` convolution; pooling is in-plane
-  ``2x2x1`` (through-plane ``2x2x2`` only at levels where ``through_plane_pool`` says,
+* ``unet3d_aniso``: 3D UNet for BraTS-style crops ``(B, 4, 19, 144, 144)`` (D, H, W): each
+  block is an in-plane ``1x3x3`` then a through-plane ``3x1x1`` convolution; pooling is
+  in-plane ``1x2x2`` (through-plane ``2x2x2`` only at levels where ``through_plane_pool`` says,
   or where ``input_depth`` leaves enough slices).
 * ``cmunet``: CMU-Net's UNet (Moseley et al.): five encoder blocks 16 -> 256, two
   convs per block with instance norm and LeakyReLU(0.2), a mirrored decoder, 1x1
@@ -59,7 +59,7 @@ class UNet(SegmentationModel):
         channels: widths per level, shallow to deep; ``len(channels) - 1`` poolings.
         upsampling: ``"transpose"`` or ``"bilinear"`` (trilinear in 3D).
         kernel_sizes: kernel of each conv in a block, e.g. ``(3, 3)`` or
-            ``((3, 3, 1), (1, 1, 3))``.
+            ``((1, 3, 3), (3, 1, 1))``.
         pool_sizes: pooling per level transition (``len(channels) - 1`` entries, each
             an int or one int per axis); default 2 everywhere.
         norm, act, negative_slope: see :func:`~mtseg_harness.models.blocks.make_norm`.
@@ -212,10 +212,11 @@ def anisotropic_unet3d(in_channels: int = 4, num_classes: int = 4, *, spatial_di
                        channels: Sequence[int] = (32, 64, 128, 256, 512), upsampling: str = "transpose",
                        through_plane_pool: Sequence[bool] | None = None, input_depth: int | None = None,
                        **kwargs) -> UNet:
-    """Anisotropic 3D UNet for ``(B, 4, 144, 144, 19)`` BraTS crops (depth last).
+    """Anisotropic 3D UNet for ``(B, 4, 19, 144, 144)`` BraTS crops (depth first, as torch's
+    ``Conv3d`` and the data adapters lay out volumes: ``(D, H, W)``).
 
-    Blocks: in-plane ``(3, 3, 1)`` conv then through-plane ``(1, 1, 3)`` conv, each with
-    batch norm and ReLU. Pooling ``(2, 2, 1)``; a level pools ``(2, 2, 2)`` where
+    Blocks: in-plane ``(1, 3, 3)`` conv then through-plane ``(3, 1, 1)`` conv, each with
+    batch norm and ReLU. Pooling ``(1, 2, 2)``; a level pools ``(2, 2, 2)`` where
     ``through_plane_pool[level]`` is true (default: from ``input_depth`` by
     :func:`anisotropic_pool_schedule`; none when ``input_depth`` is not given).
     """
@@ -226,9 +227,9 @@ def anisotropic_unet3d(in_channels: int = 4, num_classes: int = 4, *, spatial_di
         through_plane_pool = anisotropic_pool_schedule(levels, input_depth)
     if len(through_plane_pool) != levels:
         raise ValueError(f"anisotropic_unet3d: through_plane_pool needs {levels} entries, got {len(through_plane_pool)}")
-    pools = [(2, 2, 2 if z else 1) for z in through_plane_pool]
+    pools = [(2 if z else 1, 2, 2) for z in through_plane_pool]
     return UNet(in_channels, num_classes, spatial_dims=3, channels=channels, upsampling=upsampling,
-                kernel_sizes=((3, 3, 1), (1, 1, 3)), pool_sizes=pools, **kwargs)
+                kernel_sizes=((1, 3, 3), (3, 1, 1)), pool_sizes=pools, **kwargs)
 
 
 def cmunet(in_channels: int, num_classes: int, *, spatial_dims: int = 2,

@@ -86,12 +86,12 @@ def test_cmunet_layout():
 def test_anisotropic_unet_kernels_and_pooling_for_brats_crops():
     model = create_model("unet3d_aniso", 4, 4, channels=(4, 8, 16, 32, 64)).eval()
     kernels = {m.kernel_size for m in model.modules() if isinstance(m, nn.Conv3d)}
-    assert kernels == {(3, 3, 1), (1, 1, 3), (1, 1, 1)}  # in-plane, through-plane, 1x1x1 output
+    assert kernels == {(1, 3, 3), (3, 1, 1), (1, 1, 1)}  # in-plane, through-plane, 1x1x1 output
     pools = [m.kernel_size for m in model.modules() if isinstance(m, nn.MaxPool3d)]
-    assert pools == [(2, 2, 1)] * 4  # 19 slices: never pooled through-plane
+    assert pools == [(1, 2, 2)] * 4  # 19 slices: never pooled through-plane
     with torch.no_grad():
-        out = model(torch.randn(1, 4, 144, 144, 19))  # a BraTS crop, depth last
-    assert out.seg.shape == (1, 4, 144, 144, 19)
+        out = model(torch.randn(1, 4, 19, 144, 144))  # a BraTS crop, depth first
+    assert out.seg.shape == (1, 4, 19, 144, 144)
 
 
 def test_anisotropic_pool_schedule():
@@ -100,12 +100,12 @@ def test_anisotropic_pool_schedule():
     assert anisotropic_pool_schedule(4, 32) == (True, True, True, False)  # 32 -> 16 -> 8 -> 4
     model = create_model("unet3d_aniso", 1, 2, channels=(2, 4, 8, 16, 32), input_depth=32)
     pools = [m.kernel_size for m in model.modules() if isinstance(m, nn.MaxPool3d)]
-    assert pools == [(2, 2, 2)] * 3 + [(2, 2, 1)]
+    assert pools == [(2, 2, 2)] * 3 + [(1, 2, 2)]
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, 16, 16, 16)).seg.shape == (1, 2, 16, 16, 16)
-        with pytest.raises(ValueError, match=r"\(16, 16, 24\)"):  # depth must be a multiple of 8
-            model(torch.randn(1, 1, 16, 16, 20))
+        with pytest.raises(ValueError, match=r"\(24, 16, 16\)"):  # depth must be a multiple of 8
+            model(torch.randn(1, 1, 20, 16, 16))
 
 
 def test_unet_upsampling_variants():
@@ -159,7 +159,7 @@ def test_bad_inputs_at_forward():
     with pytest.raises(ValueError, match=r"multiple of \(2, 2\).*\(8, 10\)"):
         model(torch.randn(1, 2, 7, 9))
     model3d = create_model("u2net_lite", 1, 2, spatial_dims=3).eval()
-    with pytest.raises(ValueError, match=r"5-d input \(B, C, H, W, D\)"):
+    with pytest.raises(ValueError, match=r"5-d input \(B, C, D, H, W\)"):
         model3d(torch.randn(1, 1, 8, 8))
     tds = create_model("tdsnet", 1, 2, channels=(4, 4, 8, 8, 8), branch_channels=4, decoder_channels=4).eval()
     with pytest.raises(ValueError, match=r"at least \(8, 8\)"):

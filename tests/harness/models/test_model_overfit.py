@@ -72,9 +72,9 @@ def test_overfits_one_hc18_image(hc18_sample, name, with_aux):
         "presence": torch.tensor([[1.0, 1.0]]),  # background and head both present
         "scene": torch.tensor([0]),
     }
-    if name == "unet3d_aniso":  # a 4-modality volume of 4 identical slices (depth last)
-        x = x[..., None].expand(-1, 4, -1, -1, 4).contiguous()
-        y, weak = y[..., None].expand(-1, -1, -1, 4), weak[..., None].expand(-1, -1, -1, 4)
+    if name == "unet3d_aniso":  # a 4-modality volume of 4 identical slices (depth first)
+        x = x[:, :, None].expand(-1, 4, 4, -1, -1).contiguous()
+        y, weak = y[:, None].expand(-1, 4, -1, -1), weak[:, None].expand(-1, 4, -1, -1)
     torch.manual_seed(0)
     model = create_model(name, x.shape[1], 2, heads=aux if with_aux else None, spatial_dims=x.dim() - 2, **kwargs)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
