@@ -90,7 +90,6 @@ def run_eval(cfg, checkpoint=None, split_key=None, out_dir=None, keep_examples: 
                                         getattr(dataset, "ignore_index", 255), names, hd=bool(cfg["eval"]["hd"]),
                                         pad_multiple=int(cfg["eval"]["pad_multiple"]), keep_examples=keep_examples,
                                         input_size=cfg["data"].get("input_size"),
-                                        depth_last=bool(cfg["data"].get("depth_last")),
                                         objects=cfg["data"]["name"] == "glas", brats=cfg["data"]["name"] == "brats18")
     out = Path(out_dir) if out_dir else run / f"eval_{split_key}"
     out.mkdir(parents=True, exist_ok=True)

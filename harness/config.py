@@ -12,8 +12,7 @@ Sections::
 
     seed, deterministic, device         run-wide
     data:   name, root, options, splits, batch_size, eval_batch_size, num_workers, augment, input_size
-            (train on images resized to [H, W]; evaluation resizes the logits back),
-            depth_last (3D: hand the model (B, C, H, W, D) instead of the adapters' (B, C, D, H, W))
+            (train on images resized to [H, W]; evaluation resizes the logits back)
     model:  name, options (architecture keyword arguments)
     method: name, + the method's options (see mtseg_harness.methods)
     optim:  name (adam|adamw|sgd), lr, weight_decay, betas, momentum, nesterov
@@ -48,7 +47,6 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 0,
         "augment": {"flip_prob": 0.5},
         "input_size": None,
-        "depth_last": False,
     },
     "model": {"name": "unet", "options": {}},
     "method": {"name": "baseline"},

@@ -34,16 +34,12 @@ def resize_image(image: torch.Tensor, size) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_batch(model, method, image: torch.Tensor, batch: dict | None = None, pad_multiple: int = 32,
-                  amp_dtype=None, input_size=None, depth_last: bool = False) -> torch.Tensor:
+                  amp_dtype=None, input_size=None) -> torch.Tensor:
     """Label maps ``(B, *S)`` at the images' own size.
 
     With ``input_size`` the model sees images resized to it and its logits are resized
     back; the input is zero-padded to a multiple of ``pad_multiple`` and the output cropped.
     """
-    if depth_last and image.dim() == 5:
-        # the model takes (B, C, H, W, D); labels come back as the adapters' (B, D, H, W)
-        labels = predict_batch(model, method, image.movedim(2, -1), batch, pad_multiple, amp_dtype, input_size)
-        return labels.movedim(-1, 1)
     size = tuple(image.shape[2:])
     x = resize_image(image, input_size)
     x, crop = _pad(x, pad_multiple)
@@ -74,7 +70,7 @@ class _Cropped(torch.nn.Module):
 @torch.no_grad()
 def evaluate(model, method, loader, device, num_classes: int, ignore_index: int = 255, class_names=None,
              hd: bool = True, pad_multiple: int = 32, keep_examples: int = 0, max_batches: int | None = None,
-             amp_dtype=None, objects: bool = False, brats: bool = False, input_size=None, depth_last: bool = False):
+             amp_dtype=None, objects: bool = False, brats: bool = False, input_size=None):
     """Per-image metric table and the mean of every column.
 
     Returns ``(table, summary, examples)``: ``table`` a DataFrame with one row per image
@@ -96,7 +92,7 @@ def evaluate(model, method, loader, device, num_classes: int, ignore_index: int 
                 break
             image = batch["image"].to(device).float()
             target = batch["mask"]
-            pred = predict_batch(model, method, image, batch, pad_multiple, amp_dtype, input_size, depth_last).cpu()
+            pred = predict_batch(model, method, image, batch, pad_multiple, amp_dtype, input_size).cpu()
             cm += M.confusion_matrix(pred, target, num_classes, ignore_index)
             dice, iou = M.dice_iou(pred, target, num_classes, ignore_index)
             surf = None

@@ -246,10 +246,6 @@ class Trainer:
             if self.world > 1:
                 params = slice_params(params, self.rank, b)
             batch = self.augment.apply(batch, params)
-        if self.cfg["data"].get("depth_last") and batch["image"].dim() == 5:
-            for k in ("image",) + LABEL_KEYS:
-                if isinstance(batch.get(k), torch.Tensor):
-                    batch[k] = batch[k].movedim(-3, -1)
         with torch.no_grad():
             batch = self.method.targets(batch)
         return batch
@@ -339,8 +335,7 @@ class Trainer:
             _, summary, _ = evaluate(self.model, self.method, loader, self.device, self.num_classes, self.ignore_index,
                                      self.class_names, hd=False, pad_multiple=int(self.cfg["eval"].get("pad_multiple", 32)),
                                      max_batches=self.cfg["train"].get("val_max_batches"), amp_dtype=self.amp_dtype,
-                                     input_size=self.cfg["data"].get("input_size"),
-                                     depth_last=bool(self.cfg["data"].get("depth_last")))
+                                     input_size=self.cfg["data"].get("input_size"))
             score = summary.get("dice_fg", float("nan"))
             row = {"step": self.step, "dice_fg": score, "miou": summary.get("miou")}
             val_log.write(row)
