@@ -54,7 +54,7 @@ class StepRunner:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 def time_steps(methods=("baseline", "hog_mtl", "tdsnet", "cmunet"), repeat: int = 5, warmup: int = 1, **kw) -> list[dict]:
