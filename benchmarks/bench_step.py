@@ -40,7 +40,7 @@ def _describe(benchmark, runtime_info, group, contestant, role, n_images, **extr
     benchmark.group = group
     benchmark.extra_info.update(runtime_info)
     benchmark.extra_info.update(contestant=contestant, role=role, device="cpu", input_dtype="torch.float32",
-                                n_images=n_images, image_size=f"{SIZE[0]}x{SIZE[1]}", **extra)
+                                n_images=n_images, channels=1, image_size=f"{SIZE[0]}x{SIZE[1]}", **extra)
 
 
 @pytest.fixture(scope="module", params=["baseline", "hog_mtl", "tdsnet", "cmunet"])
