@@ -83,6 +83,10 @@ class Method:
         """Called once by the trainer before training (after resume)."""
 
     # ------------------------------------------------------------------ step
+    def before_augment(self, batch: dict) -> dict:
+        """Change a batch on the device before resizing and augmentation (e.g. swap in current labels)."""
+        return batch
+
     def targets(self, batch: dict) -> dict:
         """Add auxiliary labels to a batch already on the device and augmented."""
         return batch

@@ -233,6 +233,7 @@ class Trainer:
     def prepare(self, batch: dict) -> dict:
         batch = to_device(batch, self.device)
         batch["image"] = batch["image"].float()
+        batch = self.method.before_augment(batch)
         size = self.cfg["data"].get("input_size")
         if size is not None and tuple(batch["image"].shape[2:]) != tuple(size):
             batch["image"] = resize_image(batch["image"], size)
