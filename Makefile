@@ -1,6 +1,8 @@
 # `make test`: everything from a fresh clone — venv, pinned dependencies, the compiled
 # extension (CUDA kernels too where torch and nvcc allow), then the test suite.
 # `make bench`: the same set-up, then the benchmarks and their summary table.
+# `make demo`: the same set-up, then `mtseg demo`: baseline / +HOG / +presence-sync (/ recursive
+# approximation) UNets trained and compared on the embedded HC18 sample, CPU, report in runs/demo.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -10,8 +12,9 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: test bench build clean
+.PHONY: test bench demo build clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +43,9 @@ bench: build
 	$(PY) -m pytest benchmarks -o python_files='bench_*.py' --benchmark-only \
 		--benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)
 	$(PY) benchmarks/summarize.py benchmarks/results/latest.json
+
+demo: build
+	$(VENV)/bin/mtseg demo $(DEMO_ARGS)
 
 clean:
 	rm -rf build *.egg-info mtseg_kernels/_C*.so .pytest_cache .benchmarks

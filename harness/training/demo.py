@@ -40,7 +40,7 @@ BASE = {
     "model": {"name": "unet", "options": {"base_channels": 8}},
     "optim": {"name": "adam", "lr": 2e-3},
     "sched": {"name": "multistep", "milestones": [], "gamma": 0.2},
-    "train": {"steps": 400, "log_every": 10, "progress": True, "tensorboard": False, "amp": "off"},
+    "train": {"steps": 300, "log_every": 10, "progress": True, "tensorboard": False, "amp": "off"},
     "eval": {"hd": True, "pad_multiple": 16},
 }
 
