@@ -114,7 +114,7 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "scikit-image>=0.25", "scipy>=1.11", "expecttest"],
         "bench": ["pytest-benchmark>=4", "scikit-image>=0.25", "opencv-python-headless>=4.8,<5"],
         "harness": ["nibabel>=5", "pandas>=2", "scipy>=1.11", "scikit-image>=0.25", "pyyaml>=6", "matplotlib>=3.7",
-                    "tqdm>=4.60", "pillow>=9"],
+                    "tqdm>=4.60", "pillow>=9", "tensorboard>=2.10"],
     },
     zip_safe=False,
 )

@@ -150,3 +150,17 @@ def test_hog_mtl_paper_defaults_apply_unless_overridden(tmp_path):
     assert cfg["train"]["steps"] == 150_000
     cfg = load_config(None, ["method.name=hog_mtl", "optim.lr=1e-3"])
     assert cfg["optim"]["lr"] == 1e-3
+
+
+def test_tensorboard_event_file_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = tiny_config(tmp_path, train={"steps": 2, "tensorboard": True, "val_every": 2})
+    Trainer(cfg).fit()
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert {"train/loss", "val/dice_fg"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
