@@ -60,6 +60,8 @@ def plot_curves(runs: dict, path, train_key: str = "loss", val_key: str = "dice_
 def plot_overlays(examples: dict, path, max_rows: int = 4) -> Path:
     """Qualitative overlays: a row per image, a column per run; ground truth outline green, prediction red.
 
+    Volumes show their middle slice; 3-channel images are shown in colour, others by their first channel.
+
     ``examples``: run name -> list of ``(image (C, H, W), target (H, W), prediction (H, W))``.
     """
     plt = _plt()
@@ -70,10 +72,16 @@ def plot_overlays(examples: dict, path, max_rows: int = 4) -> Path:
     fig, axes = plt.subplots(n, len(names), figsize=(3.2 * len(names), 2.4 * n), squeeze=False)
     for j, name in enumerate(names):
         for i in range(n):
-            img, tgt, pred = examples[name][i]
+            img, tgt, pred = (np.asarray(a) for a in examples[name][i])
+            if tgt.ndim == 3:  # a volume: the middle slice along D
+                d = tgt.shape[0] // 2
+                img, tgt, pred = img[:, d], tgt[d], pred[d]
             ax = axes[i][j]
-            ax.imshow(np.asarray(img)[0], cmap="gray")
-            tgt = np.asarray(tgt)
+            if img.shape[0] == 3:
+                rgb = img.transpose(1, 2, 0).astype(np.float64)
+                ax.imshow((rgb - rgb.min()) / max(np.ptp(rgb), 1e-12))
+            else:
+                ax.imshow(img[0], cmap="gray")
             ax.contour((tgt > 0) & (tgt != 255), levels=[0.5], colors="lime", linewidths=0.8)
             ax.contour(np.asarray(pred) > 0, levels=[0.5], colors="red", linewidths=0.8)
             ax.set_xticks([]), ax.set_yticks([])

@@ -172,3 +172,26 @@ def test_focal_loss_with_gamma_zero_is_cross_entropy():
 def test_unknown_method_option_is_an_error():
     with pytest.raises(ValueError, match="unknown option"):
         create_method("hog_mtl", 2, alpah=1.0)
+
+
+def test_eval_adds_glas_object_metrics_and_brats_regions(tmp_path):
+    root = tmp_path / "glas"
+    W.write_glas(root)
+    cfg = tiny_config(tmp_path / "g", data={"name": "glas", "root": str(root), "batch_size": 2, "eval_batch_size": 1,
+                                            "input_size": [16, 24], "splits": {"train": "all", "val": None, "test": "all"}},
+                      train={"steps": 1})
+    _train(cfg)
+    table, summary, _ = run_eval(cfg, split_key="test", out_dir=tmp_path / "ge", quiet=True)
+    assert {"object_dice", "object_hausdorff"} <= set(table.columns)
+    assert ((table["object_dice"] >= 0) & (table["object_dice"] <= 1)).all()
+
+    root = tmp_path / "brats"
+    W.write_brats(root, {"HGG": ["Brats18_A_1", "Brats18_A_2"], "LGG": ["Brats18_B_1"]})
+    cfg = tiny_config(tmp_path / "b", data={"name": "brats18", "root": str(root), "batch_size": 1, "input_size": None,
+                                            "eval_batch_size": 1, "augment": {"flip_prob": 0.5},
+                                            "splits": {"train": "all", "val": None, "test": "all"}},
+                      model={"name": "unet", "options": {"spatial_dims": 3, "depth": 1, "base_channels": 4}},
+                      train={"steps": 1}, eval={"pad_multiple": 2})
+    _train(cfg)
+    table, summary, _ = run_eval(cfg, split_key="test", out_dir=tmp_path / "be", quiet=True)
+    assert {"dice_ET", "dice_TC", "dice_WT"} <= set(table.columns) and len(table) == 3
