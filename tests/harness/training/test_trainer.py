@@ -164,3 +164,11 @@ def test_tensorboard_event_file_when_installed(tmp_path):
     acc.Reload()
     assert {"train/loss", "val/dice_fg"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+
+
+def test_loader_workers_do_not_change_the_result(tmp_path):
+    a = Trainer(tiny_config(tmp_path / "a", train={"steps": 3}))
+    a.fit()
+    b = Trainer(tiny_config(tmp_path / "b", train={"steps": 3}, data={"num_workers": 2}))
+    b.fit()
+    _same(_weights(a.model), _weights(b.model))
