@@ -11,8 +11,9 @@ The final config is ``DEFAULTS`` <- the method's paper defaults
 Sections::
 
     seed, deterministic, device         run-wide
-    data:   name, root, options, splits, batch_size, eval_batch_size, num_workers, augment, input_size
-            (train on images resized to [H, W]; evaluation resizes the logits back)
+    data:   name, root, options, splits, batch_size, eval_batch_size, num_workers, augment,
+            input_size (train on images resized to [H, W]; evaluation resizes the logits back),
+            cache_in_memory (keep decoded samples: small data sets)
     model:  name, options (architecture keyword arguments)
     method: name, + the method's options (see mtseg_harness.methods)
     optim:  name (adam|adamw|sgd), lr, weight_decay, betas, momentum, nesterov
@@ -47,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 0,
         "augment": {"flip_prob": 0.5},
         "input_size": None,
+        "cache_in_memory": False,
     },
     "model": {"name": "unet", "options": {}},
     "method": {"name": "baseline"},

@@ -58,10 +58,38 @@ class StepBatchSampler(Sampler):
         return 2**62
 
 
+class InMemory(torch.utils.data.Dataset):
+    """Keeps every sample after its first read (``data.cache_in_memory``: small data sets such as the demo's).
+
+    Each read returns a shallow copy of the cached dict, so a wrapper adding keys does not
+    change the cache; the tensors themselves are never modified in place by the trainer.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.cache: dict[int, dict | None] = {}
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        if name in ("dataset", "cache"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index):
+        if index not in self.cache:
+            self.cache[index] = self.dataset[index]
+        sample = self.cache[index]
+        return None if sample is None else dict(sample)
+
+
 def build_dataset(cfg: dict, split_key: str, method=None):
     d = cfg["data"]
     split = d["splits"][split_key]
     ds = create_dataset(d["name"], data_root(d["root"]), split=split, **(d.get("options") or {}))
+    if d.get("cache_in_memory"):
+        ds = InMemory(ds)
     if method is not None:
         ds = method.wrap_dataset(ds, split_key)
     return ds

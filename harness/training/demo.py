@@ -34,13 +34,13 @@ BASE = {
     "deterministic": False,
     "device": "cpu",
     "data": {"name": "hc18", "root": "builtin:hc18_sample", "batch_size": 8, "eval_batch_size": 20,
-             "input_size": [80, 128],
+             "input_size": [80, 128], "cache_in_memory": True,
              "augment": {"flip_prob": 0.5, "flip_axes": [-1], "rotate": 10.0, "scale": [0.9, 1.1],
                          "brightness": 0.05}},
     "model": {"name": "unet", "options": {"base_channels": 8}},
     "optim": {"name": "adam", "lr": 2e-3},
     "sched": {"name": "multistep", "milestones": [], "gamma": 0.2},
-    "train": {"steps": 300, "log_every": 10, "progress": True, "tensorboard": False, "amp": "off"},
+    "train": {"steps": 250, "log_every": 10, "progress": True, "tensorboard": False, "amp": "off"},
     "eval": {"hd": True, "pad_multiple": 16},
 }
 

@@ -166,9 +166,13 @@ def test_tensorboard_event_file_when_installed(tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
 
 
-def test_loader_workers_do_not_change_the_result(tmp_path):
+def test_loader_workers_and_memory_cache_do_not_change_the_result(tmp_path):
     a = Trainer(tiny_config(tmp_path / "a", train={"steps": 3}))
     a.fit()
     b = Trainer(tiny_config(tmp_path / "b", train={"steps": 3}, data={"num_workers": 2}))
     b.fit()
     _same(_weights(a.model), _weights(b.model))
+    c = Trainer(tiny_config(tmp_path / "c", train={"steps": 3}, data={"cache_in_memory": True}))
+    c.fit()
+    _same(_weights(a.model), _weights(c.model))
+    assert len(c.train_set.cache) > 0
