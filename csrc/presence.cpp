@@ -5,6 +5,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 
 #include "mtseg/presence.h"
@@ -86,6 +87,47 @@ at::Tensor call_class_counts(const at::Tensor& labels, int64_t num_classes, int6
   return op.call(labels, num_classes, ignore_index);
 }
 
+// log(1 - presence) without cancellation, float64 (B, K), no gradient: noisy-or from
+// the statistics (the exact sum of log(1 - p)); max from the logits at the arg-max voxel
+// (softmax: logsumexp of the other classes minus logsumexp of all; sigmoid: log
+// sigmoid(-z)); the other modes as log1p(-presence) (smooth max is a soft mean and rarely
+// within rounding of 1).
+at::Tensor presence_log_complement(const at::Tensor& input, const at::Tensor& presence, const at::Tensor& stats,
+                                   Mode mode, Activation act) {
+  at::NoGradGuard no_grad;
+  constexpr double ninf = -std::numeric_limits<double>::infinity();
+  if (mode == Mode::NoisyOr)
+    return at::where(stats.select(2, 1).gt(0), at::full_like(stats.select(2, 0), ninf), stats.select(2, 0));
+  if (mode != Mode::Max) return at::log1p(-presence.detach().to(at::kDouble));
+  const int64_t B = input.size(0), K = input.size(1);
+  const at::Tensor index = stats.select(2, 0).to(at::kLong);  // (B, K), -1: no valid voxel
+  const at::Tensor where = index.clamp_min(0).unsqueeze(1).expand({B, K, K});
+  // z[b, j, k]: logit of class j at the arg-max voxel of class k
+  const at::Tensor z = input.detach().reshape({B, K, -1}).gather(2, where).to(at::kDouble);
+  at::Tensor out;
+  if (act == Activation::Softmax) {
+    const at::Tensor self = at::eye(K, z.options().dtype(at::kBool)).unsqueeze(0);
+    out = at::logsumexp(z.masked_fill(self, ninf), {1}) - at::logsumexp(z, {1});
+  } else {
+    const at::Tensor own = at::diagonal(z, 0, 1, 2);
+    out = act == Activation::Sigmoid ? at::log_sigmoid(-own) : at::log1p(-own);
+  }
+  return at::where(index.ge(0), out, at::zeros_like(out));  // no valid voxel: presence 0
+}
+
+// log(x) whose value is `value` (float64, clamped at -100 as torch's BCE clamps its logs)
+// and whose gradient with respect to x is 1 / max(x_exact, 1e-12), torch's BCE clamp of the
+// denominator. x_exact = exp(value); x carries the autograd graph.
+at::Tensor clamped_log(const at::Tensor& x, const at::Tensor& value) {
+  at::Tensor slope, v;
+  {
+    at::NoGradGuard no_grad;
+    slope = at::reciprocal(at::clamp_min(at::exp(value), 1e-12)).to(x.scalar_type());
+    v = at::clamp_min(value, -100).to(x.scalar_type());
+  }
+  return v + (x - x.detach()) * slope;
+}
+
 // The hard rule is a comparison: like `p > t` in torch, its result carries no gradient.
 at::Tensor soft_presence(const at::Tensor& input, c10::string_view mode, c10::string_view activation,
                          double temperature, double threshold, const c10::optional<at::Tensor>& valid_mask) {
@@ -141,15 +183,31 @@ at::Tensor sync_loss(const at::Tensor& seg_logits, const at::Tensor& class_logit
   }
 
   const at::Tensor seg = to_seg ? seg_logits : seg_logits.detach();
-  const at::Tensor presence = soft_presence(seg, mode, activation, temperature, threshold, valid_mask);
+  at::Tensor presence, stats;
+  std::tie(presence, stats) = call_forward(m == Mode::Hard ? seg.detach() : seg, mode, activation, temperature,
+                                           threshold, valid_mask);
   const at::Tensor cls = class_logits.to(presence.scalar_type());
   at::Tensor loss;
   if (to_class) {
     loss = at::binary_cross_entropy_with_logits(cls, presence.detach(), w, c10::nullopt, at::Reduction::None);
   }
   if (to_seg) {
+    // BCE(q, t) = -(t log q + (1 - t) log(1 - q)) with log(1 - q) from its exact value: a
+    // confident segmentation has q within float rounding of 1, where 1 - q formed from q
+    // is 0 and torch's BCE would take log(0). Logs clamped at -100 and gradients at
+    // 1 / 1e-12 as torch's BCE does.
     const at::Tensor target = at::sigmoid(cls).detach();
-    const at::Tensor term = at::binary_cross_entropy(presence, target, w, at::Reduction::None);
+    const at::Tensor log_c_exact =
+        presence_log_complement(seg_logits, presence, stats, m, parse_activation(activation, op));
+    at::Tensor log_q_exact;
+    {
+      at::NoGradGuard no_grad;
+      log_q_exact = at::log(presence.detach().to(at::kDouble));
+    }
+    const at::Tensor log_q = clamped_log(presence, log_q_exact);
+    const at::Tensor log_c = clamped_log(1 - presence, log_c_exact);
+    at::Tensor term = -(target * log_q + (1 - target) * log_c);
+    if (w.defined()) term = term * w;
     loss = loss.defined() ? loss + term : term;
   }
   if (red == at::Reduction::Mean) return loss.mean();

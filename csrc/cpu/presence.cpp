@@ -240,7 +240,7 @@ struct Scratch {
 // One class's reduction over a chunk, merged across chunks in order.
 struct Partial {
   double a = 0, b = 0;  // see the statistics layout in mtseg/presence.h
-  int64_t index = -1;   // max: first voxel holding the maximum
+  int64_t index = -1;   // max: the voxel holding the maximum (first of exact ties)
   bool nan = false;     // max: a NaN probability was seen (NaN wins, as in torch.amax)
 };
 
@@ -262,17 +262,22 @@ Partial reduce_class(const Problem& pr, const T* p, const T* l, const T* valid, 
   Partial out;
   switch (pr.mode) {
     case Mode::Max: {
-      double best = -1;  // below every probability: a chunk without valid voxels keeps index -1
+      // The largest p; among voxels whose p rounds to the same value (common near 1), the
+      // smallest complement 1 - p (l holds it, exact), so that the chosen voxel is the true
+      // maximum, not the first of a rounding tie.
+      double best = -1, best_c = 2;  // below every probability: no valid voxel keeps index -1
       for (int64_t x = 0; x < len; ++x) {
         if (valid[x] == T(0)) continue;
-        const T v = p[x];
+        const double v = static_cast<double>(p[x]), c = static_cast<double>(l[x]);
         if (v != v) out.nan = true;
-        if (static_cast<double>(v) > best) {
-          best = static_cast<double>(v);
+        if (v > best || (v == best && c < best_c)) {
+          best = v;
+          best_c = c;
           out.index = x0 + x;
         }
       }
       out.a = best;
+      out.b = best_c;
       break;
     }
     case Mode::NoisyOr: {
@@ -323,8 +328,9 @@ void merge(Mode mode, double temperature, Partial& into, const Partial& next) {
   switch (mode) {
     case Mode::Max:
       into.nan |= next.nan;
-      if (next.index >= 0 && (into.index < 0 || next.a > into.a)) {
+      if (next.index >= 0 && (into.index < 0 || next.a > into.a || (next.a == into.a && next.b < into.b))) {
         into.a = next.a;
+        into.b = next.b;
         into.index = next.index;
       }
       break;
@@ -361,7 +367,7 @@ void finish(const Problem& pr, const Partial& r, int64_t n, T* presence, double*
     case Mode::Max:
       *presence = static_cast<T>(r.nan ? nan : (r.index >= 0 ? r.a : 0.0));
       stats[0] = static_cast<double>(r.index);
-      stats[1] = 0;
+      stats[1] = r.index >= 0 ? r.b : 1.0;
       break;
     case Mode::NoisyOr:  // 1 - prod(1 - p) = -expm1(sum log(1 - p)); any p = 1 makes it 1
       *presence = static_cast<T>(r.b > 0 ? (r.a != r.a ? nan : 1.0) : -std::expm1(r.a));
@@ -385,7 +391,8 @@ void soft_presence_forward_kernel(const Problem& pr, const T* in, const bool* ma
   const int64_t B = pr.B, K = pr.K, N = pr.N, C = pr.n_chunks;
   std::vector<Partial> partials(B * C * K);
   std::vector<int64_t> valid_counts(B * C, 0);
-  const Extra extra = pr.mode == Mode::NoisyOr ? Extra::Log : Extra::None;
+  const Extra extra =
+      pr.mode == Mode::NoisyOr ? Extra::Log : (pr.mode == Mode::Max ? Extra::Complement : Extra::None);
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> s(K, std::min(kChunk, N));
     for (int64_t task = begin; task < end; ++task) {
@@ -431,10 +438,15 @@ void max_backward_kernel(const Problem& pr, const T* grad, const T* in, const do
         if (pr.act == Activation::Softmax) {
           T m = z[0];
           for (int64_t j = 1; j < K; ++j) m = std::max(m, z[j * N]);
-          T sum = 0;
-          for (int64_t j = 0; j < K; ++j) sum += (p[j] = std::exp(z[j * N] - m));
+          T sum = 0, others = 0;
+          for (int64_t j = 0; j < K; ++j) {
+            sum += (p[j] = std::exp(z[j * N] - m));
+            others += j == k ? T(0) : p[j];
+          }
           for (int64_t j = 0; j < K; ++j) p[j] /= sum;
-          for (int64_t j = 0; j < K; ++j) o[j * N] += g * p[k] * ((j == k ? T(1) : T(0)) - p[j]);
+          // dp_k/dz_j = p_k (delta_jk - p_j); for j = k, 1 - p_k is the other classes' share,
+          // summed directly: near p_k = 1 the difference would round to 0.
+          for (int64_t j = 0; j < K; ++j) o[j * N] += g * p[k] * (j == k ? others / sum : -p[j]);
         } else if (pr.act == Activation::Sigmoid) {
           const T v = z[k * N];
           const T a = std::exp(-std::abs(v));

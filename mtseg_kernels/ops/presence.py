@@ -17,7 +17,9 @@ Operators (``torch.ops.mtseg``):
 
 Soft presence, for each image b and class k, from probabilities ``p`` over the valid voxels:
 
-* ``max``: ``max_x p``; the gradient goes to the first voxel holding the maximum.
+* ``max``: ``max_x p``; the gradient goes to the voxel holding the maximum (where p
+  rounds to the same value at several voxels, as it does near 1, the one with the smallest
+  exact 1 - p; the first in raster order among exact ties).
 * ``noisy_or``: ``1 - prod_x (1 - p)``, computed as ``-expm1(sum_x log(1 - p))`` with
   ``log(1 - p)`` formed without cancellation (from the other classes' mass for the winning
   class of a voxel, ``-softplus(z)`` for sigmoid), so it stays exact for 10^7 voxels and

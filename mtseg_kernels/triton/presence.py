@@ -34,9 +34,10 @@ def _log1m(p):
 
 
 @triton.jit
-def _tile(z_ptr, mask_ptr, b, c, K, N, ACT: tl.constexpr, HAS_MASK: tl.constexpr, WANT_LOG: tl.constexpr,
+def _tile(z_ptr, mask_ptr, b, c, K, N, ACT: tl.constexpr, HAS_MASK: tl.constexpr, EXTRA: tl.constexpr,
           K_BLOCK: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr):
-    """Probabilities p, log(1 - p) and validity of one (K_BLOCK, BLOCK) tile."""
+    """Probabilities p, validity and, by EXTRA, log(1 - p) (1) or 1 - p (2) of one
+    (K_BLOCK, BLOCK) tile, both without cancellation."""
     ks = tl.arange(0, K_BLOCK)
     xs = c * BLOCK + tl.arange(0, BLOCK)
     kin = ks < K
@@ -61,15 +62,19 @@ def _tile(z_ptr, mask_ptr, b, c, K, N, ACT: tl.constexpr, HAS_MASK: tl.constexpr
         others = tl.sum(tl.where(is_winner, 0.0, e), axis=0)
         inv = 1.0 / (1.0 + others)
         p = e * inv[None, :]
-        if WANT_LOG:
+        if EXTRA == 1:
             rest = tl.log(others * inv)
             logq = tl.where(is_winner, rest[None, :], _log1m(p))
+        elif EXTRA == 2:
+            logq = tl.where(is_winner, (others * inv)[None, :], 1.0 - p)
         else:
             logq = p
     elif ACT == 1:
         a = tl.exp(-tl.abs(z))
         p = tl.where(z >= 0, 1.0, a) / (1.0 + a)
-        if WANT_LOG:
+        if EXTRA == 2:
+            logq = tl.where(z >= 0, a, 1.0) / (1.0 + a)
+        elif EXTRA == 1:
             u = 1.0 + a
             log1p_a = tl.where(u == 1.0, a, tl.log(u) * (a / tl.where(u == 1.0, 1.0, u - 1.0)))
             logq = -(tl.maximum(z, 0.0) + log1p_a)
@@ -77,8 +82,10 @@ def _tile(z_ptr, mask_ptr, b, c, K, N, ACT: tl.constexpr, HAS_MASK: tl.constexpr
             logq = p
     else:
         p = z
-        if WANT_LOG:
+        if EXTRA == 1:
             logq = _log1m(p)
+        elif EXTRA == 2:
+            logq = 1.0 - p
         else:
             logq = p
     valid = xin
@@ -95,16 +102,21 @@ def _forward_kernel(z_ptr, mask_ptr, part_a_ptr, part_b_ptr, part_i_ptr, K, N, C
     pid = tl.program_id(0)
     b = pid // C
     c = pid % C
-    z, p, logq, valid2, ks, kin, xs, offs, inside = _tile(z_ptr, mask_ptr, b, c, K, N, ACT, HAS_MASK, MODE == 1,
-                                                          K_BLOCK, BLOCK, F64)
+    z, p, extra, valid2, ks, kin, xs, offs, inside = _tile(z_ptr, mask_ptr, b, c, K, N, ACT, HAS_MASK,
+                                                           1 if MODE == 1 else (2 if MODE == 0 else 0),
+                                                           K_BLOCK, BLOCK, F64)
+    logq = extra
     out = pid.to(tl.int64) * K + ks
-    if MODE == 0:  # max: value, first index, NaN seen
+    if MODE == 0:  # max: value (NaN if one was seen), index, complement; near-1 ties by 1 - p
         v = tl.where(valid2, p, -1.0)
         best = tl.max(v, axis=1)
-        where = tl.argmax(v, axis=1, tie_break_left=True)
+        cand = tl.where(valid2 & (v == best[:, None]), extra, 2.0)
+        where = tl.argmin(cand, axis=1, tie_break_left=True)
+        best_c = tl.min(cand, axis=1)
         nan = tl.sum(tl.where(valid2 & (p != p), 1, 0), axis=1)
+        best = tl.where(nan > 0, float("nan"), best)
         tl.store(part_a_ptr + out, best.to(tl.float64), mask=kin)
-        tl.store(part_b_ptr + out, nan.to(tl.float64), mask=kin)
+        tl.store(part_b_ptr + out, best_c.to(tl.float64), mask=kin)
         tl.store(part_i_ptr + out, (c * BLOCK + where).to(tl.int64), mask=kin)
     elif MODE == 1:  # noisy-or: sum of finite log(1 - p), count of -inf
         lv = tl.where(valid2, logq, 0.0)
@@ -131,8 +143,8 @@ def _backward_kernel(grad_ptr, z_ptr, mask_ptr, stat_a_ptr, stat_b_ptr, out_ptr,
     pid = tl.program_id(0)
     b = pid // C
     c = pid % C
-    z, p, logq, valid2, ks, kin, xs, offs, inside = _tile(z_ptr, mask_ptr, b, c, K, N, ACT, HAS_MASK, MODE == 1,
-                                                          K_BLOCK, BLOCK, F64)
+    z, p, logq, valid2, ks, kin, xs, offs, inside = _tile(z_ptr, mask_ptr, b, c, K, N, ACT, HAS_MASK,
+                                                          1 if MODE == 1 else 0, K_BLOCK, BLOCK, F64)
     bk = b.to(tl.int64) * K + ks
     g = tl.load(grad_ptr + bk, mask=kin, other=0.0)
     sa = tl.load(stat_a_ptr + bk, mask=kin, other=0.0)
@@ -223,14 +235,17 @@ def _merge(mode: str, temperature: float, a: Tensor, b: Tensor, idx: Tensor, n: 
     n_total = n.sum(1).unsqueeze(1)  # (B, 1)
     stats = torch.zeros(a.shape[0], a.shape[2], 2, dtype=torch.float64, device=a.device)
     if mode == "max":
-        value = torch.where(has_voxels, a, -1.0)
+        nan = a.isnan().any(1)
+        value = torch.where(has_voxels & ~a.isnan(), a, -1.0)
         best = value.amax(1)
-        first = (value == best.unsqueeze(1)).to(torch.uint8).argmax(1, keepdim=True)  # first chunk holding it
-        index = idx.gather(1, first).squeeze(1)
-        index = torch.where(best >= 0, index, -1)
+        # among chunks holding the best value, the smallest complement (first on exact ties)
+        cand = torch.where(value == best.unsqueeze(1), b, 2.0)
+        chunk = cand.argmin(1, keepdim=True)
+        index = torch.where(best >= 0, idx.gather(1, chunk).squeeze(1), -1)
         presence = torch.where(best >= 0, best, 0.0)
-        presence = torch.where(b.sum(1) > 0, float("nan"), presence)
+        presence = torch.where(nan, float("nan"), presence)
         stats[..., 0] = index.double()
+        stats[..., 1] = torch.where(best >= 0, cand.gather(1, chunk).squeeze(1), 1.0)
     elif mode == "noisy_or":
         S, count = a.sum(1), b.sum(1)
         presence = torch.where(count > 0, 1.0, -torch.expm1(S))
@@ -261,8 +276,11 @@ def _max_backward(grad: Tensor, input: Tensor, stats: Tensor, activation: str) -
     if activation == "softmax":
         p = torch.softmax(z, dim=1)
         diag = torch.diagonal(p, dim1=1, dim2=2)  # p_k at its own voxel
-        eye = torch.eye(K, dtype=p.dtype, device=p.device)
-        contrib = (g * diag).unsqueeze(1) * (eye - p)
+        eye = torch.eye(K, dtype=torch.bool, device=p.device)
+        # dp_k/dz_j = p_k (delta_jk - p_j); 1 - p_k from the other classes (exact near p_k = 1)
+        z64 = z.double()
+        rest = torch.exp(torch.logsumexp(z64.masked_fill(eye, float("-inf")), 1) - torch.logsumexp(z64, 1))
+        contrib = (g * diag).unsqueeze(1) * torch.where(eye, rest.to(p.dtype).unsqueeze(1), -p)
     else:
         zk = torch.diagonal(z, dim1=1, dim2=2)
         local = torch.sigmoid(zk) * torch.sigmoid(-zk) if activation == "sigmoid" else torch.ones_like(zk)

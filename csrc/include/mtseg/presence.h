@@ -4,7 +4,7 @@
 //
 // soft_presence_forward returns, next to the (B, K) presence, float64 statistics
 // (B, K, 2) from which the backward recomputes everything else in one pass:
-//   max         [index of the first voxel holding the maximum (-1: no valid voxel), unused]
+//   max         [index of the voxel holding the maximum (-1: no valid voxel), its 1 - p]
 //   noisy_or    [sum of the finite log(1 - p), number of voxels with log(1 - p) = -inf]
 //   smooth_max  [m = max p, s = sum exp((p - m) / T)]    (presence = m + T log(s / n))
 //   hard        [unused, unused]
