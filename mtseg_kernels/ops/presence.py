@@ -255,7 +255,10 @@ def sync_loss(
     * ``seg_to_class`` (TDSNet's sync loss, the default with ``mode='hard'``):
       ``BCEWithLogits(c, target=q.detach())``; only the class head is trained.
     * ``class_to_seg``: ``BCE(q, target=sigmoid(c).detach())``; only the segmentation is
-      trained. Needs a differentiable mode.
+      trained. Needs a differentiable mode. ``log(1 - q)`` is taken from its exact value
+      (noisy-or: the kernel's sum of ``log(1 - p)``; max: the other classes' share at the
+      arg-max voxel), so a confident segmentation, whose ``q`` rounds to 1, still gets the
+      right loss and gradient; logs are clamped at -100 and slopes at 1e12, as in torch's BCE.
     * ``both``: the sum of the two (the two-way loss the paper names as future work).
 
     The presence is one fused pass over the voxels; its backward keeps only ``(B, K, 2)``
