@@ -195,3 +195,12 @@ def test_eval_adds_glas_object_metrics_and_brats_regions(tmp_path):
     _train(cfg)
     table, summary, _ = run_eval(cfg, split_key="test", out_dir=tmp_path / "be", quiet=True)
     assert {"dice_ET", "dice_TC", "dice_WT"} <= set(table.columns) and len(table) == 3
+
+
+def test_hog_mtl_on_u2net_lite_trains_seven_ce_terms_and_six_hog_heads(tmp_path):
+    cfg = tiny_config(tmp_path, method={"name": "hog_mtl"}, data={"input_size": [64, 96]}, train={"steps": 2})
+    cfg["model"] = {"name": "u2net_lite", "options": {}}
+    tr = _train(cfg)
+    out = tr.model(torch.zeros(2, 1, 64, 96))
+    assert len(out.side) == 6 and len(out.hog) == 6
+    assert tr.history[-1]["seg_all"] > tr.history[-1]["seg"]  # fused + six side CE terms
