@@ -130,6 +130,15 @@ def run_demo(out="runs/demo", steps=None, methods=None, threads=None, quick=Fals
         notes.append("HD95/HD not computed: mtseg_kernels.surface_metrics is not in this build")
     notes += [f"not run: {s}" for s in skipped]
     report = "# mtseg demo (embedded HC18 sample)\n\n" + text + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    for name, folder in folders.items():
+        rounds = Path(folder) / "rounds.csv"
+        if rounds.is_file():
+            r = pd.read_csv(rounds)
+            r.to_csv(out / "approximation_rounds.csv", index=False)
+            report += (f"\n## {name}: approximations of the weak images vs their true masks, per round\n\n"
+                       + format_table(r) + "\n")
+            print(f"{name}: Dice of the approximations vs the true masks by round: "
+                  + ", ".join(f"{d:.3f}" for d in r["dice_vs_true"]))
     (out / "report.md").write_text(report)
     (out / "demo.yaml").write_text(yaml.safe_dump({"steps": steps, "runs": names, "total_s": total}))
     print()
