@@ -10,7 +10,9 @@ and augmentation, and differs only in the method:
 * ``+HOG``: HOG-MTL, Dice + CE + MSE to the 504-value HOG of the augmented image (computed in the step);
 * ``+presence/sync``: TDSNet's class-presence BCE and fused sync loss on top of Dice + CE
   (its seg loss set to the baseline's here so that only the auxiliary terms differ);
-* ``recursive approx. (10% strong)``: Ke et al., when ``mtseg_kernels.grow_instances`` exists.
+* ``recursive approx. (10% strong)``: Ke et al., when ``mtseg_kernels.grow_instances`` exists:
+  full masks for 10% of the training images, generated weak labels for the rest,
+  approximations grown every 50 steps, a final growth at evaluation.
 
 Each run keeps its best-on-validation checkpoint; the test split is evaluated at the
 sample's resolution (logits resized back to 240 x 160): Dice and IoU of the head, and
@@ -62,7 +64,8 @@ def has_grow_instances() -> bool:
 def demo_runs() -> dict:
     runs = dict(RUNS)
     if has_grow_instances():
-        runs["recursive approx. (10% strong)"] = {"method": {"name": "recursive_approx", "strong_fraction": 0.1}}
+        runs["recursive approx. (10% strong)"] = {"method": {"name": "recursive_approx", "strong_fraction": 0.1,
+                                                             "update_every": 50, "update_batch_size": 35}}
     return runs
 
 
