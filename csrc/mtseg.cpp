@@ -49,4 +49,14 @@ TORCH_LIBRARY(mtseg, m) {
       "hog_cells_backward(Tensor grad_cells, Tensor images, int orientations, int[2] pixels_per_cell, "
       "bool transform_sqrt) -> Tensor");
   m.def("hog_blocks_backward(Tensor grad_blocks, Tensor cells, int[2] cells_per_block, str block_norm) -> Tensor");
+
+  // Exact distance transforms, connected components and level-set growth (DESIGN 3.3);
+  // masks (B, H, W) or (B, D, H, W), non-zero = foreground. Not differentiable.
+  // edt: distance from every non-zero voxel to the nearest zero voxel (scipy semantics;
+  // +inf without any zero voxel); signed: -d(x, background) inside, +d(x, foreground) outside.
+  m.def("edt(Tensor mask, float[]? spacing=None, bool squared=False, bool signed=False, ScalarType? dtype=None) -> Tensor");
+  // Labels (int32, 1..n in raster order of first appearance, 0 = background) and n per image (int64).
+  m.def("connected_components(Tensor mask, int connectivity) -> (Tensor, Tensor)");
+  // {x : d(x, approx) - lam * d(x, complement(seg)) <= 0} as bool.
+  m.def("levelset_grow(Tensor approx, Tensor seg, float lam, float[]? spacing=None) -> Tensor");
 }

@@ -1,0 +1,315 @@
+// CPU kernels of the distance operators: edt, connected_components, levelset_grow,
+// grow_instances. The per-line math is in mtseg/distance.h (shared with CUDA); this file
+// lays out the passes so that memory is read along the contiguous axis:
+//  1. the first spatial axis (rows of a 2D mask, slices of a 3D one) by forward and
+//     backward sweeps over whole rows/planes at once (vectorised over the contiguous axis);
+//  2. (3D) the middle axis: blocks of kBlock adjacent columns are gathered into
+//     contiguous lines, enveloped, and scattered back;
+//  3. the last (contiguous) axis: the envelope line by line, writing the output (and its
+//     square root) directly.
+// Every pass is parallel over batch x lines (at::parallel_for).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "mtseg/distance.h"
+#include "mtseg/distance_host.h"
+
+namespace mtseg {
+namespace distance {
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
+#define MTSEG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MTSEG_CPU_CLONES
+#endif
+
+constexpr int64_t kSweepChunk = 2048;  // columns of the first pass handled per task
+constexpr int64_t kBlock = 16;         // adjacent columns gathered per task in the middle pass
+
+int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, work_per_item)); }
+
+// Pass 1 over `n0` rows of `r` contiguous values each (one image): squared distance
+// along the first axis to the nearest voxel with (mask ^ invert) == 0.
+template <typename T>
+MTSEG_CPU_CLONES void sweep_rows(const bool* __restrict mask, bool invert, int64_t n0, int64_t r, int64_t x0,
+                                 int64_t x1, double spacing, T* __restrict work, T* __restrict next) {
+  const int64_t len = x1 - x0;
+  {
+    const bool* __restrict m = mask + x0;
+    T* __restrict w = work + x0;
+    for (int64_t x = 0; x < len; ++x) w[x] = sweep_forward<T>(m[x] != invert, inf_value<T>());
+  }
+  for (int64_t y = 1; y < n0; ++y) {
+    const bool* __restrict m = mask + y * r + x0;
+    const T* __restrict prev = work + (y - 1) * r + x0;
+    T* __restrict w = work + y * r + x0;
+    for (int64_t x = 0; x < len; ++x) w[x] = sweep_forward<T>(m[x] != invert, prev[x]);
+  }
+  for (int64_t x = 0; x < len; ++x) next[x] = inf_value<T>();
+  for (int64_t y = n0 - 1; y >= 0; --y) {
+    T* __restrict w = work + y * r + x0;
+    if (spacing == 1.0) {
+      for (int64_t x = 0; x < len; ++x) {
+        const T c = sweep_backward<T>(w[x], next[x]);
+        next[x] = c;
+        w[x] = c * c;  // exact: integer counts (inf stays inf)
+      }
+    } else {
+      for (int64_t x = 0; x < len; ++x) {
+        const T c = sweep_backward<T>(w[x], next[x]);
+        next[x] = c;
+        w[x] = sweep_square<T>(c, spacing);
+      }
+    }
+  }
+}
+
+template <typename T>
+struct LineScratch {
+  std::vector<int64_t> v;
+  std::vector<double> z;
+  std::vector<T> fv;
+  explicit LineScratch(int64_t n) : v(n), z(n), fv(n) {}
+};
+
+// Squared distances (or distances) of every image of the batch: `work` (T, B x voxels)
+// holds the passes, `out` (O) the result; they may be the same memory when T == O.
+template <typename T, typename O>
+void edt_batch(const bool* mask, bool invert, const Geometry& g, T* work, O* out, bool take_sqrt) {
+  const int64_t V = g.voxels(), B = g.batch;
+  if (B == 0 || V == 0) return;
+  const bool is3d = g.spatial == 3;
+  const int64_t n0 = is3d ? g.depth : g.height;
+  const int64_t r = is3d ? g.height * g.width : g.width;
+  const double sp0 = is3d ? g.spacing[0] : g.spacing[1];
+  // Pass 1: sweeps along the first axis, vectorised over the rest.
+  const int64_t chunks = (r + kSweepChunk - 1) / kSweepChunk;
+  at::parallel_for(0, B * chunks, grain(n0 * kSweepChunk), [&](int64_t begin, int64_t end) {
+    std::vector<T> next(kSweepChunk);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, c = item % chunks;
+      const int64_t x0 = c * kSweepChunk, x1 = std::min(r, x0 + kSweepChunk);
+      sweep_rows<T>(mask + b * V, invert, n0, r, x0, x1, sp0, work + b * V, next.data());
+    }
+  });
+  // Pass 2 (3D): the middle axis, kBlock columns at a time through contiguous lines.
+  if (is3d) {
+    const int64_t H = g.height, W = g.width;
+    const double s2 = g.spacing[1] * g.spacing[1];
+    const int64_t blocks = (W + kBlock - 1) / kBlock;
+    at::parallel_for(0, B * g.depth * blocks, grain(H * kBlock * 8), [&](int64_t begin, int64_t end) {
+      LineScratch<T> s(H);
+      std::vector<T> buf(H * kBlock);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t plane = item / blocks, x0 = (item % blocks) * kBlock;
+        const int64_t nb = std::min(kBlock, W - x0);
+        T* p = work + plane * H * W + x0;
+        for (int64_t y = 0; y < H; ++y)
+          for (int64_t c = 0; c < nb; ++c) buf[c * H + y] = p[y * W + c];
+        for (int64_t c = 0; c < nb; ++c) {
+          T* line = buf.data() + c * H;
+          envelope_line<T, T>(line, 1, H, s2, s.v.data(), s.z.data(), s.fv.data(), line, 1, false);
+        }
+        for (int64_t y = 0; y < H; ++y)
+          for (int64_t c = 0; c < nb; ++c) p[y * W + c] = buf[c * H + y];
+      }
+    });
+  }
+  // Last pass: the contiguous axis, writing the output.
+  const int64_t W = g.width, lines = B * V / W;
+  const double s2 = g.spacing[2] * g.spacing[2];
+  at::parallel_for(0, lines, grain(W * 8), [&](int64_t begin, int64_t end) {
+    LineScratch<T> s(W);
+    for (int64_t line = begin; line < end; ++line) {
+      envelope_line<T, O>(work + line * W, 1, W, s2, s.v.data(), s.z.data(), s.fv.data(), out + line * W, 1,
+                          take_sqrt);
+    }
+  });
+}
+
+// Distances (take_sqrt) or squared distances of `mask` (contiguous bool) as out_dtype,
+// from the voxels with (mask ^ invert) != 0 to the nearest voxel with (mask ^ invert) == 0.
+at::Tensor edt_of(const at::Tensor& mask, bool invert, const Geometry& g, at::ScalarType out_dtype, bool take_sqrt) {
+  auto out = at::empty(mask.sizes(), mask.options().dtype(out_dtype));
+  const bool* m = mask.data_ptr<bool>();
+  if (out_dtype == at::kDouble) {
+    double* o = out.data_ptr<double>();
+    edt_batch<double, double>(m, invert, g, o, o, take_sqrt);
+  } else if (needs_double(g, out_dtype)) {
+    auto work = at::empty(mask.sizes(), mask.options().dtype(at::kDouble));
+    edt_batch<double, float>(m, invert, g, work.data_ptr<double>(), out.data_ptr<float>(), take_sqrt);
+  } else {
+    float* o = out.data_ptr<float>();
+    edt_batch<float, float>(m, invert, g, o, o, take_sqrt);
+  }
+  return out;
+}
+
+at::Tensor edt_cpu(const at::Tensor& mask_in, std::optional<at::ArrayRef<double>> spacing, bool squared, bool is_signed,
+                   std::optional<at::ScalarType> dtype) {
+  const auto g = mask_geometry(mask_in, spacing, "edt", "mask");
+  const auto out_dtype = edt_dtype(dtype);
+  const auto mask = as_bool(mask_in, "edt", "mask");
+  if (!is_signed) return edt_of(mask, false, g, out_dtype, !squared);
+  // Signed: -d(x, background) inside, +d(x, foreground) outside; exactly one is non-zero.
+  auto inside = edt_of(mask, false, g, out_dtype, !squared);
+  auto outside = edt_of(mask, true, g, out_dtype, !squared);
+  return outside.sub_(inside);
+}
+
+// ---------------------------------------------------------------------------------
+// Connected components: union-find over the raster scan, linking every root to the
+// smaller index, so that the root of a component is its first voxel in raster order;
+// a second scan numbers the roots 1..n in that order. Parallel over images.
+// ---------------------------------------------------------------------------------
+struct Neighbours {
+  std::vector<int64_t> dz, dy, dx;
+};
+
+// The neighbours that come before a voxel in raster order, with at most `order` non-zero
+// offsets (order 1: faces, 2: faces and edges, 3: all).
+Neighbours backward_neighbours(int spatial, int order) {
+  Neighbours n;
+  const int zlo = spatial == 3 ? -1 : 0;
+  for (int dz = zlo; dz <= 0; ++dz)
+    for (int dy = -1; dy <= 1; ++dy)
+      for (int dx = -1; dx <= 1; ++dx) {
+        const int nz = (dz != 0) + (dy != 0) + (dx != 0);
+        if (nz == 0 || nz > order) continue;
+        const bool before = dz < 0 || (dz == 0 && (dy < 0 || (dy == 0 && dx < 0)));
+        if (!before) continue;
+        n.dz.push_back(dz);
+        n.dy.push_back(dy);
+        n.dx.push_back(dx);
+      }
+  return n;
+}
+
+template <typename I>
+inline I find_root(I* parent, I p) {
+  while (parent[p] != p) {
+    parent[p] = parent[parent[p]];
+    p = parent[p];
+  }
+  return p;
+}
+
+template <typename I>
+inline void unite(I* parent, I a, I b) {
+  a = find_root(parent, a);
+  b = find_root(parent, b);
+  if (a == b) return;
+  if (a < b) std::swap(a, b);
+  parent[a] = b;
+}
+
+// Labels of one image (D x H x W), 1..n in raster order of first appearance; returns n.
+template <typename I>
+int64_t label_image(const bool* m, const Geometry& g, const Neighbours& nb, I* parent, int32_t* labels) {
+  const int64_t D = g.depth, H = g.height, W = g.width;
+  const size_t K = nb.dz.size();
+  for (int64_t z = 0; z < D; ++z)
+    for (int64_t y = 0; y < H; ++y) {
+      const int64_t row = (z * H + y) * W;
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t p = row + x;
+        if (!m[p]) continue;
+        parent[p] = static_cast<I>(p);
+        for (size_t k = 0; k < K; ++k) {
+          const int64_t zz = z + nb.dz[k], yy = y + nb.dy[k], xx = x + nb.dx[k];
+          if (zz < 0 || yy < 0 || xx < 0 || xx >= W) continue;
+          const int64_t q = (zz * H + yy) * W + xx;
+          if (m[q]) unite<I>(parent, static_cast<I>(p), static_cast<I>(q));
+        }
+      }
+    }
+  int32_t n = 0;
+  const int64_t V = g.voxels();
+  for (int64_t p = 0; p < V; ++p) {
+    if (!m[p]) {
+      labels[p] = 0;
+      continue;
+    }
+    const I r = find_root(parent, static_cast<I>(p));
+    labels[p] = (r == static_cast<I>(p)) ? ++n : labels[r];
+  }
+  return n;
+}
+
+std::tuple<at::Tensor, at::Tensor> connected_components_cpu(const at::Tensor& mask_in, int64_t connectivity) {
+  const auto g = mask_geometry(mask_in, std::nullopt, "connected_components", "mask");
+  const int order = connectivity_order(connectivity, g.spatial, "connected_components");
+  TORCH_CHECK_VALUE(g.voxels() < (int64_t{1} << 31), "connected_components: an image of ", g.voxels(),
+                    " voxels does not fit int32 labels (at most 2^31 - 1 voxels per image)");
+  const auto mask = as_bool(mask_in, "connected_components", "mask");
+  auto labels = at::empty(mask.sizes(), mask.options().dtype(at::kInt));
+  auto counts = at::zeros({g.batch}, mask.options().dtype(at::kLong));
+  const int64_t V = g.voxels();
+  if (g.batch == 0 || V == 0) return {labels, counts};
+  const auto nb = backward_neighbours(g.spatial, order);
+  const bool* m = mask.data_ptr<bool>();
+  int32_t* lab = labels.data_ptr<int32_t>();
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> parent(V);
+    for (int64_t b = begin; b < end; ++b) cnt[b] = label_image<int32_t>(m + b * V, g, nb, parent.data(), lab + b * V);
+  });
+  return {labels, counts};
+}
+
+// ---------------------------------------------------------------------------------
+// Level-set growth: two squared EDTs (to A, and to the complement of S), then the rule.
+// Unit spacing works in float (exact integer squares); other spacing in double.
+// ---------------------------------------------------------------------------------
+template <typename T>
+void levelset_batch(const bool* a, const bool* s, const Geometry& g, double lam, T* dA2, T* dS2, bool* out) {
+  edt_batch<T, T>(a, true, g, dA2, dA2, false);   // zero set: A
+  edt_batch<T, T>(s, false, g, dS2, dS2, false);  // zero set: complement of S
+  const int64_t n = g.batch * g.voxels();
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      out[i] = levelset_inside(a[i], static_cast<double>(dA2[i]), static_cast<double>(dS2[i]), lam);
+  });
+}
+
+at::Tensor levelset_grow_cpu(const at::Tensor& approx_in, const at::Tensor& seg_in, double lam,
+                             std::optional<at::ArrayRef<double>> spacing) {
+  const auto g = mask_geometry(approx_in, spacing, "levelset_grow", "approx");
+  mask_geometry(seg_in, spacing, "levelset_grow", "seg");
+  check_same_shape(approx_in, seg_in, "levelset_grow", "approx", "seg");
+  check_lambda(lam, "levelset_grow");
+  const auto a = as_bool(approx_in, "levelset_grow", "approx");
+  const auto s = as_bool(seg_in, "levelset_grow", "seg");
+  auto out = at::empty(a.sizes(), a.options());
+  if (out.numel() == 0) return out;
+  const bool use_double = !g.unit_spacing || needs_double(g, at::kFloat);
+  const auto work_dtype = use_double ? at::kDouble : at::kFloat;
+  auto dA2 = at::empty(a.sizes(), a.options().dtype(work_dtype));
+  auto dS2 = at::empty(a.sizes(), a.options().dtype(work_dtype));
+  if (use_double) {
+    levelset_batch<double>(a.data_ptr<bool>(), s.data_ptr<bool>(), g, lam, dA2.data_ptr<double>(),
+                           dS2.data_ptr<double>(), out.data_ptr<bool>());
+  } else {
+    levelset_batch<float>(a.data_ptr<bool>(), s.data_ptr<bool>(), g, lam, dA2.data_ptr<float>(),
+                          dS2.data_ptr<float>(), out.data_ptr<bool>());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtseg, CPU, m) {
+  m.impl("edt", &edt_cpu);
+  m.impl("connected_components", &connected_components_cpu);
+  m.impl("levelset_grow", &levelset_grow_cpu);
+}
+
+}  // namespace distance
+}  // namespace mtseg

@@ -1,0 +1,115 @@
+// Per-line math of the exact Euclidean distance transform, shared by the CPU (.cpp)
+// and CUDA (.cu) kernels, so that the CPU tests exercise what the GPU runs.
+//
+// The transform is separable (Felzenszwalb & Huttenlocher, "Distance Transforms of
+// Sampled Functions", ToC 2012): squared distances are computed one axis at a time.
+//  * first axis: distance along the line to the nearest zero voxel, by a forward and a
+//    backward sweep (sweep_forward / sweep_backward / sweep_square);
+//  * every further axis: the lower envelope of the parabolas
+//        y = s2 * (q - p)^2 + f[p]   (s2 = spacing^2 of that axis)
+//    of the previous pass's values f, evaluated at every q (envelope_line). Lines whose f
+//    is +inf everywhere (no zero voxel reachable yet) stay +inf.
+// Parabola intersections are computed in double from the stored values: with unit
+// spacing those are integers and the intersections exact rationals, so the envelope is
+// exact; with spacing, each pass rounds once to the working type.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "mtseg/macros.h"
+
+namespace mtseg {
+namespace distance {
+
+template <typename T>
+MTSEG_HOST_DEVICE T inf_value() {
+  return static_cast<T>(INFINITY);
+}
+
+// Forward sweep step of the first axis: the count of steps since the last zero voxel
+// (+inf before the first one). `foreground` is true for voxels whose distance is wanted.
+template <typename T>
+MTSEG_HOST_DEVICE T sweep_forward(bool foreground, T previous) {
+  return foreground ? previous + T(1) : T(0);
+}
+
+// Backward sweep step: the nearer of the forward count and the count from the next voxel.
+template <typename T>
+MTSEG_HOST_DEVICE T sweep_backward(T forward, T next) {
+  const T from_next = next + T(1);
+  return from_next < forward ? from_next : forward;
+}
+
+// Squared physical distance of a step count along the first axis.
+template <typename T>
+MTSEG_HOST_DEVICE T sweep_square(T count, double spacing) {
+  if (!(count < inf_value<T>())) return inf_value<T>();
+  const double d = static_cast<double>(count) * spacing;
+  return static_cast<T>(d * d);
+}
+
+// Lower envelope of the parabolas s2 * (q - p)^2 + f[p] over p, at every q of a line of
+// n values (f[p * f_stride]); out[q * out_stride] receives the minimum (its square root
+// when take_sqrt). Points with f = +inf carry no parabola; a line without any finite
+// value gives +inf everywhere. When arg is not null, arg[q * arg_stride] receives the
+// minimising p (-1 for an all-inf line); ties go to the lower p.
+//
+// Scratch (n entries each): v (parabola positions), z (left ends of their intervals)
+// and fv (their values). The values are kept in fv, so out may alias f.
+template <typename T, typename O>
+MTSEG_HOST_DEVICE void envelope_line(const T* f, int64_t f_stride, int64_t n, double s2, int64_t* v, double* z,
+                                     T* fv, O* out, int64_t out_stride, bool take_sqrt, int64_t* arg = nullptr,
+                                     int64_t arg_stride = 0) {
+  int64_t k = -1;
+  for (int64_t q = 0; q < n; ++q) {
+    const T fq = f[q * f_stride];
+    if (!(fq < inf_value<T>())) continue;
+    const double dq = static_cast<double>(q);
+    const double cq = static_cast<double>(fq) + s2 * dq * dq;
+    double s = -INFINITY;
+    while (k >= 0) {
+      const double dv = static_cast<double>(v[k]);
+      const double cv = static_cast<double>(fv[k]) + s2 * dv * dv;
+      s = (cq - cv) / (2.0 * s2 * (dq - dv));
+      if (s > z[k]) break;
+      --k;
+      s = -INFINITY;
+    }
+    ++k;
+    v[k] = q;
+    fv[k] = fq;
+    z[k] = s;
+  }
+  if (k < 0) {
+    for (int64_t q = 0; q < n; ++q) {
+      out[q * out_stride] = inf_value<O>();
+      if (arg != nullptr) arg[q * arg_stride] = -1;
+    }
+    return;
+  }
+  int64_t j = 0;
+  for (int64_t q = 0; q < n; ++q) {
+    const double dq = static_cast<double>(q);
+    while (j < k && z[j + 1] < dq) ++j;
+    const double dx = dq - static_cast<double>(v[j]);
+    const double d2 = s2 * dx * dx + static_cast<double>(fv[j]);
+    out[q * out_stride] = static_cast<O>(take_sqrt ? sqrt(d2) : d2);
+    if (arg != nullptr) arg[q * arg_stride] = v[j];
+  }
+}
+
+// The level-set growth rule of Ke et al.: x joins A when phi(x) = d(x, A) - lam *
+// d(x, complement(S)) <= 0, from the squared distances dA2 = d(x, A)^2 (0 on A, +inf when
+// A is empty) and dS2 = d(x, complement(S))^2 (0 outside S, +inf when S is everything).
+// Conventions that keep it well defined: x in A always stays (phi = 0 there, whatever
+// lam * inf would give); lam = 0 adds nothing; an empty A grows nothing.
+MTSEG_HOST_DEVICE bool levelset_inside(bool in_a, double dA2, double dS2, double lam) {
+  if (in_a) return true;
+  if (!(lam > 0.0) || !(dS2 > 0.0) || !(dA2 < INFINITY)) return false;
+  return sqrt(dA2) - lam * sqrt(dS2) <= 0.0;
+}
+
+}  // namespace distance
+}  // namespace mtseg
