@@ -59,4 +59,6 @@ TORCH_LIBRARY(mtseg, m) {
   m.def("connected_components(Tensor mask, int connectivity) -> (Tensor, Tensor)");
   // {x : d(x, approx) - lam * d(x, complement(seg)) <= 0} as bool.
   m.def("levelset_grow(Tensor approx, Tensor seg, float lam, float[]? spacing=None) -> Tensor");
+  // Multi-object growth from seed instance ids (int64 map, 0 = none); connectivity 0 = faces only.
+  m.def("grow_instances(Tensor seeds, Tensor seg, float lam, float[]? spacing=None, int connectivity=0) -> Tensor");
 }
