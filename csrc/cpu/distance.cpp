@@ -115,7 +115,7 @@ void edt_batch(const bool* mask, bool invert, const Geometry& g, T* work, O* out
           for (int64_t c = 0; c < nb; ++c) buf[c * H + y] = p[y * W + c];
         for (int64_t c = 0; c < nb; ++c) {
           T* line = buf.data() + c * H;
-          envelope_line<T, T>(line, 1, H, s2, s.v.data(), s.z.data(), s.fv.data(), line, 1, false);
+          envelope_line_runs<T, T>(line, 1, H, s2, s.v.data(), s.z.data(), s.fv.data(), line, 1, false);
         }
         for (int64_t y = 0; y < H; ++y)
           for (int64_t c = 0; c < nb; ++c) p[y * W + c] = buf[c * H + y];
@@ -128,7 +128,7 @@ void edt_batch(const bool* mask, bool invert, const Geometry& g, T* work, O* out
   at::parallel_for(0, lines, grain(W * 8), [&](int64_t begin, int64_t end) {
     LineScratch<T> s(W);
     for (int64_t line = begin; line < end; ++line) {
-      envelope_line<T, O>(work + line * W, 1, W, s2, s.v.data(), s.z.data(), s.fv.data(), out + line * W, 1,
+      envelope_line_runs<T, O>(work + line * W, 1, W, s2, s.v.data(), s.z.data(), s.fv.data(), out + line * W, 1,
                           take_sqrt);
     }
   });
@@ -224,7 +224,7 @@ int64_t label_image(const bool* m, const Geometry& g, const Neighbours& nb, I* p
         parent[p] = static_cast<I>(p);
         for (size_t k = 0; k < K; ++k) {
           const int64_t zz = z + nb.dz[k], yy = y + nb.dy[k], xx = x + nb.dx[k];
-          if (zz < 0 || yy < 0 || xx < 0 || xx >= W) continue;
+          if (zz < 0 || yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
           const int64_t q = (zz * H + yy) * W + xx;
           if (m[q]) unite<I>(parent, static_cast<I>(p), static_cast<I>(q));
         }

@@ -27,9 +27,10 @@ Operators (``torch.ops.mtseg``):
 The exact algorithm (Felzenszwalb & Huttenlocher's lower envelope of parabolas, one axis
 at a time, in ``csrc/include/mtseg/distance.h``) is shared by the CPU and CUDA kernels.
 
-None of these operators is differentiable: they have no autograd formula, and calling
-them on tensors that require grad gives outputs without a gradient history (distances of
-a thresholded mask have zero gradient almost everywhere; use them as labels and metrics).
+None of these operators is differentiable (distances of a thresholded mask have zero
+gradient almost everywhere; use them as labels and metrics): the wrappers detach their
+inputs, so outputs carry no gradient history, and a backward through the raw
+``torch.ops.mtseg.edt`` / ``levelset_grow`` raises instead of returning zeros.
 """
 
 from __future__ import annotations
@@ -168,6 +169,23 @@ def _grow_instances_fake(seeds, seg, lam, spacing=None, connectivity=0):
 
 
 # --------------------------------------------------------------------------------------
+# Not differentiable: a backward that says so (instead of a silent zero gradient)
+# --------------------------------------------------------------------------------------
+def _not_differentiable(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"mtseg::{name} is not differentiable (distances of a thresholded mask have no useful "
+            "gradient); detach its inputs or use its output as a label"
+        )
+
+    return backward
+
+
+for _name in ("edt", "levelset_grow"):
+    torch.library.register_autograd(f"mtseg::{_name}", _not_differentiable(_name))
+
+
+# --------------------------------------------------------------------------------------
 # Functional API
 # --------------------------------------------------------------------------------------
 def edt(
@@ -200,7 +218,7 @@ def edt(
     sp = _check_spacing("edt", spacing, spatial)
     if dtype not in (None, torch.float32, torch.float64):
         raise TypeError(f"edt: dtype must be torch.float32 or torch.float64, got {dtype}")
-    return torch.ops.mtseg.edt(mask, sp, bool(squared), bool(signed), dtype)
+    return torch.ops.mtseg.edt(mask.detach(), sp, bool(squared), bool(signed), dtype)
 
 
 def signed_edt(mask: Tensor, spacing: float | Sequence[float] | None = None, dtype: torch.dtype | None = None) -> Tensor:
@@ -252,7 +270,7 @@ def levelset_grow(
     spatial = _check_pair("levelset_grow", approx, seg, "approx", "seg")
     lam = _check_lam("levelset_grow", lam)
     sp = _check_spacing("levelset_grow", spacing, spatial)
-    return torch.ops.mtseg.levelset_grow(approx, seg, lam, sp)
+    return torch.ops.mtseg.levelset_grow(approx.detach(), seg.detach(), lam, sp)
 
 
 class GrownInstances(NamedTuple):

@@ -100,6 +100,32 @@ MTSEG_HOST_DEVICE void envelope_line(const T* f, int64_t f_stride, int64_t n, do
   }
 }
 
+// envelope_line for lines whose zeros are zero voxels (f = 0 exactly there, f >= the
+// smallest squared step elsewhere), as after the first pass: a zero voxel's parabola
+// lies below every parabola beyond it, so each run of non-zero values only needs the
+// envelope of itself and its two bounding zeros. Zero voxels are written as 0 without
+// any envelope work, so the cost follows the foreground, not the line. Same result as
+// envelope_line; out may alias f.
+template <typename T, typename O>
+MTSEG_HOST_DEVICE void envelope_line_runs(const T* f, int64_t f_stride, int64_t n, double s2, int64_t* v, double* z,
+                                          T* fv, O* out, int64_t out_stride, bool take_sqrt) {
+  int64_t q = 0;
+  while (q < n) {
+    if (f[q * f_stride] == T(0)) {
+      out[q * out_stride] = O(0);
+      ++q;
+      continue;
+    }
+    int64_t e = q + 1;
+    while (e < n && f[e * f_stride] != T(0)) ++e;
+    const int64_t l = q > 0 ? q - 1 : 0;  // the zero before the run, if any
+    const int64_t r = e < n ? e : n - 1;  // the zero after it, if any
+    envelope_line<T, O>(f + l * f_stride, f_stride, r - l + 1, s2, v, z, fv, out + l * out_stride, out_stride,
+                        take_sqrt);
+    q = r + 1;
+  }
+}
+
 // The level-set growth rule of Ke et al.: x joins A when phi(x) = d(x, A) - lam *
 // d(x, complement(S)) <= 0, from the squared distances dA2 = d(x, A)^2 (0 on A, +inf when
 // A is empty) and dS2 = d(x, complement(S))^2 (0 outside S, +inf when S is everything).
