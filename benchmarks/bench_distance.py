@@ -52,7 +52,9 @@ def hc18_masks(count: int) -> np.ndarray:
     for i in range(count):
         if files:
             outline = np.asarray(Image.open(files[i % len(files)]).convert("L")) > 127
-            masks.append(ndi.binary_fill_holes(outline))
+            canvas = np.zeros((540, 800), dtype=bool)  # a few HC18 images are smaller
+            canvas[: outline.shape[0], : outline.shape[1]] = outline[:540, :800]
+            masks.append(ndi.binary_fill_holes(canvas))
         else:  # pragma: no cover - only without ../shared/data
             a, b = 150 + (i * 7) % 80, 200 + (i * 11) % 90
             masks.append(((yy - 270) / a) ** 2 + ((xx - 400) / b) ** 2 <= 1)

@@ -32,6 +32,7 @@ namespace {
 
 constexpr int64_t kSweepChunk = 2048;  // columns of the first pass handled per task
 constexpr int64_t kBlock = 16;         // adjacent columns gathered per task in the middle pass
+constexpr int64_t kSerialVoxels = int64_t{1} << 19;  // below this, one thread (about 1 ms of work)
 
 int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, work_per_item)); }
 
@@ -74,9 +75,9 @@ MTSEG_CPU_CLONES void sweep_rows(const bool* __restrict mask, bool invert, int64
 template <typename T>
 struct LineScratch {
   std::vector<int64_t> v;
-  std::vector<double> z;
+  std::vector<double> zn, zd;
   std::vector<T> fv;
-  explicit LineScratch(int64_t n) : v(n), z(n), fv(n) {}
+  explicit LineScratch(int64_t n) : v(n), zn(n), zd(n), fv(n) {}
 };
 
 // Squared distances (or distances) of every image of the batch: `work` (T, B x voxels)
@@ -89,49 +90,70 @@ void edt_batch(const bool* mask, bool invert, const Geometry& g, T* work, O* out
   const int64_t n0 = is3d ? g.depth : g.height;
   const int64_t r = is3d ? g.height * g.width : g.width;
   const double sp0 = is3d ? g.spacing[0] : g.spacing[1];
+  const int64_t H = g.height, W = g.width;
+  const int64_t chunks = (r + kSweepChunk - 1) / kSweepChunk;       // pass-1 items per image
+  const int64_t blocks = (W + kBlock - 1) / kBlock;                  // pass-2 items per plane
+  const int64_t rows = V / W;                                        // last-pass items per image
   // Pass 1: sweeps along the first axis, vectorised over the rest.
-  const int64_t chunks = (r + kSweepChunk - 1) / kSweepChunk;
-  at::parallel_for(0, B * chunks, grain(n0 * kSweepChunk), [&](int64_t begin, int64_t end) {
+  auto pass1 = [&](int64_t begin, int64_t end) {
     std::vector<T> next(kSweepChunk);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, c = item % chunks;
       const int64_t x0 = c * kSweepChunk, x1 = std::min(r, x0 + kSweepChunk);
       sweep_rows<T>(mask + b * V, invert, n0, r, x0, x1, sp0, work + b * V, next.data());
     }
-  });
+  };
   // Pass 2 (3D): the middle axis, kBlock columns at a time through contiguous lines.
-  if (is3d) {
-    const int64_t H = g.height, W = g.width;
+  auto pass2 = [&](int64_t begin, int64_t end) {
     const double s2 = g.spacing[1] * g.spacing[1];
-    const int64_t blocks = (W + kBlock - 1) / kBlock;
-    at::parallel_for(0, B * g.depth * blocks, grain(H * kBlock * 8), [&](int64_t begin, int64_t end) {
-      LineScratch<T> s(H);
-      std::vector<T> buf(H * kBlock);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t plane = item / blocks, x0 = (item % blocks) * kBlock;
-        const int64_t nb = std::min(kBlock, W - x0);
-        T* p = work + plane * H * W + x0;
-        for (int64_t y = 0; y < H; ++y)
-          for (int64_t c = 0; c < nb; ++c) buf[c * H + y] = p[y * W + c];
-        for (int64_t c = 0; c < nb; ++c) {
-          T* line = buf.data() + c * H;
-          envelope_line_runs<T, T>(line, 1, H, s2, s.v.data(), s.z.data(), s.fv.data(), line, 1, false);
-        }
-        for (int64_t y = 0; y < H; ++y)
-          for (int64_t c = 0; c < nb; ++c) p[y * W + c] = buf[c * H + y];
+    LineScratch<T> s(H);
+    std::vector<T> buf(H * kBlock);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t plane = item / blocks, x0 = (item % blocks) * kBlock;
+      const int64_t nb = std::min(kBlock, W - x0);
+      T* p = work + plane * H * W + x0;
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t c = 0; c < nb; ++c) buf[c * H + y] = p[y * W + c];
+      for (int64_t c = 0; c < nb; ++c) {
+        T* line = buf.data() + c * H;
+        envelope_line_runs<T, T>(line, 1, H, s2, s.v.data(), s.zn.data(), s.zd.data(), s.fv.data(), line, 1, false);
       }
-    });
-  }
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t c = 0; c < nb; ++c) p[y * W + c] = buf[c * H + y];
+    }
+  };
   // Last pass: the contiguous axis, writing the output.
-  const int64_t W = g.width, lines = B * V / W;
-  const double s2 = g.spacing[2] * g.spacing[2];
-  at::parallel_for(0, lines, grain(W * 8), [&](int64_t begin, int64_t end) {
+  auto pass3 = [&](int64_t begin, int64_t end) {
+    const double s2 = g.spacing[2] * g.spacing[2];
     LineScratch<T> s(W);
     for (int64_t line = begin; line < end; ++line) {
-      envelope_line_runs<T, O>(work + line * W, 1, W, s2, s.v.data(), s.z.data(), s.fv.data(), out + line * W, 1,
-                          take_sqrt);
+      envelope_line_runs<T, O>(work + line * W, 1, W, s2, s.v.data(), s.zn.data(), s.zd.data(), s.fv.data(), out + line * W, 1,
+                               take_sqrt);
     }
-  });
+  };
+  if (B * V < kSerialVoxels) {
+    // Small work: a parallel region costs more than it saves, and far more when the
+    // machine is busy (the region waits for a descheduled thread).
+    pass1(0, B * chunks);
+    if (is3d) pass2(0, B * g.depth * blocks);
+    pass3(0, B * rows);
+    return;
+  }
+  if (B > 1 && B >= at::get_num_threads()) {
+    // Many images: one parallel region, each image done whole by one thread (it stays in
+    // cache between the passes, and there is one barrier instead of three).
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        pass1(b * chunks, (b + 1) * chunks);
+        if (is3d) pass2(b * g.depth * blocks, (b + 1) * g.depth * blocks);
+        pass3(b * rows, (b + 1) * rows);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, B * chunks, grain(n0 * kSweepChunk), pass1);
+  if (is3d) at::parallel_for(0, B * g.depth * blocks, grain(H * kBlock * 8), pass2);
+  at::parallel_for(0, B * rows, grain(W * 8), pass3);
 }
 
 // Distances (take_sqrt) or squared distances of `mask` (contiguous bool) as out_dtype,
@@ -269,13 +291,87 @@ std::tuple<at::Tensor, at::Tensor> connected_components_cpu(const at::Tensor& ma
 // Unit spacing works in float (exact integer squares); other spacing in double.
 // ---------------------------------------------------------------------------------
 template <typename T>
-void levelset_batch(const bool* a, const bool* s, const Geometry& g, double lam, T* dA2, T* dS2, bool* out) {
-  edt_batch<T, T>(a, true, g, dA2, dA2, false);   // zero set: A
-  edt_batch<T, T>(s, false, g, dS2, dS2, false);  // zero set: complement of S
-  const int64_t n = g.batch * g.voxels();
-  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      out[i] = levelset_inside(a[i], static_cast<double>(dA2[i]), static_cast<double>(dS2[i]), lam);
+MTSEG_CPU_CLONES void levelset_rule(const bool* __restrict a, const T* __restrict dA2, const T* __restrict dS2,
+                                   double lam, int64_t n, bool* __restrict out) {
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = levelset_inside(a[i], static_cast<double>(dA2[i]), static_cast<double>(dS2[i]), lam);
+}
+
+// One image: the two transforms are only needed in the bounding box of S | A padded by
+// one voxel (clamped to the image): it holds all of A, so d(x, A) there is exact, and by
+// clamping, the nearest voxel outside S of any x in it is in it too. Outside the box
+// there is neither A nor S, so the result is false.
+template <typename T>
+void levelset_image(const bool* a, const bool* s, const Geometry& g, double lam, bool* out, std::vector<uint8_t>& ca,
+                    std::vector<uint8_t>& cs, std::vector<T>& dA2, std::vector<T>& dS2, std::vector<uint8_t>& co) {
+  const int64_t D = g.depth, H = g.height, W = g.width, V = g.voxels();
+  int64_t lo[3] = {D, H, W}, hi[3] = {-1, -1, -1};
+  for (int64_t z = 0; z < D; ++z)
+    for (int64_t y = 0; y < H; ++y) {
+      const bool* ra = a + (z * H + y) * W;
+      const bool* rs = s + (z * H + y) * W;
+      int64_t x0 = -1, x1 = -1;
+      for (int64_t x = 0; x < W; ++x)
+        if (ra[x] | rs[x]) {
+          x0 = x;
+          break;
+        }
+      if (x0 < 0) continue;
+      for (int64_t x = W - 1; x >= x0; --x)
+        if (ra[x] | rs[x]) {
+          x1 = x;
+          break;
+        }
+      lo[0] = std::min(lo[0], z), hi[0] = std::max(hi[0], z);
+      lo[1] = std::min(lo[1], y), hi[1] = std::max(hi[1], y);
+      lo[2] = std::min(lo[2], x0), hi[2] = std::max(hi[2], x1);
+    }
+  std::memset(out, 0, V);
+  if (hi[0] < 0) return;
+  const int64_t full[3] = {D, H, W};
+  int64_t n[3];
+  for (int i = 0; i < 3; ++i) {
+    lo[i] = std::max<int64_t>(0, lo[i] - 1);
+    n[i] = std::min<int64_t>(full[i] - 1, hi[i] + 1) - lo[i] + 1;
+  }
+  Geometry cg = g;
+  cg.batch = 1;
+  cg.depth = n[0];
+  cg.height = n[1];
+  cg.width = n[2];
+  const int64_t CV = cg.voxels();
+  ca.resize(CV);
+  cs.resize(CV);
+  co.resize(CV);
+  dA2.resize(CV);
+  dS2.resize(CV);
+  for (int64_t z = 0; z < n[0]; ++z)
+    for (int64_t y = 0; y < n[1]; ++y) {
+      const int64_t src = ((lo[0] + z) * H + lo[1] + y) * W + lo[2], dst = (z * n[1] + y) * n[2];
+      std::memcpy(ca.data() + dst, a + src, n[2]);
+      std::memcpy(cs.data() + dst, s + src, n[2]);
+    }
+  const bool* pa = reinterpret_cast<const bool*>(ca.data());
+  edt_batch<T, T>(pa, true, cg, dA2.data(), dA2.data(), false);  // zero set: A
+  edt_batch<T, T>(reinterpret_cast<const bool*>(cs.data()), false, cg, dS2.data(), dS2.data(), false);
+  bool* po = reinterpret_cast<bool*>(co.data());
+  levelset_rule<T>(pa, dA2.data(), dS2.data(), lam, CV, po);
+  for (int64_t z = 0; z < n[0]; ++z)
+    for (int64_t y = 0; y < n[1]; ++y)
+      std::memcpy(out + ((lo[0] + z) * H + lo[1] + y) * W + lo[2], po + (z * n[1] + y) * n[2], n[2]);
+}
+
+// Images in parallel, each whole on one thread (a single image runs its passes in parallel).
+template <typename T>
+void levelset_batch(const bool* a, const bool* s, const Geometry& g, double lam, bool* out) {
+  const int64_t V = g.voxels();
+  Geometry one = g;
+  one.batch = 1;
+  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> ca, cs, co;
+    std::vector<T> dA2, dS2;
+    for (int64_t b = begin; b < end; ++b)
+      levelset_image<T>(a + b * V, s + b * V, one, lam, out + b * V, ca, cs, dA2, dS2, co);
   });
 }
 
@@ -290,15 +386,10 @@ at::Tensor levelset_grow_cpu(const at::Tensor& approx_in, const at::Tensor& seg_
   auto out = at::empty(a.sizes(), a.options());
   if (out.numel() == 0) return out;
   const bool use_double = !g.unit_spacing || needs_double(g, at::kFloat);
-  const auto work_dtype = use_double ? at::kDouble : at::kFloat;
-  auto dA2 = at::empty(a.sizes(), a.options().dtype(work_dtype));
-  auto dS2 = at::empty(a.sizes(), a.options().dtype(work_dtype));
   if (use_double) {
-    levelset_batch<double>(a.data_ptr<bool>(), s.data_ptr<bool>(), g, lam, dA2.data_ptr<double>(),
-                           dS2.data_ptr<double>(), out.data_ptr<bool>());
+    levelset_batch<double>(a.data_ptr<bool>(), s.data_ptr<bool>(), g, lam, out.data_ptr<bool>());
   } else {
-    levelset_batch<float>(a.data_ptr<bool>(), s.data_ptr<bool>(), g, lam, dA2.data_ptr<float>(),
-                          dS2.data_ptr<float>(), out.data_ptr<bool>());
+    levelset_batch<float>(a.data_ptr<bool>(), s.data_ptr<bool>(), g, lam, out.data_ptr<bool>());
   }
   return out;
 }
@@ -344,7 +435,7 @@ void feature_transform(const bool* zero, const Geometry& g, std::vector<double>&
         f[q] = work[start + q * st];
         fi[q] = feat[start + q * st];
       }
-      envelope_line<double, double>(f.data(), 1, n, s2, s.v.data(), s.z.data(), s.fv.data(), d.data(), 1, false,
+      envelope_line<double, double>(f.data(), 1, n, s2, s.v.data(), s.zn.data(), s.zd.data(), s.fv.data(), d.data(), 1, false,
                                     arg.data(), 1);
       for (int64_t q = 0; q < n; ++q) {
         work[start + q * st] = d[q];

@@ -21,7 +21,7 @@ namespace distance {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int64_t kMaxLineThreads = 1 << 16;  // bounds the scratch memory of the envelope passes
+constexpr int64_t kScratchBytes = int64_t{256} << 20;  // bounds the scratch memory of an envelope pass
 
 unsigned int blocks_for(int64_t items) {
   return static_cast<unsigned int>(std::max<int64_t>(1, (items + kThreads - 1) / kThreads));
@@ -51,12 +51,13 @@ __global__ void sweep_kernel(const bool* mask, bool invert, int64_t batch, int64
 // (l / inner) * n * inner + l % inner, with inner = stride (the product of later axes).
 template <typename T, typename O>
 __global__ void envelope_kernel(const T* in, O* out, int64_t lines, int64_t n, int64_t inner, double s2,
-                                bool take_sqrt, int64_t* v, double* z, T* fv) {
+                                bool take_sqrt, int64_t* v, double* zn, double* zd, T* fv) {
   const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   for (int64_t l = t; l < lines; l += threads) {
     const int64_t base = (l / inner) * n * inner + l % inner;
-    envelope_line_runs<T, O>(in + base, inner, n, s2, v + t * n, z + t * n, fv + t * n, out + base, inner, take_sqrt);
+    envelope_line_runs<T, O>(in + base, inner, n, s2, v + t * n, zn + t * n, zd + t * n, fv + t * n, out + base, inner,
+                             take_sqrt);
   }
 }
 
@@ -64,12 +65,14 @@ template <typename T, typename O>
 void envelope_pass(const T* in, O* out, int64_t lines, int64_t n, int64_t inner, double s2, bool take_sqrt,
                    const at::TensorOptions& opts, cudaStream_t stream) {
   if (lines == 0 || n == 0) return;
-  const int64_t threads = std::min<int64_t>(lines, kMaxLineThreads);
+  // 32 bytes of scratch per line element and thread (v, zn, zd, fv)
+  const int64_t threads = std::min<int64_t>(lines, std::max<int64_t>(1024, kScratchBytes / (32 * n)));
   auto v = at::empty({threads * n}, opts.dtype(at::kLong));
-  auto z = at::empty({threads * n}, opts.dtype(at::kDouble));
+  auto zn = at::empty({threads * n}, opts.dtype(at::kDouble));
+  auto zd = at::empty({threads * n}, opts.dtype(at::kDouble));
   auto fv = at::empty({threads * n}, opts.dtype(c10::CppTypeToScalarType<T>::value));
   envelope_kernel<T, O><<<blocks_for(threads), kThreads, 0, stream>>>(
-      in, out, lines, n, inner, s2, take_sqrt, v.data_ptr<int64_t>(), z.data_ptr<double>(), fv.template data_ptr<T>());
+      in, out, lines, n, inner, s2, take_sqrt, v.data_ptr<int64_t>(), zn.data_ptr<double>(), zd.data_ptr<double>(), fv.template data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
