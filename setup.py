@@ -106,7 +106,13 @@ setup(
     install_requires=["torch>=2.6,<3", "numpy>=1.24"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "scikit-image>=0.25", "scipy>=1.11", "expecttest"],
-        "bench": ["pytest-benchmark>=4", "scikit-image>=0.25", "opencv-python-headless>=4.8,<5"],
+        "bench": [
+            "pytest-benchmark>=4",
+            "scikit-image>=0.25",
+            "opencv-python-headless>=4.8,<5",
+            "edt>=3.1,<4",
+            "connected-components-3d>=4.1,<5",
+        ],
         "harness": ["nibabel>=5", "pandas>=2", "scipy>=1.11", "scikit-image>=0.25"],
     },
     zip_safe=False,
