@@ -51,9 +51,10 @@ __global__ void sweep_kernel(const bool* mask, bool invert, int64_t batch, int64
 // (l / inner) * n * inner + l % inner, with inner = stride (the product of later axes).
 template <typename T, typename O>
 __global__ void envelope_kernel(const T* in, O* out, int64_t lines, int64_t n, int64_t inner, double s2,
-                                bool take_sqrt, int64_t* v, double* zn, double* zd, T* fv) {
-  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+                                bool take_sqrt, int64_t threads, int64_t* v, double* zn, double* zd, T* fv) {
+  // `threads` scratch slots exist; the grid may round up beyond them.
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= threads) return;
   for (int64_t l = t; l < lines; l += threads) {
     const int64_t base = (l / inner) * n * inner + l % inner;
     envelope_line_runs<T, O>(in + base, inner, n, s2, v + t * n, zn + t * n, zd + t * n, fv + t * n, out + base, inner,
@@ -72,7 +73,7 @@ void envelope_pass(const T* in, O* out, int64_t lines, int64_t n, int64_t inner,
   auto zd = at::empty({threads * n}, opts.dtype(at::kDouble));
   auto fv = at::empty({threads * n}, opts.dtype(c10::CppTypeToScalarType<T>::value));
   envelope_kernel<T, O><<<blocks_for(threads), kThreads, 0, stream>>>(
-      in, out, lines, n, inner, s2, take_sqrt, v.data_ptr<int64_t>(), zn.data_ptr<double>(), zd.data_ptr<double>(), fv.template data_ptr<T>());
+      in, out, lines, n, inner, s2, take_sqrt, threads, v.data_ptr<int64_t>(), zn.data_ptr<double>(), zd.data_ptr<double>(), fv.template data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
