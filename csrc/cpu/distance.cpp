@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -32,9 +33,23 @@ namespace {
 
 constexpr int64_t kSweepChunk = 2048;  // columns of the first pass handled per task
 constexpr int64_t kBlock = 16;         // adjacent columns gathered per task in the middle pass
-constexpr int64_t kSerialVoxels = int64_t{1} << 19;  // below this, one thread (about 1 ms of work)
+constexpr int64_t kSerialVoxels = int64_t{1} << 21;  // below this, one thread (a few ms of work)
 
 int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, work_per_item)); }
+
+// Runs body(scratch, i) for i in [0, n), images handed out one at a time from a shared
+// counter (dynamic scheduling): when another process takes a core, the thread still
+// running takes the remaining images instead of waiting for a fixed half to finish.
+// make_scratch() builds each thread's scratch once.
+template <typename MakeScratch, typename Body>
+void for_each_image(int64_t n, MakeScratch&& make_scratch, Body&& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) body(scratch, i);
+  });
+}
 
 // Pass 1 over `n0` rows of `r` contiguous values each (one image): squared distance
 // along the first axis to the nearest voxel with (mask ^ invert) == 0.
@@ -142,13 +157,13 @@ void edt_batch(const bool* mask, bool invert, const Geometry& g, T* work, O* out
   if (B > 1 && B >= at::get_num_threads()) {
     // Many images: one parallel region, each image done whole by one thread (it stays in
     // cache between the passes, and there is one barrier instead of three).
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        pass1(b * chunks, (b + 1) * chunks);
-        if (is3d) pass2(b * g.depth * blocks, (b + 1) * g.depth * blocks);
-        pass3(b * rows, (b + 1) * rows);
-      }
-    });
+    for_each_image(
+        B, [] { return 0; },
+        [&](int, int64_t b) {
+          pass1(b * chunks, (b + 1) * chunks);
+          if (is3d) pass2(b * g.depth * blocks, (b + 1) * g.depth * blocks);
+          pass3(b * rows, (b + 1) * rows);
+        });
     return;
   }
   at::parallel_for(0, B * chunks, grain(n0 * kSweepChunk), pass1);
@@ -366,11 +381,14 @@ std::tuple<at::Tensor, at::Tensor> connected_components_cpu(const at::Tensor& ma
   int32_t* lab = labels.data_ptr<int32_t>();
   int64_t* cnt = counts.data_ptr<int64_t>();
   // Labelling costs about 1 ns a voxel: below 2^22 voxels a parallel region is not worth it.
-  const int64_t grain_images = g.batch * V < (int64_t{1} << 22) ? g.batch : 1;
-  at::parallel_for(0, g.batch, grain_images, [&](int64_t begin, int64_t end) {
+  if (g.batch * V < (int64_t{1} << 22)) {
     RunScratch scratch;
-    for (int64_t b = begin; b < end; ++b) cnt[b] = label_runs(m + b * V, g, offsets, scratch, lab + b * V);
-  });
+    for (int64_t b = 0; b < g.batch; ++b) cnt[b] = label_runs(m + b * V, g, offsets, scratch, lab + b * V);
+  } else {
+    for_each_image(
+        g.batch, [] { return RunScratch{}; },
+        [&](RunScratch& scratch, int64_t b) { cnt[b] = label_runs(m + b * V, g, offsets, scratch, lab + b * V); });
+  }
   return {labels, counts};
 }
 
@@ -396,20 +414,16 @@ void levelset_image(const bool* a, const bool* s, const Geometry& g, double lam,
   int64_t lo[3] = {D, H, W}, hi[3] = {-1, -1, -1};
   for (int64_t z = 0; z < D; ++z)
     for (int64_t y = 0; y < H; ++y) {
-      const bool* ra = a + (z * H + y) * W;
-      const bool* rs = s + (z * H + y) * W;
-      int64_t x0 = -1, x1 = -1;
-      for (int64_t x = 0; x < W; ++x)
-        if (ra[x] | rs[x]) {
-          x0 = x;
-          break;
-        }
-      if (x0 < 0) continue;
-      for (int64_t x = W - 1; x >= x0; --x)
-        if (ra[x] | rs[x]) {
-          x1 = x;
-          break;
-        }
+      // first and last set byte of the row in A or S (memchr / memrchr are vectorised)
+      const auto* ra = reinterpret_cast<const unsigned char*>(a + (z * H + y) * W);
+      const auto* rs = reinterpret_cast<const unsigned char*>(s + (z * H + y) * W);
+      const auto* fa = static_cast<const unsigned char*>(std::memchr(ra, 1, W));
+      const auto* fs = static_cast<const unsigned char*>(std::memchr(rs, 1, W));
+      if (fa == nullptr && fs == nullptr) continue;
+      const auto* la = static_cast<const unsigned char*>(memrchr(ra, 1, W));
+      const auto* ls = static_cast<const unsigned char*>(memrchr(rs, 1, W));
+      const int64_t x0 = std::min(fa ? fa - ra : W, fs ? fs - rs : W);
+      const int64_t x1 = std::max(la ? la - ra : int64_t{-1}, ls ? ls - rs : int64_t{-1});
       lo[0] = std::min(lo[0], z), hi[0] = std::max(hi[0], z);
       lo[1] = std::min(lo[1], y), hi[1] = std::max(hi[1], y);
       lo[2] = std::min(lo[2], x0), hi[2] = std::max(hi[2], x1);
@@ -455,12 +469,15 @@ void levelset_batch(const bool* a, const bool* s, const Geometry& g, double lam,
   const int64_t V = g.voxels();
   Geometry one = g;
   one.batch = 1;
-  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+  struct Scratch {
     std::vector<uint8_t> ca, cs, co;
     std::vector<T> dA2, dS2;
-    for (int64_t b = begin; b < end; ++b)
-      levelset_image<T>(a + b * V, s + b * V, one, lam, out + b * V, ca, cs, dA2, dS2, co);
-  });
+  };
+  for_each_image(
+      g.batch, [] { return Scratch{}; },
+      [&](Scratch& t, int64_t b) {
+        levelset_image<T>(a + b * V, s + b * V, one, lam, out + b * V, t.ca, t.cs, t.dA2, t.dS2, t.co);
+      });
 }
 
 at::Tensor levelset_grow_cpu(const at::Tensor& approx_in, const at::Tensor& seg_in, double lam,
