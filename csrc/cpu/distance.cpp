@@ -202,33 +202,10 @@ at::Tensor edt_cpu(const at::Tensor& mask_in, std::optional<at::ArrayRef<double>
 }
 
 // ---------------------------------------------------------------------------------
-// Connected components: union-find over the raster scan, linking every root to the
-// smaller index, so that the root of a component is its first voxel in raster order;
-// a second scan numbers the roots 1..n in that order. Parallel over images.
+// Connected components: union-find over the runs of each row (label_runs), linking every
+// root to the smaller index, so that the root of a component is its first run in raster
+// order; a second scan numbers the roots 1..n in that order. Parallel over images.
 // ---------------------------------------------------------------------------------
-struct Neighbours {
-  std::vector<int64_t> dz, dy, dx;
-};
-
-// The neighbours that come before a voxel in raster order, with at most `order` non-zero
-// offsets (order 1: faces, 2: faces and edges, 3: all).
-Neighbours backward_neighbours(int spatial, int order) {
-  Neighbours n;
-  const int zlo = spatial == 3 ? -1 : 0;
-  for (int dz = zlo; dz <= 0; ++dz)
-    for (int dy = -1; dy <= 1; ++dy)
-      for (int dx = -1; dx <= 1; ++dx) {
-        const int nz = (dz != 0) + (dy != 0) + (dx != 0);
-        if (nz == 0 || nz > order) continue;
-        const bool before = dz < 0 || (dz == 0 && (dy < 0 || (dy == 0 && dx < 0)));
-        if (!before) continue;
-        n.dz.push_back(dz);
-        n.dy.push_back(dy);
-        n.dx.push_back(dx);
-      }
-  return n;
-}
-
 template <typename I>
 inline I find_root(I* parent, I p) {
   while (parent[p] != p) {
@@ -245,39 +222,6 @@ inline void unite(I* parent, I a, I b) {
   if (a == b) return;
   if (a < b) std::swap(a, b);
   parent[a] = b;
-}
-
-// Labels of one image (D x H x W), 1..n in raster order of first appearance; returns n.
-template <typename I>
-int64_t label_image(const bool* m, const Geometry& g, const Neighbours& nb, I* parent, int32_t* labels) {
-  const int64_t D = g.depth, H = g.height, W = g.width;
-  const size_t K = nb.dz.size();
-  for (int64_t z = 0; z < D; ++z)
-    for (int64_t y = 0; y < H; ++y) {
-      const int64_t row = (z * H + y) * W;
-      for (int64_t x = 0; x < W; ++x) {
-        const int64_t p = row + x;
-        if (!m[p]) continue;
-        parent[p] = static_cast<I>(p);
-        for (size_t k = 0; k < K; ++k) {
-          const int64_t zz = z + nb.dz[k], yy = y + nb.dy[k], xx = x + nb.dx[k];
-          if (zz < 0 || yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
-          const int64_t q = (zz * H + yy) * W + xx;
-          if (m[q]) unite<I>(parent, static_cast<I>(p), static_cast<I>(q));
-        }
-      }
-    }
-  int32_t n = 0;
-  const int64_t V = g.voxels();
-  for (int64_t p = 0; p < V; ++p) {
-    if (!m[p]) {
-      labels[p] = 0;
-      continue;
-    }
-    const I r = find_root(parent, static_cast<I>(p));
-    labels[p] = (r == static_cast<I>(p)) ? ++n : labels[r];
-  }
-  return n;
 }
 
 // Run-based labelling of one image (what connected_components uses): union-find over
@@ -591,7 +535,7 @@ at::Tensor grow_instances_cpu(const at::Tensor& seeds_in, const at::Tensor& seg_
   const int64_t* sd = seeds.data_ptr<int64_t>();
   const bool* sg = seg.data_ptr<bool>();
   int64_t* o = out.data_ptr<int64_t>();
-  const auto nb = backward_neighbours(g.spatial, order);
+  const auto offsets = row_offsets(g.spatial, order);
   Geometry one = g;
   one.batch = 1;
   // Steps 1-3: owners (seed index per voxel, -1 none) and each seed's bounding box.
@@ -599,7 +543,8 @@ at::Tensor grow_instances_cpu(const at::Tensor& seeds_in, const at::Tensor& seg_
   std::vector<std::vector<int64_t>> ids(g.batch);
   std::vector<std::vector<Box>> boxes(g.batch);
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> parent(V), comp(V);
+    std::vector<int32_t> comp(V);
+    RunScratch runs;
     std::vector<double> work;
     std::vector<int64_t> feat;
     for (int64_t b = begin; b < end; ++b) {
@@ -615,7 +560,7 @@ at::Tensor grow_instances_cpu(const at::Tensor& seeds_in, const at::Tensor& seg_
       auto index_of = [&](int64_t v) {
         return static_cast<int32_t>(std::lower_bound(id.begin(), id.end(), v) - id.begin());
       };
-      const int64_t n_comp = label_image<int32_t>(m, one, nb, parent.data(), comp.data());
+      const int64_t n_comp = label_runs(m, one, offsets, runs, comp.data());
       // Seed of each component: -1 none, k the only one, -2 several.
       std::vector<int32_t> comp_seed(n_comp + 1, -1);
       for (int64_t p = 0; p < V; ++p) {
