@@ -408,6 +408,15 @@ def test_grow_instances_split_between_two_seeds():
     s2[0, 2, 17] = 2
     got2 = mk.grow_instances(torch.from_numpy(s2), torch.from_numpy(seg2), 1e6).instances.numpy()[0]
     assert (got2[2:18, 2:6] == 1).all() and (got2[2:18, 8:18] == 2).all()
+    # a component without a seed goes voxel by voxel to the nearest seed (as the single-
+    # object rule grows it from A), here all of it to seed 2
+    seg3 = seg2.copy()
+    seg3[0, 8:12, 19] = True
+    s3 = s2.copy()
+    s3[0, 2:18, 8:18] = 0
+    s3[0, 10, 12] = 2
+    got3 = mk.grow_instances(torch.from_numpy(s3), torch.from_numpy(seg3), 1e6).instances.numpy()[0]
+    assert (got3[8:12, 19] == 2).all()
 
 
 def test_grow_instances_classes_and_3d():
