@@ -25,9 +25,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import cc3d
 import cv2
-import edt as edt_pkg
 import numpy as np
 import pytest
 import torch
@@ -123,6 +121,7 @@ def test_edt_scipy(benchmark, runtime_info, edt_case):
 
 
 def test_edt_edt_package(benchmark, runtime_info, edt_case):
+    edt_pkg = pytest.importorskip("edt")
     group, masks, spacing = edt_case
     _describe(benchmark, runtime_info, group, "edt package (parallel=2, loop)", "peer", len(masks), _size(masks))
     benchmark(lambda: [edt_pkg.edt(m, anisotropy=spacing, parallel=2) for m in masks])
@@ -177,6 +176,7 @@ def test_cc_scipy(benchmark, runtime_info, cc_case):
 
 
 def test_cc_cc3d(benchmark, runtime_info, cc_case):
+    cc3d = pytest.importorskip("cc3d")
     group, masks, conn = cc_case
     _describe(benchmark, runtime_info, group, "cc3d (loop)", "peer", len(masks), _size(masks), connectivity=conn)
     benchmark(lambda: [cc3d.connected_components(m, connectivity=conn, binary_image=True) for m in masks])
@@ -206,6 +206,8 @@ def scipy_update(approx, seg):
 
 
 def edt_pkg_update(approx, seg):
+    import edt as edt_pkg
+
     out = np.empty_like(approx)
     for i, (a, s) in enumerate(zip(approx, seg)):
         phi = edt_pkg.edt(~a, parallel=2) - LAM * edt_pkg.edt(s, parallel=2)
@@ -230,6 +232,7 @@ def test_update_scipy(benchmark, runtime_info, update_inputs):
 
 
 def test_update_edt_package(benchmark, runtime_info, update_inputs):
+    pytest.importorskip("edt")
     approx, seg = update_inputs
     _describe(benchmark, runtime_info, "levelset-hc18-200", "edt package (parallel=2, 2 EDTs per image, loop)", "peer",
               N_UPDATE, "540x800", lam=LAM)
