@@ -7,7 +7,9 @@
 //     contiguous lines, enveloped, and scattered back;
 //  3. the last (contiguous) axis: the envelope line by line, writing the output (and its
 //     square root) directly.
-// Every pass is parallel over batch x lines (at::parallel_for).
+// Scheduling: under 2^21 voxels everything runs on one thread; a batch of at least as
+// many images as threads hands out whole images (all passes of an image on one thread,
+// one parallel region); otherwise each pass is parallel over its lines.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
