@@ -37,6 +37,17 @@ constexpr int64_t kSweepChunk = 2048;  // columns of the first pass handled per 
 constexpr int64_t kBlock = 16;         // adjacent columns gathered per task in the middle pass
 constexpr int64_t kSerialVoxels = int64_t{1} << 21;  // below this, one thread (a few ms of work)
 
+// Last byte equal to 1 in [p, p + n), or null: glibc's memrchr where it exists.
+inline const unsigned char* last_set(const unsigned char* p, int64_t n) {
+#if defined(__GLIBC__)
+  return static_cast<const unsigned char*>(memrchr(p, 1, static_cast<size_t>(n)));
+#else
+  for (int64_t i = n - 1; i >= 0; --i)
+    if (p[i] == 1) return p + i;
+  return nullptr;
+#endif
+}
+
 int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, work_per_item)); }
 
 // Runs body(scratch, i) for i in [0, n), images handed out one at a time from a shared
@@ -366,8 +377,8 @@ void levelset_image(const bool* a, const bool* s, const Geometry& g, double lam,
       const auto* fa = static_cast<const unsigned char*>(std::memchr(ra, 1, W));
       const auto* fs = static_cast<const unsigned char*>(std::memchr(rs, 1, W));
       if (fa == nullptr && fs == nullptr) continue;
-      const auto* la = static_cast<const unsigned char*>(memrchr(ra, 1, W));
-      const auto* ls = static_cast<const unsigned char*>(memrchr(rs, 1, W));
+      const auto* la = last_set(ra, W);
+      const auto* ls = last_set(rs, W);
       const int64_t x0 = std::min(fa ? fa - ra : W, fs ? fs - rs : W);
       const int64_t x1 = std::max(la ? la - ra : int64_t{-1}, ls ? ls - rs : int64_t{-1});
       lo[0] = std::min(lo[0], z), hi[0] = std::max(hi[0], z);
