@@ -112,7 +112,13 @@ setup(
     install_requires=["torch>=2.6,<3", "numpy>=1.24"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "scikit-image>=0.25", "scipy>=1.11", "expecttest"],
-        "bench": ["pytest-benchmark>=4", "scikit-image>=0.25", "opencv-python-headless>=4.8,<5"],
+        "bench": [
+            "pytest-benchmark>=4",
+            "scikit-image>=0.25",
+            "opencv-python-headless>=4.8,<5",
+            "edt>=3.1,<4",
+            "connected-components-3d>=4.1,<5",
+        ],
         "harness": ["nibabel>=5", "pandas>=2", "scipy>=1.11", "scikit-image>=0.25", "pyyaml>=6", "matplotlib>=3.7",
                     "tqdm>=4.60", "pillow>=9", "tensorboard>=2.10"],
     },

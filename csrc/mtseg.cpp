@@ -69,4 +69,16 @@ TORCH_LIBRARY(mtseg, m) {
       "sync_loss(Tensor seg_logits, Tensor class_logits, str mode=\"hard\", str direction=\"seg_to_class\", "
       "str reduction=\"mean\", Tensor? weight=None, str activation=\"softmax\", float temperature=0.1, "
       "float threshold=0.5, Tensor? valid_mask=None) -> Tensor");
+
+  // Exact distance transforms, connected components and level-set growth (DESIGN 3.3);
+  // masks (B, H, W) or (B, D, H, W), non-zero = foreground. Not differentiable.
+  // edt: distance from every non-zero voxel to the nearest zero voxel (scipy semantics;
+  // +inf without any zero voxel); signed: -d(x, background) inside, +d(x, foreground) outside.
+  m.def("edt(Tensor mask, float[]? spacing=None, bool squared=False, bool signed=False, ScalarType? dtype=None) -> Tensor");
+  // Labels (int32, 1..n in raster order of first appearance, 0 = background) and n per image (int64).
+  m.def("connected_components(Tensor mask, int connectivity) -> (Tensor, Tensor)");
+  // {x : d(x, approx) - lam * d(x, complement(seg)) <= 0} as bool.
+  m.def("levelset_grow(Tensor approx, Tensor seg, float lam, float[]? spacing=None) -> Tensor");
+  // Multi-object growth from seed instance ids (int64 map, 0 = none); connectivity 0 = faces only.
+  m.def("grow_instances(Tensor seeds, Tensor seg, float lam, float[]? spacing=None, int connectivity=0) -> Tensor");
 }

@@ -21,6 +21,21 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "Build it with `pip install --no-build-isolation -e .` (or `make test`) from the source tree."
     ) from exc
 
+from .ops.distance import (
+    EDT,
+    GrownInstances,
+    LevelSetGrow,
+    SurfaceDistance,
+    SurfaceMetrics,
+    average_surface_distance,
+    connected_components,
+    edt,
+    grow_instances,
+    hausdorff_distance,
+    levelset_grow,
+    signed_edt,
+    surface_metrics,
+)
 from .ops.hog import HOG, HOG_MTL_PRESETS, HOGPreset, hog, hog_blocks, hog_cells, hog_output_shape, hog_pseudo_label
 from .ops.presence import (
     SoftPresence,
@@ -35,20 +50,33 @@ from .ops.presence import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "EDT",
+    "GrownInstances",
     "HOG",
     "HOG_MTL_PRESETS",
     "HOGPreset",
+    "LevelSetGrow",
     "SoftPresence",
+    "SurfaceDistance",
+    "SurfaceMetrics",
     "SyncLoss",
+    "average_surface_distance",
     "backends",
     "class_counts",
+    "connected_components",
+    "edt",
+    "grow_instances",
+    "hausdorff_distance",
     "hog",
     "hog_blocks",
     "hog_cells",
     "hog_output_shape",
     "hog_pseudo_label",
+    "levelset_grow",
     "presence_from_labels",
+    "signed_edt",
     "soft_presence",
+    "surface_metrics",
     "sync_loss",
     "valid_mask_from_labels",
 ]

@@ -1,0 +1,159 @@
+// Per-line math of the exact Euclidean distance transform, shared by the CPU (.cpp)
+// and CUDA (.cu) kernels, so that the CPU tests exercise what the GPU runs.
+//
+// The transform is separable (Felzenszwalb & Huttenlocher, "Distance Transforms of
+// Sampled Functions", ToC 2012): squared distances are computed one axis at a time.
+//  * first axis: distance along the line to the nearest zero voxel, by a forward and a
+//    backward sweep (sweep_forward / sweep_backward / sweep_square);
+//  * every further axis: the lower envelope of the parabolas
+//        y = s2 * (q - p)^2 + f[p]   (s2 = spacing^2 of that axis)
+//    of the previous pass's values f, evaluated at every q (envelope_line). Lines whose f
+//    is +inf everywhere (no zero voxel reachable yet) stay +inf.
+// Parabola intersections are compared in double from the stored values, as fractions
+// (no division): with unit spacing those are integers and the comparisons exact, so the
+// envelope is exact; with spacing, each pass rounds once to the working type.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "mtseg/macros.h"
+
+namespace mtseg {
+namespace distance {
+
+template <typename T>
+MTSEG_HOST_DEVICE T inf_value() {
+  return static_cast<T>(INFINITY);
+}
+
+// Forward sweep step of the first axis: the count of steps since the last zero voxel
+// (+inf before the first one). `foreground` is true for voxels whose distance is wanted.
+template <typename T>
+MTSEG_HOST_DEVICE T sweep_forward(bool foreground, T previous) {
+  return foreground ? previous + T(1) : T(0);
+}
+
+// Backward sweep step: the nearer of the forward count and the count from the next voxel.
+template <typename T>
+MTSEG_HOST_DEVICE T sweep_backward(T forward, T next) {
+  const T from_next = next + T(1);
+  return from_next < forward ? from_next : forward;
+}
+
+// Squared physical distance of a step count along the first axis.
+template <typename T>
+MTSEG_HOST_DEVICE T sweep_square(T count, double spacing) {
+  if (!(count < inf_value<T>())) return inf_value<T>();
+  const double d = static_cast<double>(count) * spacing;
+  return static_cast<T>(d * d);
+}
+
+// Lower envelope of the parabolas s2 * (q - p)^2 + f[p] over p, at every q of a line of
+// n values (f[p * f_stride]); out[q * out_stride] receives the minimum (its square root
+// when take_sqrt). Points with f = +inf carry no parabola; a line without any finite
+// value gives +inf everywhere. When arg is not null, arg[q * arg_stride] receives the
+// minimising p (-1 for an all-inf line).
+//
+// Scratch (n entries each): v (parabola positions), zn / zd (the left end of each
+// parabola's interval as the fraction zn / zd, zd > 0) and fv (their values). Keeping
+// the fraction avoids every division: intersections are compared by cross-multiplying,
+// which is exact for unit spacing (integer products far below 2^53). The values are kept
+// in fv, so out may alias f.
+template <typename T, typename O>
+MTSEG_HOST_DEVICE void envelope_line(const T* f, int64_t f_stride, int64_t n, double s2, int64_t* v, double* zn,
+                                     double* zd, T* fv, O* out, int64_t out_stride, bool take_sqrt,
+                                     int64_t* arg = nullptr, int64_t arg_stride = 0) {
+  int64_t k = -1;
+  for (int64_t q = 0; q < n; ++q) {
+    const T fq = f[q * f_stride];
+    if (!(fq < inf_value<T>())) continue;
+    const double dq = static_cast<double>(q);
+    const double cq = static_cast<double>(fq) + s2 * dq * dq;
+    double num = -INFINITY, den = 1.0;
+    while (k >= 0) {
+      const double dv = static_cast<double>(v[k]);
+      const double cv = static_cast<double>(fv[k]) + s2 * dv * dv;
+      num = cq - cv;
+      den = 2.0 * s2 * (dq - dv);
+      // intersection num / den right of the interval start zn[k] / zd[k]: keep parabola k
+      if (num * zd[k] > zn[k] * den) break;
+      --k;
+      num = -INFINITY;
+      den = 1.0;
+    }
+    ++k;
+    v[k] = q;
+    fv[k] = fq;
+    zn[k] = num;
+    zd[k] = den;
+  }
+  if (k < 0) {
+    for (int64_t q = 0; q < n; ++q) {
+      out[q * out_stride] = inf_value<O>();
+      if (arg != nullptr) arg[q * arg_stride] = -1;
+    }
+    return;
+  }
+  int64_t j = 0;
+  for (int64_t q = 0; q < n; ++q) {
+    const double dq = static_cast<double>(q);
+    while (j < k && zn[j + 1] < dq * zd[j + 1]) ++j;
+    const double dx = dq - static_cast<double>(v[j]);
+    const double d2 = s2 * dx * dx + static_cast<double>(fv[j]);
+    out[q * out_stride] = static_cast<O>(take_sqrt ? sqrt(d2) : d2);
+    if (arg != nullptr) arg[q * arg_stride] = v[j];
+  }
+}
+
+// envelope_line for lines whose zeros are zero voxels (f = 0 exactly there, f >= the
+// smallest squared step elsewhere), as after the first pass: a zero voxel's parabola
+// lies below every parabola beyond it, so each run of non-zero values only needs the
+// envelope of itself and its two bounding zeros. Zero voxels are written as 0 without
+// any envelope work, so the cost follows the foreground, not the line. Same result as
+// envelope_line; out may alias f.
+template <typename T, typename O>
+MTSEG_HOST_DEVICE void envelope_line_runs(const T* f, int64_t f_stride, int64_t n, double s2, int64_t* v, double* zn,
+                                          double* zd, T* fv, O* out, int64_t out_stride, bool take_sqrt) {
+  // In place (out is f), zero voxels already hold their result.
+  const bool in_place = static_cast<const void*>(out) == static_cast<const void*>(f) && out_stride == f_stride;
+  int64_t q = 0;
+  while (q < n) {
+    if (f[q * f_stride] == T(0)) {
+      // skip a run of zeros, four at a time (one branch per four voxels)
+      int64_t e = q + 1;
+      while (e + 4 <= n && (f[e * f_stride] == T(0)) & (f[(e + 1) * f_stride] == T(0)) &
+                               (f[(e + 2) * f_stride] == T(0)) & (f[(e + 3) * f_stride] == T(0)))
+        e += 4;
+      while (e < n && f[e * f_stride] == T(0)) ++e;
+      if (!in_place)
+        for (int64_t i = q; i < e; ++i) out[i * out_stride] = O(0);
+      q = e;
+      continue;
+    }
+    int64_t e = q + 1;
+    while (e < n && f[e * f_stride] != T(0)) ++e;
+    const int64_t l = q > 0 ? q - 1 : 0;  // the zero before the run, if any
+    const int64_t r = e < n ? e : n - 1;  // the zero after it, if any
+    envelope_line<T, O>(f + l * f_stride, f_stride, r - l + 1, s2, v, zn, zd, fv, out + l * out_stride, out_stride,
+                        take_sqrt);
+    q = r + 1;
+  }
+}
+
+// The level-set growth rule of Ke et al.: x joins A when phi(x) = d(x, A) - lam *
+// d(x, complement(S)) <= 0, from the squared distances dA2 = d(x, A)^2 (0 on A, +inf when
+// A is empty) and dS2 = d(x, complement(S))^2 (0 outside S, +inf when S is everything).
+// Conventions that keep it well defined: x in A always stays (phi = 0 there, whatever
+// lam * inf would give); lam = 0 adds nothing; an empty A grows nothing.
+MTSEG_HOST_DEVICE bool levelset_inside(bool in_a, double dA2, double dS2, double lam) {
+  // Branch-free (the CPU loop vectorises it). lam = 0: lam * d is 0 or NaN, so only A
+  // passes; outside S, d(x, complement(S)) = 0, so only A passes; an infinite d(x, A)
+  // (empty A) never passes. phi is formed as d_A - lam * d_S, as the reference does.
+  const double da = sqrt(dA2), ds = sqrt(dS2);
+  return in_a | ((da < INFINITY) & (da - lam * ds <= 0.0));
+}
+
+}  // namespace distance
+}  // namespace mtseg
