@@ -11,6 +11,7 @@ from .baseline import Baseline
 from .hog_mtl import HOGMTL
 from .tdsnet import TDSNet
 from .cmunet import CMUNet
+from .recursive import RecursiveApprox
 
 __all__ = ["Method", "create_method", "list_methods", "method_class", "register_method", "losses",
-           "Baseline", "HOGMTL", "TDSNet", "CMUNet"]
+           "Baseline", "HOGMTL", "TDSNet", "CMUNet", "RecursiveApprox"]

@@ -1,0 +1,105 @@
+"""Recursive approximation (Ke et al.): weak/strong labels, rounds of batched level-set growth
+with mtseg_kernels.grow_instances, saved approximations, final growth, resume."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_config
+from mtseg_harness.cli import run_eval
+from mtseg_harness.methods import create_method
+from mtseg_harness.methods.recursive import grow
+from mtseg_harness.training import Trainer
+from mtseg_harness.training.checkpoint import load_checkpoint
+
+RA = {"name": "recursive_approx", "strong_fraction": 0.1, "update_every": 2, "update_batch_size": 40}
+# the 20 validation images of the sample as the training set keep these tests short
+SMALL = {"splits": {"train": "val", "val": "val", "test": "test"}}
+
+
+def _disk(shape, c, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= r * r
+
+
+def test_grow_properties():
+    s = torch.from_numpy(_disk((40, 60), (20, 15), 10) | _disk((40, 60), (20, 42), 10)).long()[None]
+    seeds = torch.zeros_like(s)
+    seeds[0, 18:22, 13:17] = 1      # class 1 seed in the left disk
+    seeds[0, 18:22, 40:44] = 2      # class 2 seed in the right disk
+    assert torch.equal(grow(seeds, None, s, 0.0), seeds)            # lambda = 0: the seeds back
+    small, big = grow(seeds, None, s, 0.5), grow(seeds, None, s, 1e6)
+    assert ((small > 0) >= (seeds > 0)).all() and ((big > 0) >= (small > 0)).all()  # contains A, monotone
+    assert torch.equal(big > 0, s > 0)                                 # -> S when every part holds a seed
+    assert set(big[0][s[0] > 0].unique().tolist()) == {1, 2}
+    assert (big[0, :, :28] != 2).all() and (big[0, :, 32:] != 1).all()  # objects keep their class, never merge
+
+
+def test_weak_and_strong_labels_and_losses():
+    m = create_method("recursive_approx", 2, strong_fraction=0.5)
+    assert m.heads() == {"approx": 2}
+    mask = torch.ones(2, 4, 4, dtype=torch.long)
+    weak = torch.zeros_like(mask)
+    weak[:, 1:3, 1:3] = 1
+    seg = torch.randn(2, 2, 4, 4)
+    approx = torch.randn(2, 2, 4, 4)
+    from mtseg_harness.methods import losses
+    from mtseg_harness.models import ModelOutput
+
+    out = ModelOutput(seg=seg, side=(), hog=(), presence=None, scene=None, approx=approx)
+    loss, logs = m.loss(out, {"mask": mask, "weak": weak, "strong": torch.tensor([True, False])}, 0, 10)
+    seg_t = mask.clone()
+    seg_t[1] = 255  # the weak image's true mask is never used for training
+    expected = losses.cross_entropy(seg, seg_t) + losses.cross_entropy(approx, weak)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_rounds_on_the_embedded_sample(tmp_path):
+    cfg = tiny_config(tmp_path, method=RA, train={"steps": 5, "val_every": 5}, data=SMALL)
+    tr = Trainer(cfg)
+    tr.fit()
+    rounds = pd.read_csv(tmp_path / "rounds.csv")
+    assert rounds["round"].tolist() == [0, 1, 2] and rounds["step"].tolist() == [0, 2, 4]
+    assert ((rounds["dice_vs_true"] > 0) & (rounds["dice_vs_true"] <= 1)).all()
+    n = len(tr.train_set)
+    assert rounds["n_weak"].tolist() == [n - round(0.1 * n)] * 3
+    saved = [np.load(tmp_path / "approximations" / f"round_{r:03d}.npz") for r in range(3)]
+    assert all(s["approx"].shape == (n, 160, 240) for s in saved)
+    ids = saved[0]["case_id"].tolist()
+    # strong images keep their true mask in every round; weak ones only grow (growth contains A)
+    by_id = {str(tr.train_set.dataset[i]["case_id"]): i for i in range(n)}
+    order = [by_id[c] for c in ids]
+    strong = [j for j, i in enumerate(order) if i in tr.train_set.strong]
+    assert len(strong) == round(0.1 * n)
+    for j in strong:
+        truth = tr.train_set.dataset[order[j]]["mask"].numpy()
+        assert all((s["approx"][j] == truth).all() for s in saved)
+    weak = [j for j in range(n) if j not in strong]
+    for a, b in zip(saved, saved[1:]):
+        assert ((b["approx"][weak] > 0) >= (a["approx"][weak] > 0)).all()
+    table, summary, _ = run_eval(cfg, split_key="test", out_dir=tmp_path / "eval", quiet=True)
+    assert len(table) == 40
+
+
+def test_resume_keeps_the_approximations(tmp_path):
+    full = Trainer(tiny_config(tmp_path / "full", method=RA, train={"steps": 5}, data=SMALL))
+    full.fit()
+    part = Trainer(tiny_config(tmp_path / "part", method=RA, train={"steps": 5}, data=SMALL))
+    part.fit(stop_at=3)
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["method"]["round"] == 1
+    resumed = Trainer(tiny_config(tmp_path / "part", method=RA, train={"steps": 5, "resume": True}, data=SMALL))
+    resumed.fit()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert full.method.round == resumed.method.round == 2
+    assert all(torch.equal(full.method.current[c], resumed.method.current[c]) for c in full.method.current)
+
+
+def test_on_real_hc18(tmp_path, shared_data):
+    cfg = tiny_config(tmp_path, method={**RA, "strong_fraction": 0.2}, train={"steps": 3},
+                      data={"root": str(shared_data / "hc18"), **SMALL})
+    tr = Trainer(cfg)
+    tr.fit()
+    rounds = pd.read_csv(tmp_path / "rounds.csv")
+    assert rounds["round"].tolist() == [0, 1] and rounds["n_weak"].tolist() == [16, 16]
