@@ -290,8 +290,11 @@ class Trainer:
         bar = None
         if self.is_main and self.show_progress and end > self.step:
             from tqdm.auto import tqdm
+            import sys
+
+            # in a log file (not a terminal) one line every 30 s rather than a stream of redraws
             bar = tqdm(total=end, initial=self.step, desc=str(self.cfg["method"]["name"]), dynamic_ncols=True,
-                       leave=False)
+                       leave=False, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         gbatch = int(self.cfg["data"]["batch_size"]) * self.world
         log_every, val_every = int(t["log_every"] or 0), int(t["val_every"] or 0)
         ckpt_every = int(t["checkpoint_every"] or 0)
