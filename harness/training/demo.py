@@ -70,7 +70,10 @@ def demo_runs() -> dict:
 
 
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower() or "run"
+    """Folder name of a run: ``recursive approx. (10% strong)`` -> ``recursive_approx_10_strong``."""
+    import re
+
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "run"
 
 
 def demo_config(name: str, out: Path, steps: int) -> dict:
