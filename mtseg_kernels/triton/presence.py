@@ -102,10 +102,10 @@ def _forward_kernel(z_ptr, mask_ptr, part_a_ptr, part_b_ptr, part_i_ptr, K, N, C
     pid = tl.program_id(0)
     b = pid // C
     c = pid % C
+    # noisy-or needs log(1 - p), max the complement 1 - p (to break rounding ties near 1)
     z, p, extra, valid2, ks, kin, xs, offs, inside = _tile(z_ptr, mask_ptr, b, c, K, N, ACT, HAS_MASK,
                                                            1 if MODE == 1 else (2 if MODE == 0 else 0),
                                                            K_BLOCK, BLOCK, F64)
-    logq = extra
     out = pid.to(tl.int64) * K + ks
     if MODE == 0:  # max: value (NaN if one was seen), index, complement; near-1 ties by 1 - p
         v = tl.where(valid2, p, -1.0)
@@ -119,7 +119,7 @@ def _forward_kernel(z_ptr, mask_ptr, part_a_ptr, part_b_ptr, part_i_ptr, K, N, C
         tl.store(part_b_ptr + out, best_c.to(tl.float64), mask=kin)
         tl.store(part_i_ptr + out, (c * BLOCK + where).to(tl.int64), mask=kin)
     elif MODE == 1:  # noisy-or: sum of finite log(1 - p), count of -inf
-        lv = tl.where(valid2, logq, 0.0)
+        lv = tl.where(valid2, extra, 0.0)
         inf = lv == float("-inf")
         tl.store(part_a_ptr + out, tl.sum(tl.where(inf, 0.0, lv), axis=1).to(tl.float64), mask=kin)
         tl.store(part_b_ptr + out, tl.sum(tl.where(inf, 1.0, 0.0), axis=1).to(tl.float64), mask=kin)
