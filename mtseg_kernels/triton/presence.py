@@ -64,35 +64,35 @@ def _tile(z_ptr, mask_ptr, b, c, K, N, ACT: tl.constexpr, HAS_MASK: tl.constexpr
         p = e * inv[None, :]
         if EXTRA == 1:
             rest = tl.log(others * inv)
-            logq = tl.where(is_winner, rest[None, :], _log1m(p))
+            extra = tl.where(is_winner, rest[None, :], _log1m(p))
         elif EXTRA == 2:
-            logq = tl.where(is_winner, (others * inv)[None, :], 1.0 - p)
+            extra = tl.where(is_winner, (others * inv)[None, :], 1.0 - p)
         else:
-            logq = p
+            extra = p  # unused
     elif ACT == 1:
         a = tl.exp(-tl.abs(z))
         p = tl.where(z >= 0, 1.0, a) / (1.0 + a)
         if EXTRA == 2:
-            logq = tl.where(z >= 0, a, 1.0) / (1.0 + a)
+            extra = tl.where(z >= 0, a, 1.0) / (1.0 + a)
         elif EXTRA == 1:
             u = 1.0 + a
             log1p_a = tl.where(u == 1.0, a, tl.log(u) * (a / tl.where(u == 1.0, 1.0, u - 1.0)))
-            logq = -(tl.maximum(z, 0.0) + log1p_a)
+            extra = -(tl.maximum(z, 0.0) + log1p_a)
         else:
-            logq = p
+            extra = p  # unused
     else:
         p = z
         if EXTRA == 1:
-            logq = _log1m(p)
+            extra = _log1m(p)
         elif EXTRA == 2:
-            logq = 1.0 - p
+            extra = 1.0 - p
         else:
-            logq = p
+            extra = p  # unused
     valid = xin
     if HAS_MASK:
         valid = valid & (tl.load(mask_ptr + b.to(tl.int64) * N + xs, mask=xin, other=0) != 0)
     valid2 = kin[:, None] & valid[None, :]
-    return z, p, logq, valid2, ks, kin, xs, offs, inside
+    return z, p, extra, valid2, ks, kin, xs, offs, inside
 
 
 @triton.jit
