@@ -85,7 +85,6 @@ def evaluate(model, method, loader, device, num_classes: int, ignore_index: int 
     model.eval()
     rows, examples = [], []
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    hd = hd and M.has_surface_metrics()
     try:
         for bi, batch in enumerate(loader):
             if max_batches is not None and bi >= max_batches:

@@ -95,14 +95,6 @@ def surface_distances(pred: Tensor, target: Tensor, num_classes: int, spacing=No
     return {k: torch.cat(v) for k, v in rows.items()}
 
 
-def has_surface_metrics() -> bool:
-    try:
-        from mtseg_kernels import surface_metrics  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- GlaS objects
 
 def _hausdorff_np(a: np.ndarray, b: np.ndarray) -> float:

@@ -134,7 +134,6 @@ def _scipy_hd(pred, target, spacing, q):
     return max(a.max(), b.max()), max(np.percentile(a, q), np.percentile(b, q))
 
 
-@pytest.mark.skipif(not M.has_surface_metrics(), reason="mtseg_kernels.surface_metrics (issue 4) is not in this build")
 def test_surface_distances_in_mm_match_scipy_per_image_spacing():
     t = np.stack([_blob((40, 50), (20, 25), 10), _blob((40, 50), (15, 20), 8)])
     p = np.stack([_blob((40, 50), (22, 27), 9), _blob((40, 50), (16, 24), 9)])
