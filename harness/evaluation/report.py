@@ -18,6 +18,16 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def per_class_table(summary: dict, class_names) -> pd.DataFrame:
     """One row per class: Dice, IoU and (where computed) HD95 / HD / ASSD means."""
     rows = []
@@ -49,12 +59,7 @@ def plot_curves(runs: dict, path, train_key: str = "loss", val_key: str = "dice_
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_overlays(examples: dict, path, max_rows: int = 4) -> Path:
@@ -87,12 +92,7 @@ def plot_overlays(examples: dict, path, max_rows: int = 4) -> Path:
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
                 ax.set_title(name, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=100)
 
 
 def plot_rounds(table: pd.DataFrame, path, x: str = "round", y: str = "dice", title: str = "") -> Path:
@@ -102,12 +102,7 @@ def plot_rounds(table: pd.DataFrame, path, x: str = "round", y: str = "dice", ti
     ax.plot(table[x], table[y], marker="o")
     ax.set(xlabel=x, ylabel=y, title=title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def format_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
