@@ -1,20 +1,14 @@
 #include "mtseg/distance_host.h"
+#include "mtseg/checks.h"
 
 #include <c10/util/Exception.h>
 
 #include <cmath>
-#include <sstream>
 
 namespace mtseg {
 namespace distance {
 
 namespace {
-
-std::string shape_of(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
 
 bool supported_dtype(at::ScalarType t) {
   switch (t) {

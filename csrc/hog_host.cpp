@@ -1,19 +1,13 @@
 #include "mtseg/hog_host.h"
+#include "mtseg/checks.h"
 
 #include <c10/util/Exception.h>
 
-#include <sstream>
 
 namespace mtseg {
 namespace hog {
 
 namespace {
-
-std::string shape_of(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
 
 void check_pair(at::IntArrayRef v, const char* name, const char* op) {
   TORCH_CHECK_VALUE(v.size() == 2, op, ": ", name, " must have two entries (rows, cols), got ", v.size());
