@@ -129,7 +129,9 @@ def test_u2net_approx_blocks():
 
 
 # ------------------------------------------------------------------ context ensemble
-PAPER_RECEPTIVE_FIELDS = [1, 3, 7, 15, 31, 63]  # Ren et al., TDSNet context-ensemble block
+# TDSNet's context-ensemble "rates": receptive fields (feature pixels per axis) of the input and
+# the five stacked dilated convs (1 + 2 * cumulative dilation), summed by the module
+PAPER_RECEPTIVE_FIELDS = [1, 3, 7, 15, 31, 63]
 
 
 def _support_extent(t: torch.Tensor) -> tuple[int, int]:
@@ -161,15 +163,25 @@ def test_context_ensemble_effective_receptive_fields_by_impulse_response(norm):
     assert _support_extent(total) == (63, 63)
 
 
-def test_tdsnet_context_block_has_the_paper_receptive_fields():
-    model = create_model("tdsnet", 3, 2, channels=(4, 4, 8, 8, 8), branch_channels=4, decoder_channels=4).eval()
-    block = model.context
-    _positive_weights(block)
-    x = torch.zeros(1, 8, 70, 70)
-    x[0, 3, 35, 35] = 1.0
-    with torch.no_grad():
-        extents = [_support_extent(y) for y in block.branches(x)]
-    assert extents == [(rf, rf) for rf in PAPER_RECEPTIVE_FIELDS]
+def test_tdsnet_has_three_task_pair_context_stacks_with_the_paper_receptive_fields():
+    model = create_model("tdsnet", 3, 2, heads={"presence": True}, channels=(4, 4, 8, 8, 8), branch_channels=4,
+                         decoder_channels=4).eval()
+    assert list(model.context) == ["seg_cls", "seg_scene", "cls_scene"]
+    for name, block in model.context.items():
+        assert isinstance(block, ContextEnsemble)
+        # a stack: five 3x3 convs, dilations 1, 2, 4, 8, 16, each reading the previous one
+        convs = [m for m in block.convs.modules() if isinstance(m, nn.Conv2d)]
+        assert [(c.kernel_size, c.dilation) for c in convs] == [((3, 3), (d, d)) for d in (1, 2, 4, 8, 16)]
+        assert [(c.in_channels, c.out_channels) for c in convs] == [(4, 4)] * 5
+        _positive_weights(block)
+        x = torch.zeros(1, 8, 70, 70)  # the 8-channel VGG top, projected to 4 channels first
+        x[0, 3, 35, 35] = 1.0
+        with torch.no_grad():
+            extents = [_support_extent(y) for y in block.branches(x)]
+        assert extents == [(rf, rf) for rf in PAPER_RECEPTIVE_FIELDS], name
+    # the class-scene pair feeds only the class and scene heads: not built without them
+    plain = create_model("tdsnet", 3, 2, channels=(4, 4, 8, 8, 8), branch_channels=4, decoder_channels=4)
+    assert list(plain.context) == ["seg_cls", "seg_scene"]
 
 
 def test_tdsnet_context_gradient_receptive_field():
