@@ -13,9 +13,11 @@ import mtseg_kernels
 from mtseg_harness.models import ClassHead, ContextEnsemble, HOGHead, create_model
 
 # HOG-MTL descriptor lengths on 128 x 64 images, by hand: blocks (rows, cols) x cells
-# per block x orientations. 16-px cells: 8 x 4 cells -> 7 x 3 blocks; 8-px: 16 x 8 -> 15 x 7.
+# per block x orientations. 16-px cells: 8 x 4 cells -> 7 x 3 blocks; 12-px: 10 x 5 whole
+# cells -> 9 x 4 blocks; 8-px: 16 x 8 -> 15 x 7.
 PAPER_HOG_DIMS = {
     504: 7 * 3 * 2 * 2 * 6,
+    864: 9 * 4 * 2 * 2 * 6,
     3780: 15 * 7 * 2 * 2 * 9,
     2520: 15 * 7 * 2 * 2 * 6,
     1680: 15 * 7 * 2 * 2 * 4,
@@ -60,6 +62,25 @@ def test_u2net_hog_heads_sit_on_every_decoder_stage():
     full = create_model("u2net", 3, 1, heads={"hog": True})
     # full: side features of stages 1d..5d and 6 are 64, 64, 128, 256, 512, 512 wide
     assert [h.features[0].in_channels for h in full.hog_heads] == [64, 64, 128, 256, 512, 512]
+
+
+def test_default_hog_unit_on_the_unet_bottleneck_is_the_authors_unit():
+    """HOG-MTL's UNet unit (authors' code): conv 1024->512, ReLU, pool, conv 512->256, ReLU,
+    pool, flatten 256 x 4 x 4 = 4096, linear to the HOG length."""
+    model = create_model("unet", 3, 2, heads={"hog": 864})
+    head = model.hog_head
+    convs = [m for m in head.features if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(1024, 512, (3, 3)), (512, 256, (3, 3))]
+    assert (head.fc.in_features, head.fc.out_features) == (4096, 864)
+    # on a 16 x 16 bottleneck (256 x 256 input) the adaptive pooling is the identity: the
+    # head is exactly conv-relu-pool twice, flatten, linear
+    torch.manual_seed(0)
+    small = HOGHead(8, 864)  # widths 4, 2 by the same rule
+    assert [c.out_channels for c in small.features if isinstance(c, nn.Conv2d)] == [4, 2]
+    x = torch.randn(2, 8, 16, 16)
+    h = torch.nn.functional.max_pool2d(torch.relu(small.features[0](x)), 2)
+    h = torch.nn.functional.max_pool2d(torch.relu(small.features[3](h)), 2)
+    torch.testing.assert_close(small(x), small.fc(h.flatten(1)))
 
 
 def test_unet_hog_head_sits_on_the_bottleneck_of_both_variants():
