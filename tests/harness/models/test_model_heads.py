@@ -41,7 +41,7 @@ def test_hog_head_matches_every_hog_mtl_preset():
         assert [h.shape for h in u2(torch.randn(1, 1, 40, 36)).hog] == [(1, dim)] * 6
 
 
-def test_hog_head_layout_is_hog_mtl_table_1():
+def test_hog_head_layout_two_conv_relu_pool_stages_then_linear():
     head = HOGHead(32, 504, hidden=(16, 8), pool_size=(4, 2))
     kinds = [type(m) for m in head.features]
     assert kinds == [nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Conv2d, nn.ReLU, nn.MaxPool2d]
