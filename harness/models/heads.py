@@ -3,10 +3,11 @@
 Heads are options, attached by configuration (``create_model(..., heads={...})``):
 
 ``hog``
-    HOG regression unit of HOG-MTL (Bhattarai et al., their Table 1): two stages of
-    3x3 conv + ReLU + 2x2 max-pool, then adaptive average pooling to a fixed grid (so any
-    input size works), flatten, one linear layer to the HOG descriptor length (504 for
-    the paper's default preset; see ``mtseg_kernels.HOG_MTL_PRESETS``). 2D only.
+    HOG regression unit of HOG-MTL (Bhattarai et al.): two stages of 3x3 conv + ReLU +
+    2x2 max-pool, adaptive average pooling to a fixed grid (so any input size works),
+    flatten, one linear layer to the HOG descriptor length (504 for the paper's default
+    preset, 864 and 2520 its other sizes; see ``mtseg_kernels.HOG_MTL_PRESETS``). 2D
+    only. See :class:`HOGHead` for what comes from where.
 ``presence``
     Class-presence head (TDSNet's class head, CMU-Net's encoder classifier): global
     average pooling + one linear layer, or two with a hidden width. Logits ``(B, P)``.
@@ -33,6 +34,7 @@ from .blocks import as_tuple
 
 __all__ = [
     "DEFAULT_HOG_DIM",
+    "default_hog_hidden",
     "HEAD_NAMES",
     "ClassHead",
     "HOGHead",
@@ -43,7 +45,8 @@ __all__ = [
 ]
 
 #: Length of the HOG-MTL default descriptor (128x64 image, 6 orientations, 16x16 cells,
-#: 2x2 blocks: 7 * 3 * 2 * 2 * 6 = 504).
+#: 2x2 blocks: 7 * 3 * 2 * 2 * 6 = 504). The paper's other sizes: 864 (12x12 cells,
+#: 9 * 4 blocks) and 2520 (8x8 cells, 15 * 7 blocks).
 DEFAULT_HOG_DIM = 504
 HEAD_NAMES = ("hog", "presence", "scene", "approx")
 
@@ -73,11 +76,32 @@ class ModelOutput(NamedTuple):
 
 
 class HOGHead(nn.Module):
-    """HOG regression unit (HOG-MTL Table 1), input-size agnostic.
+    """HOG regression unit of HOG-MTL, input-size agnostic.
 
     ``conv3x3(C -> h1) + ReLU + maxpool 2x2 -> conv3x3(h1 -> h2) + ReLU + maxpool 2x2
-    -> adaptive avg-pool to pool_size -> flatten -> linear(h2 * prod(pool_size) -> dim)``.
-    The max-pools round up (``ceil_mode``) so a 1x1 feature map still passes.
+    -> adaptive avg-pool to pool_size -> flatten -> linear(h2 * prod(pool_size) -> dim)``,
+    with ``(h1, h2) = (C / 2, C / 4)`` by default. The max-pools round up
+    (``ceil_mode``) so a 1x1 feature map still passes.
+
+    Sources. We could not read the paper's Table 1 (the layers of the regression unit): no
+    value here is taken from it. Of the paper we could read the abstract (HOG
+    pseudo-labels as the labels of an auxiliary task, trained jointly with the
+    segmentation, on UNet and U2Net). The layer list follows the authors' public code
+    (``thetna/medical_image_segmentation``, its UNet HOG decoder): on the 1024-channel UNet
+    bottleneck, conv 1024 -> 512, ReLU, 2x2 max-pool, conv 512 -> 256, ReLU, 2x2 max-pool,
+    flatten of a 256 x 4 x 4 map (4096 values: a 16 x 16 bottleneck, 256 x 256 inputs),
+    one linear layer to the HOG length. With the defaults this head is that unit on the
+    UNet bottleneck at 256 x 256 input (the adaptive pooling is the identity there).
+    Our choices: the adaptive pooling (the authors' flatten fixes the input size), the
+    widths ``C / 2, C / 4`` on other feature widths, and this same two-stage unit on
+    every U2Net stage (the authors' code uses 256-wide units there, with 4x4 pools down
+    to an 8 x 8 grid, one to three convs depending on the stage).
+
+    Args:
+        in_channels: channels C of the feature map it reads.
+        dim: HOG descriptor length (504, 864 or 2520 for the paper's presets).
+        hidden: widths ``(h1, h2)`` of the two convs; ``None``: ``(C // 2, C // 4)``, at least 1.
+        pool_size: grid of the adaptive average pooling before the linear layer (4: 4 x 4).
 
     Shapes: ``(B, C, H, W) -> (B, dim)``.
     """
@@ -86,10 +110,12 @@ class HOGHead(nn.Module):
         self,
         in_channels: int,
         dim: int = DEFAULT_HOG_DIM,
-        hidden: Sequence[int] = (64, 32),
+        hidden: Sequence[int] | None = None,
         pool_size: int | Sequence[int] = 4,
     ):
         super().__init__()
+        if hidden is None:
+            hidden = default_hog_hidden(in_channels)
         h1, h2 = hidden
         self.dim = dim
         self.features = nn.Sequential(
@@ -106,6 +132,14 @@ class HOGHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def default_hog_hidden(in_channels: int) -> tuple[int, int]:
+    """The HOG unit's conv widths on a ``in_channels``-wide feature: ``(C // 2, C // 4)``, at least 1.
+
+    On the 1024-channel UNet bottleneck: (512, 256), the authors' HOG-MTL unit.
+    """
+    return max(1, in_channels // 2), max(1, in_channels // 4)
 
 
 class ClassHead(nn.Module):
@@ -174,7 +208,8 @@ def parse_heads(
 
     Each value may be ``True``/``{}`` (defaults), ``False``/``None`` (off), an int
     (shorthand for ``hog`` dim, ``presence``/``approx`` classes, ``scene`` scenes), or a
-    dict of options: ``hog: dim (504), hidden ((64, 32)), pool_size (4)``;
+    dict of options: ``hog: dim (504), hidden (None: half and a quarter of the
+    feature width), pool_size (4)``;
     ``presence: num_classes (the model's), hidden (model default)``;
     ``scene: num_scenes (required), hidden (256)``;
     ``approx: num_classes (the model's), blocks (1)``.
@@ -207,15 +242,16 @@ def parse_heads(
         full.update(opts)
         if name == "hog":
             full.setdefault("dim", DEFAULT_HOG_DIM)
-            full.setdefault("hidden", (64, 32))
+            full.setdefault("hidden", None)
             full.setdefault("pool_size", 4)
             _positive_int(who, "hog dim", full["dim"])
-            hidden = tuple(full["hidden"])
-            if len(hidden) != 2:
-                raise ValueError(f"{who}: hog hidden must be two channel counts, got {full['hidden']!r}")
-            for h in hidden:
-                _positive_int(who, "hog hidden", h)
-            full["hidden"] = hidden
+            if full["hidden"] is not None:
+                hidden = tuple(full["hidden"])
+                if len(hidden) != 2:
+                    raise ValueError(f"{who}: hog hidden must be two channel counts, got {full['hidden']!r}")
+                for h in hidden:
+                    _positive_int(who, "hog hidden", h)
+                full["hidden"] = hidden
         elif name == "presence":
             full.setdefault("num_classes", num_classes)
             full.setdefault("hidden", None)

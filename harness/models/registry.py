@@ -87,7 +87,7 @@ register_model("unet_bilinear", unet, defaults={"upsampling": "bilinear"},
                description="UNet with (bi/tri)linear upsampling + 1x1 conv")
 register_model("u2net", U2Net, defaults={"config": "full"}, description="U^2-Net full (Qin et al. 2020)")
 register_model("u2net_lite", U2Net, defaults={"config": "lite"}, description="U^2-Net lite (U2NETP)")
-register_model("tdsnet", TDSNet, spatial_dims=(2,), description="TDSNet-style VGG16 + context ensemble (Ren et al. 2020)")
+register_model("tdsnet", TDSNet, spatial_dims=(2,), description="TDSNet (Ren et al. 2020): VGG16, one context-ensemble stack per task pair, ASPP decoder")
 register_model("unet3d_aniso", anisotropic_unet3d, spatial_dims=(3,), heads=("presence", "scene", "approx"),
                description="anisotropic 3D UNet for BraTS crops 19x144x144 (1x3x3 + 3x1x1 convs)")
 register_model("cmunet", cmunet, description="CMU-Net UNet (Moseley et al.): 16-256, instance norm, LeakyReLU 0.2")
