@@ -156,7 +156,7 @@ def test_fixture_splits(cadis_root):
 
 
 def test_missing_root(tmp_path):
-    with pytest.raises(MissingFileError, match="does not exist"):
+    with pytest.raises(MissingFileError, match=r"nope: cadis dataset root not found"):
         CaDIS(tmp_path / "nope")
 
 
