@@ -114,13 +114,27 @@ def test_object_hausdorff_against_scipy():
 
 
 def test_brats_regions_dice():
+    from mtseg_harness.data.brats import REGIONS
+
     t = torch.tensor([[0, 1, 2, 3, 3, 0]])
     p = torch.tensor([[0, 1, 2, 3, 0, 2]])
-    d = M.brats_dice(p, t)
+    d = M.region_dice(p, t, REGIONS)
     # ET: t {3,4}, p {3} -> 2/3; TC: t {1,3,4}, p {1,3} -> 4/5; WT: t {1,2,3,4}, p {1,2,3,5} -> 6/8
     assert d[0].tolist() == pytest.approx([2 / 3, 4 / 5, 6 / 8])
-    empty = M.brats_dice(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    empty = M.region_dice(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), REGIONS)
     assert torch.isnan(empty).all()
+    # pixels ignored in the target count nowhere: the 2 at position 5 is left out of WT
+    t[0, 5] = 255
+    assert M.region_dice(p, t, REGIONS)[0, 2] == pytest.approx(6 / 7)
+
+
+def test_object_instances_are_scipys_8_connected_components():
+    rng = np.random.default_rng(3)
+    pred = torch.from_numpy(rng.integers(0, 3, (2, 23, 31)) * (rng.random((2, 23, 31)) < 0.35))
+    got = M.object_instances(pred, 8)
+    for i in range(2):
+        ref, n = ndimage.label(pred[i].numpy() > 0, np.ones((3, 3)))
+        assert n > 5 and np.array_equal(got[i].numpy(), ref)  # the same ids, raster order
 
 
 def _scipy_hd(pred, target, spacing, q):

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from mtseg_harness.cli import run_eval
 from mtseg_harness.methods import create_method
 from mtseg_harness.methods.recursive import grow
-from mtseg_harness.training import Trainer
+from mtseg_harness.models import ApproxHeadSpec, Heads
+from mtseg_harness.runs import build_trainer, run_eval
 from mtseg_harness.training.checkpoint import load_checkpoint
 
 RA = {"name": "recursive_approx", "strong_fraction": 0.1, "update_every": 2, "update_batch_size": 40}
@@ -38,7 +38,7 @@ def test_grow_properties():
 
 def test_weak_and_strong_labels_and_losses():
     m = create_method("recursive_approx", 2, strong_fraction=0.5)
-    assert m.heads() == {"approx": 2}
+    assert m.heads() == Heads(approx=ApproxHeadSpec(num_classes=2))
     mask = torch.ones(2, 4, 4, dtype=torch.long)
     weak = torch.zeros_like(mask)
     weak[:, 1:3, 1:3] = 1
@@ -57,7 +57,7 @@ def test_weak_and_strong_labels_and_losses():
 
 def test_rounds_on_the_embedded_sample(tmp_path):
     cfg = tiny_config(tmp_path, method=RA, train={"steps": 5, "val_every": 5}, data=SMALL)
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     tr.fit()
     rounds = pd.read_csv(tmp_path / "rounds.csv")
     assert rounds["round"].tolist() == [0, 1, 2] and rounds["step"].tolist() == [0, 2, 4]
@@ -83,12 +83,12 @@ def test_rounds_on_the_embedded_sample(tmp_path):
 
 
 def test_resume_keeps_the_approximations(tmp_path):
-    full = Trainer(tiny_config(tmp_path / "full", method=RA, train={"steps": 5}, data=SMALL))
+    full = build_trainer(tiny_config(tmp_path / "full", method=RA, train={"steps": 5}, data=SMALL))
     full.fit()
-    part = Trainer(tiny_config(tmp_path / "part", method=RA, train={"steps": 5}, data=SMALL))
+    part = build_trainer(tiny_config(tmp_path / "part", method=RA, train={"steps": 5}, data=SMALL))
     part.fit(stop_at=3)
     assert load_checkpoint(tmp_path / "part" / "last.pt")["method"]["round"] == 1
-    resumed = Trainer(tiny_config(tmp_path / "part", method=RA, train={"steps": 5, "resume": True}, data=SMALL))
+    resumed = build_trainer(tiny_config(tmp_path / "part", method=RA, train={"steps": 5, "resume": True}, data=SMALL))
     resumed.fit()
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
@@ -99,7 +99,7 @@ def test_resume_keeps_the_approximations(tmp_path):
 def test_on_real_hc18(tmp_path, shared_data):
     cfg = tiny_config(tmp_path, method={**RA, "strong_fraction": 0.2}, train={"steps": 3},
                       data={"root": str(shared_data / "hc18"), **SMALL})
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     tr.fit()
     rounds = pd.read_csv(tmp_path / "rounds.csv")
     assert rounds["round"].tolist() == [0, 1] and rounds["n_weak"].tolist() == [16, 16]
