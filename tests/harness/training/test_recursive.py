@@ -103,3 +103,43 @@ def test_on_real_hc18(tmp_path, shared_data):
     tr.fit()
     rounds = pd.read_csv(tmp_path / "rounds.csv")
     assert rounds["round"].tolist() == [0, 1] and rounds["n_weak"].tolist() == [16, 16]
+
+
+def test_label_update_grows_inside_the_plain_segmentation_through_the_context():
+    """A round grows each weak image's approximation inside the model's arg-max segmentation
+    (not inside the final-growth output used at evaluation), using only what the trainer
+    lends the method (TrainContext)."""
+    import torch.nn.functional as F
+
+    from mtseg_harness.methods import TrainContext
+    from mtseg_harness.models import ModelOutput
+
+    seg = torch.zeros(1, 8, 8, dtype=torch.long)
+    seg[0, 1:7, 1:7] = 1                      # the model's segmentation S: a 6 x 6 square
+    approx = torch.zeros_like(seg)
+    approx[0, 5:7, 5:7] = 1                   # its approximation output: a corner of S, away from the seed
+
+    def logits(labels, b):
+        return F.one_hot(labels, 2).movedim(-1, 1).float().expand(b, -1, -1, -1)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return ModelOutput(seg=logits(seg, x.shape[0]), approx=logits(approx, x.shape[0]))
+
+    m = create_method("recursive_approx", 2, lam=1e6, lam_eval=0.0, final_growth=True, save_rounds=False)
+    seed = torch.zeros(8, 8, dtype=torch.uint8)
+    seed[3, 3] = 1
+    m.current = {"a": seed}
+    batch = {"image": torch.zeros(1, 1, 8, 8), "case_id": ["a"], "strong": torch.tensor([False]), "mask": seg.clone()}
+    seen = []
+
+    def predict(image, segment):
+        seen.append(segment)
+        return segment(Fixed(), image).cpu()
+
+    ctx = TrainContext(step=2, total_steps=10, dataset=None, batches=lambda batch_size: [batch], predict=predict,
+                       out_dir=None, save_table=lambda *a, **k: None)
+    m.update(ctx)
+    assert len(seen) == 1 and m.round == 1
+    assert torch.equal(m.current["a"].long(), seg[0])  # grown to all of S (lambda large)
+    assert m.rounds[-1] == {"round": 1, "step": 2, "dice_vs_true": 1.0, "n_weak": 1}
