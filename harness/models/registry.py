@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .heads import HEAD_NAMES, Heads
 from .tdsnet import TDSNet
 from .u2net import U2Net
 from .unet import anisotropic_unet3d, cmunet, unet
@@ -33,7 +34,7 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, builder: Callable[..., nn.Module], *, spatial_dims=(2, 3),
-                   heads=("hog", "presence", "scene", "approx"), defaults: Mapping | None = None,
+                   heads=HEAD_NAMES, defaults: Mapping | None = None,
                    description: str = "") -> None:
     """Add an architecture under ``name``; ``defaults`` are keyword arguments of ``builder``."""
     if name in _REGISTRY:
@@ -52,7 +53,7 @@ def get_model_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
-def create_model(name: str, in_channels: int, num_classes: int, heads: Mapping | None = None,
+def create_model(name: str, in_channels: int, num_classes: int, heads: Heads | Mapping | None = None,
                  spatial_dims: int | None = None, **kwargs) -> nn.Module:
     """Build a registered model.
 
@@ -60,8 +61,8 @@ def create_model(name: str, in_channels: int, num_classes: int, heads: Mapping |
         name: one of :func:`list_models`.
         in_channels: input channels C.
         num_classes: segmentation classes K.
-        heads: optional heads, e.g. ``{"hog": True, "presence": True, "scene": 3,
-            "approx": True}``; see :func:`~mtseg_harness.models.heads.parse_heads`.
+        heads: a :class:`~mtseg_harness.models.heads.Heads` or its mapping form, e.g.
+            ``{"hog": True, "presence": True, "scene": 3, "approx": True}``.
         spatial_dims: 2 or 3; default: the first the model supports (2, or 3 for
             ``unet3d_aniso``).
         **kwargs: architecture options (widths, upsampling, config, ...).

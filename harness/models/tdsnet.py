@@ -236,12 +236,12 @@ class TDSNet(SegmentationModel):
         self.approx_decoder = None
         self.approx_classifier = None
         if "approx" in hc:
-            nb = hc["approx"]["blocks"]
+            nb = hc.approx.blocks
             if nb > 2:
                 raise ValueError(f"TDSNet: approx blocks must be 1 or 2 (the decoder is ASPP + one conv), got {nb}")
             self.approx_blocks = nb
             self.approx_decoder = nn.ModuleList(last_blocks()[2 - nb :])
-            self.approx_classifier = conv(2, d, hc["approx"]["num_classes"], 1)
+            self.approx_classifier = conv(2, d, hc.approx.num_classes, 1)
 
     def load_encoder_weights(self, path: str | os.PathLike) -> None:
         """Load a VGG16 state dict (torchvision keys, with or without ``features.``) from ``path``.

@@ -212,3 +212,34 @@ def test_tdsnet_context_gradient_receptive_field():
     x = torch.ones(1, 1, 81, 81, requires_grad=True)  # every ReLU active
     block(x)[0, 0, 40, 40].backward()
     assert _support_extent(x.grad) == (63, 63)
+
+
+# ------------------------------------------------------------------ typed heads
+def test_heads_are_typed_specs_parsed_once_and_merged_head_by_head():
+    from mtseg_harness.models import (DEFAULT_HOG_DIM, HEAD_NAMES, ApproxHeadSpec, Heads, HOGHeadSpec,
+                                      PresenceHeadSpec, SceneHeadSpec)
+
+    # the default HOG length is the op's own default target length
+    assert DEFAULT_HOG_DIM == mtseg_kernels.hog_pseudo_label(torch.rand(1, 1, 32, 16)).shape[1] == 504
+    assert HEAD_NAMES == ("hog", "presence", "scene", "approx")
+    heads = Heads.parse({"hog": 3780, "presence": True, "scene": {"num_scenes": 4, "hidden": 8}, "approx": False})
+    assert heads == Heads(hog=HOGHeadSpec(dim=3780), presence=PresenceHeadSpec(),
+                          scene=SceneHeadSpec(num_scenes=4, hidden=8))
+    assert heads.names() == ("hog", "presence", "scene") and "scene" in heads and "approx" not in heads
+    # a method's heads, then a config's: the config replaces a head or switches it off
+    method = Heads(hog=HOGHeadSpec(), approx=ApproxHeadSpec(num_classes=2))
+    merged = method.updated({"hog": {"dim": 756}, "approx": False, "presence": 3})
+    assert merged == Heads(hog=HOGHeadSpec(dim=756), presence=PresenceHeadSpec(num_classes=3))
+    assert method.updated(Heads(scene=SceneHeadSpec(2))) == Heads(hog=HOGHeadSpec(), scene=SceneHeadSpec(2),
+                                                                  approx=ApproxHeadSpec(num_classes=2))
+
+
+def test_presence_hidden_default_is_the_architectures_and_none_means_one_linear():
+    from mtseg_harness.models import Heads, PresenceHeadSpec
+
+    tds = create_model("tdsnet", 3, 5, heads=Heads(presence=PresenceHeadSpec()))
+    assert tds.head_config.presence == PresenceHeadSpec(num_classes=5, hidden=256)
+    one = create_model("tdsnet", 3, 5, heads={"presence": {"hidden": None}})
+    assert [type(m) for m in one.presence_head.modules()][1:] == [nn.Linear]
+    unet = create_model("unet", 1, 4, heads=Heads(presence=PresenceHeadSpec()), channels=(4, 8))
+    assert unet.head_config.presence == PresenceHeadSpec(num_classes=4, hidden=None)
