@@ -188,8 +188,9 @@ def _check_labels(op: str, name: str, x: Tensor, num_classes: int) -> Tensor:
         )
     wide = x.to(torch.int64)  # uint64 values >= 2**63 wrap to negatives: caught below
     if wide.numel():
-        bad = (wide < 0) | (wide >= num_classes)
-        if bad.any():
+        low, high = torch.aminmax(wide)
+        if low < 0 or high >= num_classes:
+            bad = (wide < 0) | (wide >= num_classes)
             value = wide[bad]
             value = int(value.max()) if (value >= num_classes).any() else int(value.min())
             if x.dtype == torch.uint64 and value < 0:
@@ -336,40 +337,76 @@ def _surface(mask: Tensor, connectivity: int) -> Tensor:
     return mask & ~eroded
 
 
-def _percentile(values: Tensor, valid: Tensor, q: float) -> Tensor:
-    """Per-row ``numpy.percentile(values[valid], q)`` (linear interpolation); rows without values -> nan."""
-    n = valid.sum(1)
-    ordered = values.where(valid, torch.inf).sort(1).values
-    pos = (n - 1).clamp(min=0).to(values.dtype) * (q / 100.0)
-    lo = pos.floor().long()
-    hi = pos.ceil().long()
-    v_lo = ordered.gather(1, lo[:, None])[:, 0]
-    v_hi = ordered.gather(1, hi[:, None])[:, 0]
-    frac = pos - lo.to(values.dtype)
-    out = torch.where(v_hi == v_lo, v_lo, v_lo + (v_hi - v_lo) * frac)
-    return out.where(n > 0, torch.nan)
+def _row_percentile(values: Tensor, rows: Tensor, counts: Tensor, q: float) -> Tensor:
+    """``numpy.percentile`` (linear interpolation) of each row's values; rows without values -> nan.
+
+    ``values`` holds the rows' values back to back (``rows``: their row ids, ascending, as
+    ``nonzero`` gives them; ``counts``: values per row), so only surface voxels are sorted.
+    """
+    if values.numel() == 0:
+        return torch.full(counts.shape, torch.nan, dtype=torch.float64, device=counts.device)
+    by_value = values.argsort(stable=True)
+    by_row = rows[by_value].argsort(stable=True)  # stable: values stay ascending within a row
+    ordered = values[by_value][by_row]
+    start = counts.cumsum(0) - counts
+    pos = (counts - 1).clamp(min=0).to(torch.float64) * (q / 100.0)
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    last = values.numel() - 1
+    v_lo = ordered[(start + lo).clamp(max=last)]
+    v_hi = ordered[(start + hi).clamp(max=last)]
+    out = torch.where(v_hi == v_lo, v_lo, v_lo + (v_hi - v_lo) * (pos - lo.to(torch.float64)))
+    return out.where(counts > 0, torch.nan)
+
+
+def _directed(to_other: Tensor, surface: Tensor, q: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Max, q-th percentile, sum and count, per row, of ``to_other`` at the ``surface`` voxels
+    (rows ``(N, voxels)``)."""
+    rows = surface.nonzero()[:, 0]
+    values = to_other[surface]
+    counts = surface.sum(1)
+    n = surface.shape[0]
+    zeros = torch.zeros(n, dtype=torch.float64, device=surface.device)
+    top = zeros.scatter_reduce(0, rows, values, "amax")  # distances are >= 0
+    total = zeros.index_add(0, rows, values)
+    return top, _row_percentile(values, rows, counts, q), total, counts
 
 
 def _metrics_one_spacing(pred: Tensor, target: Tensor, spacing, percentile: float, connectivity: int) -> SurfaceMetrics:
-    batch = pred.shape[0]
+    n = pred.shape[0]
     sp_p, sp_t = _surface(pred, connectivity), _surface(target, connectivity)
     # Distance from every voxel to the other mask's surface (+inf where it has none).
-    to_t = torch.ops.mtseg.edt(~sp_t, spacing, False, False, torch.float64).reshape(batch, -1)
-    to_p = torch.ops.mtseg.edt(~sp_p, spacing, False, False, torch.float64).reshape(batch, -1)
-    vp, vt = sp_p.reshape(batch, -1), sp_t.reshape(batch, -1)
-    d_pt = to_t.where(vp, 0.0)
-    d_tp = to_p.where(vt, 0.0)
-    hd = torch.maximum(d_pt.amax(1), d_tp.amax(1))
-    hdp = torch.maximum(_percentile(to_t, vp, percentile), _percentile(to_p, vt, percentile))
-    assd = (d_pt.sum(1) + d_tp.sum(1)) / (vp.sum(1) + vt.sum(1)).to(torch.float64)
-    empty_p, empty_t = ~vp.any(1), ~vt.any(1)
+    to_t = torch.ops.mtseg.edt(~sp_t, spacing, False, False, torch.float64).reshape(n, -1)
+    to_p = torch.ops.mtseg.edt(~sp_p, spacing, False, False, torch.float64).reshape(n, -1)
+    max_pt, q_pt, sum_pt, n_p = _directed(to_t, sp_p.reshape(n, -1), percentile)
+    max_tp, q_tp, sum_tp, n_t = _directed(to_p, sp_t.reshape(n, -1), percentile)
+    hd = torch.maximum(max_pt, max_tp)
+    hdp = torch.maximum(q_pt, q_tp)
+    assd = (sum_pt + sum_tp) / (n_p + n_t).to(torch.float64)
+    empty_p, empty_t = n_p == 0, n_t == 0
     one = empty_p ^ empty_t
     both = empty_p & empty_t
     return SurfaceMetrics(*(v.where(~one, torch.inf).where(~both, torch.nan) for v in (hd, hdp, assd)))
 
 
+def _crop_to_foreground(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Both batches cut to the bounding box of all their foreground (one box for the batch).
+
+    Exact: every surface voxel lies in the box, and what the cut removes is background,
+    which is what the erosion assumes outside the image anyway.
+    """
+    union = (pred | target).any(0)
+    if not union.any():
+        return pred, target
+    index = [slice(None)]
+    for axis in range(union.dim()):
+        hit = union.any(dim=[a for a in range(union.dim()) if a != axis]).nonzero()[:, 0]
+        index.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return pred[tuple(index)], target[tuple(index)]
+
+
 def _binary_surface_metrics(pred: Tensor, target: Tensor, spacing, percentile: float, connectivity: int) -> SurfaceMetrics:
     """Metrics of bool masks ``(N, *spatial)``; ``spacing`` shared or one row per mask."""
+    pred, target = _crop_to_foreground(pred, target)
     if spacing is None or not isinstance(spacing[0], list):
         return _metrics_one_spacing(pred, target, spacing, percentile, connectivity)
     # One distance transform per distinct spacing (a dataset has few pixel sizes).
