@@ -365,6 +365,8 @@ def test_labels_outside_num_classes_are_rejected():
     bad[0, 2, 2] = 4
     with pytest.raises(ValueError, match=r"pred holds label 9, outside 0\.\.2 \(num_classes=3\)"):
         mk.surface_metrics(bad, good, num_classes=3)
+    with pytest.raises(ValueError, match="pred holds label 3, outside"):  # the first label too many
+        mk.surface_metrics(good + 3, good, num_classes=3)
     with pytest.raises(ValueError, match="target holds label 255"):
         mk.surface_metrics(good, good.masked_fill(good == 0, 255), num_classes=3)
     with pytest.raises(ValueError, match="holds label -1"):
