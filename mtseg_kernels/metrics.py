@@ -16,10 +16,11 @@ Input formats (``format=``):
 * ``"onehot"``: one binary mask per channel, ``(B, C, H, W)`` or ``(B, C, D, H, W)``
   (MONAI's layout, e.g. the output of ``AsDiscrete(to_onehot=C)``; channels may overlap,
   as BraTS regions do). Values must be 0 or 1. Result ``(B, K)``.
-* ``"auto"`` (default) accepts only what one format can mean: ``num_classes`` given ->
-  ``"labels"``; 3-d input -> ``"mask"``; 5-d input -> ``"onehot"``; 4-d input is
-  ``(B, D, H, W)`` masks or ``(B, C, H, W)`` one-hot, so it needs ``format=`` or a
-  ``spacing`` whose length tells the number of spatial axes. Masks under ``"auto"`` must
+* ``"auto"`` (default) accepts only what one format can mean: 5-d input -> ``"onehot"``;
+  ``num_classes`` given -> ``"labels"``; 3-d input -> ``"mask"``. 4-d input without
+  ``num_classes`` is ``(B, D, H, W)`` masks or ``(B, C, H, W)`` one-hot, so it needs
+  ``format=`` or a ``spacing`` whose length tells the number of spatial axes; so does a
+  4-d input with ``num_classes`` equal to its second size. Masks under ``"auto"`` must
   hold only 0 and 1 (a label map without ``num_classes`` is an error, not a silent
   foreground-vs-background merge).
 
@@ -139,14 +140,22 @@ def _resolve_format(op: str, x: Tensor, fmt: str, num_classes, spacing) -> str:
         raise ValueError(f"{op}: format must be one of {FORMATS}, got {fmt!r}")
     if fmt != "auto":
         return fmt
+    width = _spacing_width(spacing)
+    if x.dim() == 5:
+        return "onehot"
     if num_classes is not None:
+        if x.dim() == 4 and x.shape[1] == num_classes and width != 3:
+            if width == 2:
+                return "onehot"
+            raise ValueError(
+                f"{op}: a 4-d input of shape {tuple(x.shape)} with num_classes={num_classes} is ambiguous: "
+                "(B, D, H, W) label maps whose depth equals num_classes, or (B, C, H, W) one-hot? "
+                "Pass format='labels' or format='onehot' (or a spacing with one value per spatial axis)"
+            )
         return "labels"
     if x.dim() == 3:
         return "mask"
-    if x.dim() == 5:
-        return "onehot"
     if x.dim() == 4:
-        width = _spacing_width(spacing)
         if width in (2, 3):
             return "mask" if width == 3 else "onehot"
         raise ValueError(

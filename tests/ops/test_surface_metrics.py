@@ -291,6 +291,18 @@ def test_four_d_input_needs_a_format():
                                   values(onehot))
     # 5-d input can only be one-hot
     assert mk.surface_metrics(x[:, :, None], y[:, :, None]).hausdorff.shape == (2, 2)
+    assert mk.surface_metrics(x[:, :, None], y[:, :, None], num_classes=3).hausdorff.shape == (2, 2)
+    # integer one-hot with num_classes = C looks like label volumes of depth C: asked, not guessed
+    xi, yi = x.long(), y.long()
+    with pytest.raises(ValueError, match="num_classes=3 is ambiguous.*format='labels' or format='onehot'"):
+        mk.surface_metrics(xi, yi, num_classes=3)
+    np.testing.assert_array_equal(values(mk.surface_metrics(xi, yi, num_classes=3, format="onehot",
+                                                            include_background=True)), values(onehot))
+    np.testing.assert_array_equal(values(mk.surface_metrics(xi, yi, (1.0, 1.0), num_classes=3,
+                                                            include_background=True)), values(onehot))
+    volume_labels = mk.surface_metrics(xi, yi, (1.0, 1.0, 1.0), num_classes=3)  # depth 3, labels 0/1
+    np.testing.assert_array_equal(values(volume_labels)[:, :, 0], values(volume))
+    assert mk.surface_metrics(xi, yi, num_classes=2).hausdorff.shape == (2, 1)  # depth 3 != 2 classes: labels
 
 
 def test_onehot_drops_channel_zero_unless_asked():
