@@ -231,7 +231,9 @@ def _as_masks(
     _check_tensor(op, "pred", pred)
     _check_tensor(op, "target", target)
     if pred.shape != target.shape:
-        raise ValueError(f"{op}: pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"{op}: pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     if pred.device != target.device:
         raise ValueError(f"{op}: pred and target must be on the same device, got {pred.device} and {target.device}")
     explicit = fmt != "auto"
@@ -244,7 +246,9 @@ def _as_masks(
             )
         channels = pred.shape[1]
         if channels == 0:
-            raise ValueError(f"{op}: every spatial axis and the channel axis must be non-empty, got shape {tuple(pred.shape)}")
+            raise ValueError(
+                f"{op}: every spatial axis and the channel axis must be non-empty, got shape {tuple(pred.shape)}"
+            )
         if num_classes is not None and _check_int(op, "num_classes", num_classes, 1) != channels:
             raise ValueError(f"{op}: num_classes={num_classes} but the one-hot input has {channels} channels")
         if channels - first < 1:
@@ -413,7 +417,9 @@ def _crop_to_foreground(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return pred[tuple(index)], target[tuple(index)]
 
 
-def _binary_surface_metrics(pred: Tensor, target: Tensor, spacing, percentile: float, connectivity: int) -> SurfaceMetrics:
+def _binary_surface_metrics(
+    pred: Tensor, target: Tensor, spacing, percentile: float, connectivity: int
+) -> SurfaceMetrics:
     """Metrics of bool masks ``(N, *spatial)``; ``spacing`` shared or one row per mask."""
     pred, target = _crop_to_foreground(pred, target)
     if spacing is None or not isinstance(spacing[0], list):

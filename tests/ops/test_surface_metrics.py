@@ -153,7 +153,8 @@ def test_surface_metrics_real_hc18(shared_data):
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def monai_metrics():
-    return pytest.importorskip("monai.metrics", reason="MONAI (a test dependency, requirements-ci.txt) is not installed")
+    return pytest.importorskip("monai.metrics",
+                               reason="MONAI (a test dependency, requirements-ci.txt) is not installed")
 
 
 def monai_values(monai_metrics, pred_onehot, target_onehot, spacing, include_background, percentile=95.0):
@@ -403,8 +404,9 @@ def test_zero_size_inputs():
             mk.surface_metrics(z, z, format="mask")
     with pytest.raises(ValueError, match="must be non-empty"):
         mk.surface_metrics(torch.zeros(1, 0, 5, 5), torch.zeros(1, 0, 5, 5), format="onehot", include_background=True)
+    z = torch.zeros(1, 5, 0, dtype=torch.long)
     with pytest.raises(ValueError, match="must be non-empty"):
-        mk.surface_metrics(torch.zeros(1, 5, 0, dtype=torch.long), torch.zeros(1, 5, 0, dtype=torch.long), num_classes=3)
+        mk.surface_metrics(z, z, num_classes=3)
     # an empty batch is a batch: empty results of the right shape
     z = torch.zeros(0, 6, 7, dtype=torch.long)
     assert mk.surface_metrics(z.bool(), z.bool()).hausdorff.shape == (0,)
