@@ -307,7 +307,7 @@ def _spacing_rows(op: str, spacing, batch: int, spatial: int) -> list[float] | l
     try:
         t = torch.as_tensor(spacing, dtype=torch.float64, device="cpu")
     except (TypeError, ValueError, RuntimeError):
-        t = None  # ragged: per-image rows of different lengths
+        # ragged: per-image rows of different lengths
         if not isinstance(spacing, Sequence) or isinstance(spacing, str):
             raise TypeError(f"{op}: spacing must be {expected}") from None
         rows = list(spacing)
