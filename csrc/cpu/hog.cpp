@@ -139,7 +139,10 @@ MTSEG_ALWAYS_INLINE flag_t<T> select_channel_row_impl(const T* __restrict mid, i
       const T gr = up[x] - down[x], gc = m[x + 1] - m[x - 1];
       const T sq = gr * gr + gc * gc;
       const T best = best_sq[x], best_r = g_row[x], best_c = g_col[x];
-      const bool identical = (gr == best_r) & (gc == best_c);
+      // The same components up to sign and order have the very same magnitude in any
+      // rounding: an exact tie, which the lower channel keeps, so no second look is needed.
+      const T agr = std::fabs(gr), agc = std::fabs(gc), abr = std::fabs(best_r), abc = std::fabs(best_c);
+      const bool identical = ((agr == abr) & (agc == abc)) | ((agr == abc) & (agc == abr));
       // Not "apart" also when a sum overflowed (inf vs inf) or is not a number.
       const bool apart = (sq < best * lo) | (sq > best * hi);
       const bool tiny = (sq < tiny_sq) & (best < tiny_sq);
@@ -173,7 +176,8 @@ MTSEG_ALWAYS_INLINE flag_t<T> bin_row_impl(const T* __restrict g_row, const T* _
     const T r = g_row[x], c = g_col[x];
     const T sq = r * r + c * c;
     mag[x] = std::sqrt(sq);
-    const flag_t<T> bad_mag = static_cast<flag_t<T>>(!((sq >= B::sq_lo) & (sq <= B::sq_hi)) & (sq != T(0)));
+    const flag_t<T> bad_mag =  // outside the accurate range, including squares that underflowed to 0
+        static_cast<flag_t<T>>(!((sq >= B::sq_lo) & (sq <= B::sq_hi)) & ((r != T(0)) | (c != T(0))));
     rescale[x] = bad_mag;
     any_rescale |= bad_mag;
     const bool flip = r < T(0);

@@ -239,7 +239,7 @@ at::Tensor hog_cells_cuda(const at::Tensor& images, int64_t orientations, at::In
     using scalar_t = decltype(s);
     using grad_t = decltype(gr);
     using acc_t = decltype(acc);
-    const auto invalid = image_flags<scalar_t>(images, transform_sqrt, stream);
+    const at::Tensor invalid = image_flags<scalar_t>(images, transform_sqrt, stream);
     const int64_t per_warp = orientations * kWarp * static_cast<int64_t>(sizeof(double));
     const int64_t edge_bytes = kMaxCudaOrientations * static_cast<int64_t>(sizeof(Edge));
     const int warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8, (kSharedBytes - edge_bytes) / per_warp)));
@@ -319,7 +319,7 @@ at::Tensor hog_cells_backward_cuda(const at::Tensor& grad_cells_in, const at::Te
     using grad_t = decltype(gr);
     using acc_t = decltype(acc);
     const auto batch = image_batch<scalar_t>(images);
-    const auto invalid = image_flags<scalar_t>(images, transform_sqrt, stream);
+    const at::Tensor invalid = image_flags<scalar_t>(images, transform_sqrt, stream);
     stencil_kernel<scalar_t, grad_t, acc_t><<<blocks_for(d_row.numel(), kThreads), kThreads, 0, stream>>>(
         batch, g, transform_sqrt, invalid.data_ptr<int32_t>(), grad_cells.data_ptr<acc_t>(), d_row.data_ptr<acc_t>(),
         d_col.data_ptr<acc_t>(), channel.data_ptr<int32_t>());

@@ -213,25 +213,19 @@ def cells_from_bins(g_row, g_col, bins, n, ppc) -> np.ndarray:
 
 
 def normalize_blocks(cells: np.ndarray, cpb, norm: str, eps: float = 1e-5) -> np.ndarray:
-    """Stride-one blocks of `cells`, normalised like skimage."""
-    n_row, n_col, n = cells.shape
-    nbr, nbc = n_row - cpb[0] + 1, n_col - cpb[1] + 1
-    out = np.zeros((nbr, nbc, cpb[0], cpb[1], n))
-    for r in range(nbr):
-        for c in range(nbc):
-            v = cells[r : r + cpb[0], c : c + cpb[1]]
-            if norm == "L1":
-                o = v / (np.abs(v).sum() + eps)
-            elif norm == "L1-sqrt":
-                o = np.sqrt(v / (np.abs(v).sum() + eps))
-            elif norm == "L2":
-                o = v / np.sqrt((v**2).sum() + eps**2)
-            else:
-                o = v / np.sqrt((v**2).sum() + eps**2)
-                o = np.minimum(o, 0.2)
-                o = o / np.sqrt((o**2).sum() + eps**2)
-            out[r, c] = o
-    return out
+    """Stride-one blocks of `cells`, normalised like skimage (all blocks at once)."""
+    windows = np.lib.stride_tricks.sliding_window_view(cells, tuple(cpb), axis=(0, 1))  # (nbr, nbc, n, br, bc)
+    v = np.moveaxis(windows, 2, -1)  # (nbr, nbc, b_row, b_col, n)
+    axes = (2, 3, 4)
+    if norm == "L1":
+        return v / (np.abs(v).sum(axes, keepdims=True) + eps)
+    if norm == "L1-sqrt":
+        return np.sqrt(v / (np.abs(v).sum(axes, keepdims=True) + eps))
+    if norm == "L2":
+        return v / np.sqrt((v**2).sum(axes, keepdims=True) + eps**2)
+    o = v / np.sqrt((v**2).sum(axes, keepdims=True) + eps**2)
+    o = np.minimum(o, 0.2)
+    return o / np.sqrt((o**2).sum(axes, keepdims=True) + eps**2)
 
 
 @dataclass
