@@ -167,13 +167,28 @@ class BinProof:
     checked: int  # pixels decided with exact arithmetic
 
 
+def bin_of_exact_direction(deg: int, n: int) -> int:
+    """The bin of a gradient lying exactly at `deg` (45, 90 or 135) degrees."""
+    b = 0
+    for i in range(1, n):
+        edge = Fraction(180 * i, n)
+        b += edge < deg or (edge == deg and (180.0 / n) * i <= deg)
+    return b
+
+
 def prove_bins(g_row: np.ndarray, g_col: np.ndarray, n: int) -> BinProof:
     theta = np.rad2deg(np.arctan2(g_row, g_col)) % 180
     edges = (180.0 / n) * np.arange(n + 1)
     near = (np.abs(theta[..., None] - edges).min(-1) < NEAR_EDGE_DEG) & (g_row != 0)
     sk = skimage_bins(g_row, g_col, n)
     exact = np.where(g_row == 0, 0, sk)
-    misbinned = []
+    # Gradients exactly at 45/90/135 degrees (comparisons of the exact floats): their
+    # bin is known without any arithmetic, so they skip the per-pixel loop below.
+    for deg, on in ((45, g_row == g_col), (90, g_col == 0), (135, g_row == -g_col)):
+        on &= g_row != 0
+        exact[on] = bin_of_exact_direction(deg, n)
+        near &= ~on
+    misbinned = [(int(y), int(x)) for y, x in zip(*np.nonzero((exact != sk) & (g_row != 0) & ~near))]
     for y, x in zip(*np.nonzero(near)):
         b = exact_bin(float(g_row[y, x]), float(g_col[y, x]), n)
         exact[y, x] = b

@@ -128,7 +128,7 @@ def test_issue_case_astronaut_grey_sqrt_is_exact(record_property):
 
     grey = (rgb2gray(skimage_image("astronaut").transpose(1, 2, 0)) * 255).round().astype(np.uint8)[None]
     exempt, proof = check_parity(grey, 6, (16, 16), (2, 2), True, norms=["L2-Hys"], record=record_property)
-    assert proof.checked > 100  # many pixels lie within 1e-6 degrees of an edge here
+    assert proof.checked >= 50  # many pixels lie within 1e-6 degrees of an edge here
     assert 0 < len(proof.misbinned) < proof.checked
     assert exempt < 0.1 * 31 * 31
 
@@ -185,8 +185,11 @@ def _near_edge_gradients(n: int, count: int, seed: int, dtype) -> np.ndarray:
     phi = np.pi * i / n
     scale = np.where(rng.random(count) < 0.2, 10.0 ** rng.uniform(-30, 30, count), rng.uniform(0.1, 300, count))
     g = np.stack([np.sin(phi) * scale, np.cos(phi) * scale], 1).astype(dtype)
-    steps = rng.integers(-3, 4, (count, 2)).astype(dtype)
-    g = g + steps * np.spacing(g)  # a few ulps off the rounded edge direction
+    # 0 to 3 ulps off the rounded edge direction (the exact test decides these), or up to
+    # 3e7 ulps off (the rounded test decides these: a wrong table would show there)
+    steps = rng.integers(-3, 4, (count, 2)) * 10.0 ** rng.integers(0, 8, (count, 1)) * (rng.random((count, 1)) < 0.5)
+    steps += rng.integers(-3, 4, (count, 2)) * (steps == 0)
+    g = g + steps.astype(dtype) * np.spacing(g)
     flip = rng.random(count) < 0.4
     g[flip] = -g[flip]
     return g

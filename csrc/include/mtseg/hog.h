@@ -296,6 +296,13 @@ MTSEG_HOST_DEVICE BinDecision orientation_bin_exact(double g_row, double g_col, 
     g_row = -g_row;
     g_col = -g_col;
   }
+  // Tiny gradients are scaled up by an exact power of two (same angle), so that step 1's
+  // bound is relative: then step 1 fails only within 2^-44 rad of an edge, the
+  // precondition of step 2 (an absolute underflow margin would let far edges through).
+  if (g_row < 0x1p-960 && ::fabs(g_col) < 0x1p-960) {
+    g_row = ::ldexp(g_row, 960);
+    g_col = ::ldexp(g_col, 960);
+  }
   BinDecision out{0, 0};
   for (int64_t i = 1; i < n; ++i) {
     int past = edge_test_fast(g_row, g_col, edges[i - 1]);
