@@ -91,6 +91,7 @@ FORWARD_CASES = [HOG_MTL, LARGE]
 class Inputs:
     case: HogCase
     images: torch.Tensor  # (B, 3, H, W) float32 in [0, 1], contiguous: mtseg and eager torch
+    images_uint8: torch.Tensor  # (B, 3, H, W) uint8, the same pixels: mtseg on 8-bit input
     hwc_float: list[np.ndarray]  # B x (H, W, 3) float32 in [0, 1]: skimage
     hwc_uint8: list[np.ndarray]  # B x (H, W, 3) uint8, the same pixels: OpenCV
 
@@ -132,6 +133,7 @@ def _inputs(case: HogCase) -> Inputs:
     return Inputs(
         case=case,
         images=images,
+        images_uint8=torch.from_numpy(uint8).permute(0, 3, 1, 2).contiguous(),
         hwc_float=[np.ascontiguousarray(im) for im in floats],
         hwc_uint8=[np.ascontiguousarray(im) for im in uint8],
     )
@@ -202,9 +204,11 @@ def _describe(
 # --------------------------------------------------------------------------------------
 # Forward: one group per case
 # --------------------------------------------------------------------------------------
-def test_mtseg_cpu(benchmark, runtime_info, inputs: Inputs) -> None:
-    case, images = inputs.case, inputs.images
-    _describe(benchmark, runtime_info, case, contestant="mtseg (CPU, batched)", role="mtseg",
+@pytest.mark.parametrize("input_dtype", ["float32", "uint8"])
+def test_mtseg_cpu(benchmark, runtime_info, inputs: Inputs, input_dtype: str) -> None:
+    case = inputs.case
+    images = inputs.images if input_dtype == "float32" else inputs.images_uint8
+    _describe(benchmark, runtime_info, case, contestant=f"mtseg (CPU, batched, {input_dtype})", role="mtseg",
               device="cpu", input_dtype=str(images.dtype))
 
     def run() -> torch.Tensor:

@@ -1,7 +1,15 @@
+// Argument checks of the HOG operators (the only ones: the Python wrappers only
+// normalise arguments) and the composite `hog`, registered once for every backend.
 #include "mtseg/hog_host.h"
 #include "mtseg/checks.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <c10/util/safe_numerics.h>
+
+#include <limits>
 
 
 namespace mtseg {
@@ -23,7 +31,8 @@ CellGeometry cell_geometry(const at::Tensor& images, int64_t orientations, at::I
   const auto dtype = images.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kByte || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
                        dtype == at::kDouble,
-                   op, ": expected uint8, float16, bfloat16, float32 or float64 images, got ", dtype);
+                   op, ": expected uint8, float16, bfloat16, float32 or float64 images, got ", dtype,
+                   at::isFloatingType(dtype) || at::isComplexType(dtype) ? "" : " (convert integer images to float first)");
   TORCH_CHECK_VALUE(images.size(1) > 0, op, ": images need at least one channel, got shape ", shape_of(images));
   TORCH_CHECK_VALUE(orientations > 0, op, ": orientations must be positive, got ", orientations);
   check_pair(pixels_per_cell, "pixels_per_cell", op);
@@ -39,11 +48,17 @@ CellGeometry cell_geometry(const at::Tensor& images, int64_t orientations, at::I
   g.n_cells_row = g.height / g.cell_rows;
   g.n_cells_col = g.width / g.cell_cols;
   g.orientations = orientations;
-  const int64_t min_rows = min_cells[0] * g.cell_rows, min_cols = min_cells[1] * g.cell_cols;
-  TORCH_CHECK_VALUE(g.n_cells_row >= min_cells[0] && g.n_cells_col >= min_cells[1], op,
-                    ": the image is too small for pixels_per_cell=(", g.cell_rows, ", ", g.cell_cols,
-                    ") and cells_per_block=(", min_cells[0], ", ", min_cells[1], "): it needs at least ", min_rows,
-                    " rows and ", min_cols, " cols, got ", g.height, " x ", g.width);
+  if (g.n_cells_row < min_cells[0] || g.n_cells_col < min_cells[1]) {
+    // cells x pixels can exceed int64 for absurd arguments: say so instead of overflowing.
+    auto times = [](int64_t a, int64_t b) {
+      int64_t p = 0;
+      return c10::mul_overflows(a, b, &p) ? std::string("more than 2^63") : std::to_string(p);
+    };
+    TORCH_CHECK_VALUE(false, op, ": the image is too small for pixels_per_cell=(", g.cell_rows, ", ", g.cell_cols,
+                      ") and cells_per_block=(", min_cells[0], ", ", min_cells[1], "): it needs at least ",
+                      times(min_cells[0], g.cell_rows), " rows and ", times(min_cells[1], g.cell_cols), " cols, got ",
+                      g.height, " x ", g.width);
+  }
   return g;
 }
 
@@ -78,6 +93,7 @@ BlockNorm parse_block_norm(c10::string_view name) {
 }
 
 void check_image_values(const at::Tensor& images, bool transform_sqrt, const char* op) {
+  TORCH_INTERNAL_ASSERT(images.is_cpu(), "check_image_values would synchronise a ", images.device(), " device");
   if (images.numel() == 0) return;
   if (at::isFloatingType(images.scalar_type())) {
     TORCH_CHECK_VALUE(at::isfinite(images).all().item<bool>(), op,
@@ -91,16 +107,39 @@ void check_image_values(const at::Tensor& images, bool transform_sqrt, const cha
   }
 }
 
-at::Tensor orientation_table(int64_t orientations, const at::Device& device) {
-  const int64_t size = std::max<int64_t>(orientation_table_size(orientations), 1);
-  auto table = at::zeros({size}, at::TensorOptions().dtype(at::kDouble));
-  fill_orientation_table(orientations, table.data_ptr<double>());
-  return device.is_cpu() ? table : table.to(device);
+std::vector<Edge> orientation_edges(int64_t orientations) {
+  std::vector<Edge> edges;
+  edges.reserve(static_cast<size_t>(orientations > 1 ? orientations - 1 : 0));
+  for (int64_t i = 1; i < orientations; ++i) edges.push_back(edge_direction(i, orientations));
+  return edges;
 }
 
 at::ScalarType cell_dtype(at::ScalarType image_dtype) {
   return image_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+namespace {
+
+// hog = hog_blocks(hog_cells(images)), through the dispatcher so that each piece runs
+// on the images' backend. Every argument is checked before the cells pass.
+at::Tensor hog_composite(const at::Tensor& images, int64_t orientations, at::IntArrayRef pixels_per_cell,
+                         at::IntArrayRef cells_per_block, c10::string_view block_norm, bool transform_sqrt) {
+  cell_geometry(images, orientations, pixels_per_cell, cells_per_block, "hog");
+  parse_block_norm(block_norm);
+  static auto cells_op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mtseg::hog_cells", "")
+                             .typed<at::Tensor(const at::Tensor&, int64_t, at::IntArrayRef, bool)>();
+  static auto blocks_op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("mtseg::hog_blocks", "")
+                              .typed<at::Tensor(const at::Tensor&, at::IntArrayRef, c10::string_view)>();
+  return blocks_op.call(cells_op.call(images, orientations, pixels_per_cell, transform_sqrt), cells_per_block,
+                        block_norm);
+}
+
+}  // namespace
+
 }  // namespace hog
 }  // namespace mtseg
+
+// One kernel for every backend; autograd is registered in Python (mtseg_kernels/ops/hog.py).
+TORCH_LIBRARY_IMPL(mtseg, CompositeExplicitAutograd, m) { m.impl("hog", &mtseg::hog::hog_composite); }

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -41,13 +42,17 @@ ImageView<scalar_t> image_view(const at::Tensor& images, int64_t b) {
 // without transform_sqrt, whose differences are exact small integers; double for
 // float64, and for uint8 with transform_sqrt, as skimage computes those in double).
 // Each pixel row then goes through loops over columns that the compiler vectorises:
-// channel choice, orientation bins, per-bin column sums. The channel choice follows
-// skimage's rule exactly in two ways: for float32/float16/bfloat16 images by its key,
-// float32 hypot, computed in the vector loop (select_channel_row_by_key); where the key
-// is glibc's double hypot (uint8, float64), which no vector loop reproduces, by
-// g_row^2 + g_col^2, whose order agrees with hypot's except where two channels are within
-// rounding of each other: those pixels are flagged and redone with hog.h's magnitude and
-// selection_key (select_channel_row, then redo_channel_choice).
+// channel choice, magnitude, orientation bins, per-bin column sums. Each loop is a
+// certified fast test; the rare pixels it cannot decide are flagged and redone with
+// hog.h's scalar rule, so the result is the exact one:
+//  * channel choice: by T's g_row^2 + g_col^2; a pixel whose best channels are within
+//    rounding of each other (or both tiny, or overflowing) is redone with hog.h's
+//    magnitude and selection_key, skimage's own key (float32 hypot for float images,
+//    glibc's double hypot for uint8 and float64);
+//  * magnitude: sqrt of T's sum of squares, redone in double where that sum could
+//    overflow or underflow (float32 pixels above ~1e19, issue of a near-uniform result);
+//  * bins: the step-1 test of hog.h in T lanes (for float with float's own error bound);
+//    undecided pixels get hog.h's orientation_bin_exact (double test, then exact).
 // ---------------------------------------------------------------------------------
 
 // Flags as wide as T, so that no loop mixes vector widths.
@@ -63,6 +68,44 @@ struct SelectMargins<float> {  // float squares: relative error about 2^-23
 template <>
 struct SelectMargins<double> {  // double squares against glibc's hypot (< 1 ulp)
   static constexpr double lo = 1.0 - 1.0 / (1LL << 44), hi = 1.0 + 1.0 / (1LL << 44), tiny = 1e-290;
+};
+
+// The step-1 edge test in T lanes. For double it is hog.h's edge_test_fast. For float:
+// cos/sin rounded to float are within 2^-24.9 of the true values, the products and the
+// difference add 2^-23 of |g_row| + |g_col|, an underflowing product 2^-150: the error
+// stays under (|g_row| + |g_col|) 2^-22.4 + 2^-149, a fifth of this margin.
+template <typename T>
+struct EdgeBound;
+template <>
+struct EdgeBound<float> {
+  static constexpr float coef = 0x1p-20f, tiny = 0x1p-140f, finite_max = 3.4028234663852886e38f;
+  // s = g_row^2 + g_col^2 in float is within 2^-23 of exact (and sqrt of it 1.5 ulp)
+  // inside [2^-100, 2^100]; outside it the magnitude is taken in double.
+  static constexpr float sq_lo = 0x1p-100f, sq_hi = 0x1p100f;
+};
+template <>
+struct EdgeBound<double> {
+  static constexpr double coef = kEdgeErrorCoef, tiny = kEdgeErrorTiny, finite_max = 1.7976931348623157e308;
+  static constexpr double sq_lo = 0x1p-1000, sq_hi = 0x1p1000;
+};
+
+// Edges of one orientation count in T, split into the inexact ones (step-1 test with a
+// margin) and the exact ones (45, 90, 135 degrees: plain sign test).
+template <typename T>
+struct EdgeLanes {
+  std::vector<T> cos_inexact, sin_inexact, cos_exact, sin_exact, inclusive;
+  explicit EdgeLanes(const std::vector<Edge>& edges) {
+    for (const Edge& e : edges) {
+      if (e.exact) {
+        cos_exact.push_back(static_cast<T>(e.cos_phi));
+        sin_exact.push_back(static_cast<T>(e.sin_phi));
+        inclusive.push_back(static_cast<T>(e.inclusive));
+      } else {
+        cos_inexact.push_back(static_cast<T>(e.cos_phi));
+        sin_inexact.push_back(static_cast<T>(e.sin_phi));
+      }
+    }
+  }
 };
 
 // Channel choice for one pixel row. `mid` points at column 0 of the pixel row in
@@ -96,7 +139,11 @@ MTSEG_ALWAYS_INLINE flag_t<T> select_channel_row_impl(const T* __restrict mid, i
       const T gr = up[x] - down[x], gc = m[x + 1] - m[x - 1];
       const T sq = gr * gr + gc * gc;
       const T best = best_sq[x], best_r = g_row[x], best_c = g_col[x];
-      const bool identical = (gr == best_r) & (gc == best_c);
+      // The same components up to sign and order have the very same magnitude in any
+      // rounding: an exact tie, which the lower channel keeps, so no second look is needed.
+      const T agr = std::fabs(gr), agc = std::fabs(gc), abr = std::fabs(best_r), abc = std::fabs(best_c);
+      const bool identical = ((agr == abr) & (agc == abc)) | ((agr == abc) & (agc == abr));
+      // Not "apart" also when a sum overflowed (inf vs inf) or is not a number.
       const bool apart = (sq < best * lo) | (sq > best * hi);
       const bool tiny = (sq < tiny_sq) & (best < tiny_sq);
       const flag_t<T> flag = static_cast<flag_t<T>>((!identical) & ((!apart) | tiny));
@@ -112,58 +159,71 @@ MTSEG_ALWAYS_INLINE flag_t<T> select_channel_row_impl(const T* __restrict mid, i
   return any_ambiguous;
 }
 
-// Channel choice for float rows by skimage's own key, float32 hypot, computed as glibc
-// does (sqrt of the double sum of squares, rounded to float; hog.h's selection_key), so
-// no pixel needs a second look. Used where the rule is float32 hypot (float32, float16,
-// bfloat16 images); uint8 images, decided by double hypot, use select_channel_row.
-MTSEG_CPU_CLONES void select_channel_row_by_key(const float* __restrict mid, int64_t channels, int64_t plane_stride,
-                                                int64_t row_stride, int64_t n_cols, float* __restrict g_row,
-                                                float* __restrict g_col, float* __restrict best_key,
-                                                int32_t* __restrict winner) {
-  for (int64_t x = 0; x < n_cols; ++x) best_key[x] = -1.0f;
-  for (int64_t k = 0; k < channels; ++k) {
-    const float* __restrict up = mid + k * plane_stride + row_stride;
-    const float* __restrict down = mid + k * plane_stride - row_stride;
-    const float* __restrict m = mid + k * plane_stride;
+// Magnitudes and step-1 bins of one pixel row. `undecided` flags pixels whose bin the
+// test could not tell (or with a non-finite difference), `rescale` those whose
+// magnitude needs double; the return value has bit 0 / bit 1 set if any pixel has.
+template <typename T>
+MTSEG_ALWAYS_INLINE flag_t<T> bin_row_impl(const T* __restrict g_row, const T* __restrict g_col, int64_t n_cols,
+                                           const T* __restrict cos_inexact, const T* __restrict sin_inexact,
+                                           int64_t n_inexact, const T* __restrict cos_exact,
+                                           const T* __restrict sin_exact, const T* __restrict inclusive,
+                                           int64_t n_exact, T* __restrict up_row, T* __restrict up_col,
+                                           T* __restrict err, T* __restrict mag, flag_t<T>* __restrict bin,
+                                           flag_t<T>* __restrict undecided, flag_t<T>* __restrict rescale) {
+  using B = EdgeBound<T>;
+  flag_t<T> any_rescale = 0;
+  for (int64_t x = 0; x < n_cols; ++x) {
+    const T r = g_row[x], c = g_col[x];
+    const T sq = r * r + c * c;
+    mag[x] = std::sqrt(sq);
+    const flag_t<T> bad_mag =  // outside the accurate range, including squares that underflowed to 0
+        static_cast<flag_t<T>>(!((sq >= B::sq_lo) & (sq <= B::sq_hi)) & ((r != T(0)) | (c != T(0))));
+    rescale[x] = bad_mag;
+    any_rescale |= bad_mag;
+    const bool flip = r < T(0);
+    const T ur = flip ? -r : r, uc = flip ? -c : c;
+    up_row[x] = ur;
+    up_col[x] = uc;
+    const T ar = std::fabs(r), ac = std::fabs(c);
+    err[x] = ar * B::coef + ac * B::coef + B::tiny;
+    bin[x] = 0;
+    undecided[x] = static_cast<flag_t<T>>(!((ar <= B::finite_max) & (ac <= B::finite_max)));
+  }
+  for (int64_t i = 0; i < n_inexact; ++i) {
+    const T co = cos_inexact[i], si = sin_inexact[i];
     for (int64_t x = 0; x < n_cols; ++x) {
-      const float gr = up[x] - down[x], gc = m[x + 1] - m[x - 1];
-      const float key = selection_key(gr, magnitude(gr, gc));
-      const float best = best_key[x], best_r = g_row[x], best_c = g_col[x];
-      const bool take = key > best;  // strict: the lowest channel keeps a tie
-      g_row[x] = take ? gr : best_r;
-      g_col[x] = take ? gc : best_c;
-      best_key[x] = take ? key : best;
-      winner[x] = take ? static_cast<int32_t>(k) : winner[x];
+      const T d = up_row[x] * co - up_col[x] * si;
+      const bool past = d > err[x], before = d < -err[x];
+      bin[x] += static_cast<flag_t<T>>(past);
+      undecided[x] |= static_cast<flag_t<T>>(!(past | before));
     }
   }
+  for (int64_t i = 0; i < n_exact; ++i) {
+    const T co = cos_exact[i], si = sin_exact[i];
+    const bool incl = inclusive[i] != T(0);
+    for (int64_t x = 0; x < n_cols; ++x) {
+      const T d = up_row[x] * co - up_col[x] * si;  // exact sign: co, si are 0 or +-1
+      bin[x] += static_cast<flag_t<T>>((d > T(0)) | ((d == T(0)) & incl));
+    }
+  }
+  flag_t<T> any_undecided = 0;
+  for (int64_t x = 0; x < n_cols; ++x) {
+    const bool on_axis = g_row[x] == T(0);  // theta = 0 or 180: bin 0
+    bin[x] = on_axis ? 0 : bin[x];
+    undecided[x] = on_axis ? 0 : undecided[x];
+    any_undecided |= undecided[x];
+  }
+  return (any_undecided != 0 ? 1 : 0) | (any_rescale != 0 ? 2 : 0);
 }
 
-// Orientation bins of one pixel row, and their magnitudes added to per-bin column sums.
+// Per-bin column sums of one pixel row's magnitudes.
 template <typename T>
-MTSEG_ALWAYS_INLINE void bin_row_impl(const T* __restrict g_row, const T* __restrict g_col, int64_t n_cols,
-                                      const double* __restrict table, int64_t n, double* __restrict up_row,
-                                      double* __restrict up_col, double* __restrict mag, int32_t* __restrict bin,
-                                      double* __restrict column_sums) {
-  // Magnitude in T: for float, a float sqrt (16 lanes; double sqrt is 4x slower) within
-  // 2 float32 ulps of hog.h's magnitude(float, float), so float32 cells stay
-  // float32-accurate; for double, within an ulp of hog.h's hypot.
-  for (int64_t x = 0; x < n_cols; ++x) mag[x] = static_cast<double>(std::sqrt(g_row[x] * g_row[x] + g_col[x] * g_col[x]));
-  for (int64_t x = 0; x < n_cols; ++x) {
-    const double r = g_row[x], c = g_col[x];
-    const bool flip = r < 0.0;
-    up_row[x] = flip ? -r : r;
-    up_col[x] = flip ? -c : c;
-    bin[x] = 0;
-  }
-  for (int64_t i = 0; i < n - 1; ++i) {
-    const double c = table[i], s = table[(n - 1) + i], inclusive = table[2 * (n - 1) + i];
-    for (int64_t x = 0; x < n_cols; ++x) bin[x] += past_boundary(up_row[x], up_col[x], c, s, inclusive);
-  }
-  for (int64_t x = 0; x < n_cols; ++x) bin[x] = g_row[x] == T(0) ? 0 : bin[x];  // theta = 0 or 180
-  if (column_sums == nullptr) return;  // the backward needs only the bins
+MTSEG_ALWAYS_INLINE void histogram_row_impl(const T* __restrict mag, const flag_t<T>* __restrict bin, int64_t n_cols,
+                                            int64_t n, T* __restrict column_sums) {
   for (int64_t o = 0; o < n; ++o) {
-    double* sums = column_sums + o * n_cols;
-    for (int64_t x = 0; x < n_cols; ++x) sums[x] += bin[x] == o ? mag[x] : 0.0;
+    T* __restrict sums = column_sums + o * n_cols;
+    const flag_t<T> oo = static_cast<flag_t<T>>(o);
+    for (int64_t x = 0; x < n_cols; ++x) sums[x] += bin[x] == oo ? mag[x] : T(0);
   }
 }
 
@@ -198,11 +258,19 @@ MTSEG_ALWAYS_INLINE flag_t<T> finish_row_impl(T* __restrict row, int64_t width, 
     return select_channel_row_impl<T>(mid, channels, plane_stride, row_stride, n_cols, g_row, g_col, best_sq,     \
                                       ambiguous, winner);                                                          \
   }                                                                                                                \
-  MTSEG_CPU_CLONES void bin_row(const T* __restrict g_row, const T* __restrict g_col, int64_t n_cols,             \
-                                const double* __restrict table, int64_t n, double* __restrict up_row,              \
-                                double* __restrict up_col, double* __restrict mag, int32_t* __restrict bin,        \
-                                double* __restrict column_sums) {                                                  \
-    bin_row_impl<T>(g_row, g_col, n_cols, table, n, up_row, up_col, mag, bin, column_sums);                       \
+  MTSEG_CPU_CLONES flag_t<T> bin_row(const T* __restrict g_row, const T* __restrict g_col, int64_t n_cols,        \
+                                     const T* __restrict cos_inexact, const T* __restrict sin_inexact,             \
+                                     int64_t n_inexact, const T* __restrict cos_exact,                             \
+                                     const T* __restrict sin_exact, const T* __restrict inclusive,                 \
+                                     int64_t n_exact, T* __restrict up_row, T* __restrict up_col,                  \
+                                     T* __restrict err, T* __restrict mag, flag_t<T>* __restrict bin,              \
+                                     flag_t<T>* __restrict undecided, flag_t<T>* __restrict rescale) {             \
+    return bin_row_impl<T>(g_row, g_col, n_cols, cos_inexact, sin_inexact, n_inexact, cos_exact, sin_exact,       \
+                           inclusive, n_exact, up_row, up_col, err, mag, bin, undecided, rescale);                 \
+  }                                                                                                                \
+  MTSEG_CPU_CLONES void histogram_row(const T* __restrict mag, const flag_t<T>* __restrict bin, int64_t n_cols,   \
+                                      int64_t n, T* __restrict column_sums) {                                      \
+    histogram_row_impl<T>(mag, bin, n_cols, n, column_sums);                                                       \
   }                                                                                                                \
   MTSEG_CPU_CLONES flag_t<T> finish_row(T* __restrict row, int64_t width, bool transform_sqrt) {                 \
     return finish_row_impl<T>(row, width, transform_sqrt);                                                         \
@@ -211,17 +279,35 @@ MTSEG_DEFINE_ROW_KERNELS(float)
 MTSEG_DEFINE_ROW_KERNELS(double)
 #undef MTSEG_DEFINE_ROW_KERNELS
 
+// Exact-path counters (pixels whose bin the vector test left to hog.h's scalar rule, and
+// those of them that needed the integer test), for benchmarks/README.md; see
+// hog_fallback_counts().
+std::atomic<int64_t> g_scalar_bins{0}, g_exact_bins{0};
+
+// Per-thread state of the cells loops: row buffers, per-column scratch, and the
+// orientation edges (with scratch for hog.h's exact test).
 template <typename T>
 struct RowScratch {
   std::vector<T> rows;                       // C planes x (cell_rows + 2) rows x (W + 2) cols
   std::vector<T> g_row, g_col, best_sq;      // winning channel's differences, per column
   std::vector<flag_t<T>> ambiguous, winner;  // flagged pixels; winning channel
-  std::vector<double> mag, up_row, up_col;   // magnitude; gradient turned into the upper half plane
-  std::vector<int32_t> bin;
-  std::vector<double> column_sums;           // n x covered columns, summed over the cell row's pixel rows
-  RowScratch(int64_t channels, int64_t buf_rows, int64_t row_stride, int64_t n_cols, int64_t n)
+  std::vector<T> mag, up_row, up_col, err;   // magnitude; gradient in the upper half plane; step-1 margin
+  std::vector<flag_t<T>> bin, undecided, rescale;
+  std::vector<T> column_sums;                // n x covered columns, summed over the cell row's pixel rows
+  const std::vector<Edge>& edges;
+  const EdgeLanes<T>& lanes;
+  std::vector<uint32_t> exact_scratch;
+  int64_t scalar_bins = 0, exact_bins = 0;
+  RowScratch(int64_t channels, int64_t buf_rows, int64_t row_stride, int64_t n_cols, int64_t n,
+             const std::vector<Edge>& edges_, const EdgeLanes<T>& lanes_)
       : rows(channels * buf_rows * row_stride), g_row(n_cols), g_col(n_cols), best_sq(n_cols), ambiguous(n_cols),
-        winner(n_cols), mag(n_cols), up_row(n_cols), up_col(n_cols), bin(n_cols), column_sums(n * n_cols) {}
+        winner(n_cols), mag(n_cols), up_row(n_cols), up_col(n_cols), err(n_cols), bin(n_cols), undecided(n_cols),
+        rescale(n_cols), column_sums(n * n_cols), edges(edges_), lanes(lanes_),
+        exact_scratch(static_cast<size_t>(exact_scratch_limbs(n))) {}
+  ~RowScratch() {
+    if (scalar_bins) g_scalar_bins += scalar_bins;
+    if (exact_bins) g_exact_bins += exact_bins;
+  }
 };
 
 // Converts image rows [y_first - 1, y_first + n_rows - 1) of every channel into T
@@ -288,27 +374,39 @@ void redo_channel_choice(const T* mid, int64_t channels, int64_t plane_stride, i
 }
 
 // One pixel row through the vector loops: the winning channel (t.winner) and its
-// differences (t.g_row, t.g_col), the magnitude (t.mag) and bin (t.bin) of every
+// differences (t.g_row, t.g_col), the magnitude (t.mag) and exact bin (t.bin) of every
 // covered column; with `column_sums`, the magnitudes are also added to the per-bin sums.
 template <typename T, typename grad_t>
 void orient_pixel_row(RowScratch<T>& t, const T* mid, int64_t channels, int64_t plane_stride, int64_t row_stride,
-                      int64_t n_cols, const double* table, int64_t n, double* column_sums) {
-  bool by_key = false;
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<grad_t, float>) {
-    // float32 hypot is the rule: compute it (winner is flag_t<float> = int32_t here)
-    if (channels > 1) {
-      select_channel_row_by_key(mid, channels, plane_stride, row_stride, n_cols, t.g_row.data(), t.g_col.data(),
-                                t.best_sq.data(), t.winner.data());
-      by_key = true;
-    }
-  }
-  if (!by_key && select_channel_row(mid, channels, plane_stride, row_stride, n_cols, t.g_row.data(), t.g_col.data(),
-                                    t.best_sq.data(), t.ambiguous.data(), t.winner.data())) {
+                      int64_t n_cols, int64_t n, T* column_sums) {
+  if (select_channel_row(mid, channels, plane_stride, row_stride, n_cols, t.g_row.data(), t.g_col.data(),
+                         t.best_sq.data(), t.ambiguous.data(), t.winner.data())) {
     for (int64_t x = 0; x < n_cols; ++x)
       if (t.ambiguous[x]) redo_channel_choice<T, grad_t>(mid, channels, plane_stride, row_stride, x, t);
   }
-  bin_row(t.g_row.data(), t.g_col.data(), n_cols, table, n, t.up_row.data(), t.up_col.data(), t.mag.data(),
-          t.bin.data(), column_sums);
+  const auto& L = t.lanes;
+  const flag_t<T> redo = bin_row(t.g_row.data(), t.g_col.data(), n_cols, L.cos_inexact.data(), L.sin_inexact.data(),
+                                 static_cast<int64_t>(L.cos_inexact.size()), L.cos_exact.data(), L.sin_exact.data(),
+                                 L.inclusive.data(), static_cast<int64_t>(L.cos_exact.size()), t.up_row.data(),
+                                 t.up_col.data(), t.err.data(), t.mag.data(), t.bin.data(), t.undecided.data(),
+                                 t.rescale.data());
+  if (redo & 1) {
+    for (int64_t x = 0; x < n_cols; ++x) {
+      if (!t.undecided[x]) continue;
+      const auto d = orientation_bin_exact(static_cast<double>(t.g_row[x]), static_cast<double>(t.g_col[x]),
+                                           t.edges.data(), n, t.exact_scratch.data(),
+                                           static_cast<int64_t>(t.exact_scratch.size()));
+      TORCH_INTERNAL_ASSERT(d.path >= 0, "hog: exact orientation test out of scratch");
+      t.bin[x] = static_cast<flag_t<T>>(d.bin);
+      ++t.scalar_bins;
+      t.exact_bins += d.path;
+    }
+  }
+  if (redo & 2) {
+    for (int64_t x = 0; x < n_cols; ++x)
+      if (t.rescale[x]) t.mag[x] = static_cast<T>(magnitude(static_cast<grad_t>(t.g_row[x]), static_cast<grad_t>(t.g_col[x])));
+  }
+  if (column_sums != nullptr) histogram_row(t.mag.data(), t.bin.data(), n_cols, n, column_sums);
 }
 
 // Calls f(scalar_t{}, T{}, grad_t{}, cell_t{}) with the CPU kernels' types for an
@@ -330,13 +428,14 @@ void dispatch_working_types(at::ScalarType dtype, bool transform_sqrt, F&& f) {
 // T: working type of the row buffers; grad_t: hog.h's gradient type for this image
 // dtype (the exact rule the flagged pixels are redone with); cell_t: output type.
 template <typename scalar_t, typename T, typename grad_t, typename cell_t>
-void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt, const double* table,
-                  cell_t* cells) {
+void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt, cell_t* cells) {
   const int64_t n = g.orientations, W = g.width, C = g.channels;
   const int64_t n_cols = g.n_cells_col * g.cell_cols, buf_rows = g.cell_rows + 2, row_stride = W + 2;
+  const auto edges = orientation_edges(n);
+  const EdgeLanes<T> lanes(edges);
   std::atomic<bool> all_valid{true};
   at::parallel_for(0, g.batch * g.n_cells_row, grain_for(g.cell_rows * g.width), [&](int64_t begin, int64_t end) {
-    RowScratch<T> t(C, buf_rows, row_stride, n_cols, n);
+    RowScratch<T> t(C, buf_rows, row_stride, n_cols, n, edges, lanes);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
       const int64_t y0 = cell_row * g.cell_rows;
@@ -345,18 +444,17 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
         all_valid = false;
         continue;
       }
-      std::fill(t.column_sums.begin(), t.column_sums.end(), 0.0);
+      std::fill(t.column_sums.begin(), t.column_sums.end(), T(0));
       for (int64_t y = y0; y < y0 + g.cell_rows; ++y) {
         const T* mid = t.rows.data() + (y - y0 + 1) * row_stride + 1;
-        orient_pixel_row<T, grad_t>(t, mid, C, buf_rows * row_stride, row_stride, n_cols, table, n,
-                                    t.column_sums.data());
+        orient_pixel_row<T, grad_t>(t, mid, C, buf_rows * row_stride, row_stride, n_cols, n, t.column_sums.data());
       }
       cell_t* out = cells + item * g.n_cells_col * n;
       for (int64_t cc = 0; cc < g.n_cells_col; ++cc) {
         for (int64_t o = 0; o < n; ++o) {
-          const double* sums = t.column_sums.data() + o * n_cols + cc * g.cell_cols;
-          double total = 0.0;
-          for (int64_t x = 0; x < g.cell_cols; ++x) total += sums[x];
+          const T* sums = t.column_sums.data() + o * n_cols + cc * g.cell_cols;
+          double total = 0.0;  // per-column sums of T (cell_rows pixels each), added in double
+          for (int64_t x = 0; x < g.cell_cols; ++x) total += static_cast<double>(sums[x]);
           out[cc * n + o] = cell_mean<cell_t>(total, g.area());
         }
       }
@@ -374,15 +472,13 @@ at::Tensor hog_cells_cpu(const at::Tensor& images, int64_t orientations, at::Int
   auto cells = at::empty({g.batch, g.n_cells_row, g.n_cells_col, g.orientations},
                          images.options().dtype(cell_dtype(images.scalar_type())));
   if (cells.numel() == 0) return cells;
-  const auto table = orientation_table(orientations, images.device());
-  const double* tab = table.data_ptr<double>();
   // The kernel checks the rows it reads; rows below the last cell row's neighbour are checked here.
   const int64_t first_unread = g.n_cells_row * g.cell_rows + 1;
   if (first_unread < g.height)
     check_image_values(images.narrow(2, first_unread, g.height - first_unread), transform_sqrt, "hog_cells");
   dispatch_working_types(images.scalar_type(), transform_sqrt, [&](auto scalar, auto working, auto grad, auto cell) {
     using cell_t = decltype(cell);
-    cells_kernel<decltype(scalar), decltype(working), decltype(grad)>(images, g, transform_sqrt, tab,
+    cells_kernel<decltype(scalar), decltype(working), decltype(grad)>(images, g, transform_sqrt,
                                                                         cells.data_ptr<cell_t>());
   });
   return cells;
@@ -407,15 +503,6 @@ at::Tensor hog_blocks_cpu(const at::Tensor& cells_in, at::IntArrayRef cells_per_
     });
   });
   return out;
-}
-
-at::Tensor hog_cpu(const at::Tensor& images, int64_t orientations, at::IntArrayRef pixels_per_cell,
-                   at::IntArrayRef cells_per_block, c10::string_view block_norm, bool transform_sqrt) {
-  // Validate everything before any work, so a bad block_norm fails before the cells pass.
-  cell_geometry(images, orientations, pixels_per_cell, cells_per_block, "hog");
-  parse_block_norm(block_norm);
-  return hog_blocks_cpu(hog_cells_cpu(images, orientations, pixels_per_cell, transform_sqrt), cells_per_block,
-                        block_norm);
 }
 
 at::Tensor hog_blocks_backward_cpu(const at::Tensor& grad_in, const at::Tensor& cells_in,
@@ -510,13 +597,15 @@ MTSEG_CPU_CLONES void transpose_stencil_row(const double* __restrict d_row, cons
 // Pass 2 is hog.h's input_gradient, the transpose of the difference stencil, a row at a
 // time (transpose_stencil_row).
 template <typename scalar_t, typename T, typename grad_t, typename acc_t>
-void cells_backward_kernel(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt, const double* table,
-                           const acc_t* grad_cells, acc_t* d_row, acc_t* d_col, int32_t* channel, acc_t* grad_images) {
+void cells_backward_kernel(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt, const acc_t* grad_cells,
+                           acc_t* d_row, acc_t* d_col, int32_t* channel, acc_t* grad_images) {
   const int64_t n = g.orientations, H = g.height, W = g.width, C = g.channels;
   const int64_t n_cols = g.n_cells_col * g.cell_cols, buf_rows = g.cell_rows + 2, row_stride = W + 2;
+  const auto edges = orientation_edges(n);
+  const EdgeLanes<T> lanes(edges);
   std::atomic<bool> all_valid{true};
   at::parallel_for(0, g.batch * g.n_cells_row, grain_for(g.cell_rows * W), [&](int64_t begin, int64_t end) {
-    RowScratch<T> t(C, buf_rows, row_stride, n_cols, n);
+    RowScratch<T> t(C, buf_rows, row_stride, n_cols, n, edges, lanes);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
       const int64_t y0 = cell_row * g.cell_rows;
@@ -527,7 +616,7 @@ void cells_backward_kernel(const at::Tensor& images, const CellGeometry& g, bool
       const acc_t* gcells = grad_cells + item * g.n_cells_col * n;
       for (int64_t y = y0; y < y0 + g.cell_rows; ++y) {
         const T* mid = t.rows.data() + (y - y0 + 1) * row_stride + 1;
-        orient_pixel_row<T, grad_t>(t, mid, C, buf_rows * row_stride, row_stride, n_cols, table, n, nullptr);
+        orient_pixel_row<T, grad_t>(t, mid, C, buf_rows * row_stride, row_stride, n_cols, n, nullptr);
         const int64_t row = (b * H + y) * W;
         for (int64_t x = 0; x < n_cols; ++x) {
           const double grad_mag =
@@ -576,13 +665,11 @@ at::Tensor hog_cells_backward_cpu(const at::Tensor& grad_cells_in, const at::Ten
   auto d_row = at::zeros({g.batch, g.height, g.width}, opts);
   auto d_col = at::zeros({g.batch, g.height, g.width}, opts);
   auto channel = at::zeros({g.batch, g.height, g.width}, opts.dtype(at::kInt));
-  const auto table = orientation_table(orientations, images.device());
-  const double* tab = table.data_ptr<double>();
   // Same working types as the forward, so the backward sees the forward's winners and bins.
   dispatch_working_types(images.scalar_type(), transform_sqrt, [&](auto scalar, auto working, auto grad, auto acc) {
     using acc_t = decltype(acc);
     cells_backward_kernel<decltype(scalar), decltype(working), decltype(grad), acc_t>(
-        images, g, transform_sqrt, tab, grad_cells.data_ptr<acc_t>(), d_row.data_ptr<acc_t>(),
+        images, g, transform_sqrt, grad_cells.data_ptr<acc_t>(), d_row.data_ptr<acc_t>(),
         d_col.data_ptr<acc_t>(), channel.data_ptr<int32_t>(), grad_images.data_ptr<acc_t>());
   });
   return grad_images;
@@ -590,8 +677,12 @@ at::Tensor hog_cells_backward_cpu(const at::Tensor& grad_cells_in, const at::Ten
 
 }  // namespace
 
+std::array<int64_t, 2> cpu_fallback_counts(bool reset) {
+  if (reset) return {g_scalar_bins.exchange(0), g_exact_bins.exchange(0)};
+  return {g_scalar_bins.load(), g_exact_bins.load()};
+}
+
 TORCH_LIBRARY_IMPL(mtseg, CPU, m) {
-  m.impl("hog", &hog_cpu);
   m.impl("hog_cells", &hog_cells_cpu);
   m.impl("hog_blocks", &hog_blocks_cpu);
   m.impl("hog_cells_backward", &hog_cells_backward_cpu);

@@ -1,15 +1,25 @@
-// CUDA kernels of the HOG operators: thin launch shells around the math in
-// mtseg/hog.h, which the CPU kernels share (and so CPU tests exercise).
-//  * cells: one thread per cell, summing its pixels in double; its histogram lives in
-//    shared memory, laid out [bin][thread] so threads of a warp hit different banks;
-//  * blocks: one thread per block; the backward gathers per cell (no atomics, so the
-//    result is deterministic).
+// CUDA kernels of the HOG operators: launch shells around the math in mtseg/hog.h,
+// which the CPU kernels share (and so CPU tests exercise).
+//  * validity: one pass over the pixels sets a per-image flag for NaN/Inf (or negative
+//    pixels with transform_sqrt); the kernels after it write NaN for a flagged image.
+//    Nothing is copied to the host, so no call synchronises the device and every op can
+//    be captured in a CUDA graph (the CPU raises ValueError instead; see ops/hog.py);
+//  * cells: one warp per cell, each lane taking every 32nd pixel of it in a fixed order
+//    and adding its magnitude to its own column of a per-warp histogram in shared
+//    memory; each bin is then summed over the lanes by a fixed shuffle tree. No atomics,
+//    so the result is the same on every run. Bins are hog.h's exact decision
+//    (orientation_bin_exact, the same function the CPU uses for the pixels its vector
+//    test cannot decide); gradients and the channel choice run in the image's precision
+//    (float for float16/bfloat16/float32), magnitudes and sums in double;
+//  * blocks: one thread per block; the backward gathers per cell (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "mtseg/hog.h"
 #include "mtseg/hog_host.h"
@@ -19,8 +29,12 @@ namespace hog {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxCellThreads = 128;
+constexpr int kWarp = 32;
 constexpr int64_t kSharedBytes = 48 * 1024;
+// The exact test keeps its integers in per-thread local memory, sized for this many bins.
+constexpr int64_t kMaxCudaOrientations = 64;
+constexpr int64_t kExactLimbs = 4 * ((kMaxCudaOrientations * (53 + 6 + 3) + 31) / 32 + 3);
+static_assert(kExactLimbs >= 4 * ((kMaxCudaOrientations * (53 + 6 + 3) + 31) / 32 + 3), "scratch too small");
 
 unsigned int blocks_for(int64_t items, int threads) {
   const int64_t blocks = (items + threads - 1) / threads;
@@ -33,7 +47,7 @@ unsigned int blocks_for(int64_t items, int threads) {
 template <typename scalar_t>
 struct ImageBatch {
   const scalar_t* data;
-  int64_t channels, height, width;
+  int64_t batch, channels, height, width;
   int64_t stride_b, stride_c, stride_h, stride_w;
   __device__ ImageView<scalar_t> image(int64_t b) const {
     return ImageView<scalar_t>{data + b * stride_b, channels, height, width, stride_c, stride_h, stride_w};
@@ -42,30 +56,88 @@ struct ImageBatch {
 
 template <typename scalar_t>
 ImageBatch<scalar_t> image_batch(const at::Tensor& t) {
-  return ImageBatch<scalar_t>{t.data_ptr<scalar_t>(), t.size(1), t.size(2), t.size(3),
+  return ImageBatch<scalar_t>{t.data_ptr<scalar_t>(), t.size(0), t.size(1), t.size(2), t.size(3),
                               t.stride(0),            t.stride(1), t.stride(2), t.stride(3)};
 }
 
+void check_cuda_orientations(int64_t orientations, const char* op) {
+  TORCH_CHECK_VALUE(orientations <= kMaxCudaOrientations, op, ": the CUDA kernels decide exact bins for at most ",
+                    kMaxCudaOrientations, " orientations, got ", orientations, " (use CPU tensors for more)");
+}
+
+// invalid[b] != 0 where image b holds NaN/Inf, or a negative pixel with transform_sqrt.
+template <typename scalar_t>
+__global__ void validity_kernel(ImageBatch<scalar_t> images, bool transform_sqrt, int32_t* invalid) {
+  const int64_t C = images.channels, H = images.height, W = images.width;
+  MTSEG_GRID_STRIDE(idx, images.batch * C * H * W) {
+    const int64_t b = idx / (C * H * W), k = (idx / (H * W)) % C, y = (idx / W) % H, x = idx % W;
+    const double v = static_cast<double>(images.data[b * images.stride_b + k * images.stride_c +
+                                                     y * images.stride_h + x * images.stride_w]);
+    if (!(v - v == 0.0) || (transform_sqrt && v < 0.0)) atomicOr(invalid + b, 1);
+  }
+}
+
+template <typename scalar_t>
+at::Tensor image_flags(const at::Tensor& images, bool transform_sqrt, cudaStream_t stream) {
+  auto invalid = at::zeros({images.size(0)}, images.options().dtype(at::kInt));
+  if (images.numel() == 0) return invalid;
+  validity_kernel<scalar_t><<<blocks_for(images.numel(), kThreads), kThreads, 0, stream>>>(
+      image_batch<scalar_t>(images), transform_sqrt, invalid.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return invalid;
+}
+
+// hog.h's exact bin with its integers in local memory; kept out of line so that the
+// common path of the kernels does not carry the scratch array.
+__device__ __noinline__ int exact_bin(double g_row, double g_col, const Edge* edges, int64_t n) {
+  uint32_t scratch[kExactLimbs];
+  const auto d = orientation_bin_exact(g_row, g_col, edges, n, scratch, kExactLimbs);
+  return d.path < 0 ? -1 : d.bin;
+}
+
+__device__ void load_edges(Edge* edges, int64_t n) {
+  for (int64_t i = threadIdx.x; i + 1 < n; i += blockDim.x) edges[i] = edge_direction(i + 1, n);
+  __syncthreads();
+}
+
 template <typename scalar_t, typename grad_t, typename acc_t>
-__global__ void cells_kernel(ImageBatch<scalar_t> images, CellGeometry g, bool transform_sqrt, const double* table,
-                             acc_t* cells) {
+__global__ void cells_kernel(ImageBatch<scalar_t> images, CellGeometry g, bool transform_sqrt,
+                             const int32_t* invalid, acc_t* cells) {
   extern __shared__ unsigned char shared_raw[];
-  double* hist = reinterpret_cast<double*>(shared_raw);
   const int64_t n = g.orientations;
+  Edge* edges = reinterpret_cast<Edge*>(shared_raw);
+  double* hist_all = reinterpret_cast<double*>(shared_raw + kMaxCudaOrientations * sizeof(Edge));
+  load_edges(edges, n);
+  const int warps = blockDim.x / kWarp, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  double* hist = hist_all + static_cast<int64_t>(warp) * n * kWarp;  // [bin][lane]
   const int64_t n_cells = g.batch * g.n_cells_row * g.n_cells_col;
-  const int64_t cell = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (cell >= n_cells) return;
-  const int64_t b = cell / (g.n_cells_row * g.n_cells_col);
-  const int64_t r = (cell / g.n_cells_col) % g.n_cells_row, c = cell % g.n_cells_col;
-  for (int64_t o = 0; o < n; ++o) hist[o * blockDim.x + threadIdx.x] = 0.0;
-  const auto img = images.image(b);
-  for (int64_t y = r * g.cell_rows; y < (r + 1) * g.cell_rows; ++y) {
-    for (int64_t x = c * g.cell_cols; x < (c + 1) * g.cell_cols; ++x) {
-      const auto px = pixel_gradient<grad_t>(img, y, x, transform_sqrt);
-      accumulate(hist[orientation_bin(px.g_row, px.g_col, table, n) * blockDim.x + threadIdx.x], px.mag);
+  for (int64_t cell = static_cast<int64_t>(blockIdx.x) * warps + warp; cell < n_cells;
+       cell += static_cast<int64_t>(gridDim.x) * warps) {
+    const int64_t b = cell / (g.n_cells_row * g.n_cells_col);
+    const int64_t r = (cell / g.n_cells_col) % g.n_cells_row, c = cell % g.n_cells_col;
+    for (int64_t o = 0; o < n; ++o) hist[o * kWarp + lane] = 0.0;
+    bool undecidable = false;
+    if (invalid[b] == 0) {
+      const auto img = images.image(b);
+      for (int64_t p = lane; p < g.area(); p += kWarp) {
+        const int64_t y = r * g.cell_rows + p / g.cell_cols, x = c * g.cell_cols + p % g.cell_cols;
+        const auto px = pixel_gradient<grad_t>(img, y, x, transform_sqrt);
+        const int bin = exact_bin(static_cast<double>(px.g_row), static_cast<double>(px.g_col), edges, n);
+        if (bin < 0) {
+          undecidable = true;
+          continue;
+        }
+        accumulate(hist[bin * kWarp + lane], px.mag);
+      }
+    }
+    const bool nan_cell = __any_sync(0xffffffffu, undecidable) || invalid[b] != 0;
+    for (int64_t o = 0; o < n; ++o) {
+      double v = hist[o * kWarp + lane];
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      if (lane == 0)
+        cells[cell * n + o] = nan_cell ? std::numeric_limits<acc_t>::quiet_NaN() : cell_mean<acc_t>(v, g.area());
     }
   }
-  for (int64_t o = 0; o < n; ++o) cells[cell * n + o] = cell_mean<acc_t>(hist[o * blockDim.x + threadIdx.x], g.area());
 }
 
 template <typename cell_t>
@@ -105,18 +177,27 @@ __global__ void gather_cells_kernel(const cell_t* grad_blocks, BlockGeometry g, 
 }
 
 template <typename scalar_t, typename grad_t, typename acc_t>
-__global__ void stencil_kernel(ImageBatch<scalar_t> images, CellGeometry g, bool transform_sqrt, const double* table,
-                               const acc_t* grad_cells, acc_t* d_row, acc_t* d_col, int32_t* channel) {
+__global__ void stencil_kernel(ImageBatch<scalar_t> images, CellGeometry g, bool transform_sqrt,
+                               const int32_t* invalid, const acc_t* grad_cells, acc_t* d_row, acc_t* d_col,
+                               int32_t* channel) {
+  __shared__ Edge edges[kMaxCudaOrientations];
+  load_edges(edges, g.orientations);
   const int64_t H = g.height, W = g.width;
   MTSEG_GRID_STRIDE(idx, g.batch * H * W) {
     const int64_t b = idx / (H * W), y = (idx / W) % H, x = idx % W;
+    if (invalid[b] != 0) {
+      d_row[idx] = d_col[idx] = acc_t(0);
+      channel[idx] = 0;
+      continue;
+    }
     const auto px = pixel_gradient<grad_t>(images.image(b), y, x, transform_sqrt);
     double grad_mag = 0.0;
     if (y < g.n_cells_row * g.cell_rows && x < g.n_cells_col * g.cell_cols) {
-      const int64_t bin = orientation_bin(px.g_row, px.g_col, table, g.orientations);
+      const int bin = exact_bin(static_cast<double>(px.g_row), static_cast<double>(px.g_col), edges, g.orientations);
       const acc_t* gcell =
           grad_cells + ((b * g.n_cells_row + y / g.cell_rows) * g.n_cells_col + x / g.cell_cols) * g.orientations;
-      grad_mag = static_cast<double>(gcell[bin]) / static_cast<double>(g.area());
+      grad_mag = bin < 0 ? std::numeric_limits<double>::quiet_NaN()
+                         : static_cast<double>(gcell[bin]) / static_cast<double>(g.area());
     }
     const auto s = stencil_gradient(px, grad_mag);
     d_row[idx] = static_cast<acc_t>(s.d_row);
@@ -127,11 +208,15 @@ __global__ void stencil_kernel(ImageBatch<scalar_t> images, CellGeometry g, bool
 
 template <typename scalar_t, typename acc_t>
 __global__ void input_gradient_kernel(ImageBatch<scalar_t> images, CellGeometry g, bool transform_sqrt,
-                                      const acc_t* d_row, const acc_t* d_col, const int32_t* channel,
-                                      acc_t* grad_images) {
+                                      const int32_t* invalid, const acc_t* d_row, const acc_t* d_col,
+                                      const int32_t* channel, acc_t* grad_images) {
   const int64_t H = g.height, W = g.width, C = g.channels;
   MTSEG_GRID_STRIDE(idx, g.batch * C * H * W) {
     const int64_t b = idx / (C * H * W), k = (idx / (H * W)) % C, y = (idx / W) % H, x = idx % W;
+    if (invalid[b] != 0) {
+      grad_images[idx] = std::numeric_limits<acc_t>::quiet_NaN();
+      continue;
+    }
     const int64_t plane = b * H * W;
     double grad = input_gradient(d_row + plane, d_col + plane, channel + plane, H, W, k, y, x);
     if (transform_sqrt) grad = sqrt_chain(grad, images.image(b).template load<double>(k, y, x, false));
@@ -143,26 +228,25 @@ at::Tensor hog_cells_cuda(const at::Tensor& images, int64_t orientations, at::In
                           bool transform_sqrt) {
   const int64_t one_cell[2] = {1, 1};
   const auto g = cell_geometry(images, orientations, pixels_per_cell, one_cell, "hog_cells");
+  check_cuda_orientations(orientations, "hog_cells");
   const c10::cuda::CUDAGuard guard(images.device());
-  check_image_values(images, transform_sqrt, "hog_cells");
   auto cells = at::empty({g.batch, g.n_cells_row, g.n_cells_col, g.orientations},
                          images.options().dtype(cell_dtype(images.scalar_type())));
   if (cells.numel() == 0) return cells;
-  const auto table = orientation_table(orientations, images.device());
   const int64_t n_cells = g.batch * g.n_cells_row * g.n_cells_col;
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_image_types(images.scalar_type(), [&](auto s, auto gr, auto acc) {
     using scalar_t = decltype(s);
     using grad_t = decltype(gr);
     using acc_t = decltype(acc);
-    const int64_t per_thread = orientations * static_cast<int64_t>(sizeof(double));
-    TORCH_CHECK_VALUE(per_thread <= kSharedBytes, "hog_cells: ", orientations,
-                      " orientations do not fit the CUDA kernel's shared memory (at most ",
-                      kSharedBytes / sizeof(double), ")");
-    const int threads = static_cast<int>(std::min<int64_t>(kMaxCellThreads, kSharedBytes / per_thread));
-    const unsigned int grid = static_cast<unsigned int>((n_cells + threads - 1) / threads);
-    cells_kernel<scalar_t, grad_t, acc_t><<<grid, threads, threads * per_thread, stream>>>(
-        image_batch<scalar_t>(images), g, transform_sqrt, table.data_ptr<double>(), cells.data_ptr<acc_t>());
+    const at::Tensor invalid = image_flags<scalar_t>(images, transform_sqrt, stream);
+    const int64_t per_warp = orientations * kWarp * static_cast<int64_t>(sizeof(double));
+    const int64_t edge_bytes = kMaxCudaOrientations * static_cast<int64_t>(sizeof(Edge));
+    const int warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8, (kSharedBytes - edge_bytes) / per_warp)));
+    const int64_t grid = std::min<int64_t>((n_cells + warps - 1) / warps, 65535LL * 8);
+    cells_kernel<scalar_t, grad_t, acc_t><<<static_cast<unsigned int>(grid), warps * kWarp,
+                                            edge_bytes + warps * per_warp, stream>>>(
+        image_batch<scalar_t>(images), g, transform_sqrt, invalid.data_ptr<int32_t>(), cells.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return cells;
@@ -182,14 +266,6 @@ at::Tensor hog_blocks_cuda(const at::Tensor& cells_in, at::IntArrayRef cells_per
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
-}
-
-at::Tensor hog_cuda(const at::Tensor& images, int64_t orientations, at::IntArrayRef pixels_per_cell,
-                    at::IntArrayRef cells_per_block, c10::string_view block_norm, bool transform_sqrt) {
-  cell_geometry(images, orientations, pixels_per_cell, cells_per_block, "hog");
-  parse_block_norm(block_norm);
-  return hog_blocks_cuda(hog_cells_cuda(images, orientations, pixels_per_cell, transform_sqrt), cells_per_block,
-                         block_norm);
 }
 
 at::Tensor hog_blocks_backward_cuda(const at::Tensor& grad_in, const at::Tensor& cells_in,
@@ -218,10 +294,13 @@ at::Tensor hog_blocks_backward_cuda(const at::Tensor& grad_in, const at::Tensor&
   return grad_cells;
 }
 
+// Like the CPU, the images are checked (NaN/Inf, negative with transform_sqrt); a
+// flagged image gets a NaN gradient instead of a ValueError, which would need a sync.
 at::Tensor hog_cells_backward_cuda(const at::Tensor& grad_cells_in, const at::Tensor& images, int64_t orientations,
                                    at::IntArrayRef pixels_per_cell, bool transform_sqrt) {
   const int64_t one_cell[2] = {1, 1};
   const auto g = cell_geometry(images, orientations, pixels_per_cell, one_cell, "hog_cells_backward");
+  check_cuda_orientations(orientations, "hog_cells_backward");
   TORCH_CHECK_VALUE(grad_cells_in.sizes() == at::IntArrayRef({g.batch, g.n_cells_row, g.n_cells_col, orientations}),
                     "hog_cells_backward: grad has shape ", grad_cells_in.sizes(), ", expected (", g.batch, ", ",
                     g.n_cells_row, ", ", g.n_cells_col, ", ", orientations, ")");
@@ -234,20 +313,20 @@ at::Tensor hog_cells_backward_cuda(const at::Tensor& grad_cells_in, const at::Te
   auto d_row = at::empty({g.batch, g.height, g.width}, opts);
   auto d_col = at::empty({g.batch, g.height, g.width}, opts);
   auto channel = at::empty({g.batch, g.height, g.width}, opts.dtype(at::kInt));
-  const auto table = orientation_table(orientations, images.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_image_types(images.scalar_type(), [&](auto s, auto gr, auto acc) {
     using scalar_t = decltype(s);
     using grad_t = decltype(gr);
     using acc_t = decltype(acc);
     const auto batch = image_batch<scalar_t>(images);
+    const at::Tensor invalid = image_flags<scalar_t>(images, transform_sqrt, stream);
     stencil_kernel<scalar_t, grad_t, acc_t><<<blocks_for(d_row.numel(), kThreads), kThreads, 0, stream>>>(
-        batch, g, transform_sqrt, table.data_ptr<double>(), grad_cells.data_ptr<acc_t>(), d_row.data_ptr<acc_t>(),
+        batch, g, transform_sqrt, invalid.data_ptr<int32_t>(), grad_cells.data_ptr<acc_t>(), d_row.data_ptr<acc_t>(),
         d_col.data_ptr<acc_t>(), channel.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     input_gradient_kernel<scalar_t, acc_t><<<blocks_for(grad_images.numel(), kThreads), kThreads, 0, stream>>>(
-        batch, g, transform_sqrt, d_row.data_ptr<acc_t>(), d_col.data_ptr<acc_t>(), channel.data_ptr<int32_t>(),
-        grad_images.data_ptr<acc_t>());
+        batch, g, transform_sqrt, invalid.data_ptr<int32_t>(), d_row.data_ptr<acc_t>(), d_col.data_ptr<acc_t>(),
+        channel.data_ptr<int32_t>(), grad_images.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_images;
@@ -256,7 +335,6 @@ at::Tensor hog_cells_backward_cuda(const at::Tensor& grad_cells_in, const at::Te
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mtseg, CUDA, m) {
-  m.impl("hog", &hog_cuda);
   m.impl("hog_cells", &hog_cells_cuda);
   m.impl("hog_blocks", &hog_blocks_cuda);
   m.impl("hog_cells_backward", &hog_cells_backward_cuda);

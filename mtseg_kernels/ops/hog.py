@@ -1,8 +1,15 @@
 """Histogram of Oriented Gradients as a batched, differentiable PyTorch operator.
 
-``hog`` computes exactly what :func:`skimage.feature.hog` computes (scikit-image 0.26
-semantics, see ``csrc/include/mtseg/hog.h``), for a whole batch at once, on CPU or CUDA,
-with a gradient with respect to the image. Images are channels-first, ``(B, C, H, W)``.
+``hog`` computes :func:`skimage.feature.hog` (scikit-image 0.26 semantics, see
+``csrc/include/mtseg/hog.h``) for a whole batch at once, on CPU or CUDA, with a gradient
+with respect to the image. Images are channels-first, ``(B, C, H, W)``.
+
+What "exact" means: every pixel goes to the bin of the exact angle of its (float)
+gradient against the exact edges ``180 i / n`` degrees -- a certified rounded test for
+almost all pixels, exact integer arithmetic for the few within rounding of an edge --
+so the bins are the same on every machine, thread count and device. skimage bins a
+rounded ``arctan2`` instead and misplaces some near-edge pixels; everywhere else the
+result is skimage's to 1e-6 (float64) / 1e-5 (float32, uint8).
 
 Operators (``torch.ops.mtseg``):
 
@@ -67,40 +74,34 @@ HOG_MTL_SIZE = (128, 64)
 
 
 # --------------------------------------------------------------------------------------
-# Argument checks (the C++ operators check again, for direct torch.ops callers)
+# Argument normalisation. The values are checked once, by the C++ operators (which
+# raise ValueError / TypeError with what was expected and what was given), so direct
+# torch.ops.mtseg callers get the same checks.
 # --------------------------------------------------------------------------------------
-def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
+def _pair(name: str, value: int | Sequence[int]) -> list[int]:
+    """An int or a pair of ints -> [rows, cols]."""
     if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
+        return [value, value]
     if (
-        not isinstance(value, Sequence)
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
-        raise TypeError(f"hog: {name} must be an int or a pair of ints (rows, cols), got {value!r}")
-    if value[0] <= 0 or value[1] <= 0:
-        raise ValueError(f"hog: {name} must be positive, got {tuple(value)}")
-    return int(value[0]), int(value[1])
+        return [int(value[0]), int(value[1])]
+    raise TypeError(f"hog: {name} must be an int or a pair of ints (rows, cols), got {value!r}")
 
 
-def _check_params(orientations: int, block_norm: str) -> None:
-    if not isinstance(orientations, int) or isinstance(orientations, bool):
-        raise TypeError(f"hog: orientations must be an int, got {orientations!r}")
-    if orientations <= 0:
-        raise ValueError(f"hog: orientations must be positive, got {orientations}")
-    if block_norm not in BLOCK_NORMS:
-        raise ValueError(f"hog: block_norm must be one of {', '.join(map(repr, BLOCK_NORMS))}, got {block_norm!r}")
+def _int(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"hog: {name} must be an int, got {value!r}")
+    return value
 
 
 def _as_batch(images: Tensor) -> tuple[Tensor, int]:
     """(H, W), (C, H, W) or (B, C, H, W) -> (B, C, H, W), and the input rank."""
     if not isinstance(images, Tensor):
         raise TypeError(f"hog: images must be a torch.Tensor, got {type(images).__name__}")
-    if images.dtype not in _IMAGE_DTYPES:
-        raise TypeError(
-            f"hog: images must be uint8, float16, bfloat16, float32 or float64, got {images.dtype}"
-            + (" (convert integer images to float first)" if not images.is_floating_point() else "")
-        )
     if images.dim() == 2:
         return images[None, None], 2
     if images.dim() == 3:
@@ -112,18 +113,6 @@ def _as_batch(images: Tensor) -> tuple[Tensor, int]:
     )
 
 
-def _check_size(images: Tensor, ppc: tuple[int, int], cpb: tuple[int, int]) -> None:
-    if images.shape[1] == 0:
-        raise ValueError(f"hog: images need at least one channel, got shape {tuple(images.shape)}")
-    height, width = images.shape[-2:]
-    min_rows, min_cols = cpb[0] * ppc[0], cpb[1] * ppc[1]
-    if height < min_rows or width < min_cols:
-        raise ValueError(
-            f"hog: the image is too small for pixels_per_cell={ppc} and cells_per_block={cpb}: "
-            f"it needs at least {min_rows} rows and {min_cols} cols, got {height} x {width}"
-        )
-
-
 def hog_output_shape(
     image_size: tuple[int, int],
     orientations: int = 9,
@@ -132,6 +121,8 @@ def hog_output_shape(
 ) -> tuple[int, int, int, int, int]:
     """``(n_blocks_row, n_blocks_col, b_row, b_col, orientations)`` for an ``(H, W)`` image."""
     ppc, cpb = _pair("pixels_per_cell", pixels_per_cell), _pair("cells_per_block", cells_per_block)
+    if min(*ppc, *cpb) <= 0:
+        raise ValueError(f"hog_output_shape: sizes must be positive, got pixels_per_cell={ppc}, cells_per_block={cpb}")
     n_blocks_row = image_size[0] // ppc[0] - cpb[0] + 1
     n_blocks_col = image_size[1] // ppc[1] - cpb[1] + 1
     return (n_blocks_row, n_blocks_col, cpb[0], cpb[1], orientations)
@@ -144,24 +135,61 @@ def _cell_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _fake_check(ok: bool, message: str, error: type[Exception] = ValueError) -> None:
+    # The fake kernels check what the C++ operators check, so that a traced graph
+    # (torch.compile) fails where the call is, not later inside the compiled code.
+    if not ok:
+        raise error(message)
+
+
+def _fake_cells_shape(op, images, orientations, pixels_per_cell, min_cells):
+    _fake_check(images.dim() == 4, f"{op}: expected images of shape (B, C, H, W), got shape {tuple(images.shape)}")
+    _fake_check(images.dtype in _IMAGE_DTYPES,
+                f"{op}: expected uint8, float16, bfloat16, float32 or float64 images, got {images.dtype}", TypeError)
+    _fake_check(images.shape[1] > 0, f"{op}: images need at least one channel, got shape {tuple(images.shape)}")
+    _fake_check(orientations > 0, f"{op}: orientations must be positive, got {orientations}")
+    for name, v in (("pixels_per_cell", pixels_per_cell), ("cells_per_block", min_cells)):
+        _fake_check(len(v) == 2 and v[0] > 0 and v[1] > 0, f"{op}: {name} must be positive, got {tuple(v)}")
+    batch, _, height, width = images.shape
+    rows, cols = height // pixels_per_cell[0], width // pixels_per_cell[1]
+    _fake_check(rows >= min_cells[0] and cols >= min_cells[1],
+                f"{op}: the image is too small for pixels_per_cell={tuple(pixels_per_cell)} and "
+                f"cells_per_block={tuple(min_cells)}: got {height} x {width}")
+    return (batch, rows, cols, orientations)
+
+
+def _fake_blocks_shape(op, cells, cells_per_block, block_norm):
+    _fake_check(cells.dim() == 4,
+                f"{op}: expected cells of shape (B, n_cells_row, n_cells_col, orientations), got shape "
+                f"{tuple(cells.shape)}")
+    _fake_check(cells.dtype in (torch.float32, torch.float64),
+                f"{op}: expected float32 or float64 cells, got {cells.dtype}", TypeError)
+    _fake_check(len(cells_per_block) == 2 and min(cells_per_block) > 0,
+                f"{op}: cells_per_block must be positive, got {tuple(cells_per_block)}")
+    _fake_check(block_norm in BLOCK_NORMS, f"hog: block_norm must be one of {', '.join(map(repr, BLOCK_NORMS))}, "
+                f"got {block_norm!r}")
+    batch, rows, cols, n = cells.shape
+    _fake_check(n > 0, f"{op}: cells need at least one orientation, got shape {tuple(cells.shape)}")
+    b_row, b_col = cells_per_block
+    _fake_check(rows >= b_row and cols >= b_col, f"{op}: a block of {b_row} x {b_col} cells does not fit in "
+                f"{rows} x {cols} cells")
+    return (batch, rows - b_row + 1, cols - b_col + 1, b_row, b_col, n)
+
+
 @torch.library.register_fake("mtseg::hog_cells")
 def _hog_cells_fake(images, orientations, pixels_per_cell, transform_sqrt):
-    torch._check(images.dim() == 4, lambda: f"hog_cells: expected (B, C, H, W), got {images.dim()}-d")
-    batch, _, height, width = images.shape
-    shape = (batch, height // pixels_per_cell[0], width // pixels_per_cell[1], orientations)
+    shape = _fake_cells_shape("hog_cells", images, orientations, pixels_per_cell, (1, 1))
     return images.new_empty(shape, dtype=_cell_dtype(images.dtype))
 
 
 @torch.library.register_fake("mtseg::hog_blocks")
 def _hog_blocks_fake(cells, cells_per_block, block_norm):
-    torch._check(cells.dim() == 4, lambda: f"hog_blocks: expected (B, rows, cols, n) cells, got {cells.dim()}-d")
-    batch, rows, cols, n = cells.shape
-    b_row, b_col = cells_per_block
-    return cells.new_empty((batch, rows - b_row + 1, cols - b_col + 1, b_row, b_col, n))
+    return cells.new_empty(_fake_blocks_shape("hog_blocks", cells, cells_per_block, block_norm))
 
 
 @torch.library.register_fake("mtseg::hog")
 def _hog_fake(images, orientations, pixels_per_cell, cells_per_block, block_norm, transform_sqrt):
+    _fake_cells_shape("hog", images, orientations, pixels_per_cell, cells_per_block)
     return _hog_blocks_fake(
         _hog_cells_fake(images, orientations, pixels_per_cell, transform_sqrt), cells_per_block, block_norm
     )
@@ -169,12 +197,18 @@ def _hog_fake(images, orientations, pixels_per_cell, cells_per_block, block_norm
 
 @torch.library.register_fake("mtseg::hog_cells_backward")
 def _hog_cells_backward_fake(grad_cells, images, orientations, pixels_per_cell, transform_sqrt):
+    shape = _fake_cells_shape("hog_cells_backward", images, orientations, pixels_per_cell, (1, 1))
+    _fake_check(tuple(grad_cells.shape) == shape,
+                f"hog_cells_backward: grad has shape {tuple(grad_cells.shape)}, expected {shape}")
     return images.new_empty(images.shape, dtype=_cell_dtype(images.dtype))
 
 
 @torch.library.register_fake("mtseg::hog_blocks_backward")
 def _hog_blocks_backward_fake(grad_blocks, cells, cells_per_block, block_norm):
-    return torch.empty_like(cells)
+    shape = _fake_blocks_shape("hog_blocks_backward", cells, cells_per_block, block_norm)
+    _fake_check(tuple(grad_blocks.shape) == shape,
+                f"hog_blocks_backward: grad has shape {tuple(grad_blocks.shape)}, which does not match the blocks")
+    return torch.empty_like(cells, memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------------
@@ -262,7 +296,9 @@ def hog(
 
     Raises:
         ValueError: image smaller than one block, unknown ``block_norm``, non-positive
-            sizes, NaN/Inf pixels, negative pixels with ``transform_sqrt``.
+            sizes, NaN/Inf pixels, negative pixels with ``transform_sqrt`` (CPU). On CUDA
+            no check synchronises the device: such an image gets an all-NaN descriptor
+            (and gradient) instead; CUDA takes at most 64 orientations.
         TypeError: a non-tensor, or an unsupported dtype.
 
     Example:
@@ -271,10 +307,8 @@ def hog(
         torch.Size([16, 504])
     """
     ppc, cpb = _pair("pixels_per_cell", pixels_per_cell), _pair("cells_per_block", cells_per_block)
-    _check_params(orientations, block_norm)
     batch, rank = _as_batch(images)
-    _check_size(batch, ppc, cpb)
-    out = torch.ops.mtseg.hog(batch, orientations, list(ppc), list(cpb), block_norm, bool(transform_sqrt))
+    out = torch.ops.mtseg.hog(batch, _int("orientations", orientations), ppc, cpb, block_norm, bool(transform_sqrt))
     if feature_vector:
         out = out.flatten(1)
     return out if rank == 4 else out[0]
@@ -293,25 +327,16 @@ def hog_cells(
     Accepts the same images as :func:`hog`.
     """
     ppc = _pair("pixels_per_cell", pixels_per_cell)
-    _check_params(orientations, "L2-Hys")
     batch, rank = _as_batch(images)
-    _check_size(batch, ppc, (1, 1))
-    out = torch.ops.mtseg.hog_cells(batch, orientations, list(ppc), bool(transform_sqrt))
+    out = torch.ops.mtseg.hog_cells(batch, _int("orientations", orientations), ppc, bool(transform_sqrt))
     return out if rank == 4 else out[0]
 
 
 def hog_blocks(cells: Tensor, cells_per_block: int | Sequence[int] = (3, 3), block_norm: str = "L2-Hys") -> Tensor:
     """Block-normalised descriptor ``(B, n_blocks_row, n_blocks_col, b_row, b_col, n)`` from cells."""
-    cpb = _pair("cells_per_block", cells_per_block)
-    _check_params(1, block_norm)
-    if not isinstance(cells, Tensor) or cells.dim() != 4 or cells.dtype not in (torch.float32, torch.float64):
-        raise ValueError(
-            "hog_blocks: cells must be a float32/float64 tensor (B, n_cells_row, n_cells_col, orientations), got "
-            + (f"{cells.dtype} of shape {tuple(cells.shape)}" if isinstance(cells, Tensor) else type(cells).__name__)
-        )
-    if cells.shape[1] < cpb[0] or cells.shape[2] < cpb[1]:
-        raise ValueError(f"hog_blocks: a block of {cpb} cells does not fit in {tuple(cells.shape[1:3])} cells")
-    return torch.ops.mtseg.hog_blocks(cells, list(cpb), block_norm)
+    if not isinstance(cells, Tensor):
+        raise TypeError(f"hog_blocks: cells must be a torch.Tensor, got {type(cells).__name__}")
+    return torch.ops.mtseg.hog_blocks(cells, _pair("cells_per_block", cells_per_block), block_norm)
 
 
 def hog_pseudo_label(images: Tensor, dim: int = 504, size: tuple[int, int] = HOG_MTL_SIZE) -> Tensor:
@@ -334,6 +359,8 @@ def hog_pseudo_label(images: Tensor, dim: int = 504, size: tuple[int, int] = HOG
         batch = batch.float() / 255.0
     elif batch.dtype in (torch.float16, torch.bfloat16):
         batch = batch.float()
+    elif batch.dtype not in (torch.float32, torch.float64):  # resizing needs floats
+        raise TypeError(f"hog_pseudo_label: images must be uint8 or floating point, got {batch.dtype}")
     with torch.no_grad():
         resized = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
         # Bilinear resampling with antialiasing can overshoot slightly below 0 near edges;
@@ -364,10 +391,9 @@ class HOG(nn.Module):
         feature_vector: bool = True,
     ) -> None:
         super().__init__()
-        _check_params(orientations, block_norm)
-        self.orientations = orientations
-        self.pixels_per_cell = _pair("pixels_per_cell", pixels_per_cell)
-        self.cells_per_block = _pair("cells_per_block", cells_per_block)
+        self.orientations = _int("orientations", orientations)
+        self.pixels_per_cell = tuple(_pair("pixels_per_cell", pixels_per_cell))
+        self.cells_per_block = tuple(_pair("cells_per_block", cells_per_block))
         self.block_norm = block_norm
         self.transform_sqrt = transform_sqrt
         self.feature_vector = feature_vector

@@ -6,10 +6,17 @@ without its CUDA kernels.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 import mtseg_kernels as mk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
+from hog_testing import exact_bin  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -63,13 +70,78 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.mtseg.hog.default, (images, 6, [8, 8], [2, 2], "L2-Hys", False))
 
 
-def test_pseudo_label_on_device():
-    images = torch.rand(8, 3, 256, 256, device="cuda")
-    torch.testing.assert_close(mk.hog_pseudo_label(images).cpu(), mk.hog_pseudo_label(images.cpu()), rtol=0, atol=1e-5)
+def test_pseudo_label_preset_on_device():
+    """The HOG-MTL preset on both devices from the same resized images (the antialiased
+    resize itself need not be bit-identical across devices, so it runs once)."""
+    torch.manual_seed(2)
+    images = torch.rand(8, 3, 256, 256)
+    resized = torch.nn.functional.interpolate(images, size=(128, 64), mode="bilinear", antialias=True)
+    cpu = mk.hog(resized, 6, 16, 2)
+    gpu = mk.hog(resized.cuda(), 6, 16, 2)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-5)
+    assert mk.hog_pseudo_label(images.cuda()).shape == (8, 504)
 
 
-def test_non_finite_raises_on_gpu():
-    images = torch.rand(1, 3, 64, 64, device="cuda")
-    images[0, 1, 5, 5] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        mk.hog(images)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("n", [5, 6, 7, 9, 12, 28, 64])
+def test_each_pixel_in_its_exact_bin_on_gpu(n, dtype):
+    """Near-edge gradients in 3x3 images: the GPU's bin is the exact one (as on the CPU)."""
+    rng = np.random.default_rng(n)
+    i = rng.integers(0, n + 1, 300)
+    g = np.stack([np.sin(np.pi * i / n), np.cos(np.pi * i / n)], 1) * rng.uniform(0.1, 300, (300, 1))
+    g = g.astype(dtype)
+    g = g + rng.integers(-3, 4, g.shape).astype(dtype) * np.spacing(g)
+    images = np.zeros((300, 1, 3, 3), dtype=dtype)
+    images[:, 0, 2, 1], images[:, 0, 1, 2] = g[:, 0], g[:, 1]
+    cells = mk.hog_cells(torch.from_numpy(images).cuda(), n, (3, 3))[:, 0, 0].cpu().numpy()
+    for (r, c), cell in zip(g.astype(np.float64), cells):
+        if r == 0 and c == 0:
+            continue
+        assert int(np.argmax(cell)) == exact_bin(r, c, n), (n, r.hex(), c.hex())
+
+
+def test_non_finite_image_is_nan_on_gpu_without_sync():
+    """No host sync: a NaN/Inf image gets an all-NaN descriptor and gradient; the others
+    are unaffected (the CPU raises ValueError instead)."""
+    images = torch.rand(3, 3, 64, 64, device="cuda", dtype=torch.float64)
+    images[1, 1, 5, 5] = float("nan")
+    out = mk.hog(images)
+    assert out[1].isnan().all()
+    torch.testing.assert_close(out[[0, 2]].cpu(), mk.hog(images[[0, 2]].cpu()), rtol=0, atol=1e-10)
+    x = images.clone().requires_grad_()
+    mk.hog(x).sum().backward()
+    assert x.grad[1].isnan().all() and not x.grad[[0, 2]].isnan().any()
+    neg = torch.rand(2, 1, 32, 32, device="cuda") - 0.5
+    assert mk.hog(neg, 9, 8, 2, transform_sqrt=True).isnan().all()
+
+
+def test_cuda_orientation_limit():
+    with pytest.raises(ValueError, match="at most 64 orientations"):
+        mk.hog(torch.rand(1, 1, 64, 64, device="cuda"), 65, 8, 2)
+
+
+def test_forward_backward_capture_in_cuda_graph():
+    """No host synchronisation inside: the forward and backward capture in a CUDA graph
+    and replay to the eager result."""
+    images = torch.rand(4, 3, 128, 64, device="cuda", requires_grad=True)
+    upstream = torch.randn(4, 504, device="cuda")
+
+    def step():
+        out = mk.hog(images, 6, 16, 2)
+        (g,) = torch.autograd.grad(out, images, upstream)
+        return out, g
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, grad = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    eager_out, eager_grad = step()
+    torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
+    torch.testing.assert_close(grad, eager_grad, rtol=0, atol=0)

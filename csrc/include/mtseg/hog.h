@@ -7,9 +7,8 @@
 //  * with several channels the channel of largest magnitude wins (lowest index on ties),
 //    compared at the precision skimage uses (float32 hypot for float32 input);
 //  * orientation theta = atan2(g_row, g_col) mod 180 degrees, hard-binned: bin i holds
-//    180*i/n <= theta < 180*(i+1)/n. We decide the bin with sign tests of the gradient
-//    against each boundary direction instead of atan2, so the boundaries that a gradient
-//    can hit exactly (0, 45, 90, 135 degrees) are decided exactly;
+//    180*i/n <= theta < 180*(i+1)/n, decided for the exact angle of the float gradient
+//    (not a rounded atan2): see "Exact orientation bins" below;
 //  * cell value = (sum of magnitudes in the bin) / (cell area);
 //  * blocks of cells with stride one cell, normalised with eps = 1e-5.
 //
@@ -47,66 +46,274 @@ constexpr double kNormEps = 1e-5;
 constexpr double kHysClip = 0.2;
 
 // ---------------------------------------------------------------------------------
-// Orientation boundaries.
+// Exact orientation bins.
 //
-// The table holds, for each inner boundary i = 1..n-1 at phi_i = 180*i/n degrees,
-// cos(phi_i), sin(phi_i) and a flag `inclusive`, laid out as three arrays of n-1
-// doubles: [cos..., sin..., inclusive...]. A gradient (g_row, g_col) with g_row > 0 has
-// theta >= phi_i exactly when g_row*cos(phi_i) >= g_col*sin(phi_i). Only 45, 90 and 135
-// degrees can be hit exactly by a gradient (elsewhere tan(phi) is irrational); those
-// entries are built from exact values so the comparison is exact there.
+// A pixel's bin is the one of the exact angle of its gradient: theta = atan2(g_row,
+// g_col) mod 180 degrees, with the real (not rounded) atan2 of the float gradient, and
+// bin i holds phi_i <= theta < phi_{i+1}, phi_i = 180 i / n degrees ("edges"). A gradient
+// with g_row = 0 (theta 0 or 180) is in bin 0; one with g_row < 0 is turned by 180
+// degrees first (same orientation). For g_row > 0, theta >= phi_i exactly when
+//     D_i = g_row cos(phi_i) - g_col sin(phi_i) >= 0.
+// Only the edges at 45, 90 and 135 degrees can hold a gradient exactly (elsewhere
+// tan(phi_i) is irrational, Niven); there D_i is g_row - g_col, -g_col or -g_row - g_col,
+// whose sign one rounded operation gets right, and a gradient on the edge goes to the
+// side skimage puts it: skimage compares its theta (exactly 45/90/135 for such a
+// gradient) with the double (180 / n) * i, which for some n (e.g. 28) is a hair above
+// 45 (`inclusive`). Every other edge is decided in three steps, each certain:
+//  1. D_i in double with rounded cos/sin; it decides when |D_i| > kEdgeErrorCoef *
+//     (|g_row| + |g_col|) + kEdgeErrorTiny, a bound on the rounding error of the
+//     table and of the arithmetic (proof below);
+//  2. otherwise the sign of D_i is decided exactly in integer arithmetic
+//     (past_edge_exact): with z = g_col + i g_row scaled to Gaussian integers and
+//     phi_i = pi k / m in lowest terms, sin(m theta) = (-1)^k sin(m (theta - phi_i)),
+//     so sign(theta - phi_i) = (-1)^k sign(Im z^m) while |m (theta - phi_i)| < pi,
+//     which step 1 failing guarantees (|theta - phi_i| < 2^-44 rad). Im z^m is never
+//     0 there (tan(phi_i) is irrational).
+// Bound of step 1: the table's cos and sin are within 2^-49.5 of the true values
+// (libm's cos/sin within 2 ulp, of an argument pi*i/n within 4 ulp of the true one), the
+// two products and the difference add at most (|g_row| + |g_col|) 2^-52 more, and an
+// underflowing product at most 2^-1075: the total stays under (|g_row| + |g_col|) 2^-49
+// + 2^-1073, an eighth of the test's margin. The same bound holds on the GPU (CUDA's
+// double cos/sin are within 2 ulp too), so both make the same decision, which is the
+// exact one: the rounded table entries never decide a bin, they only make step 1 faster.
 // ---------------------------------------------------------------------------------
-constexpr int64_t orientation_table_size(int64_t n) { return 3 * (n - 1); }
+constexpr double kEdgeErrorCoef = 0x1p-46;
+constexpr double kEdgeErrorTiny = 0x1p-1060;
 
-// Fills `table` (orientation_table_size(n) doubles). Host only.
-inline void fill_orientation_table(int64_t n, double* table) {
-  const double pi = 3.14159265358979323846;
-  const double half_sqrt2 = 0.70710678118654752440;
-  double* cos_t = table;
-  double* sin_t = table + (n - 1);
-  double* inclusive = table + 2 * (n - 1);
-  // skimage compares theta with the double boundary (180.0 / n) * i, which is not
-  // always exactly 45, 90 or 135 when those are boundaries (e.g. n = 28). A gradient
-  // lying exactly on such a direction then lands on the side skimage puts it.
+struct Edge {
+  double cos_phi, sin_phi;  // rounded; exactly (1, 1), (0, 1), (-1, 1) at 45, 90, 135 degrees
+  int32_t exact;            // 1 at 45, 90, 135 degrees: the sign test is exact
+  int32_t inclusive;        // exact edges: a gradient lying on the edge is past it
+};
+
+// Edge i (1 <= i < n) of n bins, at 180 i / n degrees.
+MTSEG_HOST_DEVICE Edge edge_direction(int64_t i, int64_t n) {
   const double per_bin = 180.0 / static_cast<double>(n);
-  for (int64_t i = 1; i < n; ++i) {
-    double c, s, exact;
-    if (4 * i == n) {
-      c = half_sqrt2, s = half_sqrt2, exact = 45.0;
-    } else if (2 * i == n) {
-      c = 0.0, s = 1.0, exact = 90.0;
-    } else if (4 * i == 3 * n) {
-      c = -half_sqrt2, s = half_sqrt2, exact = 135.0;
-    } else {
-      const double phi = pi * static_cast<double>(i) / static_cast<double>(n);
-      c = std::cos(phi), s = std::sin(phi), exact = -1.0;
+  const double skimage_edge = per_bin * static_cast<double>(i);  // skimage's edge, rounded
+  if (4 * i == n) return Edge{1.0, 1.0, 1, skimage_edge <= 45.0 ? 1 : 0};
+  if (2 * i == n) return Edge{0.0, 1.0, 1, skimage_edge <= 90.0 ? 1 : 0};
+  if (4 * i == 3 * n) return Edge{-1.0, 1.0, 1, skimage_edge <= 135.0 ? 1 : 0};
+  const double phi = 3.141592653589793 * static_cast<double>(i) / static_cast<double>(n);
+  return Edge{::cos(phi), ::sin(phi), 0, 1};
+}
+
+// Step 1 for g_row > 0: 1 if theta >= phi (past the edge), 0 if not, -1 if the rounded
+// test cannot tell (only for edges that are not exact).
+MTSEG_HOST_DEVICE int edge_test_fast(double g_row, double g_col, const Edge& e) {
+  const double d = g_row * e.cos_phi - g_col * e.sin_phi;  // two rounded products (no FMA: -fmad=false)
+  if (e.exact) return (d > 0.0 || (d == 0.0 && e.inclusive)) ? 1 : 0;
+  const double err = ::fabs(g_row) * kEdgeErrorCoef + ::fabs(g_col) * kEdgeErrorCoef + kEdgeErrorTiny;
+  if (d > err) return 1;
+  if (d < -err) return 0;
+  return -1;
+}
+
+// Signed big integers on caller-provided 32-bit limbs (little endian), just enough for
+// past_edge_exact: Gaussian integers multiplied by a small one, the sign at the end.
+struct BigInt {
+  uint32_t* limb;
+  int64_t size;  // limbs in use (0 for zero)
+  bool negative;
+};
+
+MTSEG_HOST_DEVICE void big_trim(BigInt& a) {
+  while (a.size > 0 && a.limb[a.size - 1] == 0) --a.size;
+  if (a.size == 0) a.negative = false;
+}
+
+// out = |a| * s (s: s_size limbs); out must not alias a.
+MTSEG_HOST_DEVICE void big_mul_small(const BigInt& a, const uint32_t* s, int64_t s_size, BigInt& out) {
+  const int64_t size = a.size + s_size;
+  for (int64_t k = 0; k < size; ++k) out.limb[k] = 0;
+  for (int64_t j = 0; j < s_size; ++j) {
+    uint64_t carry = 0;
+    for (int64_t k = 0; k < a.size; ++k) {
+      const uint64_t t = static_cast<uint64_t>(a.limb[k]) * s[j] + out.limb[k + j] + carry;
+      out.limb[k + j] = static_cast<uint32_t>(t);
+      carry = t >> 32;
     }
-    cos_t[i - 1] = c;
-    sin_t[i - 1] = s;
-    inclusive[i - 1] = (exact < 0.0 || per_bin * static_cast<double>(i) <= exact) ? 1.0 : 0.0;
+    out.limb[a.size + j] = static_cast<uint32_t>(carry);
   }
+  out.size = size;
+  out.negative = false;
+  big_trim(out);
 }
 
-// theta >= phi_i for a gradient already turned into the upper half plane (g_row > 0).
-// Two rounded products compared, never a fused multiply-add: for the 45 and 135 degree
-// boundaries cos = +-sin, so equal inputs give bit-equal products.
-MTSEG_HOST_DEVICE int past_boundary(double g_row, double g_col, double cos_i, double sin_i, double inclusive_i) {
-  const double a = g_row * cos_i;
-  const double b = g_col * sin_i;
-  return (a > b) || (a == b && inclusive_i != 0.0);
+MTSEG_HOST_DEVICE int big_compare_magnitude(const BigInt& a, const BigInt& b) {
+  if (a.size != b.size) return a.size < b.size ? -1 : 1;
+  for (int64_t k = a.size - 1; k >= 0; --k)
+    if (a.limb[k] != b.limb[k]) return a.limb[k] < b.limb[k] ? -1 : 1;
+  return 0;
 }
 
-// Bin index in [0, n) of the gradient (g_row, g_col).
-MTSEG_HOST_DEVICE int orientation_bin(double g_row, double g_col, const double* table, int64_t n) {
-  if (g_row == 0.0) return 0;  // theta is 0 or 180, and 180 mod 180 = 0
-  if (g_row < 0.0) {           // theta + 180 has the same orientation
+// out = a + (negate_b ? -b : b); out may alias a or b.
+MTSEG_HOST_DEVICE void big_add(const BigInt& a, const BigInt& b, bool negate_b, BigInt& out) {
+  const bool b_negative = negate_b ? !b.negative : b.negative;
+  if (a.negative == b_negative) {
+    const int64_t size = a.size > b.size ? a.size : b.size;
+    uint64_t carry = 0;
+    for (int64_t k = 0; k < size; ++k) {
+      const uint64_t t = static_cast<uint64_t>(k < a.size ? a.limb[k] : 0u) + (k < b.size ? b.limb[k] : 0u) + carry;
+      out.limb[k] = static_cast<uint32_t>(t);
+      carry = t >> 32;
+    }
+    out.limb[size] = static_cast<uint32_t>(carry);
+    out.size = size + 1;
+    out.negative = a.negative;
+  } else {
+    const bool a_larger = big_compare_magnitude(a, b) >= 0;
+    const BigInt& big = a_larger ? a : b;
+    const BigInt& small = a_larger ? b : a;
+    const bool negative = a_larger ? a.negative : b_negative;
+    int64_t borrow = 0;
+    for (int64_t k = 0; k < big.size; ++k) {
+      int64_t t = static_cast<int64_t>(big.limb[k]) - (k < small.size ? small.limb[k] : 0u) - borrow;
+      borrow = t < 0 ? 1 : 0;
+      out.limb[k] = static_cast<uint32_t>(t + (borrow << 32));
+    }
+    out.size = big.size;
+    out.negative = negative;
+  }
+  big_trim(out);
+}
+
+// |x| = mantissa * 2^exponent with an odd mantissa (x finite, non-zero).
+MTSEG_HOST_DEVICE void split_double(double x, uint64_t& mantissa, int& exponent) {
+  int e = 0;
+  const double f = ::frexp(::fabs(x), &e);  // |x| = f 2^e, f in [0.5, 1)
+  mantissa = static_cast<uint64_t>(::ldexp(f, 53));
+  exponent = e - 53;
+  while ((mantissa & 1u) == 0) mantissa >>= 1, ++exponent;
+}
+
+MTSEG_HOST_DEVICE int64_t gcd64(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+// Limbs of scratch past_edge_exact needs for n bins (4 numbers of n factors), for the
+// gradients step 1 leaves undecided: there |g_col / g_row| is within a factor 2 of
+// |cot(phi_i)| < n, so each factor has at most 53 + log2(n) + 2 bits.
+MTSEG_HOST_DEVICE int64_t exact_scratch_limbs(int64_t n) {
+  int64_t log2n = 0;
+  while ((int64_t(1) << log2n) < n) ++log2n;
+  return 4 * ((n * (53 + log2n + 3) + 31) / 32 + 3);
+}
+
+// Step 2: whether theta >= phi_i exactly, for g_row > 0, g_col finite, edge i of n not
+// exact. Returns -1 only if `capacity` limbs of scratch are too few (then nothing is decided).
+MTSEG_HOST_DEVICE int past_edge_exact(double g_row, double g_col, int64_t i, int64_t n, uint32_t* scratch,
+                                      int64_t capacity) {
+  if (g_col == 0.0) return 2 * i <= n ? 1 : 0;  // theta = 90 exactly, never an inexact edge
+  const int64_t g = gcd64(i, n);
+  const int64_t k = i / g, m = n / g;
+  uint64_t mr, mc;
+  int er, ec;
+  split_double(g_row, mr, er);
+  split_double(g_col, mc, ec);
+  const int e0 = er < ec ? er : ec;
+  const int shift_r = er - e0, shift_c = ec - e0;
+  if (shift_r > 64 || shift_c > 64) return -1;  // unreachable after step 1 (see exact_scratch_limbs)
+  // X = |g_col| / 2^e0 and Y = g_row / 2^e0 as 4-limb integers.
+  uint32_t x_limbs[4], y_limbs[4];
+  auto set_shifted = [](uint32_t* out, uint64_t v, int shift) {
+    for (int q = 0; q < 4; ++q) out[q] = 0;
+    const int word = shift / 32, bit = shift % 32;
+    const uint64_t lo = v << bit;
+    const uint64_t hi = bit == 0 ? 0 : (v >> (64 - bit));
+    out[word] = static_cast<uint32_t>(lo);
+    out[word + 1] = static_cast<uint32_t>(lo >> 32);
+    if (word + 2 < 4) out[word + 2] = static_cast<uint32_t>(hi);
+  };
+  set_shifted(x_limbs, mc, shift_c);
+  set_shifted(y_limbs, mr, shift_r);
+  int64_t x_size = 4, y_size = 4;
+  while (x_size > 0 && x_limbs[x_size - 1] == 0) --x_size;
+  while (y_size > 0 && y_limbs[y_size - 1] == 0) --y_size;
+  const bool x_negative = g_col < 0.0;
+  const int64_t per = capacity / 4;
+  const int64_t top = x_size > y_size ? x_size : y_size;
+  int64_t factor_bits = 32 * (top - 1);
+  for (uint32_t v = x_size > y_size ? x_limbs[top - 1] : y_limbs[top - 1]; v != 0; v >>= 1) ++factor_bits;
+  if (x_size == y_size) {
+    int64_t b = 32 * (top - 1);
+    for (uint32_t v = x_limbs[top - 1]; v != 0; v >>= 1) ++b;
+    factor_bits = factor_bits > b ? factor_bits : b;
+  }
+  if (per < (m * (factor_bits + 1) + 31) / 32 + 3) return -1;  // |z|^m has at most m (factor_bits + 1/2) bits
+  // (re + i im) = z^m by m - 1 multiplications by z = X + iY (X signed, Y > 0):
+  // re' = re X - im Y, im' = re Y + im X.
+  BigInt re{scratch, 0, false}, im{scratch + per, 0, false};
+  BigInt t1{scratch + 2 * per, 0, false}, t2{scratch + 3 * per, 0, false};
+  for (int64_t q = 0; q < x_size; ++q) re.limb[q] = x_limbs[q];
+  re.size = x_size;
+  re.negative = x_negative;
+  for (int64_t q = 0; q < y_size; ++q) im.limb[q] = y_limbs[q];
+  im.size = y_size;
+  im.negative = false;
+  for (int64_t step = 1; step < m; ++step) {
+    big_mul_small(re, x_limbs, x_size, t1);  // re X
+    t1.negative = (re.negative != x_negative) && t1.size > 0;
+    big_mul_small(im, y_limbs, y_size, t2);  // im Y
+    t2.negative = im.negative && t2.size > 0;
+    big_add(t1, t2, true, t1);               // t1 = re X - im Y
+    big_mul_small(re, y_limbs, y_size, t2);  // re Y
+    t2.negative = re.negative && t2.size > 0;
+    for (int64_t q = 0; q < t1.size; ++q) re.limb[q] = t1.limb[q];
+    re.size = t1.size;
+    re.negative = t1.negative;
+    big_mul_small(im, x_limbs, x_size, t1);  // im X
+    t1.negative = (im.negative != x_negative) && t1.size > 0;
+    big_add(t2, t1, false, im);              // im = re Y + im X
+  }
+  const int sign_im = im.size == 0 ? 0 : (im.negative ? -1 : 1);
+  const int sign = (k % 2 == 0) ? sign_im : -sign_im;
+  return sign > 0 ? 1 : 0;  // sign_im is never 0 here (tan(phi_i) is irrational)
+}
+
+// What one pixel's bin decision took: 0 the rounded test, 1 the exact test; -1 if the
+// scratch was too small for the exact test (the bin is then not decided).
+struct BinDecision {
+  int bin;
+  int path;
+};
+
+// The exact bin of (g_row, g_col) among n, with edges[i - 1] = edge_direction(i, n).
+// An infinite component (an overflowed difference) counts as its limit direction.
+MTSEG_HOST_DEVICE BinDecision orientation_bin_exact(double g_row, double g_col, const Edge* edges, int64_t n,
+                                                    uint32_t* scratch, int64_t capacity) {
+  const bool inf_r = ::fabs(g_row) > 1.7976931348623157e308, inf_c = ::fabs(g_col) > 1.7976931348623157e308;
+  if (inf_r || inf_c) {
+    g_row = inf_r ? ::copysign(1.0, g_row) : 0.0;
+    g_col = inf_c ? ::copysign(1.0, g_col) : 0.0;
+  }
+  if (g_row == 0.0) return BinDecision{0, 0};  // theta is 0 or 180, and 180 mod 180 = 0
+  if (g_row < 0.0) {                             // theta + 180 has the same orientation
     g_row = -g_row;
     g_col = -g_col;
   }
-  int bin = 0;
-  for (int64_t i = 0; i < n - 1; ++i)
-    bin += past_boundary(g_row, g_col, table[i], table[(n - 1) + i], table[2 * (n - 1) + i]);
-  return bin;
+  // Tiny gradients are scaled up by an exact power of two (same angle), so that step 1's
+  // bound is relative: then step 1 fails only within 2^-44 rad of an edge, the
+  // precondition of step 2 (an absolute underflow margin would let far edges through).
+  if (g_row < 0x1p-960 && ::fabs(g_col) < 0x1p-960) {
+    g_row = ::ldexp(g_row, 960);
+    g_col = ::ldexp(g_col, 960);
+  }
+  BinDecision out{0, 0};
+  for (int64_t i = 1; i < n; ++i) {
+    int past = edge_test_fast(g_row, g_col, edges[i - 1]);
+    if (past < 0) {
+      past = past_edge_exact(g_row, g_col, i, n, scratch, capacity);
+      if (past < 0) return BinDecision{0, -1};
+      out.path = 1;
+    }
+    out.bin += past;
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------
@@ -222,7 +429,11 @@ MTSEG_HOST_DEVICE double block_l2(const BlockView<cell_t>& v) {
   return ::sqrt(s + kNormEps * kNormEps);
 }
 // L2-Hys: clipped L2-normalised value, and the norm of the clipped block.
-MTSEG_HOST_DEVICE double hys_clip(double v, double l2) { return ::fmin(v / l2, kHysClip); }
+// A NaN cell stays NaN, as in skimage's np.minimum (fmin would return the clip).
+MTSEG_HOST_DEVICE double hys_clip(double v, double l2) {
+  const double o = v / l2;
+  return o > kHysClip ? kHysClip : o;
+}
 template <typename cell_t>
 MTSEG_HOST_DEVICE double block_hys_l2(const BlockView<cell_t>& v, double l2) {
   double s = 0.0;

@@ -1,11 +1,13 @@
-// Host-side HOG helpers shared by the CPU and CUDA operator implementations:
-// argument validation (with messages that say what was expected and what was given),
-// output geometry and the orientation table.
+// Host-side HOG helpers shared by the CPU and CUDA operator implementations: the
+// argument checks (the one place they live: the Python wrappers only normalise
+// arguments), output geometry and the orientation edges.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <string>
+#include <vector>
 
 #include "mtseg/hog.h"
 
@@ -23,11 +25,15 @@ BlockGeometry block_geometry(const at::Tensor& cells, at::IntArrayRef cells_per_
 BlockNorm parse_block_norm(c10::string_view name);
 
 // Raises if an image holds NaN or Inf, or (with transform_sqrt) a negative value.
-// One reduction per condition; on CUDA each is a device sync.
+// CPU only: on CUDA it would synchronise the device (the CUDA kernels flag such images).
 void check_image_values(const at::Tensor& images, bool transform_sqrt, const char* op);
 
-// (3 * (n - 1),) float64 table for orientation_bin on `device` (at least one element).
-at::Tensor orientation_table(int64_t orientations, const at::Device& device);
+// edge_direction(i, n) for i = 1 .. n - 1.
+std::vector<Edge> orientation_edges(int64_t orientations);
+
+// Pixels of CPU cells passes since the last reset whose bin the vector test left to
+// hog.h's scalar rule, and those of them that took its exact integer test.
+std::array<int64_t, 2> cpu_fallback_counts(bool reset);
 
 // Cells are float32 except for float64 images; the descriptor follows the cells.
 at::ScalarType cell_dtype(at::ScalarType image_dtype);
