@@ -35,7 +35,7 @@ from ..ops.presence_checks import check_backward_args, check_label_args, check_s
 
 MODES = {"max": 0, "noisy_or": 1, "smooth_max": 2, "hard": 3, "argmax": 4}
 ACTIVATIONS = {"softmax": 0, "sigmoid": 1, "none": 2}
-MAX_CLASSES = 256  # soft presence on CUDA: all K classes of a chunk live in one tile
+MAX_CLASSES = 64  # soft presence on CUDA: all K classes of a chunk live in one tile
 _INTERPRET = tl.constexpr(bool(triton.knobs.runtime.interpret))
 # max: the partial index word holds (voxel index + 1) and, at this bit, "a NaN was seen".
 _NAN_BIT = tl.constexpr(1 << 40)
@@ -52,18 +52,23 @@ class TileConfig:
     num_warps: int
 
 
-def tile_config(K: int, f64: bool) -> TileConfig:
-    """Tile of the forward and backward kernels for K classes: about 2048 float32 (1024
-    float64) elements per program of 4 warps, 16 per thread, which keeps every kernel
-    under 128 registers without spills (checked for sm_80 and sm_90 by the tests)."""
+def tile_config(K: int, f64: bool, backward: bool = False) -> TileConfig:
+    """Tile of the forward and backward kernels for K classes, 8 warps: 2048 float32 /
+    1024 float64 elements (8 and 4 per thread) forward, half that backward (its tile holds
+    more per element). Each fits MAX_REGISTERS without spills; more per thread, or fewer
+    warps with the same tile, makes ptxas spill. The ahead-of-time compile test
+    (tests/ops/test_triton_compile.py) checks every kernel for spills on sm_80 and sm_90."""
     if not 1 <= K <= MAX_CLASSES:
         raise ValueError(f"soft_presence on CUDA supports 1 to {MAX_CLASSES} classes; got K = {K}")
     k_block = triton.next_power_of_2(K)
-    elements = 1024 if f64 else 2048
-    return TileConfig(k_block, max(16, elements // k_block), 4)
+    elements = (1024 if f64 else 2048) // (2 if backward else 1)
+    return TileConfig(k_block, max(16, elements // k_block), 8)
 
 
-MERGE_CHUNKS = 64  # runs per step of the merge kernel
+# Register cap of every launch (the PTX .maxnreg): without it ptxas picks its own target
+# and spills a register or two even in small kernels; 128 keeps 16 warps per SM resident.
+MAX_REGISTERS = 128
+MERGE_CHUNKS = 32  # runs per step of the merge kernel
 MERGE_CLASSES = 16  # classes per program of the merge kernel
 TARGET_PROGRAMS = 4096  # forward programs to aim for: enough to fill any current GPU
 
@@ -75,8 +80,11 @@ def run_layout(B: int, C: int) -> tuple[int, int]:
     return triton.cdiv(C, per_run), per_run
 
 
+MERGE_WARPS = 4
+MAX_BACKWARD_WARPS = 1  # one image per program, K classes: a warp is plenty
 COUNT_BLOCK = 1024  # voxels per program of the class-count kernel
 COUNT_CLASSES = 64  # classes per program of the class-count kernel
+COUNT_WARPS = 4
 
 
 # --------------------------------------------------------------------------------------
@@ -100,9 +108,13 @@ def _log(x):
 
 @triton.jit
 def _div(a, b):
-    # correctly rounded (a float32 '/' compiles to an approximate division). Both operands
-    # must be tensors: a Python float would make the division float32.
-    return tl.math.fdiv(a, b, ieee_rounding=True)
+    # correctly rounded: a float32 '/' compiles to an approximate division (float64's is
+    # exact already). Both operands must be tensors: a Python float would make a float64
+    # division float32 in the interpreter.
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.math.fdiv(a, b, ieee_rounding=True)
 
 
 @triton.jit
@@ -210,24 +222,34 @@ def _forward_kernel(z_ptr, mask_ptr, pa_ptr, pb_ptr, pi_ptr, pn_ptr, K, N, C, R,
     ks = tl.arange(0, K_BLOCK)
     kin = ks < K
     if F64:
+        WT: tl.constexpr = tl.float64
         inv_t = 1.0 / temperature
         thr = threshold
     else:
+        WT: tl.constexpr = tl.float32
         inv_t = tl.cast(1.0 / temperature, tl.float32)
         thr = tl.cast(threshold, tl.float32)
-    # running state of the run, per class
-    run_a = tl.zeros([K_BLOCK], dtype=tl.float64)  # max: value; noisy-or: sum; smooth max: m; hard: hit
-    run_b = tl.zeros([K_BLOCK], dtype=tl.float64)  # max: complement; noisy-or: -inf count; smooth max: s
-    run_i = tl.full([K_BLOCK], -1, dtype=tl.int32)  # max: voxel index
-    run_nan = tl.zeros([K_BLOCK], dtype=tl.int32)  # max, smooth max: a NaN p was seen
-    run_n = tl.full((), 0, dtype=tl.int32)  # valid voxels of the run
-    if MODE == 2:
-        run_a = tl.full([K_BLOCK], float("-inf"), dtype=tl.float64)
+    # Running state of the run, per class, in the working type where exactness allows
+    # (each float64 class vector costs registers in every thread).
+    if MODE == 0:  # value, complement, voxel index of the maximum; NaN seen
+        run_a = tl.full([K_BLOCK], float("-inf"), dtype=WT)
+        run_b = tl.full([K_BLOCK], float("inf"), dtype=WT)
+        run_i = tl.full([K_BLOCK], -1, dtype=tl.int32)
+        run_nan = tl.zeros([K_BLOCK], dtype=tl.int32)
+    elif MODE == 1:  # sum of the finite log(1 - p) in float64 (as the CPU), count of -inf
+        run_a = tl.zeros([K_BLOCK], dtype=tl.float64)
+        run_b = tl.zeros([K_BLOCK], dtype=tl.int32)
+    elif MODE == 2:  # max m and sum exp((p - m) / T) of an online softmax; NaN seen
+        run_a = tl.full([K_BLOCK], float("-inf"), dtype=WT)
+        run_b = tl.zeros([K_BLOCK], dtype=WT)
+        run_nan = tl.zeros([K_BLOCK], dtype=tl.int32)
+        run_n = tl.full((), 0, dtype=tl.int32)  # valid voxels of the run
+    else:  # hard, argmax: hit
+        run_a = tl.zeros([K_BLOCK], dtype=tl.int32)
     for c in range(c0, c1):
         z, valid, ks, kin, xs, offs, inside = _load_tile(z_ptr, mask_ptr, b, c, K, N, ACT, HAS_MASK, K_BLOCK,
                                                          BLOCK, F64)
         valid2 = kin[:, None] & valid[None, :]
-        run_n += tl.sum(valid.to(tl.int32), axis=0)
         if MODE == 4:  # argmax of the input over classes; NaN is the largest, as torch.argmax
             isnan = kin[:, None] & (z != z)
             first_nan = tl.min(tl.where(isnan, ks[:, None], K_BLOCK), axis=0)
@@ -235,56 +257,49 @@ def _forward_kernel(z_ptr, mask_ptr, pa_ptr, pb_ptr, pi_ptr, pn_ptr, K, N, C, R,
             top = tl.max(zc, axis=0)
             win = tl.min(tl.where(kin[:, None] & (zc == top[None, :]), ks[:, None], K_BLOCK), axis=0)
             win = tl.where(first_nan < K_BLOCK, first_nan, win)
-            hit = tl.max(tl.where(valid2 & (ks[:, None] == win[None, :]), 1.0, 0.0), axis=1)
-            run_a = tl.maximum(run_a, hit.to(tl.float64))
+            run_a = tl.maximum(run_a, tl.max((valid2 & (ks[:, None] == win[None, :])).to(tl.int32), axis=1))
         else:
             p, extra = _probabilities(z, ks, kin, ACT, 1 if MODE == 1 else (2 if MODE == 0 else 0), K_BLOCK)
-            ok = valid2 & (p == p)
-            nan = tl.max((valid2 & (p != p)).to(tl.int32), axis=1)
             if MODE == 0:
                 # the largest p; among equal p the smallest complement; then the first voxel
-                has = tl.max(ok.to(tl.int32), axis=1) > 0
+                ok = valid2 & (p == p)
+                run_nan = tl.maximum(run_nan, tl.max((valid2 & (p != p)).to(tl.int32), axis=1))
                 best = tl.max(tl.where(ok, p, float("-inf")), axis=1)
                 is_best = ok & (p == best[:, None])
                 best_c = tl.min(tl.where(is_best, extra, float("inf")), axis=1)
                 at = tl.min(tl.where(is_best & (extra == best_c[:, None]), xs[None, :], N), axis=1)
-                best64 = best.to(tl.float64)
-                best_c64 = best_c.to(tl.float64)
-                take = has & ((run_i < 0) | (best64 > run_a) | ((best64 == run_a) & (best_c64 < run_b)))
-                run_a = tl.where(take, best64, run_a)
-                run_b = tl.where(take, best_c64, run_b)
+                take = (at < N) & ((run_i < 0) | (best > run_a) | ((best == run_a) & (best_c < run_b)))
+                run_a = tl.where(take, best, run_a)
+                run_b = tl.where(take, best_c, run_b)
                 run_i = tl.where(take, at, run_i)
-                run_nan = tl.maximum(run_nan, nan)
-            elif MODE == 1:  # sum of the finite log(1 - p) in float64, count of -inf
+            elif MODE == 1:
                 lv = tl.where(valid2, extra, 0.0)
                 inf = lv == float("-inf")
                 run_a += tl.sum(tl.where(inf, 0.0, lv).to(tl.float64), axis=1)
-                run_b += tl.sum(inf.to(tl.float64), axis=1)
-            elif MODE == 2:  # chunk max m and sum exp((p - m) / T), merged as an online softmax
-                m = tl.max(tl.where(ok, p, float("-inf")), axis=1)
-                live = m > float("-inf")
-                safe_m = tl.where(live, m, 0.0)
-                s = tl.sum(tl.where(valid2, _scaled_exp(p, safe_m[:, None], inv_t), 0.0), axis=1).to(tl.float64)
-                s = tl.where(live & (nan == 0), s, 0.0)
-                m64 = m.to(tl.float64)
-                first = run_b <= 0.0
-                top = tl.where(first, m64, tl.maximum(run_a, m64))
-                merged = run_b * _exp((run_a - top) / temperature) + s * _exp((m64 - top) / temperature)
-                use = s > 0.0
-                run_a = tl.where(use, top, run_a)
-                run_b = tl.where(use, tl.where(first, s, merged), run_b)
-                run_nan = tl.maximum(run_nan, nan)
+                run_b += tl.sum(inf.to(tl.int32), axis=1)
+            elif MODE == 2:
+                run_n += tl.sum(valid.to(tl.int32), axis=0)
+                ok = valid2 & (p == p)
+                run_nan = tl.maximum(run_nan, tl.max((valid2 & (p != p)).to(tl.int32), axis=1))
+                top = tl.maximum(run_a, tl.max(tl.where(ok, p, float("-inf")), axis=1))
+                live = top > float("-inf")
+                safe = tl.where(live, top, 0.0)
+                s = tl.sum(tl.where(ok, _scaled_exp(p, safe[:, None], inv_t), 0.0), axis=1)
+                run_b = tl.where(live, run_b * _scaled_exp(run_a, safe, inv_t) + s, 0.0)
+                run_a = top
             else:  # hard: any p > threshold
-                hit = tl.max(tl.where(valid2 & (p > thr), 1.0, 0.0), axis=1)
-                run_a = tl.maximum(run_a, hit.to(tl.float64))
+                run_a = tl.maximum(run_a, tl.max((valid2 & (p > thr)).to(tl.int32), axis=1))
     out = pid.to(tl.int64) * K + ks
     if MODE == 0:
         tl.store(pi_ptr + out, (run_i + 1).to(tl.int64) + run_nan.to(tl.int64) * _NAN_BIT, mask=kin)
-    if MODE == 2:
+        tl.store(pb_ptr + out, run_b.to(tl.float64), mask=kin)
+    elif MODE == 1:
+        tl.store(pb_ptr + out, run_b.to(tl.float64), mask=kin)
+    elif MODE == 2:
         run_a = tl.where(run_nan > 0, float("nan"), run_a)
+        tl.store(pb_ptr + out, run_b.to(tl.float64), mask=kin)
         tl.store(pn_ptr + pid, run_n.to(tl.int64))
-    tl.store(pa_ptr + out, run_a, mask=kin)
-    tl.store(pb_ptr + out, run_b, mask=kin)
+    tl.store(pa_ptr + out, run_a.to(tl.float64), mask=kin)
 
 
 @triton.jit
@@ -420,6 +435,8 @@ def _backward_kernel(grad_ptr, z_ptr, mask_ptr, stats_ptr, out_ptr, K, N, C, tem
         # below this S every exp(S - log(1 - p_x)) is 0: a saturated noisy-or, no gradient
         SATURATED: tl.constexpr = -1500.0 if F64 else -200.0
         by_logs = tl.sum((kin & ~((sb == 0.0) & (sa >= MIN_LOG))).to(tl.int32), axis=0) > 0
+        if ACT == 2:  # probabilities as given: 1 - p is not exact, always the logs (as the CPU)
+            by_logs = by_logs | True
         g_finite = (g == g) & (tl.abs(g) < float("inf"))
         zero_row = (g == 0.0) | ((sb == 0.0) & (sa < SATURATED) & g_finite)
         no_gradient = tl.sum((kin & ~zero_row).to(tl.int32), axis=0) == 0
@@ -439,15 +456,16 @@ def _backward_kernel(grad_ptr, z_ptr, mask_ptr, stats_ptr, out_ptr, K, N, C, tem
         else:
             gw = g.to(tl.float32)
         if MODE == 1:
-            if by_logs | (ACT == 2):
-                p, logq = _probabilities(z, ks, kin, ACT, 1, K_BLOCK)
+            p, comp = _probabilities(z, ks, kin, ACT, 2, K_BLOCK)
+            if by_logs:
+                # log(1 - p) from the exact complement above 1/2, log1p(-p) below
+                logq = tl.where(p > 0.5, _log(comp), _log1p(-p))
                 S = sa.to(gw.dtype)
                 lone = _exp(sa).to(gw.dtype)  # the one voxel with p = 1, when there is one
                 d = tl.where(sb[:, None] == 0.0, _exp(S[:, None] - logq),
                              tl.where((sb[:, None] == 1.0) & (logq == float("-inf")), lone[:, None], 0.0))
                 G = tl.where(valid2, gw[:, None] * d, 0.0)
             else:
-                p, comp = _probabilities(z, ks, kin, ACT, 2, K_BLOCK)
                 gp = (g.to(tl.float64) * _exp(sa)).to(gw.dtype)
                 G = tl.where(valid2, _div(gp[:, None], tl.where(valid2, comp, 1.0)), 0.0)
         else:  # smooth max: d(m + T log(s / n))/dp_x = exp((p_x - m) / T) / s
@@ -578,10 +596,12 @@ def soft_presence_forward(
             z, z if mask is None else mask, pa, pb, pi, pn, K, N, C, R, per_run, float(temperature),
             float(threshold), MODE=MODES[mode], ACT=ACTIVATIONS[activation], HAS_MASK=mask is not None,
             K_BLOCK=cfg.k_block, BLOCK=cfg.block, F64=f64, num_warps=cfg.num_warps, enable_fp_fusion=False,
+            maxnreg=MAX_REGISTERS,
         )
         _merge_kernel[(B, triton.cdiv(K, MERGE_CLASSES))](
             pa, pb, pi, pn, presence, stats, K, N, R, float(temperature), MODE=MODES[mode],
-            HAS_MASK=mask is not None, KB=MERGE_CLASSES, RB=MERGE_CHUNKS, num_warps=4, enable_fp_fusion=False,
+            HAS_MASK=mask is not None, KB=MERGE_CLASSES, RB=MERGE_CHUNKS, num_warps=MERGE_WARPS,
+            enable_fp_fusion=False, maxnreg=MAX_REGISTERS,
         )
     return presence, stats
 
@@ -603,7 +623,7 @@ def soft_presence_backward(
     B, K = input.shape[:2]
     N = _flat_voxels(input, op)
     f64 = input.dtype == torch.float64
-    cfg = tile_config(K, f64)
+    cfg = tile_config(K, f64, backward=True)
     z = input.contiguous()
     g = grad.to(torch.float64 if f64 else torch.float32).contiguous()
     st = stats.contiguous()
@@ -611,8 +631,8 @@ def soft_presence_backward(
         if mode == "max":
             out = torch.zeros_like(z, memory_format=torch.contiguous_format)
             _max_backward_kernel[(B,)](
-                g, z, st, out, K, N, ACT=ACTIVATIONS[activation], K_BLOCK=cfg.k_block, F64=f64, num_warps=1,
-                enable_fp_fusion=False,
+                g, z, st, out, K, N, ACT=ACTIVATIONS[activation], K_BLOCK=cfg.k_block, F64=f64, num_warps=MAX_BACKWARD_WARPS,
+                enable_fp_fusion=False, maxnreg=MAX_REGISTERS,
             )
             return out
         mask = None if valid_mask is None else valid_mask.contiguous().view(torch.uint8)
@@ -621,7 +641,7 @@ def soft_presence_backward(
         _backward_kernel[(B * C,)](
             g, z, z if mask is None else mask, st, out, K, N, C, float(temperature), MODE=MODES[mode],
             ACT=ACTIVATIONS[activation], HAS_MASK=mask is not None, K_BLOCK=cfg.k_block, BLOCK=cfg.block, F64=f64,
-            num_warps=cfg.num_warps, enable_fp_fusion=False,
+            num_warps=cfg.num_warps, enable_fp_fusion=False, maxnreg=MAX_REGISTERS,
         )
     return out
 
@@ -700,7 +720,8 @@ def class_counts(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
     k_block = min(COUNT_CLASSES, triton.next_power_of_2(num_classes))
     with _device_guard(labels):
         _counts_kernel[(B * C, triton.cdiv(num_classes, k_block))](
-            flat, counts, first_bad, N, C, num_classes, ignore_index, K_BLOCK=k_block, BLOCK=COUNT_BLOCK
+            flat, counts, first_bad, N, C, num_classes, ignore_index, K_BLOCK=k_block, BLOCK=COUNT_BLOCK,
+            num_warps=COUNT_WARPS, maxnreg=MAX_REGISTERS,
         )
         if capturing:  # no host check inside a CUDA graph: a bad label is a device-side assert
             torch._assert_async((first_bad == N).all(), "class_counts: a label is outside [0, num_classes)")
@@ -720,3 +741,78 @@ def class_counts(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
         oldest.wait()
     check_label_errors(wait=False)
     return counts
+
+
+# --------------------------------------------------------------------------------------
+# What the launchers compile, for the ahead-of-time compile test
+# --------------------------------------------------------------------------------------
+def compile_variants() -> list[dict]:
+    """Every (kernel, specialisation, launch options) the launchers above can produce, for
+    representative class counts (K = 12; 1 and MAX_CLASSES, the tile extremes; N = 1, which
+    Triton turns into a constant): ``dict(name, kernel, signature, constexprs, num_warps,
+    maxnreg)``, ready for ``triton.compile(triton.compiler.ASTSource(kernel, signature,
+    constexprs), options=...)``.
+    Float parameters take their annotation (float64) as a launch would."""
+    variants = []
+
+    def add(name, kernel, pointers, constexprs, num_warps, constants=()):
+        signature = {}
+        for param in kernel.params:
+            if param.name in constexprs or param.name in constants:
+                signature[param.name] = "constexpr"
+            elif param.name in pointers:
+                signature[param.name] = pointers[param.name]
+            elif param.annotation_type:
+                signature[param.name] = param.annotation_type
+            elif param.name in ("temperature", "threshold"):  # a Python float, unannotated: fp32
+                signature[param.name] = "fp32"
+            else:  # Python ints of launch arguments (not 1): i32
+                signature[param.name] = "i32"
+        values = dict(constexprs)
+        values.update({c: 1 for c in constants})
+        variants.append(dict(name=name, kernel=kernel, signature=signature, constexprs=values, num_warps=num_warps,
+                             maxnreg=MAX_REGISTERS))
+
+    for f64 in (False, True):
+        z = "*fp64" if f64 else "*fp32"
+        fwd_ptrs = {"z_ptr": z, "mask_ptr": "*u8", "pa_ptr": "*fp64", "pb_ptr": "*fp64", "pi_ptr": "*i64",
+                    "pn_ptr": "*i64"}
+        bwd_ptrs = {"grad_ptr": z, "z_ptr": z, "mask_ptr": "*u8", "stats_ptr": "*fp64", "out_ptr": z}
+        for K in (12, 1, MAX_CLASSES):
+            cfg = tile_config(K, f64)
+            tile = dict(K_BLOCK=cfg.k_block, BLOCK=cfg.block, F64=f64)
+            bcfg = tile_config(K, f64, backward=True)
+            btile = dict(K_BLOCK=bcfg.k_block, BLOCK=bcfg.block, F64=f64)
+            for mode, m in MODES.items():
+                for activation, a in ACTIVATIONS.items():
+                    if (K != 12 and (mode not in ("max", "noisy_or") or activation != "softmax")) or (
+                        mode == "argmax" and activation != "softmax"
+                    ):
+                        continue
+                    tag = f"{mode}-{activation}-K{K}-{'f64' if f64 else 'f32'}"
+                    add(f"forward-{tag}", _forward_kernel, fwd_ptrs,
+                        dict(MODE=m, ACT=a, HAS_MASK=True, **tile), cfg.num_warps)
+                    if mode in ("noisy_or", "smooth_max"):
+                        add(f"backward-{tag}", _backward_kernel, bwd_ptrs,
+                            dict(MODE=m, ACT=a, HAS_MASK=True, **btile), bcfg.num_warps)
+                    if mode == "max" and (activation != "softmax" or K == 12):
+                        add(f"max-backward-{activation}-K{K}-{'f64' if f64 else 'f32'}", _max_backward_kernel,
+                            bwd_ptrs, dict(ACT=a, K_BLOCK=cfg.k_block, F64=f64), MAX_BACKWARD_WARPS)
+        cfg = tile_config(3, f64)
+        add(f"forward-noisy_or-softmax-N1-{'f64' if f64 else 'f32'}", _forward_kernel, fwd_ptrs,
+            dict(MODE=1, ACT=0, HAS_MASK=False, K_BLOCK=cfg.k_block, BLOCK=cfg.block, F64=f64), cfg.num_warps,
+            constants=("N",))
+    merge_ptrs = {"pa_ptr": "*fp64", "pb_ptr": "*fp64", "pi_ptr": "*i64", "pn_ptr": "*i64", "presence_ptr": "*fp32",
+                  "stats_ptr": "*fp64"}
+    for mode, m in MODES.items():
+        for has_mask in (True, False) if mode == "smooth_max" else (True,):
+            add(f"merge-{mode}-mask{int(has_mask)}", _merge_kernel, merge_ptrs,
+                dict(MODE=m, HAS_MASK=has_mask, KB=MERGE_CLASSES, RB=MERGE_CHUNKS), MERGE_WARPS)
+    add("merge-smooth_max-N1", _merge_kernel, merge_ptrs,
+        dict(MODE=2, HAS_MASK=False, KB=MERGE_CLASSES, RB=MERGE_CHUNKS), MERGE_WARPS, constants=("N",))
+    for labels in ("*u8", "*i64"):
+        for k_block in (1, COUNT_CLASSES):
+            add(f"counts-{labels[1:]}-kb{k_block}", _counts_kernel,
+                {"labels_ptr": labels, "counts_ptr": "*i64", "first_bad_ptr": "*i64"},
+                dict(K_BLOCK=k_block, BLOCK=COUNT_BLOCK), COUNT_WARPS)
+    return variants
