@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -180,36 +181,60 @@ MTSEG_ALWAYS_INLINE void argmax_impl(const T* __restrict z, int64_t stride, int6
   }
 }
 
-// Per-class reductions and gradient rows over one chunk, with `valid` holding 0/1. The
-// sums run in kLanes independent accumulators (combined in a fixed order at the end) so
-// that they vectorise without -ffast-math; the result does not depend on the threads.
-constexpr int kLanes = 16;
-
-// noisy-or: sum of the finite log(1 - p) in double, number of log(1 - p) = -inf.
+// Per-class reductions over one chunk, with `valid` holding 0/1. Elementwise passes are
+// plain loops (the compiler vectorises them); the sums and maxima run in 8 lanes of GCC
+// vector types, combined in a fixed order at the end, so that they vectorise without
+// -ffast-math and the result does not depend on the threads.
 template <typename T>
-MTSEG_ALWAYS_INLINE void noisy_or_sum_impl(const T* __restrict l, const T* __restrict valid, int64_t len,
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Lanes<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using lanes_t = typename Lanes<T>::type;
+using lanes_d = lanes_t<double>;
+
+template <typename T>
+MTSEG_ALWAYS_INLINE lanes_t<T> load_lanes(const T* p) {
+  lanes_t<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+MTSEG_ALWAYS_INLINE double combine(lanes_d a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+// sum over x of double(a[x]).
+template <typename T>
+MTSEG_ALWAYS_INLINE double sum_as_double(const T* __restrict a, int64_t len) {
+  lanes_d acc = {};
+  int64_t x = 0;
+  for (; x + 8 <= len; x += 8) acc += __builtin_convertvector(load_lanes(a + x), lanes_d);
+  double tail = 0;
+  for (; x < len; ++x) tail += static_cast<double>(a[x]);
+  return combine(acc) + tail;
+}
+
+// noisy-or: sum of the finite log(1 - p) in double, number of log(1 - p) = -inf. Rewrites
+// l (valid voxels' finite logs, 0 elsewhere).
+template <typename T>
+MTSEG_ALWAYS_INLINE void noisy_or_sum_impl(T* __restrict l, const T* __restrict valid, int64_t len,
                                            double* __restrict sum, double* __restrict infs) {
   constexpr T ninf = -std::numeric_limits<T>::infinity();
-  double acc[kLanes] = {}, cnt[kLanes] = {};
-  int64_t x = 0;
-  for (; x + kLanes <= len; x += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const T li = valid[x + j] != T(0) ? l[x + j] : T(0);
-      acc[j] += li == ninf ? 0.0 : static_cast<double>(li);
-      cnt[j] += li == ninf ? 1.0 : 0.0;
-    }
-  for (int j = 0; x < len; ++x, ++j) {
-    const T li = valid[x] != T(0) ? l[x] : T(0);
-    acc[j] += li == ninf ? 0.0 : static_cast<double>(li);
-    cnt[j] += li == ninf ? 1.0 : 0.0;
-  }
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) {
-      acc[j] += acc[j + w];
-      cnt[j] += cnt[j + w];
-    }
-  *sum = acc[0];
-  *infs = cnt[0];
+  // three simple loops: GCC vectorises each, not one that both counts and selects
+  for (int64_t x = 0; x < len; ++x) l[x] = valid[x] != T(0) ? l[x] : T(0);
+  index_t<T> count = 0;
+  for (int64_t x = 0; x < len; ++x) count += l[x] == ninf ? 1 : 0;
+  if (count > 0)
+    for (int64_t x = 0; x < len; ++x) l[x] = l[x] == ninf ? T(0) : l[x];
+  *sum = sum_as_double(l, len);
+  *infs = static_cast<double>(count);
 }
 
 // exp((p - m) / T) as exp((p - m) * inv_t); p = m gives 1 even where 1 / T overflows
@@ -220,50 +245,89 @@ MTSEG_ALWAYS_INLINE T scaled_exp(T p, T m, T inv_t) {
   return exp_(d == T(0) ? T(0) : d * inv_t);
 }
 
-// smooth max: the chunk's largest valid p (NaN if one is NaN) and sum exp((p - m) / T).
+// smooth max: the chunk's largest valid p (NaN if one is NaN) and sum exp((p - m) / T)
+// in double. `scratch` holds len values of T.
 template <typename T>
 MTSEG_ALWAYS_INLINE void smooth_max_sum_impl(const T* __restrict p, const T* __restrict valid, int64_t len, T inv_t,
-                                             T* __restrict m_out, double* __restrict s_out) {
+                                             T* __restrict scratch, T* __restrict m_out, double* __restrict s_out) {
   constexpr T ninf = -std::numeric_limits<T>::infinity();
-  T mx[kLanes], nan[kLanes];
-  for (int j = 0; j < kLanes; ++j) mx[j] = ninf, nan[j] = T(0);
-  int64_t x = 0;
-  for (; x + kLanes <= len; x += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const T v = p[x + j];
-      const bool ok = valid[x + j] != T(0);
-      nan[j] += ok && v != v ? T(1) : T(0);
-      mx[j] = ok && v > mx[j] ? v : mx[j];
-    }
-  for (int j = 0; x < len; ++x, ++j) {
-    const T v = p[x];
-    const bool ok = valid[x] != T(0);
-    nan[j] += ok && v != v ? T(1) : T(0);
-    mx[j] = ok && v > mx[j] ? v : mx[j];
-  }
-  T m = ninf, nans = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    m = mx[j] > m ? mx[j] : m;
-    nans += nan[j];
-  }
-  if (nans > T(0)) {
+  for (int64_t x = 0; x < len; ++x) scratch[x] = valid[x] != T(0) ? p[x] : ninf;
+  index_t<T> nans = 0;
+  for (int64_t x = 0; x < len; ++x) nans += scratch[x] != scratch[x] ? 1 : 0;
+  if (nans > 0) {
     *m_out = std::numeric_limits<T>::quiet_NaN();
     *s_out = 0;
     return;
   }
+  lanes_t<T> mx;
+  for (int j = 0; j < 8; ++j) mx[j] = ninf;
+  int64_t x = 0;
+  for (; x + 8 <= len; x += 8) {
+    const lanes_t<T> v = load_lanes(scratch + x);
+    mx = v > mx ? v : mx;
+  }
+  T m = ninf;
+  for (int j = 0; j < 8; ++j) m = mx[j] > m ? mx[j] : m;
+  for (; x < len; ++x) m = scratch[x] > m ? scratch[x] : m;
   *m_out = m;
   if (!(m > ninf)) {  // no valid voxel
     *s_out = 0;
     return;
   }
-  T acc[kLanes] = {};
-  x = 0;
-  for (; x + kLanes <= len; x += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += valid[x + j] != T(0) ? scaled_exp(p[x + j], m, inv_t) : T(0);
-  for (int j = 0; x < len; ++x, ++j) acc[j] += valid[x] != T(0) ? scaled_exp(p[x], m, inv_t) : T(0);
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  *s_out = static_cast<double>(acc[0]);
+  for (int64_t y = 0; y < len; ++y) {
+    const T e = scaled_exp(p[y], m, inv_t);
+    scratch[y] = valid[y] != T(0) ? e : T(0);
+  }
+  *s_out = sum_as_double(scratch, len);
+}
+
+// max: the voxel of the largest valid p; among equal p the smallest complement c (exact
+// 1 - p); then the first voxel. Returns its index (-1 without a valid non-NaN voxel) and
+// sets *nan when a valid p is NaN. `scratch` holds len values of T.
+template <typename T>
+MTSEG_ALWAYS_INLINE int64_t max_reduce_impl(const T* __restrict p, const T* __restrict c, const T* __restrict valid,
+                                            int64_t len, T* __restrict scratch, T* __restrict best_out,
+                                            T* __restrict best_c_out, bool* __restrict nan) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity(), pinf = std::numeric_limits<T>::infinity();
+  for (int64_t x = 0; x < len; ++x) scratch[x] = valid[x] != T(0) ? p[x] : ninf;
+  index_t<T> nans = 0, n_valid = 0;
+  for (int64_t x = 0; x < len; ++x) nans += scratch[x] != scratch[x] ? 1 : 0;
+  for (int64_t x = 0; x < len; ++x) n_valid += valid[x] != T(0) ? 1 : 0;
+  *nan = nans > 0;
+  if (n_valid == nans) return -1;
+  lanes_t<T> mx;  // NaN never wins: v > mx is false for it
+  for (int j = 0; j < 8; ++j) mx[j] = ninf;
+  int64_t x = 0;
+  for (; x + 8 <= len; x += 8) {
+    const lanes_t<T> v = load_lanes(scratch + x);
+    mx = v > mx ? v : mx;
+  }
+  T best = ninf;
+  for (int j = 0; j < 8; ++j) best = mx[j] > best ? mx[j] : best;
+  for (; x < len; ++x) best = scratch[x] > best ? scratch[x] : best;
+  for (int64_t y = 0; y < len; ++y) scratch[y] = (valid[y] != T(0)) & (p[y] == best) ? c[y] : pinf;
+  lanes_t<T> mn;
+  for (int j = 0; j < 8; ++j) mn[j] = pinf;
+  for (x = 0; x + 8 <= len; x += 8) {
+    const lanes_t<T> v = load_lanes(scratch + x);
+    mn = v < mn ? v : mn;
+  }
+  T best_c = pinf;
+  for (int j = 0; j < 8; ++j) best_c = mn[j] < best_c ? mn[j] : best_c;
+  for (; x < len; ++x) best_c = scratch[x] < best_c ? scratch[x] : best_c;
+  *best_out = best;
+  *best_c_out = best_c;
+  for (int64_t y = 0; y < len; ++y)
+    if (valid[y] != T(0) && p[y] == best && c[y] == best_c) return y;
+  return -1;  // not reached: some valid voxel holds (best, best_c)
+}
+
+// hard: number of valid voxels with p > t.
+template <typename T>
+MTSEG_ALWAYS_INLINE int64_t count_above_impl(const T* __restrict p, const T* __restrict valid, int64_t len, T t) {
+  index_t<T> n = 0;
+  for (int64_t x = 0; x < len; ++x) n += (valid[x] != T(0)) & (p[x] > t) ? 1 : 0;
+  return n;
 }
 
 // dPresence/dp of one class over a chunk, written over G (which holds L on entry).
@@ -271,20 +335,29 @@ MTSEG_ALWAYS_INLINE void smooth_max_sum_impl(const T* __restrict p, const T* __r
 template <typename T>
 MTSEG_ALWAYS_INLINE void noisy_or_grad_complement_impl(T* __restrict G, const T* __restrict valid, int64_t len,
                                                        T gp) {
-  for (int64_t x = 0; x < len; ++x) G[x] = valid[x] != T(0) ? gp / G[x] : T(0);
+  for (int64_t x = 0; x < len; ++x) {
+    const T d = gp / G[x];
+    G[x] = valid[x] != T(0) ? d : T(0);
+  }
 }
 
 // noisy-or from the logs (L = log(1 - p)), no voxel with p = 1: g exp(S - log(1 - p_x)).
 template <typename T>
 MTSEG_ALWAYS_INLINE void noisy_or_grad_log_impl(T* __restrict G, const T* __restrict valid, int64_t len, T g, T S) {
-  for (int64_t x = 0; x < len; ++x) G[x] = valid[x] != T(0) ? g * exp_(S - G[x]) : T(0);
+  for (int64_t x = 0; x < len; ++x) {
+    const T d = g * exp_(S - G[x]);
+    G[x] = valid[x] != T(0) ? d : T(0);
+  }
 }
 
 // smooth max: g / s * exp((p_x - m) / T).
 template <typename T>
 MTSEG_ALWAYS_INLINE void smooth_max_grad_impl(T* __restrict G, const T* __restrict p, const T* __restrict valid,
                                               int64_t len, T gs, T m, T inv_t) {
-  for (int64_t x = 0; x < len; ++x) G[x] = valid[x] != T(0) ? gs * scaled_exp(p[x], m, inv_t) : T(0);
+  for (int64_t x = 0; x < len; ++x) {
+    const T d = gs * scaled_exp(p[x], m, inv_t);
+    G[x] = valid[x] != T(0) ? d : T(0);
+  }
 }
 
 // float copies for each instruction set; double (gradcheck, reference precision) stays scalar.
@@ -316,13 +389,22 @@ MTSEG_CPU_CLONES void argmax_winners(const float* __restrict z, int64_t stride, 
                                      float* __restrict zmax, int32_t* __restrict winner) {
   argmax_impl<float>(z, stride, K, len, zmax, winner);
 }
-MTSEG_CPU_CLONES void noisy_or_sum(const float* __restrict l, const float* __restrict valid, int64_t len,
+MTSEG_CPU_CLONES void noisy_or_sum(float* __restrict l, const float* __restrict valid, int64_t len,
                                    double* __restrict sum, double* __restrict infs) {
   noisy_or_sum_impl<float>(l, valid, len, sum, infs);
 }
 MTSEG_CPU_CLONES void smooth_max_sum(const float* __restrict p, const float* __restrict valid, int64_t len,
-                                     float inv_t, float* __restrict m, double* __restrict s) {
-  smooth_max_sum_impl<float>(p, valid, len, inv_t, m, s);
+                                     float inv_t, float* __restrict scratch, float* __restrict m,
+                                     double* __restrict s) {
+  smooth_max_sum_impl<float>(p, valid, len, inv_t, scratch, m, s);
+}
+MTSEG_CPU_CLONES int64_t max_reduce(const float* __restrict p, const float* __restrict c,
+                                    const float* __restrict valid, int64_t len, float* __restrict scratch,
+                                    float* __restrict best, float* __restrict best_c, bool* __restrict nan) {
+  return max_reduce_impl<float>(p, c, valid, len, scratch, best, best_c, nan);
+}
+MTSEG_CPU_CLONES int64_t count_above(const float* __restrict p, const float* __restrict valid, int64_t len, float t) {
+  return count_above_impl<float>(p, valid, len, t);
 }
 MTSEG_CPU_CLONES void noisy_or_grad_complement(float* __restrict G, const float* __restrict valid, int64_t len,
                                                float gp) {
@@ -340,11 +422,19 @@ MTSEG_CPU_CLONES void smooth_max_grad(float* __restrict G, const float* __restri
 void argmax_winners(const double* z, int64_t stride, int64_t K, int64_t len, double* zmax, int64_t* winner) {
   argmax_impl<double>(z, stride, K, len, zmax, winner);
 }
-void noisy_or_sum(const double* l, const double* valid, int64_t len, double* sum, double* infs) {
+void noisy_or_sum(double* l, const double* valid, int64_t len, double* sum, double* infs) {
   noisy_or_sum_impl<double>(l, valid, len, sum, infs);
 }
-void smooth_max_sum(const double* p, const double* valid, int64_t len, double inv_t, double* m, double* s) {
-  smooth_max_sum_impl<double>(p, valid, len, inv_t, m, s);
+void smooth_max_sum(const double* p, const double* valid, int64_t len, double inv_t, double* scratch, double* m,
+                    double* s) {
+  smooth_max_sum_impl<double>(p, valid, len, inv_t, scratch, m, s);
+}
+int64_t max_reduce(const double* p, const double* c, const double* valid, int64_t len, double* scratch, double* best,
+                   double* best_c, bool* nan) {
+  return max_reduce_impl<double>(p, c, valid, len, scratch, best, best_c, nan);
+}
+int64_t count_above(const double* p, const double* valid, int64_t len, double t) {
+  return count_above_impl<double>(p, valid, len, t);
 }
 void noisy_or_grad_complement(double* G, const double* valid, int64_t len, double gp) {
   noisy_or_grad_complement_impl<double>(G, valid, len, gp);
@@ -427,10 +517,14 @@ struct Problem {
 // Validity of the chunk's voxels as 0/1 in T (all 1 without a mask); returns their count.
 template <typename T>
 int64_t load_valid(const bool* mask, int64_t len, T* valid) {
+  if (mask == nullptr) {
+    std::fill(valid, valid + len, T(1));
+    return len;
+  }
   int64_t n = 0;
   for (int64_t x = 0; x < len; ++x) {
-    valid[x] = mask == nullptr || mask[x] ? T(1) : T(0);
-    n += valid[x] != T(0);
+    valid[x] = mask[x] ? T(1) : T(0);
+    n += mask[x] ? 1 : 0;
   }
   return n;
 }
@@ -442,30 +536,19 @@ T inverse_temperature(double temperature) {
 }
 
 template <typename T>
-Partial reduce_class(const Problem& pr, const T* p, const T* l, const T* valid, int64_t x0, int64_t len) {
+Partial reduce_class(const Problem& pr, const T* p, T* l, const T* valid, T* scratch, int64_t x0, int64_t len) {
   Partial out;
   switch (pr.mode) {
     case Mode::Max: {
       // The largest p; among voxels whose p rounds to the same value (common near 1), the
       // smallest complement 1 - p (l holds it, exact), so that the chosen voxel is the true
-      // maximum, not the first of a rounding tie. The first valid voxel is always taken, so
-      // any finite or infinite value (activation 'none') is a maximum.
-      double best = -std::numeric_limits<double>::infinity(), best_c = std::numeric_limits<double>::infinity();
-      for (int64_t x = 0; x < len; ++x) {
-        if (valid[x] == T(0)) continue;
-        const double v = static_cast<double>(p[x]), c = static_cast<double>(l[x]);
-        if (v != v) {
-          out.nan = true;
-          continue;
-        }
-        if (out.index < 0 || v > best || (v == best && c < best_c)) {
-          best = v;
-          best_c = c;
-          out.index = x0 + x;
-        }
-      }
-      out.a = best;
-      out.b = best_c;
+      // maximum, not the first of a rounding tie. Any finite or infinite value (activation
+      // 'none') can be the maximum; NaN is flagged and never chosen.
+      T best, best_c;
+      const int64_t at = max_reduce(p, l, valid, len, scratch, &best, &best_c, &out.nan);
+      out.index = at < 0 ? -1 : x0 + at;
+      out.a = at < 0 ? -std::numeric_limits<double>::infinity() : static_cast<double>(best);
+      out.b = at < 0 ? std::numeric_limits<double>::infinity() : static_cast<double>(best_c);
       break;
     }
     case Mode::NoisyOr:
@@ -473,17 +556,13 @@ Partial reduce_class(const Problem& pr, const T* p, const T* l, const T* valid, 
       break;
     case Mode::SmoothMax: {
       T m;
-      smooth_max_sum(p, valid, len, inverse_temperature<T>(pr.temperature), &m, &out.b);
+      smooth_max_sum(p, valid, len, inverse_temperature<T>(pr.temperature), l, &m, &out.b);  // l: scratch
       out.a = static_cast<double>(m);
       break;
     }
-    case Mode::Hard: {
-      bool any = false;
-      const T t = static_cast<T>(pr.threshold);
-      for (int64_t x = 0; x < len; ++x) any |= valid[x] != T(0) && p[x] > t;
-      out.a = any ? 1 : 0;
+    case Mode::Hard:
+      out.a = count_above(p, valid, len, static_cast<T>(pr.threshold)) > 0 ? 1 : 0;
       break;
-    }
     case Mode::Argmax:  // reduced for all classes at once in the forward kernel
       break;
   }
@@ -579,7 +658,8 @@ void soft_presence_forward_kernel(const Problem& pr, const T* in, const bool* ma
       probabilities<T>(pr.act, extra, z, N, K, len, s.P.data(), s.L.data(), s.zmax.data(), s.others.data(),
                        s.winner.data());
       for (int64_t k = 0; k < K; ++k)
-        partials[task * K + k] = reduce_class(pr, s.P.data() + k * len, s.L.data() + k * len, s.valid.data(), x0, len);
+        partials[task * K + k] = reduce_class(pr, s.P.data() + k * len, s.L.data() + k * len, s.valid.data(),
+                                              s.zmax.data(), x0, len);  // zmax: free after probabilities
     }
   });
   at::parallel_for(0, B * K, 64, [&](int64_t begin, int64_t end) {
