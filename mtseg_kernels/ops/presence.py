@@ -154,6 +154,8 @@ def class_counts(labels: Tensor, num_classes: int, ignore_index: int = -100) -> 
 
     Raises:
         ValueError: naming the first label value outside ``[0, K)`` that is not ``ignore_index``.
+            For CUDA labels the check runs in the kernel without synchronising the device:
+            the error comes from a later presence call or :func:`check_label_errors`.
 
     Example:
         >>> class_counts(torch.tensor([[0, 2, 2, 255]]), 3, ignore_index=255)

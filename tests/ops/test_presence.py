@@ -957,3 +957,25 @@ def test_without_triton_cuda_presence_fails_clearly_and_cpu_works():
     assert "RAISED mtseg::soft_presence_forward on CUDA tensors runs Triton kernels" in out.stdout
     assert "'triton' package is not installed" in out.stdout and "no automatic fallback" in out.stdout
     assert "CPU torch.Size([1, 2])" in out.stdout
+
+
+def test_no_import_cycle_between_ops_and_triton():
+    # ops.presence (API, registration) -> triton.presence (kernels) -> ops.presence_checks
+    # (a leaf): the kernels module must not import the API module back.
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mtseg_kernels.triton
+
+    source = Path(mtseg_kernels.triton.__file__).with_name("presence.py").read_text()
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.module}
+    assert "ops.presence" not in imported and "ops" not in imported, imported
+    checks = Path(mtseg_kernels.triton.__file__).parents[1] / "ops" / "presence_checks.py"
+    leaf = {node.module for node in ast.walk(ast.parse(checks.read_text())) if isinstance(node, ast.ImportFrom)}
+    assert leaf <= {"__future__", "torch"}, leaf
+    # importing the kernels module first works (no partially initialised module)
+    out = subprocess.run([sys.executable, "-c", "import mtseg_kernels.triton.presence as t; print(t.MODES['argmax'])"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "4", out.stderr
