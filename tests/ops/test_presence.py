@@ -600,6 +600,9 @@ def test_argmax_matches_numpy_with_ties_and_masks(dtype, activation):
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.equal(got.double(), ref.argmax_presence(x, mask))
     assert torch.equal(mk.soft_presence(x, "argmax", activation).double(), ref.argmax_presence(x))
+    if dtype in (torch.float32, torch.float64):
+        tgot, _ = triton_presence().soft_presence_forward(x, "argmax", activation, 0.1, 0.5, mask)
+        assert torch.equal(tgot.double(), ref.argmax_presence(x, mask))
 
 
 def test_argmax_nan_counts_as_the_largest_value_as_in_torch():
@@ -610,6 +613,9 @@ def test_argmax_nan_counts_as_the_largest_value_as_in_torch():
     assert torch.equal(torch.argmax(x, 1)[0], torch.tensor([1, 1, 1, 0]))
     assert mk.soft_presence(x, "argmax").tolist() == [[1.0, 1.0, 0.0]]
     assert torch.equal(mk.soft_presence(x, "argmax").double(), ref.argmax_presence(x))
+    tp = triton_presence()
+    for activation in ACTIVATIONS:
+        assert tp.soft_presence_forward(x, "argmax", activation, 0.1, 0.5, None)[0].tolist() == [[1.0, 1.0, 0.0]]
 
 
 def test_sync_loss_argmax_is_bce_against_the_argmax_map():
@@ -979,3 +985,22 @@ def test_no_import_cycle_between_ops_and_triton():
     out = subprocess.run([sys.executable, "-c", "import mtseg_kernels.triton.presence as t; print(t.MODES['argmax'])"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "4", out.stderr
+
+
+@pytest.mark.parametrize("programs", [4096, 3, 1])  # runs of one chunk (merged by the merge kernel) or of many
+def test_triton_max_takes_the_first_of_exact_ties_across_chunks_and_runs(monkeypatch, programs):
+    tp = triton_presence()
+    monkeypatch.setattr(tp, "TARGET_PROGRAMS", programs)
+    # equal maxima in different chunks (512 voxels each) and, at the default layout, in runs
+    # that the merge kernel takes in different steps (32 runs per step)
+    x = torch.full((1, 2, 20000), -5.0, dtype=torch.float64)
+    x[0, 0, [1500, 2900, 19999]] = 5.0
+    x[0, 1, [700, 17000]] = 3.0
+    p, stats = tp.soft_presence_forward(x, "max", "softmax", 0.1, 0.5, None)
+    assert stats[0, :, 0].tolist() == [1500.0, 700.0]
+    cpu_p, cpu_stats = torch.ops.mtseg.soft_presence_forward(x, "max", "softmax", 0.1, 0.5, None)
+    assert torch.equal(stats, cpu_stats)
+    torch.testing.assert_close(p, cpu_p, atol=1e-15, rtol=0)
+    for mode in ("noisy_or", "smooth_max", "hard", "argmax"):  # the run layout changes no result
+        got, st = tp.soft_presence_forward(x, mode, "softmax", 0.1, 0.5, None)
+        torch.testing.assert_close(got, ref.soft_presence(x, mode, temperature=0.1), atol=1e-12, rtol=0)
