@@ -610,12 +610,14 @@ def test_argmax_nan_counts_as_the_largest_value_as_in_torch():
     x[0, 1, :] = 1.0
     x[0, 2, 3] = float("nan")
     x[0, 0, 3] = float("nan")  # the first NaN class wins
-    assert torch.equal(torch.argmax(x, 1)[0], torch.tensor([1, 1, 1, 0]))
-    assert mk.soft_presence(x, "argmax").tolist() == [[1.0, 1.0, 0.0]]
+    x[0, 2, 2] = float("nan")  # a NaN beats the larger finite value of class 1
+    assert torch.equal(torch.argmax(x, 1)[0], torch.tensor([1, 1, 2, 0]))
+    assert mk.soft_presence(x, "argmax").tolist() == [[1.0, 1.0, 1.0]]
     assert torch.equal(mk.soft_presence(x, "argmax").double(), ref.argmax_presence(x))
+    assert mk.soft_presence(x[..., :2], "argmax").tolist() == [[0.0, 1.0, 0.0]]
     tp = triton_presence()
     for activation in ACTIVATIONS:
-        assert tp.soft_presence_forward(x, "argmax", activation, 0.1, 0.5, None)[0].tolist() == [[1.0, 1.0, 0.0]]
+        assert tp.soft_presence_forward(x, "argmax", activation, 0.1, 0.5, None)[0].tolist() == [[1.0, 1.0, 1.0]]
 
 
 def test_sync_loss_argmax_is_bce_against_the_argmax_map():
