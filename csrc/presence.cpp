@@ -18,7 +18,9 @@ Mode parse_mode(c10::string_view name, const char* op) {
   if (name == "noisy_or") return Mode::NoisyOr;
   if (name == "smooth_max") return Mode::SmoothMax;
   if (name == "hard") return Mode::Hard;
-  TORCH_CHECK_VALUE(false, op, ": mode must be one of 'max', 'noisy_or', 'smooth_max', 'hard'; got '", name, "'");
+  if (name == "argmax") return Mode::Argmax;
+  TORCH_CHECK_VALUE(false, op, ": mode must be one of 'max', 'noisy_or', 'smooth_max', 'hard', 'argmax'; got '", name,
+                    "'");
 }
 
 Activation parse_activation(c10::string_view name, const char* op) {
@@ -128,12 +130,13 @@ at::Tensor clamped_log(const at::Tensor& x, const at::Tensor& value) {
   return v + (x - x.detach()) * slope;
 }
 
-// The hard rule is a comparison: like `p > t` in torch, its result carries no gradient.
+// The hard rules are comparisons: like `p > t` or `argmax` in torch, their result carries no
+// gradient.
 at::Tensor soft_presence(const at::Tensor& input, c10::string_view mode, c10::string_view activation,
                          double temperature, double threshold, const c10::optional<at::Tensor>& valid_mask) {
   const Mode m = parse_mode(mode, "soft_presence");
-  return std::get<0>(call_forward(m == Mode::Hard ? input.detach() : input, mode, activation, temperature, threshold,
-                                  valid_mask));
+  return std::get<0>(
+      call_forward(is_hard_mode(m) ? input.detach() : input, mode, activation, temperature, threshold, valid_mask));
 }
 
 at::Tensor presence_from_labels(const at::Tensor& labels, int64_t num_classes, int64_t ignore_index,
@@ -155,9 +158,9 @@ at::Tensor sync_loss(const at::Tensor& seg_logits, const at::Tensor& class_logit
   const bool to_seg = direction == "class_to_seg" || direction == "both";
   TORCH_CHECK_VALUE(to_class || to_seg, op, ": direction must be 'seg_to_class' (the paper: the segmentation side is ",
                     "detached), 'class_to_seg' or 'both'; got '", direction, "'");
-  TORCH_CHECK_VALUE(!(to_seg && m == Mode::Hard), op, ": mode='hard' has no gradient, so direction '", direction,
-                    "' cannot train the segmentation; use mode 'max', 'noisy_or' or 'smooth_max', or direction "
-                    "'seg_to_class'");
+  TORCH_CHECK_VALUE(!(to_seg && is_hard_mode(m)), op, ": mode='", mode, "' has no gradient, so direction '",
+                    direction, "' cannot train the segmentation; use mode 'max', 'noisy_or' or 'smooth_max', or ",
+                    "direction 'seg_to_class'");
   int64_t red;
   if (reduction == "mean") red = at::Reduction::Mean;
   else if (reduction == "sum") red = at::Reduction::Sum;
@@ -184,7 +187,7 @@ at::Tensor sync_loss(const at::Tensor& seg_logits, const at::Tensor& class_logit
 
   const at::Tensor seg = to_seg ? seg_logits : seg_logits.detach();
   at::Tensor presence, stats;
-  std::tie(presence, stats) = call_forward(m == Mode::Hard ? seg.detach() : seg, mode, activation, temperature,
+  std::tie(presence, stats) = call_forward(is_hard_mode(m) ? seg.detach() : seg, mode, activation, temperature,
                                            threshold, valid_mask);
   const at::Tensor cls = class_logits.to(presence.scalar_type());
   at::Tensor loss;

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -158,6 +159,207 @@ MTSEG_ALWAYS_INLINE void activation_backward_impl(const T* __restrict z, int64_t
   }
 }
 
+// Arg-max over the classes of every voxel of a chunk (the argmax mode): the class of the
+// largest input, the first one on ties; NaN counts as the largest value (the first NaN
+// wins), as in torch.argmax. Independent of the activation: softmax and sigmoid are
+// increasing, so the arg-max of the input is that of the exact probabilities.
+template <typename T>
+MTSEG_ALWAYS_INLINE void argmax_impl(const T* __restrict z, int64_t stride, int64_t K, int64_t len, T* __restrict zmax,
+                                     index_t<T>* __restrict winner) {
+  for (int64_t x = 0; x < len; ++x) {
+    zmax[x] = z[x];
+    winner[x] = 0;
+  }
+  for (int64_t k = 1; k < K; ++k) {
+    const T* zk = z + k * stride;
+    for (int64_t x = 0; x < len; ++x) {
+      const T v = zk[x], m = zmax[x];
+      const bool take = v > m || (v != v && m == m);
+      zmax[x] = take ? v : m;
+      winner[x] = take ? static_cast<index_t<T>>(k) : winner[x];
+    }
+  }
+}
+
+// Per-class reductions over one chunk, with `valid` holding 0/1. Elementwise passes are
+// plain loops (the compiler vectorises them); the sums and maxima run in 8 lanes of GCC
+// vector types, combined in a fixed order at the end, so that they vectorise without
+// -ffast-math and the result does not depend on the threads.
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Lanes<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using lanes_t = typename Lanes<T>::type;
+using lanes_d = lanes_t<double>;
+
+template <typename T>
+MTSEG_ALWAYS_INLINE lanes_t<T> load_lanes(const T* p) {
+  lanes_t<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+MTSEG_ALWAYS_INLINE double combine(lanes_d a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+// sum over x of double(a[x]).
+template <typename T>
+MTSEG_ALWAYS_INLINE double sum_as_double(const T* __restrict a, int64_t len) {
+  lanes_d acc = {};
+  int64_t x = 0;
+  for (; x + 8 <= len; x += 8) acc += __builtin_convertvector(load_lanes(a + x), lanes_d);
+  double tail = 0;
+  for (; x < len; ++x) tail += static_cast<double>(a[x]);
+  return combine(acc) + tail;
+}
+
+// noisy-or: sum of the finite log(1 - p) in double, number of log(1 - p) = -inf. Rewrites
+// l (valid voxels' finite logs, 0 elsewhere).
+template <typename T>
+MTSEG_ALWAYS_INLINE void noisy_or_sum_impl(T* __restrict l, const T* __restrict valid, int64_t len,
+                                           double* __restrict sum, double* __restrict infs) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  // three simple loops: GCC vectorises each, not one that both counts and selects
+  for (int64_t x = 0; x < len; ++x) l[x] = valid[x] != T(0) ? l[x] : T(0);
+  index_t<T> count = 0;
+  for (int64_t x = 0; x < len; ++x) count += l[x] == ninf ? 1 : 0;
+  if (count > 0)
+    for (int64_t x = 0; x < len; ++x) l[x] = l[x] == ninf ? T(0) : l[x];
+  *sum = sum_as_double(l, len);
+  *infs = static_cast<double>(count);
+}
+
+// exp((p - m) / T) as exp((p - m) * inv_t); p = m gives 1 even where 1 / T overflows
+// (inv_t = inf, temperatures below ~3e-39 in float), where 0 * inf would be NaN.
+template <typename T>
+MTSEG_ALWAYS_INLINE T scaled_exp(T p, T m, T inv_t) {
+  const T d = p - m;
+  return exp_(d == T(0) ? T(0) : d * inv_t);
+}
+
+// smooth max: the chunk's largest valid p (NaN if one is NaN) and sum exp((p - m) / T)
+// in double. `scratch` holds len values of T.
+template <typename T>
+MTSEG_ALWAYS_INLINE void smooth_max_sum_impl(const T* __restrict p, const T* __restrict valid, int64_t len, T inv_t,
+                                             T* __restrict scratch, T* __restrict m_out, double* __restrict s_out) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t x = 0; x < len; ++x) scratch[x] = valid[x] != T(0) ? p[x] : ninf;
+  index_t<T> nans = 0;
+  for (int64_t x = 0; x < len; ++x) nans += scratch[x] != scratch[x] ? 1 : 0;
+  if (nans > 0) {
+    *m_out = std::numeric_limits<T>::quiet_NaN();
+    *s_out = 0;
+    return;
+  }
+  lanes_t<T> mx;
+  for (int j = 0; j < 8; ++j) mx[j] = ninf;
+  int64_t x = 0;
+  for (; x + 8 <= len; x += 8) {
+    const lanes_t<T> v = load_lanes(scratch + x);
+    mx = v > mx ? v : mx;
+  }
+  T m = ninf;
+  for (int j = 0; j < 8; ++j) m = mx[j] > m ? mx[j] : m;
+  for (; x < len; ++x) m = scratch[x] > m ? scratch[x] : m;
+  *m_out = m;
+  if (!(m > ninf)) {  // no valid voxel
+    *s_out = 0;
+    return;
+  }
+  for (int64_t y = 0; y < len; ++y) {
+    const T e = scaled_exp(p[y], m, inv_t);
+    scratch[y] = valid[y] != T(0) ? e : T(0);
+  }
+  *s_out = sum_as_double(scratch, len);
+}
+
+// max: the voxel of the largest valid p; among equal p the smallest complement c (exact
+// 1 - p); then the first voxel. Returns its index (-1 without a valid non-NaN voxel) and
+// sets *nan when a valid p is NaN. `scratch` holds len values of T.
+template <typename T>
+MTSEG_ALWAYS_INLINE int64_t max_reduce_impl(const T* __restrict p, const T* __restrict c, const T* __restrict valid,
+                                            int64_t len, T* __restrict scratch, T* __restrict best_out,
+                                            T* __restrict best_c_out, bool* __restrict nan) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity(), pinf = std::numeric_limits<T>::infinity();
+  for (int64_t x = 0; x < len; ++x) scratch[x] = valid[x] != T(0) ? p[x] : ninf;
+  index_t<T> nans = 0, n_valid = 0;
+  for (int64_t x = 0; x < len; ++x) nans += scratch[x] != scratch[x] ? 1 : 0;
+  for (int64_t x = 0; x < len; ++x) n_valid += valid[x] != T(0) ? 1 : 0;
+  *nan = nans > 0;
+  if (n_valid == nans) return -1;
+  lanes_t<T> mx;  // NaN never wins: v > mx is false for it
+  for (int j = 0; j < 8; ++j) mx[j] = ninf;
+  int64_t x = 0;
+  for (; x + 8 <= len; x += 8) {
+    const lanes_t<T> v = load_lanes(scratch + x);
+    mx = v > mx ? v : mx;
+  }
+  T best = ninf;
+  for (int j = 0; j < 8; ++j) best = mx[j] > best ? mx[j] : best;
+  for (; x < len; ++x) best = scratch[x] > best ? scratch[x] : best;
+  for (int64_t y = 0; y < len; ++y) scratch[y] = (valid[y] != T(0)) & (p[y] == best) ? c[y] : pinf;
+  lanes_t<T> mn;
+  for (int j = 0; j < 8; ++j) mn[j] = pinf;
+  for (x = 0; x + 8 <= len; x += 8) {
+    const lanes_t<T> v = load_lanes(scratch + x);
+    mn = v < mn ? v : mn;
+  }
+  T best_c = pinf;
+  for (int j = 0; j < 8; ++j) best_c = mn[j] < best_c ? mn[j] : best_c;
+  for (; x < len; ++x) best_c = scratch[x] < best_c ? scratch[x] : best_c;
+  *best_out = best;
+  *best_c_out = best_c;
+  for (int64_t y = 0; y < len; ++y)
+    if (valid[y] != T(0) && p[y] == best && c[y] == best_c) return y;
+  return -1;  // not reached: some valid voxel holds (best, best_c)
+}
+
+// hard: number of valid voxels with p > t.
+template <typename T>
+MTSEG_ALWAYS_INLINE int64_t count_above_impl(const T* __restrict p, const T* __restrict valid, int64_t len, T t) {
+  index_t<T> n = 0;
+  for (int64_t x = 0; x < len; ++x) n += (valid[x] != T(0)) & (p[x] > t) ? 1 : 0;
+  return n;
+}
+
+// dPresence/dp of one class over a chunk, written over G (which holds L on entry).
+// noisy-or from the complements (L = 1 - p): g exp(S) / (1 - p_x).
+template <typename T>
+MTSEG_ALWAYS_INLINE void noisy_or_grad_complement_impl(T* __restrict G, const T* __restrict valid, int64_t len,
+                                                       T gp) {
+  for (int64_t x = 0; x < len; ++x) {
+    const T d = gp / G[x];
+    G[x] = valid[x] != T(0) ? d : T(0);
+  }
+}
+
+// noisy-or from the logs (L = log(1 - p)), no voxel with p = 1: g exp(S - log(1 - p_x)).
+template <typename T>
+MTSEG_ALWAYS_INLINE void noisy_or_grad_log_impl(T* __restrict G, const T* __restrict valid, int64_t len, T g, T S) {
+  for (int64_t x = 0; x < len; ++x) {
+    const T d = g * exp_(S - G[x]);
+    G[x] = valid[x] != T(0) ? d : T(0);
+  }
+}
+
+// smooth max: g / s * exp((p_x - m) / T).
+template <typename T>
+MTSEG_ALWAYS_INLINE void smooth_max_grad_impl(T* __restrict G, const T* __restrict p, const T* __restrict valid,
+                                              int64_t len, T gs, T m, T inv_t) {
+  for (int64_t x = 0; x < len; ++x) {
+    const T d = gs * scaled_exp(p[x], m, inv_t);
+    G[x] = valid[x] != T(0) ? d : T(0);
+  }
+}
+
 // float copies for each instruction set; double (gradcheck, reference precision) stays scalar.
 #define MTSEG_DEFINE_PROBABILITIES(NAME, A, LOG)                                                                    \
   MTSEG_CPU_CLONES void NAME(const float* __restrict z, int64_t stride, int64_t K, int64_t len, float* __restrict P, \
@@ -182,6 +384,67 @@ MTSEG_DEFINE_PROBABILITIES(probabilities_sigmoid_complement, Activation::Sigmoid
 MTSEG_DEFINE_ACTIVATION_BACKWARD(activation_backward_softmax, Activation::Softmax)
 MTSEG_DEFINE_ACTIVATION_BACKWARD(activation_backward_sigmoid, Activation::Sigmoid)
 #undef MTSEG_DEFINE_ACTIVATION_BACKWARD
+
+MTSEG_CPU_CLONES void argmax_winners(const float* __restrict z, int64_t stride, int64_t K, int64_t len,
+                                     float* __restrict zmax, int32_t* __restrict winner) {
+  argmax_impl<float>(z, stride, K, len, zmax, winner);
+}
+MTSEG_CPU_CLONES void noisy_or_sum(float* __restrict l, const float* __restrict valid, int64_t len,
+                                   double* __restrict sum, double* __restrict infs) {
+  noisy_or_sum_impl<float>(l, valid, len, sum, infs);
+}
+MTSEG_CPU_CLONES void smooth_max_sum(const float* __restrict p, const float* __restrict valid, int64_t len,
+                                     float inv_t, float* __restrict scratch, float* __restrict m,
+                                     double* __restrict s) {
+  smooth_max_sum_impl<float>(p, valid, len, inv_t, scratch, m, s);
+}
+MTSEG_CPU_CLONES int64_t max_reduce(const float* __restrict p, const float* __restrict c,
+                                    const float* __restrict valid, int64_t len, float* __restrict scratch,
+                                    float* __restrict best, float* __restrict best_c, bool* __restrict nan) {
+  return max_reduce_impl<float>(p, c, valid, len, scratch, best, best_c, nan);
+}
+MTSEG_CPU_CLONES int64_t count_above(const float* __restrict p, const float* __restrict valid, int64_t len, float t) {
+  return count_above_impl<float>(p, valid, len, t);
+}
+MTSEG_CPU_CLONES void noisy_or_grad_complement(float* __restrict G, const float* __restrict valid, int64_t len,
+                                               float gp) {
+  noisy_or_grad_complement_impl<float>(G, valid, len, gp);
+}
+MTSEG_CPU_CLONES void noisy_or_grad_log(float* __restrict G, const float* __restrict valid, int64_t len, float g,
+                                        float S) {
+  noisy_or_grad_log_impl<float>(G, valid, len, g, S);
+}
+MTSEG_CPU_CLONES void smooth_max_grad(float* __restrict G, const float* __restrict p, const float* __restrict valid,
+                                      int64_t len, float gs, float m, float inv_t) {
+  smooth_max_grad_impl<float>(G, p, valid, len, gs, m, inv_t);
+}
+// The double versions are the templates themselves.
+void argmax_winners(const double* z, int64_t stride, int64_t K, int64_t len, double* zmax, int64_t* winner) {
+  argmax_impl<double>(z, stride, K, len, zmax, winner);
+}
+void noisy_or_sum(double* l, const double* valid, int64_t len, double* sum, double* infs) {
+  noisy_or_sum_impl<double>(l, valid, len, sum, infs);
+}
+void smooth_max_sum(const double* p, const double* valid, int64_t len, double inv_t, double* scratch, double* m,
+                    double* s) {
+  smooth_max_sum_impl<double>(p, valid, len, inv_t, scratch, m, s);
+}
+int64_t max_reduce(const double* p, const double* c, const double* valid, int64_t len, double* scratch, double* best,
+                   double* best_c, bool* nan) {
+  return max_reduce_impl<double>(p, c, valid, len, scratch, best, best_c, nan);
+}
+int64_t count_above(const double* p, const double* valid, int64_t len, double t) {
+  return count_above_impl<double>(p, valid, len, t);
+}
+void noisy_or_grad_complement(double* G, const double* valid, int64_t len, double gp) {
+  noisy_or_grad_complement_impl<double>(G, valid, len, gp);
+}
+void noisy_or_grad_log(double* G, const double* valid, int64_t len, double g, double S) {
+  noisy_or_grad_log_impl<double>(G, valid, len, g, S);
+}
+void smooth_max_grad(double* G, const double* p, const double* valid, int64_t len, double gs, double m, double inv_t) {
+  smooth_max_grad_impl<double>(G, p, valid, len, gs, m, inv_t);
+}
 
 template <typename T, Extra E>
 void probabilities_for(Activation A, const T* z, int64_t stride, int64_t K, int64_t len, T* P, T* L, T* zmax, T* others,
@@ -251,75 +514,57 @@ struct Problem {
   int64_t B, K, N, n_chunks;
 };
 
-// Validity of the chunk's voxels as 0/1 in T (all 1 without a mask).
+// Validity of the chunk's voxels as 0/1 in T (all 1 without a mask); returns their count.
 template <typename T>
-void load_valid(const bool* mask, int64_t len, T* valid) {
-  for (int64_t x = 0; x < len; ++x) valid[x] = mask == nullptr || mask[x] ? T(1) : T(0);
+int64_t load_valid(const bool* mask, int64_t len, T* valid) {
+  if (mask == nullptr) {
+    std::fill(valid, valid + len, T(1));
+    return len;
+  }
+  int64_t n = 0;
+  for (int64_t x = 0; x < len; ++x) {
+    valid[x] = mask[x] ? T(1) : T(0);
+    n += mask[x] ? 1 : 0;
+  }
+  return n;
+}
+
+// 1 / T in the working type (inf where it overflows: see scaled_exp).
+template <typename T>
+T inverse_temperature(double temperature) {
+  return static_cast<T>(1.0 / temperature);
 }
 
 template <typename T>
-Partial reduce_class(const Problem& pr, const T* p, const T* l, const T* valid, int64_t x0, int64_t len) {
+Partial reduce_class(const Problem& pr, const T* p, T* l, const T* valid, T* scratch, int64_t x0, int64_t len) {
   Partial out;
   switch (pr.mode) {
     case Mode::Max: {
       // The largest p; among voxels whose p rounds to the same value (common near 1), the
       // smallest complement 1 - p (l holds it, exact), so that the chosen voxel is the true
-      // maximum, not the first of a rounding tie.
-      double best = -1, best_c = 2;  // below every probability: no valid voxel keeps index -1
-      for (int64_t x = 0; x < len; ++x) {
-        if (valid[x] == T(0)) continue;
-        const double v = static_cast<double>(p[x]), c = static_cast<double>(l[x]);
-        if (v != v) out.nan = true;
-        if (v > best || (v == best && c < best_c)) {
-          best = v;
-          best_c = c;
-          out.index = x0 + x;
-        }
-      }
-      out.a = best;
-      out.b = best_c;
+      // maximum, not the first of a rounding tie. Any finite or infinite value (activation
+      // 'none') can be the maximum; NaN is flagged and never chosen.
+      T best, best_c;
+      const int64_t at = max_reduce(p, l, valid, len, scratch, &best, &best_c, &out.nan);
+      out.index = at < 0 ? -1 : x0 + at;
+      out.a = at < 0 ? -std::numeric_limits<double>::infinity() : static_cast<double>(best);
+      out.b = at < 0 ? std::numeric_limits<double>::infinity() : static_cast<double>(best_c);
       break;
     }
-    case Mode::NoisyOr: {
-      double sum = 0;
-      T inf_count = 0;
-      for (int64_t x = 0; x < len; ++x) {
-        const T li = valid[x] != T(0) ? l[x] : T(0);
-        const bool inf = li == -std::numeric_limits<T>::infinity();
-        sum += inf ? 0.0 : static_cast<double>(li);
-        inf_count += inf ? T(1) : T(0);
-      }
-      out.a = sum;
-      out.b = static_cast<double>(inf_count);
+    case Mode::NoisyOr:
+      noisy_or_sum(l, valid, len, &out.a, &out.b);
       break;
-    }
     case Mode::SmoothMax: {
-      T m = -std::numeric_limits<T>::infinity();
-      bool nan = false;
-      for (int64_t x = 0; x < len; ++x) {
-        if (valid[x] == T(0)) continue;
-        nan |= p[x] != p[x];
-        m = p[x] > m ? p[x] : m;
-      }
-      if (nan) m = std::numeric_limits<T>::quiet_NaN();
-      double s = 0;
-      if (m == m && m > -std::numeric_limits<T>::infinity()) {
-        const T inv_t = static_cast<T>(1.0 / pr.temperature);
-        T acc = 0;
-        for (int64_t x = 0; x < len; ++x) acc += valid[x] != T(0) ? exp_((p[x] - m) * inv_t) : T(0);
-        s = static_cast<double>(acc);
-      }
+      T m;
+      smooth_max_sum(p, valid, len, inverse_temperature<T>(pr.temperature), l, &m, &out.b);  // l: scratch
       out.a = static_cast<double>(m);
-      out.b = s;
       break;
     }
-    case Mode::Hard: {
-      bool any = false;
-      const T t = static_cast<T>(pr.threshold);
-      for (int64_t x = 0; x < len; ++x) any |= valid[x] != T(0) && p[x] > t;
-      out.a = any ? 1 : 0;
+    case Mode::Hard:
+      out.a = count_above(p, valid, len, static_cast<T>(pr.threshold)) > 0 ? 1 : 0;
       break;
-    }
+    case Mode::Argmax:  // reduced for all classes at once in the forward kernel
+      break;
   }
   return out;
 }
@@ -354,6 +599,7 @@ void merge(Mode mode, double temperature, Partial& into, const Partial& next) {
       break;
     }
     case Mode::Hard:
+    case Mode::Argmax:
       into.a = std::max(into.a, next.a);
       break;
   }
@@ -380,6 +626,7 @@ void finish(const Problem& pr, const Partial& r, int64_t n, T* presence, double*
       stats[1] = r.b;
       break;
     case Mode::Hard:
+    case Mode::Argmax:
       *presence = static_cast<T>(r.a);
       stats[0] = stats[1] = 0;
       break;
@@ -395,17 +642,24 @@ void soft_presence_forward_kernel(const Problem& pr, const T* in, const bool* ma
       pr.mode == Mode::NoisyOr ? Extra::Log : (pr.mode == Mode::Max ? Extra::Complement : Extra::None);
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> s(K, std::min(kChunk, N));
+    std::vector<char> hit(pr.mode == Mode::Argmax ? K : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / C, x0 = (task % C) * kChunk, len = std::min(kChunk, N - x0);
       const T* z = in + b * K * N + x0;
-      load_valid(mask == nullptr ? nullptr : mask + b * N + x0, len, s.valid.data());
-      int64_t n = 0;
-      for (int64_t x = 0; x < len; ++x) n += s.valid[x] != T(0);
-      valid_counts[task] = n;
+      valid_counts[task] = load_valid(mask == nullptr ? nullptr : mask + b * N + x0, len, s.valid.data());
+      if (pr.mode == Mode::Argmax) {  // the classes that win the arg-max at a valid voxel
+        argmax_winners(z, N, K, len, s.zmax.data(), s.winner.data());
+        std::fill(hit.begin(), hit.end(), 0);
+        for (int64_t x = 0; x < len; ++x)
+          if (s.valid[x] != T(0)) hit[s.winner[x]] = 1;
+        for (int64_t k = 0; k < K; ++k) partials[task * K + k].a = hit[k];
+        continue;
+      }
       probabilities<T>(pr.act, extra, z, N, K, len, s.P.data(), s.L.data(), s.zmax.data(), s.others.data(),
                        s.winner.data());
       for (int64_t k = 0; k < K; ++k)
-        partials[task * K + k] = reduce_class(pr, s.P.data() + k * len, s.L.data() + k * len, s.valid.data(), x0, len);
+        partials[task * K + k] = reduce_class(pr, s.P.data() + k * len, s.L.data() + k * len, s.valid.data(),
+                                              s.zmax.data(), x0, len);  // zmax: free after probabilities
     }
   });
   at::parallel_for(0, B * K, 64, [&](int64_t begin, int64_t end) {
@@ -422,6 +676,17 @@ void soft_presence_forward_kernel(const Problem& pr, const T* in, const bool* ma
   });
 }
 
+// max: the voxel index of every (image, class) in stats, checked before any is used: a
+// raw caller may pass stats that do not come from the forward of this input.
+void check_max_stats(const double* stats, int64_t B, int64_t K, int64_t N, const char* op) {
+  for (int64_t bk = 0; bk < B * K; ++bk) {
+    const double x = stats[2 * bk];
+    TORCH_CHECK_VALUE(x == std::floor(x) && x >= -1 && x < static_cast<double>(N), op,
+                      ": stats[..., 0] of mode 'max' must hold the arg-max voxel index of the forward, an integer in "
+                      "[-1, ", N, ") for this input; got ", x, " at (image, class) = (", bk / K, ", ", bk % K, ")");
+  }
+}
+
 // max: the gradient of each (image, class) goes to the single voxel holding the maximum.
 template <typename T>
 void max_backward_kernel(const Problem& pr, const T* grad, const T* in, const double* stats, T* out) {
@@ -430,7 +695,7 @@ void max_backward_kernel(const Problem& pr, const T* grad, const T* in, const do
     std::vector<T> p(K);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t x = static_cast<int64_t>(stats[2 * (b * K + k)]);
+        const int64_t x = static_cast<int64_t>(stats[2 * (b * K + k)]);  // in [-1, N): check_max_stats
         const T g = grad[b * K + k];
         if (x < 0 || g == T(0)) continue;
         const T* z = in + b * K * N + x;
@@ -459,6 +724,11 @@ void max_backward_kernel(const Problem& pr, const T* grad, const T* in, const do
   });
 }
 
+// Below this sum S of log(1 - p), exp(S - log(1 - p_x)) is 0 in T for every voxel (it is
+// at most exp(S - log(smallest positive T))): a saturated noisy-or has no gradient.
+template <typename T>
+constexpr double kSaturatedLog = std::is_same_v<T, float> ? -200.0 : -1500.0;
+
 template <typename T>
 void soft_presence_backward_kernel(const Problem& pr, const T* grad, const T* in, const bool* mask,
                                    const double* stats, T* out) {
@@ -471,17 +741,31 @@ void soft_presence_backward_kernel(const Problem& pr, const T* grad, const T* in
   // exp(S - log(1 - p_x)) from the logs, with the voxels of p = 1 handled apart.
   const double min_log = std::is_same_v<T, float> ? -80.0 : -700.0;
   std::vector<char> by_complement(B, noisy_or);
+  // Images whose every class has a zero gradient row (saturated noisy-or, or grad 0).
+  std::vector<char> no_gradient(B, noisy_or);
   if (noisy_or)
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t k = 0; k < K; ++k)
-        if (stats[2 * (b * K + k) + 1] != 0 || !(stats[2 * (b * K + k)] >= min_log)) by_complement[b] = false;
+      for (int64_t k = 0; k < K; ++k) {
+        const double S = stats[2 * (b * K + k)], infs = stats[2 * (b * K + k) + 1];
+        const T g = grad[b * K + k];
+        if (infs != 0 || !(S >= min_log)) by_complement[b] = false;
+        if (!(g == T(0) || (infs == 0 && S < kSaturatedLog<T> && std::isfinite(static_cast<double>(g)))))
+          no_gradient[b] = false;
+      }
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> s(K, std::min(kChunk, N));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / C, x0 = (task % C) * kChunk, len = std::min(kChunk, N - x0);
       const T* z = in + b * K * N + x0;
+      T* o = out + b * K * N + x0;
       const bool complement = by_complement[b] && pr.act != Activation::None;
-      load_valid(mask == nullptr ? nullptr : mask + b * N + x0, len, s.valid.data());
+      const int64_t n_valid = load_valid(mask == nullptr ? nullptr : mask + b * N + x0, len, s.valid.data());
+      // Every dPresence/dp is exactly 0 here; where every voxel is valid the gradient is 0
+      // too (with invalid voxels the formula's NaN from a NaN logit there is kept).
+      if (no_gradient[b] && n_valid == len) {
+        for (int64_t k = 0; k < K; ++k) std::fill(o + k * N, o + k * N + len, T(0));
+        continue;
+      }
       probabilities<T>(pr.act, !noisy_or ? Extra::None : complement ? Extra::Complement : Extra::Log, z, N, K, len,
                        s.P.data(), s.L.data(), s.zmax.data(), s.others.data(), s.winner.data());
       // dPresence/dp per class, written over L.
@@ -492,25 +776,23 @@ void soft_presence_backward_kernel(const Problem& pr, const T* grad, const T* in
         T* G = s.L.data() + k * len;
         const T* valid = s.valid.data();
         if (noisy_or && complement) {
-          const T gp = static_cast<T>(static_cast<double>(g) * std::exp(st[0]));
-          for (int64_t x = 0; x < len; ++x) G[x] = valid[x] != T(0) ? gp / G[x] : T(0);
+          noisy_or_grad_complement(G, valid, len, static_cast<T>(static_cast<double>(g) * std::exp(st[0])));
         } else if (noisy_or) {
-          const T S = static_cast<T>(st[0]);
           const double inf_count = st[1];
-          const T lone = static_cast<T>(std::exp(st[0]));  // the one voxel with p = 1, when there is one
-          constexpr T ninf = -std::numeric_limits<T>::infinity();
-          for (int64_t x = 0; x < len; ++x) {
-            const T l = G[x];
-            const T d = inf_count == 0 ? exp_(S - l) : (inf_count == 1 && l == ninf ? lone : T(0));
-            G[x] = valid[x] != T(0) ? g * d : T(0);
+          if (inf_count == 0) {
+            noisy_or_grad_log(G, valid, len, g, static_cast<T>(st[0]));
+          } else {
+            const T lone = static_cast<T>(std::exp(st[0]));  // the one voxel with p = 1, when there is one
+            constexpr T ninf = -std::numeric_limits<T>::infinity();
+            for (int64_t x = 0; x < len; ++x)
+              G[x] = valid[x] != T(0) ? g * (inf_count == 1 && G[x] == ninf ? lone : T(0)) : T(0);
           }
         } else {  // smooth max: d(m + T log(s / n))/dp_x = exp((p_x - m) / T) / s
-          const T m = static_cast<T>(st[0]), inv_t = static_cast<T>(1.0 / pr.temperature);
-          const T gs = static_cast<T>(static_cast<double>(g) / st[1]);
-          for (int64_t x = 0; x < len; ++x) G[x] = valid[x] != T(0) ? gs * exp_((p[x] - m) * inv_t) : T(0);
+          smooth_max_grad(G, p, valid, len, static_cast<T>(static_cast<double>(g) / st[1]), static_cast<T>(st[0]),
+                          inverse_temperature<T>(pr.temperature));
         }
       }
-      activation_backward<T>(pr.act, z, N, K, len, s.P.data(), s.L.data(), s.zmax.data(), out + b * K * N + x0, N);
+      activation_backward<T>(pr.act, z, N, K, len, s.P.data(), s.L.data(), s.zmax.data(), o, N);
     }
   });
 }
@@ -553,11 +835,13 @@ at::Tensor soft_presence_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   const char* op = "soft_presence_backward";
   const Mode m = parse_mode(mode, op);
   const Activation a = parse_activation(activation, op);
-  TORCH_CHECK_VALUE(m != Mode::Hard, op, ": mode 'hard' has no gradient");
+  TORCH_CHECK_VALUE(!is_hard_mode(m), op, ": mode '", mode, "' has no gradient");
   check_soft_presence_args(input, m, temperature, valid_mask, op);
   const Problem pr = make_problem(input, m, a, temperature, 0.0);
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({pr.B, pr.K}), op, ": expected grad of shape (B, K) = (", pr.B,
                     ", ", pr.K, "); got ", grad.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()), op, ": expected a floating-point grad; got ",
+                   grad.scalar_type());
   TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({pr.B, pr.K, 2}) && stats.scalar_type() == at::kDouble, op,
                     ": expected float64 stats of shape (B, K, 2) from soft_presence_forward; got ",
                     stats.scalar_type(), " ", stats.sizes());
@@ -565,6 +849,7 @@ at::Tensor soft_presence_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   const at::Tensor g = grad.to(x.scalar_type()).contiguous();
   const at::Tensor st = stats.contiguous();
   const at::Tensor v = valid_mask.has_value() ? valid_mask->contiguous() : at::Tensor();
+  if (m == Mode::Max) check_max_stats(st.data_ptr<double>(), pr.B, pr.K, pr.N, op);
   at::Tensor out = m == Mode::Max ? at::zeros_like(x) : at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_presence_backward_cpu", [&] {
     soft_presence_backward_kernel<scalar_t>(pr, g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),

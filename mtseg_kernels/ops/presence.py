@@ -25,24 +25,56 @@ Soft presence, for each image b and class k, from probabilities ``p`` over the v
   class of a voxel, ``-softplus(z)`` for sigmoid), so it stays exact for 10^7 voxels and
   for probabilities of exactly 0 or 1.
 * ``smooth_max``: ``T * log(mean_x exp(p / T))``, between the mean (T -> inf) and the max
-  (T -> 0), always in [0, 1].
-* ``hard``: ``any_x p > threshold`` as 0/1: the TDSNet rule. It is a comparison and, like
-  ``p > t`` in torch, its result carries no gradient.
+  (T -> 0), in [0, 1] for probabilities. Any finite T > 0 works, down to 1e-300 (the max).
+
+Two hard modes give 0/1 and, like ``p > t`` or ``argmax`` in torch, carry no gradient:
+
+* ``argmax``: class k is present when it wins the arg-max over classes at some valid
+  voxel, i.e. when the segmentation's arg-max map contains it: the hard presence of the
+  TDSNet paper (Ren et al.). The arg-max is taken over the input, which for softmax and
+  sigmoid is that of the exact probabilities (the activation does not matter); ties go to
+  the lowest class and NaN counts as the largest value, as in ``torch.argmax``.
+* ``hard``: ``any_x p > threshold``, a threshold rule (with ``activation='softmax'`` and
+  ``threshold=0.5``, a class that wins with p > 1/2 somewhere; unlike ``argmax``, a class
+  that wins only with p <= 1/2 is absent).
 
 An image with no valid voxel has presence 0 in every mode. NaN in the input gives NaN
-presence (``hard``: NaN is not above the threshold, as in torch).
+presence in the soft modes (under softmax, a NaN logit makes every class NaN at its
+voxel); ``hard``: NaN is not above the threshold, as in torch.
+
+On CUDA the kernels are Triton (``mtseg_kernels.triton.presence``); without the
+``triton`` package the operators fail on CUDA tensors with a RuntimeError that says so
+(there is no silent fallback to the CPU). ``class_counts`` checks the labels inside the
+CUDA kernel without synchronising the device: an out-of-range label raises ValueError at
+the next presence call after the kernel has finished, or at :func:`check_label_errors`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
+
+from .. import triton as _triton_pkg
+from .presence_checks import (
+    ACTIVATIONS,
+    HARD_MODES,
+    PRESENCE_MODES,
+    REDUCTIONS,
+    SYNC_DIRECTIONS,
+    check_backward_args,
+    check_label_args,
+    check_soft_presence_args,
+    presence_dtype,
+)
 
 __all__ = [
     "PRESENCE_MODES",
     "SYNC_DIRECTIONS",
     "SoftPresence",
     "SyncLoss",
+    "check_label_errors",
     "class_counts",
     "presence_from_labels",
     "soft_presence",
@@ -50,85 +82,30 @@ __all__ = [
     "valid_mask_from_labels",
 ]
 
-PRESENCE_MODES = ("max", "noisy_or", "smooth_max", "hard")
-ACTIVATIONS = ("softmax", "sigmoid", "none")
-SYNC_DIRECTIONS = ("seg_to_class", "class_to_seg", "both")
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def _presence_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 # --------------------------------------------------------------------------------------
-# Argument checks shared by the wrappers and the Triton launchers (the C++ operators
-# check again, for direct torch.ops callers on CPU)
-# --------------------------------------------------------------------------------------
-def check_soft_presence_args(
-    input: Tensor, mode: str, activation: str, temperature: float, valid_mask: Tensor | None, op: str
-) -> None:
-    if mode not in PRESENCE_MODES:
-        raise ValueError(f"{op}: mode must be one of {PRESENCE_MODES}; got {mode!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}; got {activation!r}")
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{op}: expected a tensor (B, K, *spatial); got {type(input).__name__}")
-    if not 3 <= input.dim() <= 5:
-        raise ValueError(
-            f"{op}: expected input of shape (B, K, *spatial) with 1 to 3 spatial dims; got shape {tuple(input.shape)}"
-        )
-    if not input.is_floating_point():
-        raise TypeError(f"{op}: expected floating-point logits or probabilities; got {input.dtype}")
-    if input.numel() == 0:
-        raise ValueError(f"{op}: expected at least one image, class and voxel; got shape {tuple(input.shape)}")
-    if mode == "smooth_max" and not (temperature > 0 and temperature < float("inf")):
-        raise ValueError(f"{op}: smooth_max needs a finite temperature > 0; got {temperature}")
-    if valid_mask is not None:
-        expected = (input.shape[0], *input.shape[2:])
-        if not isinstance(valid_mask, Tensor) or valid_mask.dtype != torch.bool:
-            got = valid_mask.dtype if isinstance(valid_mask, Tensor) else type(valid_mask).__name__
-            raise TypeError(f"{op}: valid_mask must be a bool tensor; got {got}")
-        if tuple(valid_mask.shape) != expected:
-            raise ValueError(
-                f"{op}: valid_mask must have shape (B, *spatial) = {expected}; got {tuple(valid_mask.shape)}"
-            )
-        if valid_mask.device != input.device:
-            raise ValueError(f"{op}: valid_mask is on {valid_mask.device} but input is on {input.device}")
-
-
-def check_label_args(labels: Tensor, num_classes: int, op: str) -> None:
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"{op}: expected a tensor (B, *spatial); got {type(labels).__name__}")
-    if not 2 <= labels.dim() <= 4:
-        raise ValueError(
-            f"{op}: expected labels of shape (B, *spatial) with 1 to 3 spatial dims; got shape {tuple(labels.shape)}"
-        )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{op}: expected integer labels (uint8, int8, int16, int32, int64); got {labels.dtype}")
-    if num_classes < 1:
-        raise ValueError(f"{op}: num_classes must be >= 1; got {num_classes}")
-    if labels.shape[0] == 0:
-        raise ValueError(f"{op}: expected at least one image; got shape {tuple(labels.shape)}")
-
-
-# --------------------------------------------------------------------------------------
-# Fake kernels (shapes and dtypes for torch.compile and meta tensors)
+# Fake kernels (shapes and dtypes for torch.compile and meta tensors): the same argument
+# checks as the real kernels, and the same contiguous outputs.
 # --------------------------------------------------------------------------------------
 @torch.library.register_fake("mtseg::class_counts")
 def _class_counts_fake(labels, num_classes, ignore_index=-100):
+    check_label_args(labels, num_classes, "class_counts")
     return labels.new_empty((labels.shape[0], num_classes), dtype=torch.int64)
 
 
 @torch.library.register_fake("mtseg::soft_presence_forward")
 def _soft_presence_forward_fake(input, mode, activation, temperature, threshold, valid_mask):
+    check_soft_presence_args(input, mode, activation, temperature, valid_mask, "soft_presence")
     batch, classes = input.shape[:2]
-    dtype = _presence_dtype(input.dtype)
+    dtype = presence_dtype(input.dtype)
     return input.new_empty((batch, classes), dtype=dtype), input.new_empty((batch, classes, 2), dtype=torch.float64)
 
 
 @torch.library.register_fake("mtseg::soft_presence_backward")
 def _soft_presence_backward_fake(grad, input, stats, mode, activation, temperature, valid_mask):
-    return torch.empty_like(input)
+    check_soft_presence_args(input, mode, activation, temperature, valid_mask, "soft_presence_backward")
+    check_backward_args(grad, input, stats, mode, "soft_presence_backward")
+    return input.new_empty(input.shape)  # contiguous, like the kernels' output
 
 
 # --------------------------------------------------------------------------------------
@@ -145,9 +122,9 @@ def _soft_presence_setup(ctx, inputs, output):
 def _soft_presence_backward(ctx, grad_presence, _grad_stats):
     input, stats, valid_mask = ctx.saved_tensors
     mode, activation, temperature = ctx.params
-    if mode == "hard":
+    if mode in HARD_MODES:
         raise RuntimeError(
-            "soft_presence: mode='hard' is a threshold and has no gradient; detach its input "
+            f"soft_presence: mode={mode!r} is a decision per voxel and has no gradient; detach its input "
             "(torch.ops.mtseg.soft_presence does) or use 'max', 'noisy_or' or 'smooth_max'"
         )
     grad_input = torch.ops.mtseg.soft_presence_backward(
@@ -177,6 +154,8 @@ def class_counts(labels: Tensor, num_classes: int, ignore_index: int = -100) -> 
 
     Raises:
         ValueError: naming the first label value outside ``[0, K)`` that is not ``ignore_index``.
+            For CUDA labels the check runs in the kernel without synchronising the device:
+            the error comes from a later presence call or :func:`check_label_errors`.
 
     Example:
         >>> class_counts(torch.tensor([[0, 2, 2, 255]]), 3, ignore_index=255)
@@ -203,6 +182,17 @@ def valid_mask_from_labels(labels: Tensor, ignore_index: int) -> Tensor:
     return labels != ignore_index
 
 
+def check_label_errors(wait: bool = True) -> None:
+    """Raises the first out-of-range label seen by earlier CUDA ``class_counts`` /
+    ``presence_from_labels`` calls (they check inside the kernel and do not wait for it).
+    With ``wait`` it first waits for those kernels (a device synchronisation); without,
+    it reports only the checks that have finished. A no-op without CUDA calls."""
+    if _triton_pkg.HAS_TRITON:
+        from ..triton import presence as triton_presence  # noqa: PLC0415  (optional dependency)
+
+        triton_presence.check_label_errors(wait)
+
+
 def soft_presence(
     input: Tensor,
     mode: str = "max",
@@ -217,7 +207,8 @@ def soft_presence(
         input: ``(B, K, *spatial)`` logits (``activation='softmax'`` or ``'sigmoid'``) or
             probabilities (``'none'``), 1 to 3 spatial dims, any float dtype (float16 and
             bfloat16 are computed in float32).
-        mode: ``'max'``, ``'noisy_or'``, ``'smooth_max'`` or ``'hard'`` (see the module docs).
+        mode: ``'max'``, ``'noisy_or'``, ``'smooth_max'``, ``'hard'`` or ``'argmax'`` (see the
+            module docs; the last two are 0/1 without gradient).
         activation: ``'softmax'`` over K (one class per voxel), ``'sigmoid'`` (multi-label)
             or ``'none'``.
         temperature: T of ``smooth_max``.
@@ -242,7 +233,7 @@ def sync_loss(
     mode: str = "hard",
     direction: str = "seg_to_class",
     reduction: str = "mean",
-    weight: Tensor | None = None,
+    weight: Tensor | Sequence[float] | None = None,
     activation: str = "softmax",
     temperature: float = 0.1,
     threshold: float = 0.5,
@@ -252,8 +243,10 @@ def sync_loss(
 
     With ``q = soft_presence(seg_logits, mode, ...)`` and ``c = class_logits``:
 
-    * ``seg_to_class`` (TDSNet's sync loss, the default with ``mode='hard'``):
-      ``BCEWithLogits(c, target=q.detach())``; only the class head is trained.
+    * ``seg_to_class`` (TDSNet's sync loss): ``BCEWithLogits(c, target=q.detach())``; only
+      the class head is trained. The paper's presence is ``mode='argmax'`` (a class is
+      present when the arg-max map contains it); the default ``mode='hard'`` is the
+      threshold rule ``any p > threshold``.
     * ``class_to_seg``: ``BCE(q, target=sigmoid(c).detach())``; only the segmentation is
       trained. Needs a differentiable mode. ``log(1 - q)`` is taken from its exact value
       (noisy-or: the kernel's sum of ``log(1 - p)``; max: the other classes' share at the
@@ -267,7 +260,8 @@ def sync_loss(
     Args:
         seg_logits: ``(B, K, *spatial)``.
         class_logits: ``(B, K)``.
-        weight: optional ``(K,)`` per-class weight of the BCE terms.
+        weight: optional ``(K,)`` per-class weight of the BCE terms: a tensor, or a sequence
+            of K numbers (made a tensor on ``seg_logits``' device).
         reduction: ``'mean'`` over B*K, ``'sum'`` or ``'none'`` (``(B, K)``).
         mode, activation, temperature, threshold, valid_mask: as in :func:`soft_presence`.
 
@@ -280,20 +274,38 @@ def sync_loss(
         raise ValueError(f"sync_loss: direction must be one of {SYNC_DIRECTIONS}; got {direction!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"sync_loss: reduction must be one of {REDUCTIONS}; got {reduction!r}")
-    if direction != "seg_to_class" and mode == "hard":
+    if direction != "seg_to_class" and mode in HARD_MODES:
         raise ValueError(
-            f"sync_loss: mode='hard' has no gradient, so direction {direction!r} cannot train the segmentation; "
+            f"sync_loss: mode={mode!r} has no gradient, so direction {direction!r} cannot train the segmentation; "
             "use mode 'max', 'noisy_or' or 'smooth_max', or direction 'seg_to_class'"
         )
     expected = tuple(seg_logits.shape[:2])
     if not isinstance(class_logits, Tensor) or tuple(class_logits.shape) != expected:
         got = tuple(class_logits.shape) if isinstance(class_logits, Tensor) else type(class_logits).__name__
         raise ValueError(f"sync_loss: expected class_logits of shape (B, K) = {expected}; got {got}")
+    weight = _as_weight(weight, seg_logits, "sync_loss")
     if weight is not None and (weight.dim() != 1 or weight.shape[0] != expected[1]):
         raise ValueError(f"sync_loss: expected weight of shape (K,) = ({expected[1]},); got {tuple(weight.shape)}")
     return torch.ops.mtseg.sync_loss(
         seg_logits, class_logits, mode, direction, reduction, weight, activation, temperature, threshold, valid_mask
     )
+
+
+def _as_weight(weight, like: Tensor | None, op: str) -> Tensor | None:
+    """A per-class weight as a floating tensor: tensors pass through, sequences of numbers
+    become a tensor (on ``like``'s device, in its presence dtype)."""
+    if weight is None or isinstance(weight, Tensor):
+        if weight is not None and not weight.is_floating_point():
+            raise TypeError(f"{op}: weight must be floating point; got {weight.dtype}")
+        return weight
+    if isinstance(weight, Sequence) and not isinstance(weight, (str, bytes)):
+        try:
+            values = [float(w) for w in weight]
+        except (TypeError, ValueError):
+            raise TypeError(f"{op}: weight must be a (K,) tensor or a sequence of K numbers; got {weight!r}") from None
+        dtype = presence_dtype(like.dtype) if like is not None else torch.float32
+        return torch.tensor(values, dtype=dtype, device=like.device if like is not None else None)
+    raise TypeError(f"{op}: weight must be a (K,) tensor or a sequence of K numbers; got {type(weight).__name__}")
 
 
 # --------------------------------------------------------------------------------------
@@ -346,12 +358,13 @@ class SyncLoss(nn.Module):
         mode: str = "hard",
         direction: str = "seg_to_class",
         reduction: str = "mean",
-        weight: Tensor | None = None,
+        weight: Tensor | Sequence[float] | None = None,
         activation: str = "softmax",
         temperature: float = 0.1,
         threshold: float = 0.5,
     ) -> None:
         super().__init__()
+        weight = _as_weight(weight, None, "SyncLoss")
         if direction not in SYNC_DIRECTIONS:
             raise ValueError(f"SyncLoss: direction must be one of {SYNC_DIRECTIONS}; got {direction!r}")
         if mode not in PRESENCE_MODES:
@@ -378,8 +391,32 @@ class SyncLoss(nn.Module):
         return f"mode={self.mode!r}, direction={self.direction!r}, reduction={self.reduction!r}"
 
 
-# The Triton kernels register themselves as the CUDA implementation on import.
-from .. import triton as _triton_pkg  # noqa: E402
+# --------------------------------------------------------------------------------------
+# CUDA implementation: the Triton launchers, or, without triton, a clear error
+# --------------------------------------------------------------------------------------
+def _triton_missing(op: str):
+    def fail(*args, **kwargs):
+        raise RuntimeError(
+            f"mtseg::{op} on CUDA tensors runs Triton kernels, and the 'triton' package is not installed "
+            "(CUDA builds of torch ship it: `pip install triton` matching your torch). Install it, or call the "
+            "op on CPU tensors; there is no automatic fallback to the CPU."
+        )
+
+    return fail
+
 
 if _triton_pkg.HAS_TRITON:
-    from ..triton import presence as _triton_presence  # noqa: E402,F401
+    from ..triton import presence as _triton_presence
+
+    _CUDA_KERNELS = {
+        "class_counts": _triton_presence.class_counts,
+        "soft_presence_forward": _triton_presence.soft_presence_forward,
+        "soft_presence_backward": _triton_presence.soft_presence_backward,
+    }
+else:  # pragma: no cover - exercised in a subprocess that hides triton (tests/ops/test_presence.py)
+    _CUDA_KERNELS = {op: _triton_missing(op) for op in ("class_counts", "soft_presence_forward",
+                                                        "soft_presence_backward")}
+
+_cuda_lib = torch.library.Library("mtseg", "IMPL")
+for _op, _kernel in _CUDA_KERNELS.items():
+    _cuda_lib.impl(_op, _kernel, "CUDA")

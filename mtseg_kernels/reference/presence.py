@@ -5,6 +5,7 @@ full probability tensor), obviously right: the oracle of ``mtseg_kernels.ops.pre
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -38,6 +39,8 @@ def soft_presence(
     valid_mask: Tensor | None = None,
 ) -> Tensor:
     """``(B, K)`` float64 presence; same modes and conventions as the operator."""
+    if mode == "argmax":
+        return argmax_presence(input, valid_mask)
     p = probabilities(input, activation).flatten(2)
     if valid_mask is None:
         valid = torch.ones_like(p[:, :1], dtype=torch.bool)
@@ -50,7 +53,7 @@ def soft_presence(
         # networks) float64 p itself ties, and where the maximum is (and its gradient goes)
         # would be lost. Below 1/2, p itself is the precise quantity.
         c = complement(input, activation).flatten(2)
-        by_p = torch.where(valid, p, torch.full_like(p, -1.0)).amax(2)
+        by_p = torch.where(valid, p, torch.full_like(p, -torch.inf)).amax(2)
         by_c = 1 - torch.where(valid, c, torch.full_like(c, 2.0)).amin(2)
         out = torch.where(by_p > 0.5, by_c, by_p)
     elif mode == "noisy_or":
@@ -63,6 +66,19 @@ def soft_presence(
     else:
         raise ValueError(mode)
     return torch.where(empty, torch.zeros_like(out), out)
+
+
+def argmax_presence(input: Tensor, valid_mask: Tensor | None = None) -> Tensor:
+    """``(B, K)`` float64: 1 where class k wins numpy's arg-max over classes (first maximum,
+    NaN counts as the largest) at some valid voxel: TDSNet's hard presence."""
+    x = input.detach().double().cpu().numpy()
+    B, K = x.shape[:2]
+    winners = np.argmax(x, axis=1).reshape(B, -1)
+    valid = np.ones_like(winners, dtype=bool) if valid_mask is None else valid_mask.cpu().numpy().reshape(B, -1)
+    out = np.zeros((B, K))
+    for b in range(B):
+        out[b, np.unique(winners[b][valid[b]])] = 1.0
+    return torch.from_numpy(out)
 
 
 def complement(input: Tensor, activation: str) -> Tensor:

@@ -8,6 +8,9 @@
 //   noisy_or    [sum of the finite log(1 - p), number of voxels with log(1 - p) = -inf]
 //   smooth_max  [m = max p, s = sum exp((p - m) / T)]    (presence = m + T log(s / n))
 //   hard        [unused, unused]
+//   argmax      [unused, unused]
+// The backward of max uses the index: it checks that every index is -1 or a voxel of the
+// input before reading anything (a raw caller may pass any stats).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,7 +20,10 @@
 namespace mtseg {
 namespace presence {
 
-enum class Mode { Max, NoisyOr, SmoothMax, Hard };
+enum class Mode { Max, NoisyOr, SmoothMax, Hard, Argmax };
+
+// Modes that are a decision per voxel: no gradient flows through them.
+inline bool is_hard_mode(Mode m) { return m == Mode::Hard || m == Mode::Argmax; }
 enum class Activation { Softmax, Sigmoid, None };
 
 Mode parse_mode(c10::string_view name, const char* op);
