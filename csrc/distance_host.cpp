@@ -92,22 +92,26 @@ Geometry mask_geometry(const at::Tensor& mask, std::optional<at::ArrayRef<double
       largest = std::max(largest, s[i]);
     }
     // Beyond this ratio the squares of the scaled spacings would leave double's range.
-    TORCH_CHECK_VALUE(largest <= std::ldexp(smallest, 500), op,
+    TORCH_CHECK_VALUE(!(std::ldexp(largest, -500) > smallest), op,
                       ": the spacing values differ by too much (largest / smallest must be at most 2^500), got ",
                       s);
     for (int i = 0; i < g.spatial; ++i) g.spacing[3 - g.spatial + i] = s[i];
     g.unit_spacing = true;
     for (double v : s) g.unit_spacing = g.unit_spacing && v == 1.0;
-    int e = 0;
-    const double m = std::frexp(largest, &e);  // largest = m * 2^e, m in [0.5, 1)
-    g.work_scale = std::ldexp(1.0, m == 0.5 ? e - 1 : e);
-    g.unit_work_spacing = true;
-    for (int i = 0; i < 3; ++i) {
-      g.work_spacing[i] = g.spacing[i] / g.work_scale;
-      if (3 - i <= g.spatial) g.unit_work_spacing = g.unit_work_spacing && g.work_spacing[i] == 1.0;
+    if (smallest == largest) {
+      // isotropic: the transforms run in voxel units (exact integer arithmetic) and the
+      // distances are multiplied by the spacing once at the end
+      g.work_scale = largest;
+    } else {
+      int e = 0;
+      const double m = std::frexp(largest, &e);  // largest = m * 2^e, m in [0.5, 1)
+      g.work_scale = std::ldexp(1.0, m == 0.5 ? e - 1 : e);
     }
-    // 2D: the unused depth axis keeps spacing 1 (it never enters a distance)
-    if (g.spatial == 2) g.work_spacing[0] = 1.0;
+    g.unit_work_spacing = true;
+    for (int i = 3 - g.spatial; i < 3; ++i) {
+      g.work_spacing[i] = g.spacing[i] / g.work_scale;
+      g.unit_work_spacing = g.unit_work_spacing && g.work_spacing[i] == 1.0;
+    }
   }
   return g;
 }
@@ -184,7 +188,7 @@ void check_memory(double bytes, const at::Tensor& mask, const char* op) {
 void check_edt_range(const Geometry& g, at::ScalarType out_dtype, bool squared) {
   const double type_max = out_dtype == at::kDouble ? DBL_MAX : FLT_MAX;
   const double type_min = out_dtype == at::kDouble ? DBL_MIN : FLT_MIN;
-  // in units of work_scale (exact powers of two keep the comparison meaningful)
+  // in units of work_scale
   double far = 0.0, step = INFINITY;
   const int64_t n[3] = {g.depth, g.height, g.width};
   for (int i = 3 - g.spatial; i < 3; ++i) {
@@ -193,10 +197,9 @@ void check_edt_range(const Geometry& g, at::ScalarType out_dtype, bool squared) 
     step = std::min(step, g.work_spacing[i]);
   }
   far = std::sqrt(far);
-  const int scale_exp = std::ilogb(g.work_scale);
   // log2 of the largest distance and of the smallest, in physical units
-  const double log_far = far > 0.0 ? std::log2(far) + scale_exp : -INFINITY;
-  const double log_step = std::log2(step) + scale_exp;
+  const double log_far = far > 0.0 ? std::log2(far) + std::log2(g.work_scale) : -INFINITY;
+  const double log_step = std::log2(step) + std::log2(g.work_scale);
   const double k = squared ? 2.0 : 1.0;
   TORCH_CHECK_VALUE(k * log_far < std::log2(type_max) && k * log_step >= std::log2(type_min),
                     "edt: with spacing ", at::ArrayRef<double>(g.spacing.data() + 3 - g.spatial, g.spatial),

@@ -188,13 +188,56 @@ MTSEG_CPU_CLONES void sweep_rows(const uint8_t* __restrict mask, bool invert, in
   }
 }
 
+// Envelope of lines of up to n values, with its scratch: int64 arithmetic for unit
+// spacing (exact, the common case), double otherwise (see mtseg/distance.h).
 template <typename T>
-struct LineScratch {
+struct LineEnvelope {
+  bool unit;
+  double s2;
   std::vector<double> pv, pc;
   std::vector<T> pf;
-  explicit LineScratch(int64_t n) : pv(n), pc(n), pf(n) {}
-  EnvelopeScratch<T> get() { return {pv.data(), pc.data(), pf.data()}; }
+  std::vector<int64_t> iv, ic;
+  LineEnvelope(int64_t n, bool unit_spacing, double spacing) : unit(unit_spacing), s2(spacing * spacing) {
+    if (unit) {
+      iv.resize(n);
+      ic.resize(n);
+    } else {
+      pv.resize(n);
+      pc.resize(n);
+      pf.resize(n);
+    }
+  }
+  template <typename O>
+  void line(const T* f, int64_t n, O* out, bool take_sqrt, double out_scale) {
+    if (unit) {
+      envelope_line_unit<T, O>(f, n, iv.data(), ic.data(), out, take_sqrt, out_scale);
+    } else {
+      envelope_line<T, O>(f, 1, n, s2, EnvelopeScratch<T>{pv.data(), pc.data(), pf.data()}, out, 1, take_sqrt,
+                          out_scale);
+    }
+  }
+  // In place, over a line whose zeros are zero voxels: each run of non-zero values with
+  // its bounding zeros (as envelope_line_runs).
+  void runs(T* f, int64_t n) {
+    for (int64_t q = 0; q < n;) {
+      if (f[q] == T(0)) {
+        ++q;
+        continue;
+      }
+      int64_t e = q + 1;
+      while (e < n && f[e] != T(0)) ++e;
+      const int64_t l = q > 0 ? q - 1 : 0, r = e < n ? e : n - 1;
+      line<T>(f + l, r - l + 1, f + l, false, 1.0);
+      q = r + 1;
+    }
+  }
 };
+
+// Whether lines of the geometry take the int64 envelope: unit spacing, and lines short
+// enough for its products (4 n^3 below 2^62).
+bool unit_envelope(const Geometry& g) {
+  return g.unit_work_spacing && std::max({g.depth, g.height, g.width}) < (int64_t{1} << 19);
+}
 
 // The first and last row of a block of `nb` adjacent columns of one plane (H rows of
 // W bytes) that hold foreground; hi < lo when there is none.
@@ -211,9 +254,13 @@ inline void block_rows(const uint8_t* plane, int64_t H, int64_t W, int64_t nb, b
 // g.work_scale, times out_scale: `work` (T, B x voxels) holds the passes, `out` (O) the
 // result. Either out is work (in place), or both are zero-filled on entry (`zeroed`).
 // With `zeroed`, only what is not zero is written.
+//
+// `query` (optional, one byte per voxel): only the voxels with (query != 0) != query_invert
+// need exact values; the last pass then envelopes, of each run, only the stretches of
+// parabolas those voxels can reach (the others get upper bounds of their distances).
 template <typename T, typename O>
 void edt_batch(const uint8_t* mask, bool invert, const Geometry& g, T* work, O* out, bool take_sqrt,
-               double out_scale, bool zeroed) {
+               double out_scale, bool zeroed, const uint8_t* query = nullptr, bool query_invert = false) {
   const int64_t V = g.voxels(), B = g.batch;
   if (B == 0 || V == 0) return;
   const bool is3d = g.spatial == 3;
@@ -235,9 +282,9 @@ void edt_batch(const uint8_t* mask, bool invert, const Geometry& g, T* work, O* 
     }
   };
   // Pass 2 (3D): the middle axis, kBlock columns at a time through contiguous lines.
+  const bool unit = unit_envelope(g);
   auto pass2 = [&](int64_t begin, int64_t end) {
-    const double s2 = g.work_spacing[1] * g.work_spacing[1];
-    LineScratch<T> s(H);
+    LineEnvelope<T> env(H, unit, g.work_spacing[1]);
     std::vector<T> buf(H * kBlock);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t plane = item / blocks, x0 = (item % blocks) * kBlock;
@@ -252,18 +299,45 @@ void edt_batch(const uint8_t* mask, bool invert, const Geometry& g, T* work, O* 
       T* p = work + plane * H * W + lo * W + x0;
       for (int64_t y = 0; y < n; ++y)
         for (int64_t c = 0; c < nb; ++c) buf[c * n + y] = p[y * W + c];
-      for (int64_t c = 0; c < nb; ++c) {
-        T* line = buf.data() + c * n;
-        envelope_line_runs<T, T>(line, 1, n, s2, s.get(), line, 1, false);
-      }
+      for (int64_t c = 0; c < nb; ++c) env.runs(buf.data() + c * n, n);
       for (int64_t y = 0; y < n; ++y)
         for (int64_t c = 0; c < nb; ++c) p[y * W + c] = buf[c * n + y];
     }
   };
   // Last pass: the contiguous axis, each run of foreground with its bounding zeros.
+  // The run [b, e) of one line (zeros at l = b - 1 and rr = e where they exist): the
+  // minimiser of a voxel q lies within rad(q) of it, where rad(q) is at most its distance
+  // to either zero and sqrt(f[q]) / spacing (its own parabola), so a cluster [c, ce) of
+  // queried voxels needs the parabolas of [c - R, ce - 1 + R] only. Overlapping
+  // stretches are merged; they are enveloped left to right, so writing in place never
+  // changes the input of a later one.
+  const double sp3 = g.work_spacing[2];
+  auto query_line = [&](LineEnvelope<T>& env, T* f, O* o, const uint8_t* qm, int64_t l, int64_t b, int64_t e,
+                        int64_t rr, int64_t W) {
+    int64_t lo = -1, hi = -1;
+    for (int64_t c = next_fg(qm, b, e, query_invert); c < e;) {
+      const int64_t ce = next_zero_set(qm, c + 1, e, query_invert);
+      T fmax = T(0);
+      for (int64_t q = c; q < ce; ++q) fmax = std::max(fmax, f[q]);
+      int64_t R = W;
+      if (fmax < inf_value<T>()) R = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(fmax)) / sp3)) + 1;
+      if (b > 0) R = std::min(R, ce - 1 - l);
+      if (e < W) R = std::min(R, rr - c);
+      const int64_t clo = std::max(l, c - R), chi = std::min(rr, ce - 1 + R);
+      if (lo >= 0 && clo <= hi) {
+        lo = std::min(lo, clo);
+        hi = std::max(hi, chi);
+      } else {
+        if (lo >= 0) env.line(f + lo, hi - lo + 1, o + lo, take_sqrt, out_scale);
+        lo = clo;
+        hi = chi;
+      }
+      c = next_fg(qm, ce, e, query_invert);
+    }
+    if (lo >= 0) env.line(f + lo, hi - lo + 1, o + lo, take_sqrt, out_scale);
+  };
   auto pass3 = [&](int64_t begin, int64_t end) {
-    const double s2 = g.work_spacing[2] * g.work_spacing[2];
-    LineScratch<T> s(W);
+    LineEnvelope<T> env(W, unit, g.work_spacing[2]);
     for (int64_t line = begin; line < end; ++line) {
       const uint8_t* m = mask + line * W;
       T* f = work + line * W;
@@ -273,7 +347,11 @@ void edt_batch(const uint8_t* mask, bool invert, const Geometry& g, T* work, O* 
         if (b >= W) break;
         const int64_t e = next_zero_set(m, b + 1, W, invert);
         const int64_t l = b > 0 ? b - 1 : b, rr = e < W ? e : W - 1;
-        envelope_line<T, O>(f + l, 1, rr - l + 1, s2, s.get(), o + l, 1, take_sqrt, out_scale);
+        if (query == nullptr) {
+          env.line(f + l, rr - l + 1, o + l, take_sqrt, out_scale);
+        } else {
+          query_line(env, f, o, query + line * W, l, b, e, rr, W);
+        }
         x = e;
       }
     }
@@ -546,8 +624,10 @@ void levelset_image(const uint8_t* a, const uint8_t* s, const Geometry& g, doubl
       std::memcpy(cs.data() + dst, s + src, n[2]);
     }
   // squared distances in units of work_scale: the rule is the same in any units
-  edt_batch<T, T>(ca.data(), true, cg, dA2.data(), dA2.data(), false, 1.0, false);  // zero set: A
-  edt_batch<T, T>(cs.data(), false, cg, dS2.data(), dS2.data(), false, 1.0, false);  // zero set: outside S
+  // The rule needs exact distances only in S minus A (A passes, the rest of the box fails:
+  // there d(x, complement(S)) = 0 and d(x, A) > 0 stay exact or over-estimated).
+  edt_batch<T, T>(ca.data(), true, cg, dA2.data(), dA2.data(), false, 1.0, false, cs.data(), false);  // zero set: A
+  edt_batch<T, T>(cs.data(), false, cg, dS2.data(), dS2.data(), false, 1.0, false, ca.data(), true);  // zero set: not S
   levelset_rule<T>(ca.data(), dA2.data(), dS2.data(), lam, CV, co.data());
   for (int64_t z = 0; z < n[0]; ++z)
     for (int64_t y = 0; y < n[1]; ++y)
@@ -625,8 +705,7 @@ void feature_transform(const uint8_t* zero, const Geometry& g, std::vector<doubl
   const int64_t dims[3] = {g.depth, g.height, g.width};
   const int64_t strides[3] = {g.height * g.width, g.width, 1};
   const int64_t nmax = std::max({g.depth, g.height, g.width});
-  LineScratch<double> s(nmax);
-  std::vector<double> f(nmax), d(nmax);
+  std::vector<double> pv(nmax), pc(nmax), pf(nmax), f(nmax), d(nmax);
   std::vector<int64_t> fi(nmax), arg(nmax);
   for (int axis = 3 - g.spatial; axis < 3; ++axis) {
     const int64_t n = dims[axis], st = strides[axis];
@@ -639,7 +718,8 @@ void feature_transform(const uint8_t* zero, const Geometry& g, std::vector<doubl
           f[q] = work[start + q * st];
           fi[q] = feat[start + q * st];
         }
-        envelope_line<double, double>(f.data(), 1, n, s2, s.get(), d.data(), 1, false, 1.0, arg.data(), 1);
+        envelope_line<double, double>(f.data(), 1, n, s2, EnvelopeScratch<double>{pv.data(), pc.data(), pf.data()},
+                                      d.data(), 1, false, 1.0, arg.data(), 1);
         for (int64_t q = 0; q < n; ++q) {
           work[start + q * st] = d[q];
           feat[start + q * st] = arg[q] >= 0 ? fi[arg[q]] : -1;
@@ -706,8 +786,8 @@ at::Tensor seed_ids(const at::Tensor& seeds_in, const char* op) {
     default:
       TORCH_CHECK_TYPE(false, op, ": seeds must hold integer instance ids (0 = no seed), got ", t);
   }
-  TORCH_CHECK_VALUE(lowest >= 0, op, ": seed ids must be >= 0 (0 = no seed), got ", lowest);
   TORCH_CHECK_VALUE(!too_large, op, ": seed ids must be below 2^63 (they are returned as int64)");
+  TORCH_CHECK_VALUE(lowest >= 0, op, ": seed ids must be >= 0 (0 = no seed), got ", lowest);
   return out;
 }
 

@@ -111,6 +111,37 @@ MTSEG_HOST_DEVICE void envelope_line(const T* f, int64_t f_stride, int64_t n, do
   }
 }
 
+// envelope_line for unit spacing and integer values (the squared distances of unit
+// spacing are sums of squared integer steps): the same envelope in int64 arithmetic,
+// exact and without conversions, for lines of n values with every finite value and
+// n^3 far below 2^62 (the caller checks). Scratch: pv, pc (n entries each); the value of
+// parabola k is pc[k] - pv[k]^2. out may alias f.
+template <typename T, typename O>
+MTSEG_HOST_DEVICE void envelope_line_unit(const T* f, int64_t n, int64_t* pv, int64_t* pc, O* out, bool take_sqrt,
+                                          double out_scale) {
+  int64_t k = -1;
+  for (int64_t q = 0; q < n; ++q) {
+    const T fq = f[q];
+    if (!(fq < inf_value<T>())) continue;
+    const int64_t cq = static_cast<int64_t>(fq) + q * q;
+    while (k > 0 && (cq - pc[k]) * (pv[k] - pv[k - 1]) <= (pc[k] - pc[k - 1]) * (q - pv[k])) --k;
+    ++k;
+    pv[k] = q;
+    pc[k] = cq;
+  }
+  if (k < 0) {
+    for (int64_t q = 0; q < n; ++q) out[q] = inf_value<O>();
+    return;
+  }
+  int64_t j = 0;
+  for (int64_t q = 0; q < n; ++q) {
+    while (j < k && pc[j + 1] - pc[j] < 2 * q * (pv[j + 1] - pv[j])) ++j;
+    const int64_t d2 = pc[j] - 2 * q * pv[j] + q * q;  // (q - v)^2 + f[v]
+    const double d = static_cast<double>(d2);
+    out[q] = static_cast<O>((take_sqrt ? sqrt(d) : d) * out_scale);
+  }
+}
+
 // envelope_line for lines whose zeros are zero voxels (f = 0 exactly there, f > 0
 // elsewhere), as after the first pass: a zero voxel's parabola lies below every parabola
 // beyond it, so each run of non-zero values only needs the envelope of itself and its two

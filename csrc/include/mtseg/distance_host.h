@@ -16,11 +16,13 @@ namespace distance {
 // A batch of masks (B, H, W) or (B, D, H, W); 2D masks have depth 1. spacing is per
 // axis (D, H, W), 1 for the depth of 2D masks.
 //
-// The CPU kernels compute with work_spacing = spacing / work_scale, where work_scale is
-// the power of two that brings the largest spacing into (0.5, 1]: squared distances then
-// stay far from overflow and underflow for any accepted spacing (mask_geometry rejects
-// spacings whose ratio exceeds 2^500), and multiplying by a power of two is exact, so the
-// results are those of the unscaled arithmetic, scaled back without rounding.
+// The CPU kernels compute with work_spacing = spacing / work_scale and multiply the
+// distances by work_scale at the end, so that squared distances stay far from overflow
+// and underflow for any accepted spacing (mask_geometry rejects spacings whose ratio
+// exceeds 2^500). Isotropic spacing: work_scale is the spacing, the transforms run in
+// voxel units (exact) and the distances are rounded once when scaled. Otherwise
+// work_scale is the power of two that brings the largest spacing into (0.5, 1]: scaling
+// by it is exact, so the results are those of the unscaled arithmetic.
 struct Geometry {
   int64_t batch = 0, depth = 1, height = 0, width = 0;
   int spatial = 2;
