@@ -196,11 +196,13 @@ struct LineEnvelope {
   double s2;
   std::vector<double> pv, pc;
   std::vector<T> pf;
-  std::vector<int64_t> iv, ic;
+  std::vector<int64_t> iv, ic, izn, izd;
   LineEnvelope(int64_t n, bool unit_spacing, double spacing) : unit(unit_spacing), s2(spacing * spacing) {
     if (unit) {
-      iv.resize(n);
-      ic.resize(n);
+      iv.resize(n + 1);
+      ic.resize(n + 1);
+      izn.resize(n + 1);
+      izd.resize(n + 1);
     } else {
       pv.resize(n);
       pc.resize(n);
@@ -210,7 +212,7 @@ struct LineEnvelope {
   template <typename O>
   void line(const T* f, int64_t n, O* out, bool take_sqrt, double out_scale) {
     if (unit) {
-      envelope_line_unit<T, O>(f, n, iv.data(), ic.data(), out, take_sqrt, out_scale);
+      envelope_line_unit<T, O>(f, n, iv.data(), ic.data(), izn.data(), izd.data(), out, take_sqrt, out_scale);
     } else {
       envelope_line<T, O>(f, 1, n, s2, EnvelopeScratch<T>{pv.data(), pc.data(), pf.data()}, out, 1, take_sqrt,
                           out_scale);

@@ -490,7 +490,7 @@ def test_surface_metrics_match_reference_random(seed, conn, q):
         np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9)
 
 
-def test_surface_metrics_3d_and_label_maps(shared_data):
+def test_surface_metrics_3d():
     rng = np.random.default_rng(5)
     pred = ndi.binary_dilation(rng.random((2, 12, 20, 22)) < 0.005, iterations=3)
     target = ndi.binary_dilation(rng.random((2, 12, 20, 22)) < 0.005, iterations=3)
@@ -499,6 +499,9 @@ def test_surface_metrics_3d_and_label_maps(shared_data):
     for i in range(2):
         ref = surface_metrics_reference(pred[i], target[i], spacing, 95.0, 3)
         np.testing.assert_allclose([m.hausdorff[i], m.hausdorff_percentile[i], m.assd[i]], ref, rtol=1e-9)
+
+
+def test_surface_metrics_label_maps(shared_data):
     # real CaDIS label maps, per class: a map against its shifted copy
     labels = cadis_label_maps(shared_data, 2)[:, ::4, ::4].astype(np.int64)
     shifted = np.roll(labels, 3, axis=2)

@@ -113,32 +113,60 @@ MTSEG_HOST_DEVICE void envelope_line(const T* f, int64_t f_stride, int64_t n, do
 
 // envelope_line for unit spacing and integer values (the squared distances of unit
 // spacing are sums of squared integer steps): the same envelope in int64 arithmetic,
-// exact and without conversions, for lines of n values with every finite value and
-// n^3 far below 2^62 (the caller checks). Scratch: pv, pc (n entries each); the value of
-// parabola k is pc[k] - pv[k]^2. out may alias f.
+// exact and without conversions, for lines of n values with n^3 far below 2^62 (the
+// caller checks). Scratch: pv, pc, zn, zd of n + 1 entries each; parabola k has
+// c = pc[k] and starts at zn[k] / (2 zd[k]). The top of the stack is kept in registers.
+// out may alias f.
+// The envelope at q of envelope_line_unit's stack, moving j (the parabola of the
+// previous q) right while the next parabola starts left of q.
+MTSEG_HOST_DEVICE int64_t unit_envelope_at(int64_t q, int64_t& j, const int64_t* pv, const int64_t* pc,
+                                           const int64_t* zn, const int64_t* zd) {
+  while (zn[j + 1] < 2 * q * zd[j + 1]) ++j;
+  const int64_t dx = q - pv[j];
+  return dx * dx + pc[j] - pv[j] * pv[j];  // (q - v)^2 + f[v]
+}
+
 template <typename T, typename O>
-MTSEG_HOST_DEVICE void envelope_line_unit(const T* f, int64_t n, int64_t* pv, int64_t* pc, O* out, bool take_sqrt,
-                                          double out_scale) {
-  int64_t k = -1;
+MTSEG_HOST_DEVICE void envelope_line_unit(const T* f, int64_t n, int64_t* pv, int64_t* pc, int64_t* zn, int64_t* zd,
+                                          O* out, bool take_sqrt, double out_scale) {
+  int64_t k = -1, tv = 0, tc = 0, tzn = 0, tzd = 1;  // top: position, c, start as a fraction
   for (int64_t q = 0; q < n; ++q) {
     const T fq = f[q];
     if (!(fq < inf_value<T>())) continue;
     const int64_t cq = static_cast<int64_t>(fq) + q * q;
-    while (k > 0 && (cq - pc[k]) * (pv[k] - pv[k - 1]) <= (pc[k] - pc[k - 1]) * (q - pv[k])) --k;
+    int64_t num = -1, den = 0;  // the new start: -inf for the first parabola
+    while (k >= 0) {
+      num = cq - tc;
+      den = q - tv;
+      if (k == 0 || num * tzd > tzn * den) break;  // meets the top right of the top's start
+      --k;
+      tv = pv[k], tc = pc[k], tzn = zn[k], tzd = zd[k];
+    }
     ++k;
-    pv[k] = q;
-    pc[k] = cq;
+    pv[k] = tv = q;
+    pc[k] = tc = cq;
+    zn[k] = tzn = num;
+    zd[k] = tzd = den;
   }
   if (k < 0) {
     for (int64_t q = 0; q < n; ++q) out[q] = inf_value<O>();
     return;
   }
+  zn[k + 1] = INT64_MAX / 4;  // a start beyond every q: the scan never passes parabola k
+  zd[k + 1] = 1;
   int64_t j = 0;
-  for (int64_t q = 0; q < n; ++q) {
-    while (j < k && pc[j + 1] - pc[j] < 2 * q * (pv[j + 1] - pv[j])) ++j;
-    const int64_t d2 = pc[j] - 2 * q * pv[j] + q * q;  // (q - v)^2 + f[v]
-    const double d = static_cast<double>(d2);
-    out[q] = static_cast<O>((take_sqrt ? sqrt(d) : d) * out_scale);
+  if (take_sqrt && out_scale == 1.0 && sizeof(O) == 4) {
+    // float output: a float square root of the exact integer is the correctly rounded
+    // distance (below 2^24 the integer is exact in float; otherwise, double first)
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t d2 = unit_envelope_at(q, j, pv, pc, zn, zd);
+      out[q] = static_cast<O>(d2 < (int64_t{1} << 24) ? sqrtf(static_cast<float>(d2)) : sqrt(static_cast<double>(d2)));
+    }
+  } else {
+    for (int64_t q = 0; q < n; ++q) {
+      const double d = static_cast<double>(unit_envelope_at(q, j, pv, pc, zn, zd));
+      out[q] = static_cast<O>((take_sqrt ? sqrt(d) : d) * out_scale);
+    }
   }
 }
 
