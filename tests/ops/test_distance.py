@@ -824,3 +824,20 @@ def test_fake_kernels_shapes_and_dtypes():
         assert labels.shape == mask.shape and labels.dtype == torch.int32 and counts.shape == (2,)
         assert torch.ops.mtseg.levelset_grow(fm, fm, 1.0).dtype == torch.bool
         assert torch.ops.mtseg.grow_instances(fm, fm, 1.0, None, 0).dtype == torch.int64
+
+
+@pytest.mark.cuda
+def test_float_masks_do_not_synchronise_the_device():
+    """The NaN check of float masks runs on the device (no .item() on every call)."""
+    mask = torch.rand(2, 40, 50, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    mask = mask.where(mask > 0.3, 0.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        d = torch.ops.mtseg.edt(mask)
+        grown = torch.ops.mtseg.levelset_grow(mask, mask, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    m = (mask != 0).cpu().numpy()
+    np.testing.assert_allclose(d.cpu().numpy(), edt_reference(m), rtol=0, atol=TOL)
+    np.testing.assert_array_equal(grown.cpu().numpy(), m)
