@@ -111,7 +111,8 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.6,<3", "numpy>=1.24"],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "scikit-image>=0.25", "scipy>=1.11", "expecttest"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "scikit-image>=0.25", "scipy>=1.11", "expecttest",
+                 "monai>=1.6,<1.7"],
         "bench": [
             "pytest-benchmark>=4",
             "scikit-image>=0.25",

@@ -28,7 +28,7 @@ from skimage.feature import hog as skimage_hog
 from skimage.transform import resize as skimage_resize
 
 import mtseg_kernels
-from mtseg_harness.training.bench import StepRunner, synthetic_batch
+from mtseg_harness.runs.bench import StepRunner, synthetic_batch
 
 SIZE = (256, 256)
 BATCH = 4

@@ -8,8 +8,13 @@
   approximation, each a loss and its labels on one shared trainer.
 * ``mtseg_harness.training`` / ``mtseg_harness.evaluation``: the trainer (AMP,
   schedules, atomic resumable checkpoints, DDP), metrics and reports.
+* ``mtseg_harness.runs``: a config turned into a run (``load_config``, ``build_run``,
+  ``build_trainer``, ``run_eval``) and the commands built on it.
 * ``mtseg_harness.cli``: the ``mtseg`` command (train, eval, labels, bench, demo) over
   the YAML configs in ``configs/``.
+
+Layers import one way: cli -> runs -> training -> {methods, models, data, evaluation};
+``docs/architecture.md`` in the repository describes them.
 
 The folder is ``harness/`` in the source tree; setuptools maps it to this namespaced
 import name so that it cannot collide with another package called ``harness``.

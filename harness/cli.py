@@ -9,13 +9,39 @@
 
 Overrides: ``--set key.sub=value`` (repeatable, several per flag) or bare ``key=value``
 arguments; values are YAML (``optim.lr=1e-3``, ``data.input_size=[80,120]``).
+
+This module is the top layer (``cli -> runs -> training -> ...``) and imports only the
+standard library until the command runs: a missing package of the ``[harness]`` extra is
+reported in one line, not as a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
-from pathlib import Path
+
+#: Modules of the ``[harness]`` extra (setup.py) the commands import -> their pip package.
+HARNESS_EXTRA = {"yaml": "pyyaml", "scipy": "scipy", "pandas": "pandas", "nibabel": "nibabel",
+                 "skimage": "scikit-image", "matplotlib": "matplotlib", "tqdm": "tqdm", "PIL": "pillow"}
+
+
+def missing_extra(modules=HARNESS_EXTRA) -> list[str]:
+    """pip packages of the ``[harness]`` extra whose module cannot be found."""
+    missing = []
+    for module, package in modules.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a module set to None in sys.modules, or broken
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def _missing_message(packages) -> str:
+    return (f"mtseg: the harness needs {', '.join(packages)} (the [harness] extra), not installed here; "
+            f"install it with: pip install --no-build-isolation -e '.[harness]'")
 
 
 def _add_config(p):
@@ -25,134 +51,44 @@ def _add_config(p):
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides")
 
 
-def _config(args):
-    from .config import load_config
-
-    return load_config(args.config, list(args.set) + list(args.overrides))
+def _overrides(args) -> list[str]:
+    return list(args.set) + list(args.overrides)
 
 
-def cmd_train(args) -> int:
-    from .training import Trainer
-    from .training import distributed as D
-
-    cfg = _config(args)
-    trainer = Trainer(cfg)
-    result = trainer.fit()
+def cmd_train(runs, args) -> int:
+    trainer, result = runs.train(runs.load_config(args.config, _overrides(args)))
     if trainer.is_main:
         print(f"trained {result['step']} steps; best validation Dice {result['best']:.4f} at step {result['best_step']}"
               if result["best_step"] is not None else f"trained {result['step']} steps")
         print(f"run folder: {trainer.out_dir}")
-    D.cleanup()
     return 0
 
 
-def build_for_eval(cfg, checkpoint=None, split_key: str = "test"):
-    """(model, method, dataset, device) for evaluating a trained run."""
-    import torch
-
-    from .methods import create_method
-    from .models import create_model
-    from .training import model_weights, resolve_device
-    from .training.data import build_dataset
-
-    dataset = build_dataset(cfg, split_key)
-    method = create_method(cfg["method"]["name"], dataset.num_classes, getattr(dataset, "ignore_index", 255),
-                           **{k: v for k, v in cfg["method"].items() if k != "name"})
-    heads = {**method.heads(), **(cfg["model"].get("heads") or {})}
-    model = create_model(cfg["model"]["name"], int(dataset[0]["image"].shape[0]), dataset.num_classes, heads=heads,
-                         **(cfg["model"].get("options") or {}))
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(model_weights(state))
-        if isinstance(state, dict) and "method" in state:
-            method.load_state_dict(state["method"])
-    device = resolve_device(cfg.get("device", "auto"))
-    return model.to(device), method, dataset, device
-
-
-def run_eval(cfg, checkpoint=None, split_key=None, out_dir=None, keep_examples: int = 4, quiet: bool = False):
-    """Evaluate and write per_image.csv, per_class.csv, summary.yaml (and overlays.png) to ``out_dir``."""
-    import yaml
-
-    from .evaluation import evaluate
-    from .evaluation.report import per_class_table, plot_overlays
-    from .training.data import eval_loader
-
-    split_key = split_key or cfg["eval"]["split"]
-    run = Path(cfg["train"]["out_dir"])
-    if checkpoint is None:
-        checkpoint = run / f"{cfg['eval']['checkpoint']}.pt"
-        if not checkpoint.is_file():
-            checkpoint = run / "last.pt"
-    model, method, dataset, device = build_for_eval(cfg, checkpoint, split_key)
-    names = list(dataset.class_names)
-    table, summary, examples = evaluate(model, method, eval_loader(dataset, cfg), device, dataset.num_classes,
-                                        getattr(dataset, "ignore_index", 255), names, hd=bool(cfg["eval"]["hd"]),
-                                        pad_multiple=int(cfg["eval"]["pad_multiple"]), keep_examples=keep_examples,
-                                        input_size=cfg["data"].get("input_size"),
-                                        objects=cfg["data"]["name"] == "glas", brats=cfg["data"]["name"] == "brats18")
-    out = Path(out_dir) if out_dir else run / f"eval_{split_key}"
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "per_image.csv", index=False)
-    per_class_table(summary, names).to_csv(out / "per_class.csv", index=False)
-    (out / "summary.yaml").write_text(yaml.safe_dump({"checkpoint": str(checkpoint), **summary}, sort_keys=False))
-    if examples:
-        plot_overlays({cfg["method"]["name"]: examples}, out / "overlays.png")
-    if not quiet:
-        keys = [k for k in ("dice_fg", "iou_fg", "miou", "hd95_fg") if k in summary]
-        print(f"{split_key}: " + ", ".join(f"{k} {summary[k]:.4f}" for k in keys) + f"  ({summary['n_images']} images)")
-        print(f"tables in {out}")
-    return table, summary, examples
-
-
-def cmd_eval(args) -> int:
-    from .config import load_config, resolve
-
+def cmd_eval(runs, args) -> int:
     if args.config is None and args.checkpoint:
-        import torch
-
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        from .config import apply_overrides
-
-        cfg = resolve(apply_overrides(state["config"], list(args.set) + list(args.overrides)))
+        cfg = runs.config_from_checkpoint(args.checkpoint, _overrides(args))
     else:
-        cfg = _config(args)
-    run_eval(cfg, args.checkpoint, args.split, args.out)
+        cfg = runs.load_config(args.config, _overrides(args))
+    runs.run_eval(cfg, args.checkpoint, args.split, args.out)
     return 0
 
 
-def cmd_labels(args) -> int:
-    from .training.labels import precompute_labels
-
-    cfg = _config(args)
-    written = precompute_labels(cfg, args.out, kinds=args.kind, split_key=args.split)
+def cmd_labels(runs, args) -> int:
+    cfg = runs.load_config(args.config, _overrides(args))
+    written = runs.precompute_labels(cfg, args.out, kinds=args.kind, split_key=args.split)
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0
 
 
-def cmd_bench(args) -> int:
-    import torch
-
-    from .evaluation.report import format_table
-    from .training.bench import time_steps
-
-    import pandas as pd
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = time_steps(args.methods, repeat=args.repeat, size=tuple(args.size), batch=args.batch, model=args.model,
-                      model_options={"base_channels": args.base_channels} if args.model.startswith("unet") else None)
-    print(f"training step, {args.model}, batch {args.batch}, {args.size[0]}x{args.size[1]}, "
-          f"{torch.get_num_threads()} threads, CPU" + (" (median of %d)" % args.repeat))
-    print(format_table(pd.DataFrame(rows), ".4f"))
+def cmd_bench(runs, args) -> int:
+    print(runs.bench_report(args.methods, repeat=args.repeat, size=tuple(args.size), batch=args.batch, model=args.model,
+                            base_channels=args.base_channels, threads=args.threads))
     return 0
 
 
-def cmd_demo(args) -> int:
-    from .training.demo import run_demo
-
-    run_demo(out=args.out, steps=args.steps, methods=args.methods, threads=args.threads, quick=args.quick)
+def cmd_demo(runs, args) -> int:
+    runs.run_demo(out=args.out, steps=args.steps, methods=args.methods, threads=args.threads, quick=args.quick)
     return 0
 
 
@@ -201,10 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    missing = missing_extra()
+    if missing:
+        print(_missing_message(missing), file=sys.stderr)
+        return 1
+    # the one place the harness is imported: its packages are all there (checked above)
+    from . import runs
     from .config import ConfigError
 
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(runs, args) or 0)
     except ConfigError as exc:
         print(f"mtseg: config error: {exc}", file=sys.stderr)
         return 2

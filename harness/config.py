@@ -4,9 +4,13 @@ A config is a nested mapping with the sections below; a file may start from othe
 files with ``base: other.yaml`` (or a list; paths relative to the file), deep-merged
 in order, the file's own keys last. Overrides ``a.b.c=value`` (value parsed as YAML:
 ``optim.lr=1e-3``, ``train.amp=false``, ``data.augment.crop=[128,128]``) apply on top.
-The final config is ``DEFAULTS`` <- the method's paper defaults
-(``Method.config_defaults``, e.g. HOG-MTL's Adam 2e-4 halved every 50k of 150k steps)
+The final config is ``DEFAULTS`` <- presets (the method's paper defaults,
+``Method.config_defaults``, e.g. HOG-MTL's Adam 2e-4 halved every 50k of 150k steps)
 <- the file <- the overrides.
+
+This module knows the sections and their defaults, nothing of methods, models or data:
+:func:`mtseg_harness.runs.load_config` is the one function that loads a config, and
+passes the method's presets to :func:`resolve`.
 
 Sections::
 
@@ -82,7 +86,7 @@ _Loader.add_implicit_resolver(
 
 def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
-BUILTIN_PREFIX = "builtin:"
+
 
 
 class ConfigError(ValueError):
@@ -148,18 +152,18 @@ def read_yaml(path) -> dict:
     return data
 
 
-def resolve(user: Mapping) -> dict:
-    """DEFAULTS <- method paper defaults <- ``user``; checks the section names."""
+def resolve(user: Mapping, presets: Iterable[Mapping] = ()) -> dict:
+    """``DEFAULTS`` <- each of ``presets`` <- ``user``; checks the section names and the keys
+    of the sections with a fixed set of keys."""
     unknown = set(user) - SECTIONS
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")
     for section, value in user.items():
         if isinstance(DEFAULTS[section], dict) and not isinstance(value, Mapping):
             raise ConfigError(f"config section {section!r} must be a mapping, got {value!r}")
-    from .methods import method_class
-
-    method_name = (user.get("method") or {}).get("name", DEFAULTS["method"]["name"])
-    cfg = deep_merge(DEFAULTS, method_class(method_name).config_defaults)
+    cfg = dict(DEFAULTS)
+    for preset in presets:
+        cfg = deep_merge(cfg, preset)
     cfg = deep_merge(cfg, user)
     for section in ("train", "optim", "sched", "eval"):
         extra = set(cfg[section]) - set(DEFAULTS[section])
@@ -168,24 +172,17 @@ def resolve(user: Mapping) -> dict:
     return cfg
 
 
-def load_config(path=None, overrides: Iterable[str] = (), base: Mapping | None = None) -> dict:
-    """Read ``path`` (or start from ``base``/nothing), apply ``overrides``, merge with the defaults."""
+def read_config(path=None, overrides: Iterable[str] = (), base: Mapping | None = None) -> dict:
+    """The user's part of a config: ``base`` <- the file at ``path`` (with its ``base:`` files) <- ``overrides``."""
     user = read_yaml(path) if path is not None else {}
     if base is not None:
         user = deep_merge(base, user)
-    user = apply_overrides(user, overrides)
-    return resolve(user)
+    return apply_overrides(user, overrides)
 
 
-def builtin_root(name: str) -> Path:
-    return Path(__file__).resolve().parent / "assets" / name
-
-
-def data_root(root) -> Path:
-    root = str(root)
-    if root.startswith(BUILTIN_PREFIX):
-        return builtin_root(root[len(BUILTIN_PREFIX):])
-    return Path(root).expanduser()
+def method_name(user: Mapping) -> str:
+    """The method a user config asks for (the default one when it names none)."""
+    return (user.get("method") or {}).get("name", DEFAULTS["method"]["name"])
 
 
 def dump(cfg: Mapping) -> str:

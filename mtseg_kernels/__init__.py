@@ -21,20 +21,23 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "Build it with `pip install --no-build-isolation -e .` (or `make test`) from the source tree."
     ) from exc
 
+from .metrics import (
+    SurfaceDistance,
+    SurfaceDistanceMetric,
+    SurfaceMetrics,
+    average_surface_distance,
+    hausdorff_distance,
+    surface_metrics,
+)
 from .ops.distance import (
     EDT,
     GrownInstances,
     LevelSetGrow,
-    SurfaceDistance,
-    SurfaceMetrics,
-    average_surface_distance,
     connected_components,
     edt,
     grow_instances,
-    hausdorff_distance,
     levelset_grow,
     signed_edt,
-    surface_metrics,
 )
 from .ops.hog import HOG, HOG_MTL_PRESETS, HOGPreset, hog, hog_blocks, hog_cells, hog_output_shape, hog_pseudo_label
 from .ops.presence import (
@@ -58,6 +61,7 @@ __all__ = [
     "LevelSetGrow",
     "SoftPresence",
     "SurfaceDistance",
+    "SurfaceDistanceMetric",
     "SurfaceMetrics",
     "SyncLoss",
     "average_surface_distance",

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mtseg_harness.data.hc18 import fill_outline
+
 SCALE = 10 / 3          # 800 x 540 -> 240 x 162
 SIZE = (240, 162)       # PIL (width, height)
 ROWS = (1, 161)         # keep 160 rows
 
 
 def _fill(ann: np.ndarray) -> np.ndarray:
-    from mtseg_harness.data.hc18 import fill_outline
-
     return fill_outline(ann > 127)
 
 

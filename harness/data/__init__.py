@@ -4,12 +4,13 @@
 >>> ds = create_dataset("cadis", "/data/CaDIS", split="train", task=2)       # doctest: +SKIP
 >>> loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate)  # doctest: +SKIP
 
-Every adapter reads the unmodified official download (layouts in each module's
-docstring and in DESIGN.md section 6); samples are dicts, see :mod:`.base`.
+Every adapter reads the unmodified official download (layout in each module's
+docstring, summary in this folder's README); samples are dicts, see :mod:`.base`, which
+also holds the scaffold the adapters share (folder walk, split selection, sample build).
 """
 
-from .base import (IGNORE_INDEX, SegmentationDataset, create_dataset, list_datasets, ratio_split,
-                   register_dataset)
+from .base import (BUILTIN_PREFIX, IGNORE_INDEX, GroupReport, ObjectMetrics, RegionMetrics, SegmentationDataset,
+                   create_dataset, file_record, list_datasets, ratio_split, register_dataset, resolve_root, table_split)
 from .io import DatasetError, MissingFileError
 from .cadis import CaDIS, cadis_lut
 from .endovis import EndoVis2017, EndoVis2018, decode_colour_label, read_labels_json
@@ -21,12 +22,15 @@ from .lits import LiTS
 from .generic import ImageMaskFolder, NiftiPairs
 from .weak import WeakLabels, make_weak_labels, read_weak_labels, weak_region
 from .transforms import BatchAugment, collate, presence_from_mask
+from .wrappers import DatasetWrapper, InMemory, first_sample
 
 __all__ = [
-    "IGNORE_INDEX", "SegmentationDataset", "create_dataset", "list_datasets", "ratio_split", "register_dataset",
+    "BUILTIN_PREFIX", "IGNORE_INDEX", "GroupReport", "ObjectMetrics", "RegionMetrics", "SegmentationDataset",
+    "create_dataset", "file_record", "list_datasets", "ratio_split", "register_dataset", "resolve_root", "table_split",
     "DatasetError", "MissingFileError",
     "CaDIS", "cadis_lut", "EndoVis2017", "EndoVis2018", "decode_colour_label", "read_labels_json",
     "BraTS", "brats_regions", "REFUGE", "GlaS", "HC18", "LiTS", "ImageMaskFolder", "NiftiPairs",
     "WeakLabels", "make_weak_labels", "read_weak_labels", "weak_region",
     "BatchAugment", "collate", "presence_from_mask",
+    "DatasetWrapper", "InMemory", "first_sample",
 ]

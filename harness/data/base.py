@@ -14,6 +14,24 @@ A sample is a dict:
 
 Keys that a dataset does not define are absent (``scene`` and ``instances``) or filled
 with a documented default (``spacing`` = 1 mm per axis where the format has no spacing).
+
+The scaffold every adapter shares:
+
+* **folder walk** -- :func:`~.io.list_folder` / :func:`~.io.walk_files` list the
+  entries (whatever their type, so a folder or FIFO in place of a file is reported when
+  read, not skipped), :func:`file_record` pairs the files of one sample and marks the
+  record bad, with the reason, when one of them cannot be read;
+* **split selection** -- an adapter names the record key its splits assign
+  (``split_by``: a case, a video, a scan) and how (:meth:`SegmentationDataset.assign_splits`,
+  with :func:`ratio_split` or :func:`table_split`); ``all`` and unions of splits are
+  handled here;
+* **read-check-build** -- ``_load`` reads with the checked readers of :mod:`.io`, checks
+  sizes and encodings, and builds the dict with :meth:`SegmentationDataset.sample`;
+  :meth:`SegmentationDataset.__getitem__` then checks the labels and fills ``presence``.
+
+A dataset also declares the evaluation extras that make sense for it
+(``extra_metrics``: :class:`ObjectMetrics`, :class:`RegionMetrics`,
+:class:`GroupReport`); :mod:`mtseg_harness.evaluation` computes them.
 """
 
 from __future__ import annotations
@@ -23,24 +41,37 @@ import json
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .io import DatasetError, MissingFileError
+from .io import DatasetError, check_spacing, file_error, image_to_tensor, require_folder
 
 log = logging.getLogger("mtseg_harness.data")
 
 IGNORE_INDEX = 255
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 _MEMORY_INDEX: dict[tuple, list[dict]] = {}
 _MEMORY_LOCK = threading.Lock()
 
 _REGISTRY: dict[str, type] = {}
+
+#: ``root: builtin:<name>`` names a dataset shipped with the package (``assets/<name>``).
+BUILTIN_PREFIX = "builtin:"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def resolve_root(root) -> Path:
+    """A dataset root: ``builtin:<name>`` (e.g. ``builtin:hc18_sample``) or a path (``~`` expanded)."""
+    root = str(root)
+    if root.startswith(BUILTIN_PREFIX):
+        return ASSETS / root[len(BUILTIN_PREFIX):]
+    return Path(root).expanduser()
 
 
 def register_dataset(*names: str):
@@ -61,13 +92,39 @@ def list_datasets() -> list[str]:
 def create_dataset(name: str, root, split: str = "train", **options) -> "SegmentationDataset":
     """Build the adapter registered as ``name`` on the unmodified download at ``root``.
 
-    Example: ``create_dataset("cadis", "/data/CaDIS", split="val", task=2)``.
+    Example: ``create_dataset("cadis", "/data/CaDIS", split="val", task=2)``;
+    ``root="builtin:hc18_sample"`` is the HC18 sample shipped with the package.
     """
     try:
         cls = _REGISTRY[name.lower()]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}") from None
-    return cls(root, split=split, **options)
+    return cls(resolve_root(root), split=split, **options)
+
+
+# --------------------------------------------------------------------------- evaluation extras
+
+
+@dataclass(frozen=True)
+class ObjectMetrics:
+    """Object-level Dice and Hausdorff (GlaS): predicted objects are the connected components
+    (``connectivity``) of the predicted foreground, compared with ``sample["instances"]``."""
+
+    connectivity: int = 8
+
+
+@dataclass(frozen=True)
+class RegionMetrics:
+    """Dice of unions of classes (BraTS: ET, TC, WT): ``regions`` = ((name, class ids), ...)."""
+
+    regions: tuple[tuple[str, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """Means per group of images (a video, a GlaS part): ``key`` is the sample key holding the group."""
+
+    key: str
 
 
 # --------------------------------------------------------------------------- splits
@@ -106,6 +163,39 @@ def ratio_split(
     return out
 
 
+def table_split(units, table: Mapping[str, Sequence], rest: str = "train") -> dict:
+    """unit -> split from fixed lists (``{"val": (5, 7, 16), "test": (2, 12, 22)}``); others go to ``rest``.
+
+    The first list holding a unit wins.
+    """
+    out = {}
+    for u in units:
+        out[u] = next((name for name, members in table.items() if u in members), rest)
+    return out
+
+
+# --------------------------------------------------------------------------- folder walk
+
+
+def file_record(case_id: str, files: Mapping[str, tuple[Any, str]], **meta) -> dict:
+    """An index record pairing the files of one sample.
+
+    ``files``: role (the record key, e.g. ``"image"``, ``"mask"``) -> ``(path, what)``. The
+    record holds ``case_id``, every role's path as a string and ``meta``; when a file
+    cannot be read it also holds ``error = (path, reason)`` for the first such file, the
+    reason naming a present partner file ("annotation not found (its image exists)").
+    """
+    rec = {"case_id": case_id, **{role: str(path) for role, (path, _) in files.items()}, **meta}
+    present = [what for path, what in files.values() if os.path.lexists(path)]
+    for path, what in files.values():
+        partner = next((w for w in present if w != what), None)
+        err = file_error(path, what, partner)
+        if err is not None:
+            rec["error"] = (err.path, err.reason)
+            break
+    return rec
+
+
 # --------------------------------------------------------------------------- base class
 
 
@@ -133,6 +223,12 @@ class SegmentationDataset(Dataset):
     class_names: tuple[str, ...] = ()
     scene_names: tuple[str, ...] | None = None
     ignore_index = IGNORE_INDEX
+    #: Evaluation extras (:class:`ObjectMetrics`, :class:`RegionMetrics`, :class:`GroupReport`).
+    extra_metrics: tuple = ()
+    #: Record key of the unit that splits assign (a case, a video, a scan); see :meth:`assign_splits`.
+    split_by: str = "case_id"
+    #: Splits made of others, e.g. GlaS ``{"test": ("testA", "testB")}``.
+    split_unions: Mapping[str, tuple[str, ...]] = {}
 
     def __init__(
         self,
@@ -147,9 +243,8 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if split not in self.splits:
             raise ValueError(f"{self.name}: unknown split {split!r}; expected one of {self.splits}")
-        self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise MissingFileError(self.root, f"{self.name} dataset root does not exist or is not a folder")
+        self.root = resolve_root(root)
+        require_folder(self.root, f"{self.name} dataset root")
         self.split = split
         self.on_error = on_error
         self.transform = transform
@@ -188,11 +283,44 @@ class SegmentationDataset(Dataset):
         """JSON-serialisable records, one per sample; a record with ``error=(path, reason)`` marks a bad sample."""
         raise NotImplementedError
 
+    def assign_splits(self, records: list[dict]) -> dict:
+        """unit (``record[split_by]``) -> split name, over all records. Default: the unit names its split."""
+        return {r[self.split_by]: r[self.split_by] for r in records}
+
     def _select(self, records: list[dict], split: str) -> list[dict]:
-        return records
+        if split == "all":
+            return records
+        assign = self.assign_splits(records)
+        wanted = self.split_unions.get(split, (split,))
+        return [r for r in records if assign.get(r[self.split_by]) in wanted]
 
     def _load(self, record: dict) -> dict:
         raise NotImplementedError
+
+    def sample(self, rec: dict, image, mask, **extra) -> dict:
+        """Build a sample dict from what an adapter read and checked.
+
+        ``image``: an integer ``(H, W)`` / ``(H, W, C)`` array from :func:`~.io.read_image`
+        (scaled to [0, 1], channels first) or a float32 ``(C, *S)`` array (kept as it is);
+        ``mask``: integer class ids. ``extra``: ``spacing`` (checked, float32), ``scene``
+        (int64), other numbers (float32), arrays (tensors), tensors and strings as they are.
+        """
+        if isinstance(image, np.ndarray):
+            image = image_to_tensor(image) if image.dtype.kind in "ui" else torch.from_numpy(np.ascontiguousarray(image))
+        out = {"image": image} if image is not None else {}
+        out["mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
+        for key, value in extra.items():
+            if key == "spacing":
+                value = torch.tensor(check_spacing(value, rec.get("mask", rec["case_id"])), dtype=torch.float32)
+            elif key == "scene":
+                value = torch.tensor(int(value), dtype=torch.int64)
+            elif isinstance(value, np.ndarray):
+                value = torch.from_numpy(np.ascontiguousarray(value))
+            elif isinstance(value, float):
+                value = torch.tensor(value, dtype=torch.float32)
+            out[key] = value
+        out["case_id"] = rec["case_id"]
+        return out
 
     # ------------------------------------------------------------------ index cache
 

@@ -9,6 +9,7 @@ flair, t1, t1ce, t2), voxel order ``(Z, Y, X)`` of the file (no reorientation), 
 modality z-scored over its non-zero (brain) voxels when ``normalize=True`` (default).
 
 ``mask``: 0 background, 1 necrotic / non-enhancing core, 2 oedema, 3 enhancing tumour.
+Evaluation adds the Dice of the regions (:data:`REGIONS`: ET, TC, WT).
 The 2018 files encode enhancing as 4, newer releases as 3; both are accepted
 (``label_convention="auto"``; a file holding both 3 and 4 is an error), or force
 ``"2018"`` (0/1/2/4) / ``"2021"`` (0/1/2/3). ``regions``: uint8 ``(3, D, H, W)`` =
@@ -27,14 +28,18 @@ training set is split per case, stratified by grade, 70/10/20 ``train``/``val``/
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
-from .base import SegmentationDataset, ratio_split, register_dataset
-from .io import (DatasetError, as_integer_labels, check_same_size, load_nifti, nifti_data, nifti_spacing,
+from .base import RegionMetrics, SegmentationDataset, file_record, ratio_split, register_dataset
+from .io import (DatasetError, as_integer_labels, check_same_size, list_folder, load_nifti, nifti_data, nifti_spacing,
                  volume_to_dhw)
 
 GRADES = ("HGG", "LGG")
+#: BraTS evaluation regions as unions of the adapter's classes (1 necrotic/non-enhancing, 2 oedema, 3 enhancing).
+REGIONS = (("ET", (3,)), ("TC", (1, 3)), ("WT", (1, 2, 3)))
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 
@@ -61,11 +66,8 @@ def brats_labels(seg: np.ndarray, path, convention: str = "auto") -> np.ndarray:
 
 
 def brats_regions(labels: torch.Tensor) -> torch.Tensor:
-    """0..3 labels -> uint8 ``(3, ...)`` ET, TC, WT."""
-    et = labels == 3
-    tc = et | (labels == 1)
-    wt = tc | (labels == 2)
-    return torch.stack([et, tc, wt]).to(torch.uint8)
+    """0..3 labels -> uint8 ``(3, ...)`` ET, TC, WT (:data:`REGIONS`)."""
+    return torch.stack([torch.isin(labels, torch.tensor(classes)) for _, classes in REGIONS]).to(torch.uint8)
 
 
 def center_crop_box(shape, center, size):
@@ -86,6 +88,7 @@ class BraTS(SegmentationDataset):
     num_classes = 4
     class_names = ("background", "necrotic/non-enhancing", "oedema", "enhancing")
     scene_names = GRADES
+    extra_metrics = (RegionMetrics(REGIONS),)
 
     def __init__(self, root, split="train", *, modalities=MODALITIES, normalize: bool = True,
                  crop_size=None, label_convention: str = "auto", seed: int = 0, **kw):
@@ -110,39 +113,31 @@ class BraTS(SegmentationDataset):
             gdir = self.root / grade
             if not gdir.is_dir():
                 continue
-            for cdir in sorted(p for p in gdir.iterdir() if p.is_dir()):
+            for cdir in (p for p in list_folder(gdir, f"BraTS {grade} folder") if p.is_dir()):
                 cid = cdir.name
                 files = {}
-                rec = {"case_id": cid, "grade": g}
                 for kind in MODALITIES + ("seg",):
                     cands = [cdir / f"{cid}_{kind}.nii.gz", cdir / f"{cid}_{kind}.nii"]
-                    found = next((c for c in cands if c.is_file()), None)
-                    if found is None:
-                        rec["error"] = (str(cands[0]), f"{kind} volume not found")
-                    files[kind] = str(found or cands[0])
-                rec["files"] = files
-                records.append(rec)
+                    role = "mask" if kind == "seg" else kind
+                    files[role] = (next((c for c in cands if os.path.lexists(c)), cands[0]), f"{kind} volume")
+                records.append(file_record(cid, files, grade=g))
         return records
 
-    def _select(self, records, split):
-        if split == "all":
-            return records
-        assign = ratio_split([r["case_id"] for r in records], FRACTIONS, self.seed,
-                             strata={r["case_id"]: r["grade"] for r in records})
-        return [r for r in records if assign[r["case_id"]] == split]
+    def assign_splits(self, records):
+        return ratio_split([r["case_id"] for r in records], FRACTIONS, self.seed,
+                           strata={r["case_id"]: r["grade"] for r in records})
 
     def _load(self, rec):
-        files = rec["files"]
-        seg_img = load_nifti(files["seg"], "segmentation")
-        seg = as_integer_labels(nifti_data(seg_img, files["seg"], what="segmentation"), files["seg"])
-        labels = volume_to_dhw(brats_labels(seg, files["seg"], self.label_convention))
+        seg_img = load_nifti(rec["mask"], "segmentation")
+        seg = as_integer_labels(nifti_data(seg_img, rec["mask"], what="segmentation"), rec["mask"])
+        labels = volume_to_dhw(brats_labels(seg, rec["mask"], self.label_convention))
         chans = []
         for m in self.modalities:
-            img = load_nifti(files[m], f"{m} volume")
-            arr = nifti_data(img, files[m], what=f"{m} volume").astype(np.float32)
-            check_same_size(seg.shape, arr.shape, files["seg"], files[m])
+            img = load_nifti(rec[m], f"{m} volume")
+            arr = nifti_data(img, rec[m], what=f"{m} volume").astype(np.float32)
+            check_same_size(seg.shape, arr.shape, rec["mask"], rec[m])
             if not np.isfinite(arr).all():
-                raise DatasetError(files[m], f"{m} volume holds NaN or Inf")
+                raise DatasetError(rec[m], f"{m} volume holds NaN or Inf")
             chans.append(volume_to_dhw(arr))
         image = np.stack(chans)
         if self.normalize:
@@ -151,7 +146,7 @@ class BraTS(SegmentationDataset):
                 if brain.any():
                     v = image[c][brain]
                     image[c][brain] = (v - v.mean()) / max(float(v.std()), 1e-6)
-        sx, sy, sz = nifti_spacing(seg_img)
+        sx, sy, sz = nifti_spacing(seg_img, rec["mask"])
         if self.crop_size is not None:
             nz = np.nonzero((image != 0).any(axis=0))
             if nz[0].size:
@@ -164,12 +159,6 @@ class BraTS(SegmentationDataset):
             out_img[(slice(None),) + dst] = image[(slice(None),) + src]
             out_lab[dst] = labels[src]
             image, labels = out_img, out_lab
-        mask = torch.from_numpy(np.ascontiguousarray(labels))
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image)),
-            "mask": mask,
-            "regions": brats_regions(mask),
-            "scene": torch.tensor(rec["grade"], dtype=torch.int64),
-            "spacing": torch.tensor([sz, sy, sx], dtype=torch.float32),
-            "case_id": rec["case_id"],
-        }
+        sample = self.sample(rec, image, labels, scene=rec["grade"], spacing=[sz, sy, sx])
+        sample["regions"] = brats_regions(sample["mask"])
+        return sample

@@ -32,10 +32,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .base import IGNORE_INDEX, SegmentationDataset, register_dataset
-from .io import check_same_size, image_to_tensor, lut_remap, read_label, read_rgb
+from .base import IGNORE_INDEX, SegmentationDataset, file_record, register_dataset, table_split
+from .io import check_same_size, list_folder, lut_remap, read_label, read_rgb
 
 VAL_VIDEOS = (5, 7, 16)
 TEST_VIDEOS = (2, 12, 22)
@@ -97,6 +96,7 @@ _NAME = re.compile(r"^Video(\d+)_frame(\d+)\.png$", re.IGNORECASE)
 class CaDIS(SegmentationDataset):
     name = "cadis"
     splits = ("train", "val", "test", "all")
+    split_by = "video"
 
     def __init__(self, root, split="train", *, task: int = 2, rare_as_class: bool = False,
                  images: bool = True, **kw):
@@ -121,7 +121,7 @@ class CaDIS(SegmentationDataset):
 
     def _index(self):
         records = []
-        for vdir in sorted(self.root.glob("Video*")):
+        for vdir in list_folder(self.root, "CaDIS folder"):
             m = re.match(r"^Video(\d+)$", vdir.name)
             if not m or not vdir.is_dir():
                 continue
@@ -130,28 +130,17 @@ class CaDIS(SegmentationDataset):
             images = vdir / "Images"
             names = set()
             if labels.is_dir():
-                names |= {p.name for p in labels.iterdir() if _NAME.match(p.name)}
+                names |= {p.name for p in list_folder(labels) if _NAME.match(p.name)}
             if self.read_images and images.is_dir():
-                names |= {p.name for p in images.iterdir() if _NAME.match(p.name)}
+                names |= {p.name for p in list_folder(images) if _NAME.match(p.name)}
             for n in sorted(names):
-                rec = {"video": video, "case_id": Path(n).stem, "mask": str(labels / n)}
-                if self.read_images:
-                    rec["image"] = str(images / n)
-                    if not (images / n).is_file():
-                        rec["error"] = (rec["image"], "image not found (its label map exists)")
-                if not (labels / n).is_file():
-                    rec["error"] = (rec["mask"], "label map not found (its image exists)")
-                records.append(rec)
+                files = {"image": (images / n, "image")} if self.read_images else {}
+                files["mask"] = (labels / n, "label map")
+                records.append(file_record(Path(n).stem, files, video=video))
         return records
 
-    def _select(self, records, split):
-        if split == "all":
-            return records
-        if split == "val":
-            return [r for r in records if r["video"] in VAL_VIDEOS]
-        if split == "test":
-            return [r for r in records if r["video"] in TEST_VIDEOS]
-        return [r for r in records if r["video"] not in VAL_VIDEOS + TEST_VIDEOS]
+    def assign_splits(self, records):
+        return table_split({r["video"] for r in records}, {"val": VAL_VIDEOS, "test": TEST_VIDEOS})
 
     def remap(self, raw: np.ndarray, path="<array>") -> np.ndarray:
         """Raw CaDIS class ids (0..35, 255) -> this task's training ids."""
@@ -159,10 +148,9 @@ class CaDIS(SegmentationDataset):
 
     def _load(self, rec):
         raw = read_label(rec["mask"])
-        sample = {"mask": torch.from_numpy(self.remap(raw, rec["mask"]))}
+        mask = self.remap(raw, rec["mask"])
+        img = None
         if self.read_images:
             img = read_rgb(rec["image"])
             check_same_size(img.shape[:2], raw.shape, rec["image"], rec["mask"])
-            sample["image"] = image_to_tensor(img)
-        sample["case_id"] = rec["case_id"]
-        return sample
+        return self.sample(rec, img, mask)

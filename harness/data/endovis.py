@@ -20,6 +20,7 @@ masks overlap the later folder wins (for every target). ``crop=True`` (default) 
 rows 28:1052 and cols 320:1600 (the black border removed, 1024x1280).
 Splits: ``fold`` 0..3 picks the validation videos {1,3}, {2,5}, {4,8}, {6,7}; ``train`` is
 the other videos of 1..8; ``test`` is videos 9 and 10; ``all`` every video found.
+Samples carry ``video``; evaluation reports each video separately as well.
 
 EndoVis 2018 layout (official)::
 
@@ -43,11 +44,10 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .base import SegmentationDataset, register_dataset
-from .io import (DatasetError, MissingFileError, check_same_size, check_values, image_to_tensor, read_image,
-                 read_label, read_rgb)
+from .base import GroupReport, SegmentationDataset, file_record, register_dataset, table_split
+from .io import (DatasetError, check_same_size, check_values, file_error, list_folder, read_image, read_label,
+                 read_rgb, read_text)
 
 # ----------------------------------------------------------------------------- 2017
 
@@ -78,6 +78,8 @@ def instrument_type(folder_name: str, path="<folder>") -> int:
 class EndoVis2017(SegmentationDataset):
     name = "endovis17"
     splits = ("train", "val", "test", "all")
+    split_by = "video"
+    extra_metrics = (GroupReport("video"),)
 
     def __init__(self, root, split="train", *, target: str = "binary", fold: int = 0, crop: bool = True, **kw):
         if target not in TARGETS17:
@@ -94,7 +96,7 @@ class EndoVis2017(SegmentationDataset):
 
     def _index(self):
         records = []
-        for vdir in sorted(self.root.glob("instrument_dataset_*")):
+        for vdir in list_folder(self.root, "EndoVis 2017 folder"):
             m = re.match(r"^instrument_dataset_(\d+)$", vdir.name)
             if not m or not vdir.is_dir():
                 continue
@@ -104,24 +106,24 @@ class EndoVis2017(SegmentationDataset):
             if not frames.is_dir():
                 records.append({"video": video, "case_id": vdir.name, "error": (str(frames), "left_frames folder not found")})
                 continue
-            folders = sorted(p for p in gt.iterdir() if p.is_dir()) if gt.is_dir() else []
-            for f in sorted(frames.glob("frame*.png")):
-                rec = {"video": video, "case_id": f"{vdir.name}/{f.stem}", "image": str(f),
-                       "masks": [str(d / f.name) for d in folders]}
+            folders = [p for p in list_folder(gt) if p.is_dir()] if gt.is_dir() else []
+            for f in list_folder(frames):
+                if not (f.name.startswith("frame") and f.name.endswith(".png")):
+                    continue
+                masks = [d / f.name for d in folders]
+                rec = file_record(f"{vdir.name}/{f.stem}", {"image": (f, "frame")}, video=video,
+                                  masks=[str(q) for q in masks])
                 if not folders:
-                    rec["error"] = (str(gt), "ground_truth folder missing or empty")
+                    rec.setdefault("error", (str(gt), "ground_truth folder missing or empty"))
+                for q in masks:
+                    err = file_error(q, "instrument mask", "frame")
+                    if err is not None:
+                        rec.setdefault("error", (err.path, err.reason))
                 records.append(rec)
         return records
 
-    def _select(self, records, split):
-        if split == "all":
-            return records
-        if split == "test":
-            return [r for r in records if r["video"] in TEST17]
-        val = FOLDS17[self.fold]
-        if split == "val":
-            return [r for r in records if r["video"] in val]
-        return [r for r in records if r["video"] not in val and r["video"] not in TEST17]
+    def assign_splits(self, records):
+        return table_split({r["video"] for r in records}, {"test": TEST17, "val": FOLDS17[self.fold]})
 
     def _load(self, rec):
         img = read_rgb(rec["image"])
@@ -148,12 +150,7 @@ class EndoVis2017(SegmentationDataset):
                     mask[on] = m[on] // 10
         if self.crop:
             img, mask, inst = img[CROP17], mask[CROP17], inst[CROP17]
-        return {
-            "image": image_to_tensor(np.ascontiguousarray(img)),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
-            "instances": torch.from_numpy(np.ascontiguousarray(inst)),
-            "case_id": rec["case_id"],
-        }
+        return self.sample(rec, np.ascontiguousarray(img), mask, instances=inst, video=rec["video"])
 
 
 # ----------------------------------------------------------------------------- 2018
@@ -174,9 +171,7 @@ VAL18 = (2, 5, 9, 15)
 def read_labels_json(path) -> list[tuple[str, tuple[int, int, int], int]]:
     """``labels.json`` -> [(name, (r, g, b), classid)], checked (ids 0..K-1, unique colours)."""
     try:
-        entries = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise MissingFileError(path, f"cannot read labels.json ({exc})") from None
+        entries = json.loads(read_text(path, "labels.json"))
     except ValueError as exc:
         raise DatasetError(path, f"labels.json is not valid JSON ({exc})") from None
     out = []
@@ -221,6 +216,7 @@ class EndoVis2018(SegmentationDataset):
     name = "endovis18"
     splits = ("train", "val", "all")
     scene_names = ("scene-1", "scene-2", "scene-3")
+    split_by = "seq"
 
     def __init__(self, root, split="train", *, labels_json=None, val_sequences=VAL18, **kw):
         self.val_sequences = tuple(int(s) for s in val_sequences)
@@ -239,34 +235,23 @@ class EndoVis2018(SegmentationDataset):
 
     def _index(self):
         records = []
-        for sdir in sorted(self.root.glob("seq_*")):
+        for sdir in list_folder(self.root, "EndoVis 2018 folder"):
             m = re.match(r"^seq_(\d+)$", sdir.name)
             if not m or not sdir.is_dir():
                 continue
-            seq = int(m.group(1))
-            for f in sorted((sdir / "left_frames").glob("frame*.png")):
-                lab = sdir / "labels" / f.name
-                rec = {"seq": seq, "case_id": f"{sdir.name}/{f.stem}", "image": str(f), "mask": str(lab)}
-                if not lab.is_file():
-                    rec["error"] = (str(lab), "colour label not found (its frame exists)")
-                records.append(rec)
+            frames = sdir / "left_frames"
+            for f in (list_folder(frames) if frames.is_dir() else []):
+                if f.name.startswith("frame") and f.name.endswith(".png"):
+                    records.append(file_record(f"{sdir.name}/{f.stem}", {"image": (f, "frame"),
+                                               "mask": (sdir / "labels" / f.name, "colour label")}, seq=int(m.group(1))))
         return records
 
-    def _select(self, records, split):
-        if split == "all":
-            return records
-        if split == "val":
-            return [r for r in records if r["seq"] in self.val_sequences]
-        return [r for r in records if r["seq"] not in self.val_sequences]
+    def assign_splits(self, records):
+        return table_split({r["seq"] for r in records}, {"val": self.val_sequences})
 
     def _load(self, rec):
         img = read_rgb(rec["image"])
         lab = read_image(rec["mask"], "colour label", palette="rgb")
         check_same_size(img.shape[:2], lab.shape[:2], rec["image"], rec["mask"])
         mask = decode_colour_label(lab[..., :3] if lab.ndim == 3 else lab, self.table, rec["mask"])
-        return {
-            "image": image_to_tensor(img),
-            "mask": torch.from_numpy(mask),
-            "scene": torch.tensor(SCENES18.get(rec["seq"], -1), dtype=torch.int64),
-            "case_id": rec["case_id"],
-        }
+        return self.sample(rec, img, mask, scene=SCENES18.get(rec["seq"], -1))

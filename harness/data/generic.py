@@ -16,21 +16,21 @@ values 0..K-1. Anything else in a mask is an error. ``ignore_value`` (optional) 
 value to ``ignore_index`` (255). Splits: the sub-folders are not split by the data set, so
 ``split="all"`` takes every pair, and ``train``/``val``/``test`` a deterministic 70/10/20
 split of the stems (:func:`ratio_split`, ``seed``), or ``split_file=``: a JSON file
-``{"train": [stems], "val": [...], "test": [...]}``.
+``{"train": [stems], "val": [...], "test": [...]}`` (a stem listed in two splits is an
+error; stems in no list belong to no split).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from .base import IGNORE_INDEX, SegmentationDataset, ratio_split, register_dataset
-from .io import (DatasetError, as_integer_labels, check_same_size, image_to_tensor, load_nifti, lut_remap,
-                 nifti_data, nifti_spacing, read_image, read_label, volume_to_dhw)
+from .base import IGNORE_INDEX, SegmentationDataset, file_record, ratio_split, register_dataset
+from .io import (DatasetError, as_integer_labels, check_same_size, list_folder, load_nifti, lut_remap, nifti_data,
+                 nifti_spacing, read_image, read_label, read_text, require_folder, volume_to_dhw)
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
@@ -62,18 +62,20 @@ class _PairsBase(SegmentationDataset):
         self.split_file = split_file
         super().__init__(root, split, **kw)
 
-    def _select(self, records, split):
-        if split == "all":
-            return records
-        if self.split_file is not None:
-            try:
-                table = json.loads(Path(self.split_file).read_text())
-            except (OSError, ValueError) as exc:
-                raise DatasetError(self.split_file, f"cannot read split file ({exc})") from None
-            wanted = set(table.get(split, []))
-            return [r for r in records if r["case_id"] in wanted]
-        assign = ratio_split([r["case_id"] for r in records], FRACTIONS, self.seed)
-        return [r for r in records if assign[r["case_id"]] == split]
+    def assign_splits(self, records):
+        if self.split_file is None:
+            return ratio_split([r["case_id"] for r in records], FRACTIONS, self.seed)
+        try:
+            table = json.loads(read_text(self.split_file, "split file"))
+            lists = {name: [str(c) for c in table.get(name, [])] for name in ("train", "val", "test")}
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise DatasetError(self.split_file, f"split file must be JSON {{\"train\": [stems], ...}} ({exc})") from None
+        out = {}
+        for name, stems in lists.items():
+            for c in stems:
+                if out.setdefault(c, name) != name:
+                    raise DatasetError(self.split_file, f"case {c!r} is listed in both {out[c]!r} and {name!r}")
+        return out
 
     def _labels(self, raw, path):
         return lut_remap(raw, self.lut, path, "mask")
@@ -94,33 +96,25 @@ class ImageMaskFolder(_PairsBase):
         return (self.images_dir, self.masks_dir, self.mask_suffix)
 
     def _index(self):
-        idir, mdir = self.root / self.images_dir, self.root / self.masks_dir
-        if not idir.is_dir() or not mdir.is_dir():
-            from .io import MissingFileError
-
-            raise MissingFileError(idir if not idir.is_dir() else mdir, "image or mask folder not found")
+        idir = require_folder(self.root / self.images_dir, "image folder")
+        mdir = require_folder(self.root / self.masks_dir, "mask folder")
         masks = {}
-        for p in mdir.iterdir():
+        for p in list_folder(mdir):
             if p.suffix.lower() in IMAGE_EXT and p.stem.endswith(self.mask_suffix):
                 masks[p.stem[: len(p.stem) - len(self.mask_suffix)] if self.mask_suffix else p.stem] = p
         records = []
-        for p in sorted(idir.iterdir()):
+        for p in list_folder(idir):
             if p.suffix.lower() not in IMAGE_EXT:
                 continue
-            rec = {"case_id": p.stem, "image": str(p)}
-            if p.stem in masks:
-                rec["mask"] = str(masks[p.stem])
-            else:
-                rec["error"] = (str(mdir / f"{p.stem}{self.mask_suffix}.png"), "mask not found (its image exists)")
-            records.append(rec)
+            mask = masks.get(p.stem, mdir / f"{p.stem}{self.mask_suffix}.png")
+            records.append(file_record(p.stem, {"image": (p, "image"), "mask": (mask, "mask")}))
         return records
 
     def _load(self, rec):
         img = read_image(rec["image"])
         raw = read_label(rec["mask"])
         check_same_size(img.shape[:2], raw.shape, rec["image"], rec["mask"])
-        return {"image": image_to_tensor(img), "mask": torch.from_numpy(self._labels(raw, rec["mask"])),
-                "case_id": rec["case_id"]}
+        return self.sample(rec, img, self._labels(raw, rec["mask"]))
 
 
 _NII = re.compile(r"^(.*?)(_(\d{4}))?\.nii(\.gz)?$")
@@ -143,27 +137,21 @@ class NiftiPairs(_PairsBase):
         return (self.images_dir, self.labels_dir)
 
     def _index(self):
-        idir, ldir = self.root / self.images_dir, self.root / self.labels_dir
-        if not idir.is_dir() or not ldir.is_dir():
-            from .io import MissingFileError
-
-            raise MissingFileError(idir if not idir.is_dir() else ldir, "image or label folder not found")
+        idir = require_folder(self.root / self.images_dir, "image folder")
+        ldir = require_folder(self.root / self.labels_dir, "label folder")
         cases: dict[str, dict[int, str]] = {}
-        for p in sorted(idir.iterdir()):
+        for p in list_folder(idir):
             m = _NII.match(p.name)
             if m and not p.name.startswith("."):
                 cases.setdefault(m.group(1), {})[int(m.group(3) or 0)] = str(p)
         records = []
         for case in sorted(cases):
             chans = cases[case]
-            rec = {"case_id": case, "images": [chans[k] for k in sorted(chans)]}
+            lab = next((ldir / f"{case}{e}" for e in (".nii.gz", ".nii") if os.path.lexists(ldir / f"{case}{e}")),
+                       ldir / f"{case}.nii.gz")
+            rec = file_record(case, {"mask": (lab, "label volume")}, images=[chans[k] for k in sorted(chans)])
             if sorted(chans) != list(range(len(chans))):
-                rec["error"] = (str(idir / case), f"channels {sorted(chans)} are not 0..{len(chans) - 1}")
-            lab = next((ldir / f"{case}{e}" for e in (".nii.gz", ".nii") if (ldir / f"{case}{e}").is_file()), None)
-            if lab is None:
-                rec["error"] = (str(ldir / f"{case}.nii.gz"), "label volume not found (its image exists)")
-            else:
-                rec["mask"] = str(lab)
+                rec.setdefault("error", (str(idir / case), f"channels {sorted(chans)} are not 0..{len(chans) - 1}"))
             records.append(rec)
         return records
 
@@ -184,7 +172,7 @@ class NiftiPairs(_PairsBase):
                     raise DatasetError(path, "image volume holds NaN or Inf")
                 chans.append(a)
         labels = self._labels(raw, rec["mask"])
-        spacing = nifti_spacing(limg)
+        spacing = nifti_spacing(limg, rec["mask"])
         if raw.ndim == 3:
             image = np.stack([volume_to_dhw(a) for a in chans])
             labels = volume_to_dhw(labels)
@@ -202,7 +190,4 @@ class NiftiPairs(_PairsBase):
             lo = image.min(axis=tuple(range(1, image.ndim)), keepdims=True)
             hi = image.max(axis=tuple(range(1, image.ndim)), keepdims=True)
             image = (image - lo) / np.maximum(hi - lo, 1e-6)
-        return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-                "mask": torch.from_numpy(labels),
-                "spacing": torch.tensor(spacing, dtype=torch.float32),
-                "case_id": rec["case_id"]}
+        return self.sample(rec, np.asarray(image, dtype=np.float32), labels, spacing=spacing)

@@ -10,7 +10,9 @@ The annotation is a thin closed outline: the head mask is the outline with its i
 filled (``scipy.ndimage.binary_fill_holes``); an annotation that is already a filled
 ellipse is used as it is; an outline that does not close (the fill adds nothing and the
 region is thin) is an error. Classes: background 0, head 1. ``spacing`` is the CSV pixel
-size for both axes; ``sample["hc_mm"]`` is the CSV head circumference.
+size for both axes; ``sample["hc_mm"]`` is the CSV head circumference. A pixel size that
+is not a finite size in mm (:data:`~.io.SPACING_RANGE`), or a file listed twice with
+different values, is an error naming the CSV line.
 
 Only the training set has annotations. Splits: ``all``, or a deterministic
 70/10/20 ``train``/``val``/``test`` split of the file names (:func:`ratio_split`, seed 0).
@@ -18,15 +20,14 @@ Only the training set has annotations. Splits: ``all``, or a deterministic
 
 from __future__ import annotations
 
-import csv
 import re
 
 import numpy as np
-import torch
 from scipy import ndimage
 
-from .base import SegmentationDataset, ratio_split, register_dataset
-from .io import DatasetError, MissingFileError, check_same_size, check_values, image_to_tensor, read_image, read_label
+from .base import SegmentationDataset, file_record, ratio_split, register_dataset
+from .io import (DatasetError, check_same_size, check_spacing, check_values, keyed_rows, list_folder, read_csv,
+                 read_image, read_label, require_file, require_folder)
 
 _NAME = re.compile(r"^(\d+)_(\d+)?HC\.png$")
 FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
@@ -34,33 +35,27 @@ FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 
 def read_pixel_size_csv(path) -> dict[str, tuple[float, float | None]]:
     """filename -> (pixel size in mm, head circumference in mm or None)."""
-    out = {}
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except OSError as exc:
-        raise DatasetError(path, f"cannot read CSV ({exc})") from None
+    rows = read_csv(path, "pixel-size CSV")
     if not rows:
         raise DatasetError(path, "CSV is empty")
-    header = [h.strip().lower() for h in rows[0]]
+    header = [h.lower() for h in rows[0][1]]
     try:
         i_name = header.index("filename")
         i_px = next(i for i, h in enumerate(header) if h.startswith("pixel size"))
     except (ValueError, StopIteration):
-        raise DatasetError(path, f"CSV header {rows[0]} lacks 'filename' and 'pixel size(mm)'") from None
+        raise DatasetError(path, f"CSV header {rows[0][1]} lacks 'filename' and 'pixel size(mm)'") from None
     i_hc = next((i for i, h in enumerate(header) if h.startswith("head circumference")), None)
-    for n, row in enumerate(rows[1:], start=2):
-        if not row or not "".join(row).strip():
-            continue
+    entries = []
+    for n, row in rows[1:]:
         try:
             px = float(row[i_px])
             hc = float(row[i_hc]) if i_hc is not None else None
+            name = row[i_name]
         except (ValueError, IndexError):
             raise DatasetError(path, f"line {n}: cannot parse {row}") from None
-        if not px > 0:
-            raise DatasetError(path, f"line {n}: pixel size must be > 0, got {px}")
-        out[row[i_name].strip()] = (px, hc)
-    return out
+        check_spacing([px], path, f"line {n}: pixel size")
+        entries.append((n, name, (px, hc)))
+    return keyed_rows(path, entries, "CSV")
 
 
 def fill_outline(outline: np.ndarray, path="<array>") -> np.ndarray:
@@ -104,33 +99,23 @@ class HC18(SegmentationDataset):
         return "<root>/training_set/NNN_HC.png + NNN_HC_Annotation.png, <root>/training_set_pixel_size_and_HC.csv"
 
     def _index(self):
-        folder = self.root / "training_set"
-        csv_path = self.root / "training_set_pixel_size_and_HC.csv"
-        if not folder.is_dir():
-            raise MissingFileError(folder, "HC18 training_set folder not found")
-        if not csv_path.is_file():
-            raise MissingFileError(csv_path, "HC18 pixel-size CSV not found")
+        folder = require_folder(self.root / "training_set", "HC18 training_set folder")
+        csv_path = require_file(self.root / "training_set_pixel_size_and_HC.csv", "HC18 pixel-size CSV")
         table = read_pixel_size_csv(csv_path)
         records = []
-        for p in sorted(folder.iterdir()):
+        for p in list_folder(folder, "HC18 training_set folder"):
             if not _NAME.match(p.name):
                 continue
-            ann = p.with_name(p.stem + "_Annotation.png")
-            rec = {"case_id": p.stem, "image": str(p), "mask": str(ann)}
-            if p.name not in table:
-                rec["error"] = (str(csv_path), f"no pixel size for {p.name}")
-            else:
+            rec = file_record(p.stem, {"image": (p, "image"), "mask": (p.with_name(p.stem + "_Annotation.png"), "annotation")})
+            if p.name in table:
                 rec["pixel_mm"], rec["hc_mm"] = table[p.name]
-            if not ann.is_file():
-                rec["error"] = (str(ann), "annotation not found (its image exists)")
+            else:
+                rec.setdefault("error", (str(csv_path), f"no pixel size for {p.name}"))
             records.append(rec)
         return records
 
-    def _select(self, records, split):
-        if split == "all":
-            return records
-        assign = ratio_split([r["case_id"] for r in records], FRACTIONS, self.seed)
-        return [r for r in records if assign[r["case_id"]] == split]
+    def assign_splits(self, records):
+        return ratio_split([r["case_id"] for r in records], FRACTIONS, self.seed)
 
     def _load(self, rec):
         img = read_image(rec["image"])
@@ -139,14 +124,6 @@ class HC18(SegmentationDataset):
         ann = read_label(rec["mask"], "annotation")
         check_same_size(img.shape, ann.shape, rec["image"], rec["mask"])
         check_values(ann, (0, 255), rec["mask"], "annotation")
-        mask = fill_outline(ann > 127, rec["mask"]).astype(np.int64)
-        px = float(rec["pixel_mm"])
-        sample = {
-            "image": image_to_tensor(img),
-            "mask": torch.from_numpy(mask),
-            "spacing": torch.tensor([px, px], dtype=torch.float32),
-            "case_id": rec["case_id"],
-        }
-        if rec.get("hc_mm") is not None:
-            sample["hc_mm"] = torch.tensor(float(rec["hc_mm"]), dtype=torch.float32)
-        return sample
+        mask = fill_outline(ann > 127, rec["mask"])
+        extra = {"hc_mm": float(rec["hc_mm"])} if rec.get("hc_mm") is not None else {}
+        return self.sample(rec, img, mask, spacing=[rec["pixel_mm"]] * 2, **extra)

@@ -3,15 +3,27 @@
 All readers raise :class:`DatasetError` (or its subclass :class:`MissingFileError`)
 instead of the library's own exception, so adapters can either stop with a clear
 message or, with ``on_error="skip"``, count and report the bad sample.
+
+Before any file is opened, :func:`require_file` says why it cannot be read as a
+regular file: missing, a broken symbolic link, a symbolic-link loop, a folder, a FIFO
+(which would block the reader forever), a socket or device, or no read permission.
 """
 
 from __future__ import annotations
 
+import csv
+import errno
+import io
+import math
 import os
+import stat
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import nibabel as nib
 import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
 
 
 class DatasetError(ValueError):
@@ -27,11 +39,168 @@ class MissingFileError(DatasetError, FileNotFoundError):
     """A file or folder the official layout requires is not there."""
 
 
+# --------------------------------------------------------------------------- file checks
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def path_problem(path, folder: bool = False) -> tuple[str, bool] | None:
+    """Why ``path`` cannot be read as a regular file (``folder=True``: as a folder), or ``None``.
+
+    Returns ``(reason, missing)``; ``missing`` is true when nothing is there at all (so
+    callers can raise :class:`MissingFileError`). ``os.stat`` follows symbolic links, so a
+    link is judged by its target.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a broken symbolic link (to {os.readlink(path)!r})", False
+        return "not found", True
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop", False
+        if exc.errno == errno.EACCES:
+            return "cannot be reached: permission denied on a folder above it", False
+        if exc.errno == errno.ENOTDIR:
+            return "not found (a part of the path is a file, not a folder)", True
+        return f"cannot be read ({exc.strerror or exc})", False
+    if folder:
+        if not stat.S_ISDIR(st.st_mode):
+            return "is a file, expected a folder", False
+        if not os.access(path, os.R_OK | os.X_OK):
+            return "cannot be listed: permission denied", False
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, expected a file", False
+    for test, kind in _NOT_REGULAR:
+        if test(st.st_mode):
+            return f"is {kind}, not a regular file", False
+    if not os.access(path, os.R_OK):
+        return "cannot be read: permission denied", False
+    return None
+
+
+def file_error(path, what: str = "file", partner: str | None = None) -> DatasetError | None:
+    """The error for a file that cannot be read (see :func:`path_problem`), or ``None``.
+
+    ``partner``: the file whose presence implies this one ("its image"), named in the
+    message of a missing file.
+    """
+    found = path_problem(path)
+    if found is None:
+        return None
+    reason, missing = found
+    if missing:
+        return MissingFileError(path, f"{what} {reason}" + (f" (its {partner} exists)" if partner else ""))
+    return DatasetError(path, f"{what} {reason}")
+
+
 def require_file(path, what: str = "file") -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(path, f"{what} not found")
-    return path
+    err = file_error(path, what)
+    if err is not None:
+        raise err
+    return Path(path)
+
+
+def require_folder(path, what: str = "folder") -> Path:
+    found = path_problem(path, folder=True)
+    if found is not None:
+        reason, missing = found
+        raise (MissingFileError if missing else DatasetError)(path, f"{what} {reason}")
+    return Path(path)
+
+
+def _open_failure(path, what: str, exc: OSError) -> DatasetError:
+    """An ``OSError`` of an open/read that :func:`require_file` did not foresee (a race, a mount)."""
+    if isinstance(exc, PermissionError):
+        return DatasetError(path, f"{what} cannot be read: permission denied")
+    if isinstance(exc, IsADirectoryError):
+        return DatasetError(path, f"{what} is a folder, expected a file")
+    if isinstance(exc, FileNotFoundError):
+        return MissingFileError(path, f"{what} not found")
+    return DatasetError(path, f"{what} cannot be read ({exc.strerror or exc})")
+
+
+def list_folder(folder, what: str = "folder") -> list[Path]:
+    """The entries of ``folder``, sorted by name, whatever their type (checked later, when read)."""
+    require_folder(folder, what)
+    try:
+        return sorted(Path(folder).iterdir())
+    except OSError as exc:
+        raise _open_failure(folder, what, exc) from None
+
+
+def walk_files(root, what: str = "folder") -> list[Path]:
+    """Every non-folder entry under ``root`` (sorted; symbolic links to folders are not followed)."""
+    require_folder(root, what)
+    out = []
+
+    def fail(exc):
+        raise _open_failure(exc.filename or root, what, exc)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
+        dirnames.sort()
+        out += [Path(dirpath) / f for f in filenames]
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------- text files
+
+
+def read_text(path, what: str = "text file") -> str:
+    """A UTF-8 text file (a byte-order mark is dropped); binary content is an error naming the byte."""
+    path = require_file(path, what)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _open_failure(path, what, exc) from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise DatasetError(path, f"{what} is not a text file (a NUL byte at offset {nul})")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(path, f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def read_csv(path, what: str = "CSV") -> list[tuple[int, list[str]]]:
+    """``(line number, cells)`` of every non-blank row of a CSV file, cells stripped of spaces."""
+    text = read_text(path, what)
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise DatasetError(path, f"{what} is not valid CSV ({exc})") from None
+    return [(n, [c.strip() for c in row]) for n, row in enumerate(rows, start=1) if "".join(row).strip()]
+
+
+def keyed_rows(path, pairs: Iterable[tuple[int, str, object]], what: str = "CSV") -> dict:
+    """``{key: value}`` from ``(line, key, value)``; a key repeated with another value is an error."""
+    out, line_of = {}, {}
+    for n, key, value in pairs:
+        if key in out and out[key] != value:
+            raise DatasetError(path, f"{what} line {n}: {key!r} is already on line {line_of[key]} with other values "
+                                     f"({out[key]} vs {value})")
+        out.setdefault(key, value)
+        line_of.setdefault(key, n)
+    return out
+
+
+#: Accepted pixel/voxel sizes in mm: wide enough for microscopy and CT, narrow enough that
+#: float32 spacings and the distances the surface metrics compute stay finite and non-zero.
+SPACING_RANGE = (1e-6, 1e6)
+
+
+def check_spacing(values: Sequence[float], path, what: str = "pixel size") -> tuple[float, ...]:
+    """Each value finite and within :data:`SPACING_RANGE` mm, else an error naming the file."""
+    lo, hi = SPACING_RANGE
+    out = tuple(float(v) for v in values)
+    for v in out:
+        if not (math.isfinite(v) and lo <= v <= hi):
+            raise DatasetError(path, f"{what} must be a finite size in mm within [{lo:g}, {hi:g}], got {v!r}")
+    return out
 
 
 # --------------------------------------------------------------------------- 2D images
@@ -44,8 +213,6 @@ def read_image(path, what: str = "image", palette: str = "index") -> np.ndarray:
     (label maps stored with a palette) or their colours with ``palette="rgb"`` (images,
     colour-coded labels). 16-bit images keep their range.
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = require_file(path, what)
     try:
         with Image.open(path) as im:
@@ -62,6 +229,8 @@ def read_image(path, what: str = "image", palette: str = "index") -> np.ndarray:
                 arr = np.array(im)
     except UnidentifiedImageError as exc:
         raise DatasetError(path, f"{what} is not a readable image file ({exc})") from None
+    except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
+        raise _open_failure(path, what, exc) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(path, f"{what} is truncated or corrupt ({exc})") from None
     if arr.dtype == bool:
@@ -96,8 +265,6 @@ def read_label(path, what: str = "label map") -> np.ndarray:
 
 def image_to_tensor(arr: np.ndarray):
     """``(H, W[, C])`` uint8/uint16 -> float32 ``(C, H, W)`` scaled to [0, 1]."""
-    import torch
-
     if arr.ndim == 2:
         arr = arr[..., None]
     scale = 65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else 1.0
@@ -150,11 +317,11 @@ def lut_remap(arr: np.ndarray, lut: np.ndarray, path, what: str = "label map") -
 
 def load_nifti(path, what: str = "NIfTI volume"):
     """Open a NIfTI header (data stays on disk) and check that the file holds all its voxels."""
-    import nibabel as nib
-
     path = require_file(path, what)
     try:
         img = nib.load(str(path))
+    except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
+        raise _open_failure(path, what, exc) from None
     except Exception as exc:  # nibabel raises several types for a broken header
         raise DatasetError(path, f"{what} is not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
     name = path.name.lower()
@@ -177,8 +344,9 @@ def nifti_data(img, path, slicer=None, what: str = "NIfTI volume") -> np.ndarray
         raise DatasetError(path, f"{what} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
 
 
-def nifti_spacing(img) -> tuple[float, ...]:
-    return tuple(float(z) for z in img.header.get_zooms()[:3])
+def nifti_spacing(img, path, axes: int = 3) -> tuple[float, ...]:
+    """The header's voxel sizes of the first ``axes`` axes, checked (:func:`check_spacing`)."""
+    return check_spacing(img.header.get_zooms()[:axes], path, "voxel size in the header")
 
 
 def volume_to_dhw(arr: np.ndarray) -> np.ndarray:

@@ -23,14 +23,14 @@ Splits: by volume (no slice of a volume crosses splits), 70/10/20 ``train``/``va
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
-import torch
 
-from .base import SegmentationDataset, ratio_split, register_dataset
+from .base import SegmentationDataset, file_record, ratio_split, register_dataset
 from .io import (DatasetError, as_integer_labels, check_same_size, check_values, load_nifti, nifti_data,
-                 nifti_spacing, volume_to_dhw)
+                 nifti_spacing, volume_to_dhw, walk_files)
 
 FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 _VOL = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
@@ -40,6 +40,7 @@ _VOL = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
 class LiTS(SegmentationDataset):
     name = "lits"
     splits = ("train", "val", "test", "all")
+    split_by = "scan"  # "volume-N": no slice of a volume crosses splits
 
     def __init__(self, root, split="train", *, mode: str = "2d", target: str = "liver",
                  hu_window=(-200.0, 250.0), seed: int = 0, **kw):
@@ -63,15 +64,16 @@ class LiTS(SegmentationDataset):
 
     def _index(self):
         records = []
-        vols = sorted((p for p in self.root.rglob("volume-*.nii*") if _VOL.match(p.name)),
-                      key=lambda p: int(_VOL.match(p.name).group(1)))
+        files = walk_files(self.root, "LiTS folder")
+        vols = sorted((p for p in files if _VOL.match(p.name)), key=lambda p: int(_VOL.match(p.name).group(1)))
         for v in vols:
             n = int(_VOL.match(v.name).group(1))
             seg = next((c for c in (v.with_name(f"segmentation-{n}.nii"), v.with_name(f"segmentation-{n}.nii.gz"))
-                        if c.is_file()), v.with_name(f"segmentation-{n}.nii"))
-            base = {"case_id": f"volume-{n}", "volume": n, "image": str(v), "mask": str(seg)}
-            if not seg.is_file():
-                records.append({**base, "error": (str(seg), "segmentation not found (its volume exists)")})
+                        if os.path.lexists(c)), v.with_name(f"segmentation-{n}.nii"))
+            base = file_record(f"volume-{n}", {"image": (v, "CT volume"), "mask": (seg, "segmentation")},
+                               volume=n, scan=f"volume-{n}")
+            if "error" in base:
+                records.append(base)
                 continue
             try:
                 shape = load_nifti(v, "CT volume").shape
@@ -88,11 +90,8 @@ class LiTS(SegmentationDataset):
                 records.extend({**base, "case_id": f"volume-{n}/slice-{z:04d}", "z": z} for z in range(shape[2]))
         return records
 
-    def _select(self, records, split):
-        if split == "all":
-            return records
-        assign = ratio_split(sorted({r["case_id"].split("/")[0] for r in records}), FRACTIONS, self.seed)
-        return [r for r in records if assign[r["case_id"].split("/")[0]] == split]
+    def assign_splits(self, records):
+        return ratio_split(sorted({r["scan"] for r in records}), FRACTIONS, self.seed)
 
     def _load(self, rec):
         vimg = load_nifti(rec["image"], "CT volume")
@@ -108,14 +107,9 @@ class LiTS(SegmentationDataset):
             seg = (seg > 0).astype(np.int64)
         lo, hi = self.hu_window
         ct = (np.clip(ct, lo, hi) - lo) / (hi - lo)
-        sx, sy, sz = nifti_spacing(vimg)
+        sx, sy, sz = nifti_spacing(vimg, rec["image"])
         if self.mode == "3d":
             ct, seg, spacing = volume_to_dhw(ct), volume_to_dhw(seg), [sz, sy, sx]
         else:
             ct, seg, spacing = np.ascontiguousarray(ct.T), np.ascontiguousarray(seg.T), [sy, sx]
-        return {
-            "image": torch.from_numpy(ct)[None],
-            "mask": torch.from_numpy(seg),
-            "spacing": torch.tensor(spacing, dtype=torch.float32),
-            "case_id": rec["case_id"],
-        }
+        return self.sample(rec, ct[None].astype(np.float32), seg, spacing=spacing)

@@ -24,10 +24,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
+import pandas as pd
 
-from .base import SegmentationDataset, register_dataset
-from .io import DatasetError, MissingFileError, check_same_size, image_to_tensor, lut_remap, read_label, read_rgb
+from .base import SegmentationDataset, file_record, register_dataset
+from .io import (DatasetError, check_same_size, keyed_rows, lut_remap, read_label, read_rgb, require_file,
+                 walk_files)
 
 LUT = np.full(256, -1, dtype=np.int64)
 LUT[255], LUT[128], LUT[0] = 0, 1, 2
@@ -39,11 +40,7 @@ def _split_of(stem: str) -> str:
 
 
 def read_glaucoma_sheet(path) -> dict[str, int]:
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(path, "glaucoma label sheet not found")
+    path = require_file(path, "glaucoma label sheet")
     try:
         df = pd.read_excel(path) if path.suffix.lower() in (".xlsx", ".xls") else pd.read_csv(path)
     except ImportError as exc:
@@ -55,12 +52,12 @@ def read_glaucoma_sheet(path) -> dict[str, int]:
     lab_col = next((c for c in df.columns if "glaucoma" in c.lower() or c.lower() == "label"), None)
     if name_col is None or lab_col is None:
         raise DatasetError(path, f"sheet needs an image-name column and a glaucoma label column, has {list(df.columns)}")
-    out = {}
-    for name, lab in zip(df[name_col], df[lab_col]):
-        if int(lab) not in (0, 1):
+    entries = []
+    for row, (name, lab) in enumerate(zip(df[name_col], df[lab_col]), start=2):
+        if str(lab).strip() not in ("0", "1", "0.0", "1.0"):
             raise DatasetError(path, f"glaucoma label of {name} must be 0 or 1, got {lab}")
-        out[Path(str(name).strip()).stem] = int(lab)
-    return out
+        entries.append((row, Path(str(name).strip()).stem, int(float(lab))))
+    return keyed_rows(path, entries, "glaucoma label sheet")
 
 
 @register_dataset("refuge")
@@ -70,6 +67,7 @@ class REFUGE(SegmentationDataset):
     num_classes = 3
     class_names = ("background", "disc", "cup")
     scene_names = ("normal", "glaucoma")
+    split_by = "split"
 
     def __init__(self, root, split="train", *, labels_file=None, **kw):
         self.sheet = read_glaucoma_sheet(labels_file) if labels_file is not None else {}
@@ -80,9 +78,7 @@ class REFUGE(SegmentationDataset):
 
     def _index(self):
         masks, images = {}, {}
-        for p in sorted(self.root.rglob("*")):
-            if not p.is_file():
-                continue
+        for p in walk_files(self.root, "REFUGE folder"):
             suffix = p.suffix.lower()
             if suffix == ".bmp" and "Disc_Cup_Masks" in p.parts:
                 masks[p.stem] = p
@@ -90,7 +86,6 @@ class REFUGE(SegmentationDataset):
                 images[p.stem] = p
         records = []
         for stem in sorted(set(images) | set(masks)):
-            rec = {"case_id": stem, "split": _split_of(stem)}
             img, m = images.get(stem), masks.get(stem)
             scene = -1
             parts = [q.lower() for q in (img or m).parts]
@@ -98,18 +93,15 @@ class REFUGE(SegmentationDataset):
                 scene = 0
             elif "glaucoma" in parts or stem[:1].lower() == "g":
                 scene = 1
-            rec["scene"] = scene
             if img is None:
-                rec["error"] = (str(m), "mask has no fundus image with the same name")
+                rec = {"case_id": stem, "error": (str(m), "mask has no fundus image with the same name")}
             elif m is None:
-                rec["error"] = (str(img), "fundus image has no Disc_Cup_Masks/<name>.bmp")
+                rec = {"case_id": stem, "error": (str(img), "fundus image has no Disc_Cup_Masks/<name>.bmp")}
             else:
-                rec["image"], rec["mask"] = str(img), str(m)
+                rec = file_record(stem, {"image": (img, "fundus image"), "mask": (m, "disc/cup mask")})
+            rec.update(split=_split_of(stem), scene=scene)
             records.append(rec)
         return records
-
-    def _select(self, records, split):
-        return records if split == "all" else [r for r in records if r["split"] == split]
 
     def _load(self, rec):
         img = read_rgb(rec["image"])
@@ -117,9 +109,4 @@ class REFUGE(SegmentationDataset):
         check_same_size(img.shape[:2], raw.shape, rec["image"], rec["mask"])
         mask = lut_remap(raw, LUT, rec["mask"], "REFUGE disc/cup mask (0 cup, 128 rim, 255 background)")
         scene = rec["scene"] if rec["scene"] >= 0 else self.sheet.get(rec["case_id"], -1)
-        return {
-            "image": image_to_tensor(img),
-            "mask": torch.from_numpy(mask),
-            "scene": torch.tensor(scene, dtype=torch.int64),
-            "case_id": rec["case_id"],
-        }
+        return self.sample(rec, img, mask, scene=scene)

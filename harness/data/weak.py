@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .io import DatasetError, MissingFileError, as_integer_labels, check_same_size, load_nifti, nifti_data, read_label, volume_to_dhw
+from .io import (DatasetError, as_integer_labels, check_same_size, load_nifti, nifti_data, read_label, require_folder,
+                 volume_to_dhw)
+from .wrappers import DatasetWrapper
 
 
 def instances_from_mask(mask: np.ndarray, ignore_index: int = 255, background: int = 0) -> tuple[np.ndarray, dict[int, int]]:
@@ -171,7 +173,7 @@ def read_weak_labels(path, shape=None, num_classes: int | None = None, ignore_in
     return torch.from_numpy(arr)
 
 
-class WeakLabels(torch.utils.data.Dataset):
+class WeakLabels(DatasetWrapper):
     """Wrap a dataset: add ``weak`` and ``weak_instances`` to every sample.
 
     Generated (default): :func:`make_weak_labels` with ``seed + index`` as the seed, so
@@ -185,30 +187,20 @@ class WeakLabels(torch.utils.data.Dataset):
 
     def __init__(self, dataset, *, shrink_ratio=0.3, jitter=0.3, smoothness=0.15, seed=0,
                  weak_dir=None, suffix=".png", strong_fraction: float = 0.0):
-        self.dataset = dataset
+        super().__init__(dataset)
         self.kw = dict(shrink_ratio=shrink_ratio, jitter=jitter, smoothness=smoothness)
         self.seed = int(seed)
-        self.weak_dir = None if weak_dir is None else Path(weak_dir)
-        if self.weak_dir is not None and not self.weak_dir.is_dir():
-            raise MissingFileError(self.weak_dir, "weak label folder not found")
+        self.weak_dir = None if weak_dir is None else require_folder(Path(weak_dir).expanduser(), "weak label folder")
         self.suffix = suffix
         n = len(dataset)
         order = np.random.default_rng([self.seed, 7]).permutation(n)
         self.strong = set(order[: int(round(strong_fraction * n))].tolist())
 
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getattr__(self, name):  # num_classes, class_names, skipped, ...
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
     def __getitem__(self, index):
         sample = self.dataset[index]
         if sample is None:
             return None
-        ignore = getattr(self.dataset, "ignore_index", 255)
+        ignore = self.dataset.ignore_index
         if index in self.strong:
             sample["weak"] = sample["mask"].clone()
             sample["weak_instances"] = sample.get("instances", torch.zeros_like(sample["mask"])).clone()
@@ -218,7 +210,7 @@ class WeakLabels(torch.utils.data.Dataset):
         if self.weak_dir is not None:
             cid = str(sample["case_id"]).replace("/", "__")
             path = self.weak_dir / f"{cid}{self.suffix}"
-            sample["weak"] = read_weak_labels(path, sample["mask"].shape, getattr(self.dataset, "num_classes", None), ignore)
+            sample["weak"] = read_weak_labels(path, sample["mask"].shape, self.dataset.num_classes, ignore)
             sample["weak_instances"] = torch.from_numpy(instances_from_mask(sample["weak"].numpy(), ignore)[0])
             return sample
         weak, weak_inst = make_weak_labels(sample["mask"], sample.get("instances"), seed=self.seed * 1_000_003 + index,

@@ -1,9 +1,9 @@
-"""Metrics, evaluation loops and reports (CSV tables, curves and overlays as PNG)."""
+"""Metrics, the evaluation loop and reports (CSV tables, curves and overlays as PNG)."""
 
-from .metrics import (BRATS_REGIONS, brats_dice, brats_region_masks, confusion_matrix, dice_iou,
-                      miou_from_confusion, object_dice, object_hausdorff, overlap_counts, surface_distances)
-from .evaluate import evaluate, predict_batch, summarize
+from .metrics import (confusion_matrix, dice_iou, miou_from_confusion, object_dice, object_hausdorff,
+                      object_instances, overlap_counts, region_dice, region_masks, surface_distances)
+from .evaluate import evaluate, predict_batch, resize_image, summarize
 
-__all__ = ["BRATS_REGIONS", "brats_dice", "brats_region_masks", "confusion_matrix", "dice_iou",
-           "miou_from_confusion", "object_dice", "object_hausdorff", "overlap_counts", "surface_distances",
-           "evaluate", "predict_batch", "summarize"]
+__all__ = ["confusion_matrix", "dice_iou", "miou_from_confusion", "object_dice", "object_hausdorff",
+           "object_instances", "overlap_counts", "region_dice", "region_masks", "surface_distances",
+           "evaluate", "predict_batch", "resize_image", "summarize"]

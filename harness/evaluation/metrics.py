@@ -1,5 +1,5 @@
 """Segmentation metrics: Dice / IoU per class (ignore index honoured), surface distances in mm,
-GlaS object Dice / object Hausdorff, BraTS regions.
+GlaS object Dice / object Hausdorff, Dice of class unions (BraTS regions).
 
 Conventions (MONAI's vocabulary): metrics are per image and per class, ``(B, K)``; a
 class absent from both prediction and target in an image gives ``nan`` (left out of the
@@ -14,7 +14,10 @@ import math
 
 import numpy as np
 import torch
+from scipy.spatial.distance import directed_hausdorff
 from torch import Tensor
+
+import mtseg_kernels
 
 
 # --------------------------------------------------------------------------- overlap
@@ -72,8 +75,6 @@ def surface_distances(pred: Tensor, target: Tensor, num_classes: int, spacing=No
     (images with different pixel sizes, e.g. HC18). Ignored pixels are set to
     background in both masks first.
     """
-    from mtseg_kernels import surface_metrics
-
     if ignore_index is not None:
         bg = target == ignore_index
         pred = torch.where(bg, torch.zeros_like(pred), pred)
@@ -82,13 +83,14 @@ def surface_distances(pred: Tensor, target: Tensor, num_classes: int, spacing=No
     per_image = spacing is not None and torch.as_tensor(spacing).dim() == 2
     if not per_image:
         sp = None if spacing is None else [float(s) for s in torch.as_tensor(spacing).reshape(-1)]
-        m = surface_metrics(pred, target, sp, 95.0, num_classes=num_classes, include_background=include_background)
+        m = mtseg_kernels.surface_metrics(pred, target, sp, 95.0, num_classes=num_classes,
+                                          include_background=include_background)
         return {"hd": m.hausdorff, "hd95": m.hausdorff_percentile, "assd": m.assd}
     spacing = torch.as_tensor(spacing, dtype=torch.float64)
     rows = {"hd": [], "hd95": [], "assd": []}
     for i in range(pred.shape[0]):
-        m = surface_metrics(pred[i:i + 1], target[i:i + 1], [float(s) for s in spacing[i]], 95.0,
-                            num_classes=num_classes, include_background=include_background)
+        m = mtseg_kernels.surface_metrics(pred[i:i + 1], target[i:i + 1], [float(s) for s in spacing[i]], 95.0,
+                                          num_classes=num_classes, include_background=include_background)
         rows["hd"].append(m.hausdorff)
         rows["hd95"].append(m.hausdorff_percentile)
         rows["assd"].append(m.assd)
@@ -99,8 +101,6 @@ def surface_distances(pred: Tensor, target: Tensor, num_classes: int, spacing=No
 
 def _hausdorff_np(a: np.ndarray, b: np.ndarray) -> float:
     """Symmetric Hausdorff distance between the pixel sets of two binary masks (the GlaS definition)."""
-    from scipy.spatial.distance import directed_hausdorff
-
     pa, pb = np.argwhere(a), np.argwhere(b)
     if len(pa) == 0 or len(pb) == 0:
         return math.inf
@@ -175,19 +175,33 @@ def object_hausdorff(pred_inst, gt_inst) -> float:
     return 0.5 * (side(g, gs, s, ss) + side(s, ss, g, gs))
 
 
-# --------------------------------------------------------------------------- BraTS
-
-BRATS_REGIONS = {"ET": (3,), "TC": (1, 3), "WT": (1, 2, 3)}
-
-
-def brats_region_masks(labels: Tensor) -> Tensor:
-    """``(B, *S)`` labels 0..3 (adapter encoding: 1 NCR/NET, 2 edema, 3 enhancing) -> ``(B, 3, *S)`` bool ET, TC, WT."""
-    return torch.stack([torch.isin(labels, torch.tensor(v, device=labels.device)) for v in BRATS_REGIONS.values()], 1)
+def object_instances(pred: Tensor, connectivity: int = 8) -> Tensor:
+    """Predicted objects: connected components of the foreground (``pred > 0``) per image,
+    ``(B, *S)`` int64 ids (0 background), with ``mtseg_kernels.connected_components``."""
+    labels, _ = mtseg_kernels.connected_components((pred > 0).to(torch.uint8).cpu(), connectivity=connectivity)
+    return labels.long()
 
 
-def brats_dice(pred: Tensor, target: Tensor) -> Tensor:
-    """Dice of the ET, TC, WT regions per image ``(B, 3)``; ``nan`` where a region is empty in both."""
-    p, t = brats_region_masks(pred), brats_region_masks(target)
+# --------------------------------------------------------------------------- class unions (BraTS regions)
+
+
+def region_masks(labels: Tensor, regions) -> Tensor:
+    """``(B, *S)`` labels -> ``(B, R, *S)`` bool, one mask per region (a union of class ids).
+
+    ``regions``: ``((name, class ids), ...)``, e.g. BraTS ``(("ET", (3,)), ("TC", (1, 3)), ...)``.
+    """
+    return torch.stack([torch.isin(labels, torch.tensor(classes, device=labels.device)) for _, classes in regions], 1)
+
+
+def region_dice(pred: Tensor, target: Tensor, regions, ignore_index: int | None = 255) -> Tensor:
+    """Dice of each region per image ``(B, R)`` float64; ``nan`` where a region is empty in both.
+
+    Pixels whose target is ``ignore_index`` count nowhere.
+    """
+    p, t = region_masks(pred, regions), region_masks(target, regions)
+    if ignore_index is not None:
+        valid = (target != ignore_index).unsqueeze(1)
+        p, t = p & valid, t & valid
     dims = tuple(range(2, p.dim()))
     inter = (p & t).sum(dims).double()
     s = p.sum(dims).double() + t.sum(dims).double()

@@ -2,10 +2,10 @@
 
 >>> from mtseg_harness.methods import create_method, list_methods
 >>> list_methods()                                     # doctest: +SKIP
->>> m = create_method("hog_mtl", num_classes=2)        # m.heads() -> {"hog": 504}
+>>> m = create_method("hog_mtl", num_classes=2)        # m.heads() -> Heads(hog=HOGHeadSpec(dim=504, ...))
 """
 
-from .base import Method, create_method, list_methods, method_class, register_method
+from .base import Method, TrainContext, create_method, list_methods, method_class, register_method, resize_logits
 from . import losses
 from .baseline import Baseline
 from .hog_mtl import HOGMTL
@@ -13,5 +13,6 @@ from .tdsnet import TDSNet
 from .cmunet import CMUNet
 from .recursive import RecursiveApprox
 
-__all__ = ["Method", "create_method", "list_methods", "method_class", "register_method", "losses",
+__all__ = ["Method", "TrainContext", "create_method", "list_methods", "method_class", "register_method",
+           "resize_logits", "losses",
            "Baseline", "HOGMTL", "TDSNet", "CMUNet", "RecursiveApprox"]

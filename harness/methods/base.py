@@ -3,7 +3,9 @@
 A method decides the model heads it needs, derives its auxiliary labels on the device
 inside the training step (after augmentation), computes its loss, and may hook into the
 trainer (e.g. label updates every N steps). The trainer owns everything else: data,
-optimiser, schedule, AMP, DDP, checkpoints and logs.
+optimiser, schedule, AMP, DDP, checkpoints and logs; what a hook may use of it comes in
+a :class:`TrainContext` (the training set, an ordered pass over it, a predictor, where to
+write), so methods import neither the trainer nor the evaluation code.
 
 Methods are registered by name (:func:`register_method`) and built with
 :func:`create_method` from the ``method`` section of a config.
@@ -11,13 +13,54 @@ Methods are registered by name (:func:`register_method`) and built with
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.heads import Heads
 from . import losses
+
+
+@dataclass
+class TrainContext:
+    """What the trainer lends a method's hooks (:meth:`Method.setup`, :meth:`Method.after_step`).
+
+    Attributes:
+        step: optimiser steps done so far.
+        total_steps: the run's step budget.
+        dataset: the training set (as wrapped by :meth:`Method.wrap_dataset`).
+        batches: ``batches(batch_size)`` -> the training set in order, collated, on the
+            CPU, without augmentation.
+        predict: ``predict(image, segment)`` -> label maps ``(B, *S)`` on the CPU for a
+            batch of images ``(B, C, *S)`` (any device): the model in eval mode, without
+            gradients, under the run's AMP setting, the images resized to
+            ``data.input_size`` and padded as in evaluation; ``segment`` is a
+            :meth:`Method.segment`-like callable.
+        out_dir: the run folder on the main process, ``None`` on the others.
+        save_table: ``save_table(name, rows, plot=None)`` writes ``<out_dir>/<name>.csv``
+            (main process only) and, with ``plot={"y": column, "title": ...}`` and more than
+            one row, ``<name>.png``.
+    """
+
+    step: int
+    total_steps: int
+    dataset: Any
+    batches: Callable[[int], Iterable[dict]]
+    predict: Callable[..., Tensor]
+    out_dir: Optional[Path]
+    save_table: Callable[..., None]
+
+
+def resize_logits(logits: Tensor, size=None) -> Tensor:
+    """Float logits ``(B, K, *S)``, resized (bilinearly) to ``size`` when given and different."""
+    logits = logits.float()
+    if size is not None and tuple(logits.shape[2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return logits
 
 _REGISTRY: dict[str, type] = {}
 
@@ -71,15 +114,15 @@ class Method:
         self.options = {**self.defaults, **options}
 
     # ------------------------------------------------------------------ set-up
-    def heads(self) -> dict:
+    def heads(self) -> Heads:
         """Model heads this method needs (``create_model(heads=...)``)."""
-        return {}
+        return Heads()
 
     def wrap_dataset(self, dataset, split: str):
         """Give the method a chance to add labels to a dataset (e.g. weak labels)."""
         return dataset
 
-    def setup(self, trainer) -> None:
+    def setup(self, ctx: TrainContext) -> None:
         """Called once by the trainer before training (after resume)."""
 
     # ------------------------------------------------------------------ step
@@ -94,8 +137,8 @@ class Method:
     def loss(self, out, batch: dict, step: int, total_steps: int) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def after_step(self, trainer, step: int) -> None:
-        """Called after every optimiser step with the 1-based number of steps done."""
+    def after_step(self, ctx: TrainContext) -> None:
+        """Called after every optimiser step; ``ctx.step`` is the 1-based number of steps done."""
 
     # ------------------------------------------------------------------ inference
     def predict(self, out) -> Tensor:
@@ -108,10 +151,7 @@ class Method:
         ``out_size``: spatial size of the labels when the model ran on a resized image
         (logits are resized bilinearly before the argmax).
         """
-        logits = self.predict(model(image)).float()
-        if out_size is not None and tuple(logits.shape[2:]) != tuple(out_size):
-            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
-        return logits.argmax(1)
+        return resize_logits(self.predict(model(image)), out_size).argmax(1)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

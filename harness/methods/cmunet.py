@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import mtseg_kernels
 
+from ..models.heads import Heads, PresenceHeadSpec
 from . import losses
 from .base import Method, register_method
 
@@ -27,7 +28,7 @@ class CMUNet(Method):
                 "pretrain_steps": 0}
 
     def heads(self):
-        return {"presence": True}
+        return Heads(presence=PresenceHeadSpec())
 
     def _alpha(self, device):
         a = self.options["focal_alpha"]

@@ -2,7 +2,7 @@
 
 Targets are ``mtseg_kernels.hog_pseudo_label`` of the *augmented* image, computed on the
 device inside the step (resize to 128 x 64, 6 orientations, 16 x 16 cells, 2 x 2
-blocks, L2-Hys: 504 values; other presets by ``dim``). Loss, summed over all heads:
+blocks, L2-Hys: 504 values, the op's default; other presets by ``dim``). Loss, summed over all heads:
 ``alpha * sum_o CE(o) + beta * sum_h MSE(h, HOG)`` -- UNet: one CE and one HOG head at
 the bottleneck; U2Net: seven CE terms (fused + six side outputs) and six HOG heads (one
 per decoder stage). Paper defaults: alpha = beta = 1; Adam, lr 2e-4, halved every 50k
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import mtseg_kernels
 
+from ..models.heads import DEFAULT_HOG_DIM, Heads, HOGHeadSpec
 from . import losses
 from .base import Method, register_method
 
 
 @register_method("hog_mtl", "hog")
 class HOGMTL(Method):
-    defaults = {"alpha": 1.0, "beta": 1.0, "dim": 504, "seg_loss": "ce"}
+    defaults = {"alpha": 1.0, "beta": 1.0, "dim": DEFAULT_HOG_DIM, "seg_loss": "ce"}
     config_defaults = {
         "optim": {"name": "adam", "lr": 2e-4},
         "sched": {"name": "step", "step_size": 50_000, "gamma": 0.5},
@@ -27,7 +28,7 @@ class HOGMTL(Method):
     }
 
     def heads(self):
-        return {"hog": int(self.options["dim"])}
+        return Heads(hog=HOGHeadSpec(dim=int(self.options["dim"])))
 
     def targets(self, batch):
         batch["hog"] = mtseg_kernels.hog_pseudo_label(batch["image"].float(), dim=int(self.options["dim"]))
@@ -36,7 +37,7 @@ class HOGMTL(Method):
     def loss(self, out, batch, step, total_steps):
         seg, logs = self.seg_loss(out, batch["mask"], self.options["seg_loss"])
         if not out.hog:
-            raise ValueError("hog_mtl: the model has no HOG head (build it with heads={'hog': dim})")
+            raise ValueError("hog_mtl: the model has no HOG head (build it with the method's heads())")
         hog = sum(losses.mse(h, batch["hog"]) for h in out.hog)
         logs["hog"] = float(hog.detach())
         return self.options["alpha"] * seg + self.options["beta"] * hog, logs

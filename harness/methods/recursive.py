@@ -29,19 +29,19 @@ are our choices; the paper's values were not available to us.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from mtseg_kernels import connected_components, grow_instances
+
+from ..data import DatasetWrapper, WeakLabels
+from ..models.heads import ApproxHeadSpec, Heads
 from . import losses
-from .base import Method, register_method
+from .base import Method, TrainContext, register_method, resize_logits
 
 
 def _instances(classes: torch.Tensor) -> torch.Tensor:
     """Connected components (faces) of each foreground class -> instance ids, batched."""
-    from mtseg_kernels import connected_components
-
     out = torch.zeros(classes.shape, dtype=torch.int64)
     offset = torch.zeros(classes.shape[0], dtype=torch.int64)
     for c in classes.unique().tolist():
@@ -57,8 +57,6 @@ def _instances(classes: torch.Tensor) -> torch.Tensor:
 
 def grow(seeds_classes: torch.Tensor, seeds_instances: torch.Tensor | None, seg: torch.Tensor, lam: float) -> torch.Tensor:
     """Grow class-labelled seeds inside ``seg != 0``; returns the grown class map (CPU int64)."""
-    from mtseg_kernels import grow_instances
-
     seeds_classes = seeds_classes.cpu().long()
     inst = seeds_instances.cpu().long() if seeds_instances is not None else None
     if inst is None or (inst.amax(dim=tuple(range(1, inst.dim()))) == 0).any():
@@ -81,21 +79,19 @@ class RecursiveApprox(Method):
         self.round = 0
 
     def heads(self):
-        return {"approx": self.num_classes}
+        return Heads(approx=ApproxHeadSpec(num_classes=self.num_classes))
 
     def wrap_dataset(self, dataset, split):
         if split != "train":
             return dataset
-        from ..data import WeakLabels
-
         o = self.options
         return _TrainSamples(WeakLabels(dataset, shrink_ratio=o["shrink_ratio"], jitter=o["jitter"],
                                         smoothness=o["smoothness"], weak_dir=o["weak_dir"],
                                         strong_fraction=o["strong_fraction"]))
 
     # ------------------------------------------------------------------ approximations
-    def setup(self, trainer) -> None:
-        ds = trainer.train_set
+    def setup(self, ctx: TrainContext) -> None:
+        ds = ctx.dataset
         if not self.current:  # (a resumed run has them from its checkpoint)
             dice = []
             for i in range(len(ds)):
@@ -106,7 +102,7 @@ class RecursiveApprox(Method):
                 self.current[cid] = s["weak"].to(torch.uint8 if self.num_classes <= 255 else torch.int64)
                 if not s.get("strong", False):
                     dice.append(self._dice(s["weak"], s["mask"]))
-            self._record(trainer, dice)
+            self._record(ctx, dice)
         if isinstance(ds, _TrainSamples):
             ds.generate = False  # from now on the batches get the current approximations instead
 
@@ -141,71 +137,53 @@ class RecursiveApprox(Method):
         logs = {"seg": float(seg.detach()), "approx": float(approx.detach()), "round": self.round}
         return o["w_seg"] * seg + o["w_approx"] * approx, logs
 
-    def after_step(self, trainer, step):
+    def after_step(self, ctx: TrainContext) -> None:
         every = int(self.options["update_every"] or 0)
-        if every and step % every == 0 and step < trainer.total_steps:
-            self.update(trainer)
+        if every and ctx.step % every == 0 and ctx.step < ctx.total_steps:
+            self.update(ctx)
 
     @torch.no_grad()
-    def update(self, trainer) -> None:
+    def update(self, ctx: TrainContext) -> None:
         """One round: segment every training image, grow every weak image's approximation."""
-        from ..evaluation.evaluate import predict_batch
-        from ..training.data import eval_loader
-
-        ds = trainer.train_set
-        cfg = trainer.cfg
-        loader = torch.utils.data.DataLoader(ds, batch_size=int(self.options["update_batch_size"]), shuffle=False,
-                                             collate_fn=eval_loader(ds, cfg).collate_fn)
-        model = trainer.model
-        was = model.training
-        model.eval()
         new, dice = {}, []
-        try:
-            for batch in loader:
-                image = batch["image"].to(trainer.device).float()
-                seg = predict_batch(model, _PlainSeg(), image, None, int(cfg["eval"].get("pad_multiple", 32)),
-                                    trainer.amp_dtype, cfg["data"].get("input_size")).cpu()
-                cur = torch.stack([self.current[str(c)] for c in batch["case_id"]]).long()
-                grown = grow(cur, None, seg, self.options["lam"])
-                strong = batch["strong"].bool()
-                for i, cid in enumerate(batch["case_id"]):
-                    new[str(cid)] = (batch["mask"][i] if strong[i] else grown[i]).to(self.current[str(cid)].dtype)
-                    if not strong[i]:
-                        dice.append(self._dice(grown[i], batch["mask"][i]))
-        finally:
-            model.train(was)
+        for batch in ctx.batches(int(self.options["update_batch_size"])):
+            seg = ctx.predict(batch["image"], self.plain_segment)
+            cur = torch.stack([self.current[str(c)] for c in batch["case_id"]]).long()
+            grown = grow(cur, None, seg, self.options["lam"])
+            strong = batch["strong"].bool()
+            for i, cid in enumerate(batch["case_id"]):
+                new[str(cid)] = (batch["mask"][i] if strong[i] else grown[i]).to(self.current[str(cid)].dtype)
+                if not strong[i]:
+                    dice.append(self._dice(grown[i], batch["mask"][i]))
         self.current = new
         self.round += 1
-        self._record(trainer, dice)
+        self._record(ctx, dice)
 
-    def _record(self, trainer, dice: list) -> None:
+    def _record(self, ctx: TrainContext, dice: list) -> None:
         """Log the round (mean Dice of the weak images' approximations vs their true masks); save it."""
-        row = {"round": self.round, "step": trainer.step, "dice_vs_true": float(np.mean(dice)) if dice else float("nan"),
+        row = {"round": self.round, "step": ctx.step, "dice_vs_true": float(np.mean(dice)) if dice else float("nan"),
                "n_weak": len(dice)}
         self.rounds.append(row)
-        if trainer.is_main and self.options["save_rounds"]:
-            out = Path(trainer.out_dir) / "approximations"
+        if ctx.out_dir is not None and self.options["save_rounds"]:
+            out = ctx.out_dir / "approximations"
             out.mkdir(parents=True, exist_ok=True)
             ids = sorted(self.current)
             np.savez_compressed(out / f"round_{self.round:03d}.npz", case_id=np.array(ids),
                                 approx=np.stack([self.current[c].numpy() for c in ids]))
-            import pandas as pd
-
-            table = pd.DataFrame(self.rounds)
-            table.to_csv(Path(trainer.out_dir) / "rounds.csv", index=False)
-            if len(table) > 1:
-                from ..evaluation.report import plot_rounds
-
-                plot_rounds(table, Path(trainer.out_dir) / "rounds.png", y="dice_vs_true",
-                            title="approximations vs true masks (weak images)")
+            ctx.save_table("rounds", self.rounds, plot={"y": "dice_vs_true",
+                                                        "title": "approximations vs true masks (weak images)"})
 
     # ------------------------------------------------------------------ evaluation
+    def plain_segment(self, model, image, batch=None, out_size=None):
+        """The arg-max segmentation without the final growth (used by the label updates)."""
+        return super().segment(model, image, batch, out_size)
+
     def segment(self, model, image, batch=None, out_size=None):
         out = model(image)
-        seg = _resize_logits(out.seg, out_size).argmax(1)
+        seg = resize_logits(out.seg, out_size).argmax(1)
         if not self.options["final_growth"] or out.approx is None:
             return seg
-        approx = _resize_logits(out.approx, out_size).argmax(1)
+        approx = resize_logits(out.approx, out_size).argmax(1)
         grown = grow(approx, None, seg, self.options["lam_eval"]).to(seg.device)
         # images whose approximation output is empty (no seed) keep the plain segmentation
         seeded = (approx > 0).flatten(1).any(1).view(-1, *([1] * (seg.dim() - 1)))
@@ -221,24 +199,16 @@ class RecursiveApprox(Method):
             self.round = int(state["round"])
 
 
-class _TrainSamples(torch.utils.data.Dataset):
+class _TrainSamples(DatasetWrapper):
     """The training set of the method: weak labels while the approximations are initialised,
     then the plain samples (+ ``strong``), since :meth:`RecursiveApprox.before_augment`
     swaps in the current approximation (no weak-label generation per step)."""
 
     def __init__(self, weak_labels):
+        super().__init__(weak_labels.dataset)
         self.weak_labels = weak_labels
-        self.dataset = weak_labels.dataset
         self.strong = weak_labels.strong
         self.generate = True
-
-    def __len__(self):
-        return len(self.weak_labels)
-
-    def __getattr__(self, name):  # num_classes, class_names, ignore_index, ...
-        if name in ("weak_labels", "dataset", "strong", "generate"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
     def __getitem__(self, index):
         if self.generate:
@@ -247,20 +217,3 @@ class _TrainSamples(torch.utils.data.Dataset):
         if sample is not None:
             sample["strong"] = index in self.strong
         return sample
-
-
-def _resize_logits(logits, size):
-    import torch.nn.functional as F
-
-    logits = logits.float()
-    if size is not None and tuple(logits.shape[2:]) != tuple(size):
-        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-    return logits
-
-
-class _PlainSeg:
-    """Segment with the plain argmax (no final growth) during the label updates."""
-
-    @staticmethod
-    def segment(model, image, batch=None, out_size=None):
-        return _resize_logits(model(image).seg, out_size).argmax(1)

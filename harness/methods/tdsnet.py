@@ -18,11 +18,11 @@ so these are our choice (set them in the config).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 import mtseg_kernels
 
+from ..models.heads import Heads, PresenceHeadSpec, SceneHeadSpec
 from .base import Method, register_method
 
 
@@ -32,10 +32,8 @@ class TDSNet(Method):
                 "sync_mode": "hard", "sync_direction": "seg_to_class", "num_scenes": None, "seg_loss": "ce_iou"}
 
     def heads(self):
-        h = {"presence": True}
-        if self.options["num_scenes"]:
-            h["scene"] = int(self.options["num_scenes"])
-        return h
+        scenes = self.options["num_scenes"]
+        return Heads(presence=PresenceHeadSpec(), scene=SceneHeadSpec(int(scenes)) if scenes else None)
 
     def stage(self, step: int, total_steps: int) -> int:
         starts = list(self.options["stages"])

@@ -14,7 +14,8 @@ Every model returns :class:`ModelOutput` (``seg``, ``side``, ``hog``, ``presence
 
 from .base import SegmentationModel
 from .blocks import ConvNormAct, DoubleConv
-from .heads import DEFAULT_HOG_DIM, HEAD_NAMES, ClassHead, HOGHead, ModelOutput, parse_heads
+from .heads import (DEFAULT_HOG_DIM, HEAD_NAMES, ApproxHeadSpec, ClassHead, Heads, HOGHead, HOGHeadSpec, ModelOutput,
+                    PresenceHeadSpec, SceneHeadSpec)
 from .registry import ModelSpec, create_model, get_model_spec, list_models, register_model
 from .tdsnet import ContextEnsemble, TDSNet
 from .u2net import RSU, RSU4F, U2Net
@@ -23,6 +24,11 @@ from .unet import UNet, anisotropic_pool_schedule, anisotropic_unet3d, cmunet, u
 __all__ = [
     "DEFAULT_HOG_DIM",
     "HEAD_NAMES",
+    "ApproxHeadSpec",
+    "HOGHeadSpec",
+    "Heads",
+    "PresenceHeadSpec",
+    "SceneHeadSpec",
     "RSU",
     "RSU4F",
     "ClassHead",
@@ -42,7 +48,6 @@ __all__ = [
     "create_model",
     "get_model_spec",
     "list_models",
-    "parse_heads",
     "register_model",
     "unet",
 ]

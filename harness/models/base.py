@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from .blocks import check_spatial_dims
-from .heads import parse_heads
+from .heads import HEAD_NAMES, Heads
 
 __all__ = ["SegmentationModel"]
 
 
 class SegmentationModel(nn.Module):
-    """Base of every model: checks the input and keeps the normalised head options.
+    """Base of every model: checks the input and keeps the resolved heads (:class:`Heads`).
 
     Subclasses set ``size_multiple`` (per spatial axis: every input size must be a
     multiple of it, the network's total stride) and ``min_size`` before the first
@@ -23,7 +23,7 @@ class SegmentationModel(nn.Module):
     """
 
     #: Heads this architecture can carry; subclasses narrow or widen it.
-    SUPPORTED_HEADS: tuple[str, ...] = ("hog", "presence", "scene", "approx")
+    SUPPORTED_HEADS: tuple[str, ...] = HEAD_NAMES
     #: Spatial dims this architecture supports.
     SPATIAL_DIMS: tuple[int, ...] = (2, 3)
 
@@ -33,7 +33,7 @@ class SegmentationModel(nn.Module):
         num_classes: int,
         *,
         spatial_dims: int = 2,
-        heads: Mapping | None = None,
+        heads: Heads | Mapping | None = None,
         head_defaults: Mapping[str, Mapping] | None = None,
     ):
         super().__init__()
@@ -45,13 +45,13 @@ class SegmentationModel(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         supported = self.SUPPORTED_HEADS
+        heads = Heads.parse(heads, who)
         if self.spatial_dims != 2:
             supported = tuple(h for h in supported if h != "hog")
-            if heads and heads.get("hog"):
+            if heads.hog is not None:
                 raise ValueError(f"{who}: the hog head regresses a 2D image descriptor; it needs spatial_dims=2")
-        self.head_config = parse_heads(
-            heads, supported=supported, num_classes=num_classes, who=who, defaults=head_defaults
-        )
+        presence_hidden = (head_defaults or {}).get("presence", {}).get("hidden")
+        self.head_config = heads.resolved(num_classes, who, supported=supported, presence_hidden=presence_hidden)
         self.size_multiple: tuple[int, ...] = (1,) * self.spatial_dims
         self.min_size: tuple[int, ...] = (1,) * self.spatial_dims
 
@@ -87,7 +87,7 @@ class SegmentationModel(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        heads = ", ".join(self.head_config) or "none"
+        heads = ", ".join(self.head_config.names()) or "none"
         return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, num_classes={self.num_classes}, heads=[{heads}]"
 
 

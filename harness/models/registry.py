@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .heads import HEAD_NAMES, Heads
 from .tdsnet import TDSNet
 from .u2net import U2Net
 from .unet import anisotropic_unet3d, cmunet, unet
@@ -33,7 +34,7 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, builder: Callable[..., nn.Module], *, spatial_dims=(2, 3),
-                   heads=("hog", "presence", "scene", "approx"), defaults: Mapping | None = None,
+                   heads=HEAD_NAMES, defaults: Mapping | None = None,
                    description: str = "") -> None:
     """Add an architecture under ``name``; ``defaults`` are keyword arguments of ``builder``."""
     if name in _REGISTRY:
@@ -52,7 +53,7 @@ def get_model_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
-def create_model(name: str, in_channels: int, num_classes: int, heads: Mapping | None = None,
+def create_model(name: str, in_channels: int, num_classes: int, heads: Heads | Mapping | None = None,
                  spatial_dims: int | None = None, **kwargs) -> nn.Module:
     """Build a registered model.
 
@@ -60,8 +61,8 @@ def create_model(name: str, in_channels: int, num_classes: int, heads: Mapping |
         name: one of :func:`list_models`.
         in_channels: input channels C.
         num_classes: segmentation classes K.
-        heads: optional heads, e.g. ``{"hog": True, "presence": True, "scene": 3,
-            "approx": True}``; see :func:`~mtseg_harness.models.heads.parse_heads`.
+        heads: a :class:`~mtseg_harness.models.heads.Heads` or its mapping form, e.g.
+            ``{"hog": True, "presence": True, "scene": 3, "approx": True}``.
         spatial_dims: 2 or 3; default: the first the model supports (2, or 3 for
             ``unet3d_aniso``).
         **kwargs: architecture options (widths, upsampling, config, ...).
@@ -87,7 +88,7 @@ register_model("unet_bilinear", unet, defaults={"upsampling": "bilinear"},
                description="UNet with (bi/tri)linear upsampling + 1x1 conv")
 register_model("u2net", U2Net, defaults={"config": "full"}, description="U^2-Net full (Qin et al. 2020)")
 register_model("u2net_lite", U2Net, defaults={"config": "lite"}, description="U^2-Net lite (U2NETP)")
-register_model("tdsnet", TDSNet, spatial_dims=(2,), description="TDSNet-style VGG16 + context ensemble (Ren et al. 2020)")
+register_model("tdsnet", TDSNet, spatial_dims=(2,), description="TDSNet (Ren et al. 2020): VGG16, one context-ensemble stack per task pair, ASPP decoder")
 register_model("unet3d_aniso", anisotropic_unet3d, spatial_dims=(3,), heads=("presence", "scene", "approx"),
                description="anisotropic 3D UNet for BraTS crops 19x144x144 (1x3x3 + 3x1x1 convs)")
 register_model("cmunet", cmunet, description="CMU-Net UNet (Moseley et al.): 16-256, instance norm, LeakyReLU 0.2")

@@ -173,9 +173,9 @@ class U2Net(SegmentationModel):
         self.approx_side = None
         self.approx_fuse = None
         if "approx" in hc:
-            if hc["approx"]["blocks"] != 1:
+            if hc.approx.blocks != 1:
                 raise ValueError("U2Net: the approx output has its own side convs and fuse conv; blocks must be 1")
-            k = hc["approx"]["num_classes"]
+            k = hc.approx.num_classes
             self.approx_side = nn.ModuleList(conv(nd, c, k, 3) for c in self.side_channels)
             self.approx_fuse = conv(nd, 6 * k, k, 1)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from .base import SegmentationModel, per_axis_product
 from .blocks import DoubleConv, as_tuple, conv, conv_transpose, max_pool, resize_to
-from .heads import ModelOutput, make_class_head, make_hog_head
+from .heads import Heads, ModelOutput, make_class_head, make_hog_head
 
 __all__ = ["UNet", "anisotropic_pool_schedule", "anisotropic_unet3d", "cmunet", "unet"]
 
@@ -63,8 +63,8 @@ class UNet(SegmentationModel):
         pool_sizes: pooling per level transition (``len(channels) - 1`` entries, each
             an int or one int per axis); default 2 everywhere.
         norm, act, negative_slope: see :func:`~mtseg_harness.models.blocks.make_norm`.
-        heads: ``{"hog", "presence", "scene", "approx"}`` options (see
-            :func:`~mtseg_harness.models.heads.parse_heads`); hog, presence and scene
+        heads: :class:`~mtseg_harness.models.heads.Heads` or its mapping form
+            (``{"hog": True, ...}``); hog, presence and scene
             read the bottleneck, approx duplicates the last ``blocks`` decoder stages.
         presence_hidden: default hidden width of the presence head (``None``: one linear).
 
@@ -87,7 +87,7 @@ class UNet(SegmentationModel):
         norm: str | None = "batch",
         act: str | None = "relu",
         negative_slope: float = 0.2,
-        heads: Mapping | None = None,
+        heads: Heads | Mapping | None = None,
         presence_hidden: int | None = None,
     ):
         super().__init__(
@@ -142,12 +142,12 @@ class UNet(SegmentationModel):
         self.approx_out = None
         self.approx_blocks = 0
         if "approx" in cfg:
-            nb = cfg["approx"]["blocks"]
+            nb = cfg.approx.blocks
             if nb > n_down:
                 raise ValueError(f"UNet: approx blocks must be <= {n_down} (the decoder stages), got {nb}")
             self.approx_blocks = nb
             self.approx_decoder = nn.ModuleList(copy.deepcopy(self.decoder[len(self.decoder) - nb :]))
-            self.approx_out = conv(nd, channels[0], cfg["approx"]["num_classes"], 1)
+            self.approx_out = conv(nd, channels[0], cfg.approx.num_classes, 1)
 
     @staticmethod
     def _run_stages(stages, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Datasets, loaders and the step-indexed data order of the trainer.
+"""Loaders and the step-indexed data order of the trainer.
 
 The order of training samples is a function of (seed, step) only: epoch ``e`` is the
 permutation ``torch.randperm(n)`` drawn from a generator seeded with ``(seed, e)``, cut
@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ..config import data_root
-from ..data import collate, create_dataset
+from ..data import collate
 
 
 class StepBatchSampler(Sampler):
@@ -56,43 +55,6 @@ class StepBatchSampler(Sampler):
 
     def __len__(self):  # infinite; DataLoader only needs this for len(loader)
         return 2**62
-
-
-class InMemory(torch.utils.data.Dataset):
-    """Keeps every sample after its first read (``data.cache_in_memory``: small data sets such as the demo's).
-
-    Each read returns a shallow copy of the cached dict, so a wrapper adding keys does not
-    change the cache; the tensors themselves are never modified in place by the trainer.
-    """
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-        self.cache: dict[int, dict | None] = {}
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getattr__(self, name):
-        if name in ("dataset", "cache"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, index):
-        if index not in self.cache:
-            self.cache[index] = self.dataset[index]
-        sample = self.cache[index]
-        return None if sample is None else dict(sample)
-
-
-def build_dataset(cfg: dict, split_key: str, method=None):
-    d = cfg["data"]
-    split = d["splits"][split_key]
-    ds = create_dataset(d["name"], data_root(d["root"]), split=split, **(d.get("options") or {}))
-    if d.get("cache_in_memory"):
-        ds = InMemory(ds)
-    if method is not None:
-        ds = method.wrap_dataset(ds, split_key)
-    return ds
 
 
 def train_loader(dataset, cfg: dict, *, world_size: int = 1, rank: int = 0, start_step: int = 0) -> DataLoader:

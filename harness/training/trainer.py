@@ -1,8 +1,9 @@
 """The one trainer every method runs on.
 
-:class:`Trainer` takes a resolved config (:mod:`mtseg_harness.config`) and builds the
-datasets, the method, the model (with the method's heads), the optimiser and the LR
-schedule from it (or takes them ready-made). Per step: a global batch (see
+:class:`Trainer` takes a resolved config (:mod:`mtseg_harness.config`) and the pieces
+built from it (training set, method, model with the method's heads, validation set:
+:func:`mtseg_harness.runs.build_trainer` assembles them, seeded) and builds the optimiser
+and the LR schedule. Per step: a global batch (see
 :mod:`.data`), to the device, seeded augmentation (:class:`~mtseg_harness.data.BatchAugment`),
 the method's auxiliary labels on the device, forward under autocast, the method's loss,
 backward (with a GradScaler for float16), gradient clipping, optimiser and scheduler
@@ -23,23 +24,26 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..config import dump
-from ..data import BatchAugment
+from ..data import BatchAugment, collate
 from ..data.transforms import LABEL_KEYS
-from ..evaluation.evaluate import evaluate, resize_image
-from ..methods import create_method
-from ..models import create_model
+from ..evaluation.evaluate import evaluate, predict_batch, resize_image
+from ..evaluation.report import plot_rounds
+from ..methods import TrainContext
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_atomic
-from .data import build_dataset, eval_loader, slice_params, to_device, train_loader
+from .data import eval_loader, slice_params, to_device, train_loader
 from .logs import CSVLog, TensorBoardLog
 
 
@@ -126,10 +130,24 @@ def _set_rng_state(state: dict, augment: BatchAugment | None) -> None:
 
 
 class Trainer:
-    """Train ``cfg`` (a resolved config). Anything passed in replaces what the config would build."""
+    """Train ``cfg`` (a resolved config) with the given training set, method and model.
 
-    def __init__(self, cfg: dict, *, model: nn.Module | None = None, method=None, train_set=None, val_set=None,
-                 device=None, progress: bool | None = None):
+    Args:
+        cfg: the resolved config (``optim``, ``sched``, ``train``, ``data`` and ``eval`` are read).
+        model: built with ``method.heads()``; moved to the run's device here.
+        method: the :class:`~mtseg_harness.methods.Method`.
+        train_set: the training set as the method wrapped it; it also gives
+            ``num_classes``, ``ignore_index`` and ``class_names``.
+        val_set: the validation set, or ``None`` (no validation, no ``best.pt``).
+        device: overrides ``cfg["device"]``.
+        progress: overrides ``train.progress``.
+
+    The caller seeds the RNGs (:func:`seed_everything`) before building the model, as
+    :func:`mtseg_harness.runs.build_trainer` does, so a run is reproducible from its config.
+    """
+
+    def __init__(self, cfg: dict, *, model: nn.Module, method, train_set, val_set=None, device=None,
+                 progress: bool | None = None):
         self.cfg = cfg
         t = cfg["train"]
         if t.get("threads"):
@@ -139,28 +157,16 @@ class Trainer:
         self.device = resolve_device(dev_name, self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        seed_everything(int(cfg["seed"]), bool(cfg["deterministic"]))
         self.is_main = self.rank == 0
         self.out_dir = Path(t["out_dir"])
         self.total_steps = int(t["steps"])
 
-        self.train_set = train_set if train_set is not None else build_dataset(cfg, "train")
-        self.num_classes = int(getattr(self.train_set, "num_classes"))
-        self.ignore_index = int(getattr(self.train_set, "ignore_index", 255))
-        self.class_names = list(getattr(self.train_set, "class_names", ()) or [str(k) for k in range(self.num_classes)])
-        if method is None:
-            mopts = {k: v for k, v in cfg["method"].items() if k != "name"}
-            method = create_method(cfg["method"]["name"], self.num_classes, self.ignore_index, **mopts)
+        self.train_set = train_set
+        self.num_classes = int(train_set.num_classes)
+        self.ignore_index = int(train_set.ignore_index)
+        self.class_names = list(train_set.class_names)
         self.method = method
-        self.train_set = self.method.wrap_dataset(self.train_set, "train")
         self.val_set = val_set
-        if self.val_set is None and t["val_every"] and cfg["data"]["splits"].get("val"):
-            self.val_set = build_dataset(cfg, "val")
-        if model is None:
-            first = self.train_set[0]
-            heads = {**self.method.heads(), **(cfg["model"].get("heads") or {})}
-            model = create_model(cfg["model"]["name"], int(first["image"].shape[0]), self.num_classes, heads=heads,
-                                 **(cfg["model"].get("options") or {}))
         self.model = model.to(self.device)
         self.ddp_model = self.model
         if self.world > 1:
@@ -189,7 +195,38 @@ class Trainer:
                 self.load(path)
             elif resume not in (True, "auto"):
                 raise FileNotFoundError(f"train.resume: checkpoint {path} not found")
-        self.method.setup(self)
+        self.method.setup(self.context())
+
+    # ------------------------------------------------------------------ what a method may use
+    def context(self) -> TrainContext:
+        """The trainer as a method's hooks see it (:class:`~mtseg_harness.methods.TrainContext`)."""
+        return TrainContext(step=self.step, total_steps=self.total_steps, dataset=self.train_set,
+                            batches=self._ordered_batches, predict=self._predict,
+                            out_dir=self.out_dir if self.is_main else None, save_table=self._save_table)
+
+    def _ordered_batches(self, batch_size: int):
+        return torch.utils.data.DataLoader(self.train_set, batch_size=int(batch_size), shuffle=False,
+                                           collate_fn=collate)
+
+    @torch.no_grad()
+    def _predict(self, image: torch.Tensor, segment) -> torch.Tensor:
+        was = self.model.training
+        self.model.eval()
+        try:
+            return predict_batch(self.model, segment, image.to(self.device).float(), None,
+                                 int(self.cfg["eval"].get("pad_multiple", 32)), self.amp_dtype,
+                                 self.cfg["data"].get("input_size")).cpu()
+        finally:
+            self.model.train(was)
+
+    def _save_table(self, name: str, rows: list[dict], plot: dict | None = None) -> None:
+        if not self.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        table = pd.DataFrame(rows)
+        table.to_csv(self.out_dir / f"{name}.csv", index=False)
+        if plot and len(table) > 1:
+            plot_rounds(table, self.out_dir / f"{name}.png", **plot)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -252,6 +289,9 @@ class Trainer:
         return batch
 
     def train_step(self, batch: dict) -> tuple[float, dict]:
+        if "image" not in batch:
+            raise ValueError(f"step {self.step}: every sample of the batch was skipped as unreadable "
+                             f"({batch.get('n_skipped', 0)} samples); drop bad files first with dataset.validate()")
         self.ddp_model.train()
         batch = self.prepare(batch)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -269,7 +309,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        self.method.after_step(self, self.step)
+        self.method.after_step(self.context())
         return float(loss.detach()), logs
 
     # ------------------------------------------------------------------ loop
@@ -289,9 +329,6 @@ class Trainer:
         loader = train_loader(self.train_set, self.cfg, world_size=self.world, rank=self.rank, start_step=self.step)
         bar = None
         if self.is_main and self.show_progress and end > self.step:
-            from tqdm.auto import tqdm
-            import sys
-
             # in a log file (not a terminal) one line every 30 s rather than a stream of redraws
             bar = tqdm(total=end, initial=self.step, desc=str(self.cfg["method"]["name"]), dynamic_ncols=True,
                        leave=False, mininterval=0.5 if sys.stderr.isatty() else 30.0)
@@ -336,8 +373,10 @@ class Trainer:
     def _validate(self, val_log, tb) -> None:
         if self.is_main:
             loader = eval_loader(self.val_set, self.cfg)
-            _, summary, _ = evaluate(self.model, self.method, loader, self.device, self.num_classes, self.ignore_index,
-                                     self.class_names, hd=False, pad_multiple=int(self.cfg["eval"].get("pad_multiple", 32)),
+            _, summary, _ = evaluate(self.model, self.method.segment, loader, self.device,
+                                     num_classes=self.num_classes, ignore_index=self.ignore_index,
+                                     class_names=self.class_names, hd=False,
+                                     pad_multiple=int(self.cfg["eval"].get("pad_multiple", 32)),
                                      max_batches=self.cfg["train"].get("val_max_batches"), amp_dtype=self.amp_dtype,
                                      input_size=self.cfg["data"].get("input_size"))
             score = summary.get("dice_fg", float("nan"))

@@ -1,5 +1,5 @@
-"""Exact Euclidean distance transforms, connected components, level-set growth and
-surface metrics, batched, as PyTorch operators.
+"""Exact Euclidean distance transforms, connected components and level-set growth,
+batched, as PyTorch operators.
 
 Masks are batched: ``(B, H, W)`` (2D) or ``(B, D, H, W)`` (3D); bool, any integer dtype
 (signed or unsigned: uint8 to uint64) or floating dtype, non-zero means foreground (NaN
@@ -39,29 +39,22 @@ inputs, so outputs carry no gradient history, and a backward through the raw
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 __all__ = [
     "EDT",
     "GrownInstances",
     "LevelSetGrow",
-    "SurfaceDistance",
-    "SurfaceMetrics",
-    "average_surface_distance",
     "connected_components",
     "edt",
     "grow_instances",
-    "hausdorff_distance",
     "levelset_grow",
     "signed_edt",
-    "surface_metrics",
 ]
 
 _MASK_DTYPES = (
@@ -421,151 +414,6 @@ def _instance_classes(seeds: Tensor, instances: Tensor, seed_classes: Tensor) ->
 
 
 # --------------------------------------------------------------------------------------
-# Surface metrics
-# --------------------------------------------------------------------------------------
-class SurfaceMetrics(NamedTuple):
-    """Hausdorff distance, percentile Hausdorff distance and ASSD, in physical units."""
-
-    hausdorff: Tensor
-    hausdorff_percentile: Tensor
-    assd: Tensor
-
-
-def _surface(mask: Tensor, connectivity: int) -> Tensor:
-    """``mask & ~erosion(mask)``; the structure has the neighbours with at most
-    ``connectivity`` non-zero offsets; outside the image counts as background."""
-    spatial = mask.dim() - 1
-    padded = F.pad(mask.to(torch.uint8), (1, 1) * spatial, value=0).bool()
-    eroded = mask.clone()
-    size = mask.shape[1:]
-    for offset in itertools.product((-1, 0, 1), repeat=spatial):
-        nz = sum(o != 0 for o in offset)
-        if nz == 0 or nz > connectivity:
-            continue
-        index = (slice(None),) + tuple(slice(1 + o, 1 + o + n) for o, n in zip(offset, size))
-        eroded &= padded[index]
-    return mask & ~eroded
-
-
-def _percentile(values: Tensor, valid: Tensor, q: float) -> Tensor:
-    """Per-row ``numpy.percentile(values[valid], q)`` (linear interpolation); rows without values -> nan."""
-    n = valid.sum(1)
-    ordered = values.where(valid, torch.inf).sort(1).values
-    pos = (n - 1).clamp(min=0).to(values.dtype) * (q / 100.0)
-    lo = pos.floor().long()
-    hi = pos.ceil().long()
-    v_lo = ordered.gather(1, lo[:, None])[:, 0]
-    v_hi = ordered.gather(1, hi[:, None])[:, 0]
-    frac = pos - lo.to(values.dtype)
-    out = torch.where(v_hi == v_lo, v_lo, v_lo + (v_hi - v_lo) * frac)
-    return out.where(n > 0, torch.nan)
-
-
-def _binary_surface_metrics(pred: Tensor, target: Tensor, spacing, percentile: float, connectivity: int) -> SurfaceMetrics:
-    batch = pred.shape[0]
-    sp_p, sp_t = _surface(pred, connectivity), _surface(target, connectivity)
-    # Distance from every voxel to the other mask's surface (+inf where it has none).
-    to_t = torch.ops.mtseg.edt(~sp_t, spacing, False, False, torch.float64).reshape(batch, -1)
-    to_p = torch.ops.mtseg.edt(~sp_p, spacing, False, False, torch.float64).reshape(batch, -1)
-    vp, vt = sp_p.reshape(batch, -1), sp_t.reshape(batch, -1)
-    d_pt = to_t.where(vp, 0.0)
-    d_tp = to_p.where(vt, 0.0)
-    hd = torch.maximum(d_pt.amax(1), d_tp.amax(1))
-    hdp = torch.maximum(_percentile(to_t, vp, percentile), _percentile(to_p, vt, percentile))
-    assd = (d_pt.sum(1) + d_tp.sum(1)) / (vp.sum(1) + vt.sum(1)).to(torch.float64)
-    empty_p, empty_t = ~vp.any(1), ~vt.any(1)
-    one = empty_p ^ empty_t
-    both = empty_p & empty_t
-    results = []
-    for value in (hd, hdp, assd):
-        value = value.where(~one, torch.inf).where(~both, torch.nan)
-        results.append(value)
-    return SurfaceMetrics(*results)
-
-
-def surface_metrics(
-    pred: Tensor,
-    target: Tensor,
-    spacing: float | Sequence[float] | None = None,
-    percentile: float = 95.0,
-    connectivity: int = 1,
-    num_classes: int | None = None,
-    include_background: bool = False,
-) -> SurfaceMetrics:
-    """Hausdorff distance (max and a percentile) and average symmetric surface distance.
-
-    Definitions (MONAI's ``compute_hausdorff_distance`` / ``compute_average_surface_distance``):
-
-    * surface of a mask: ``mask XOR erosion(mask)``, the erosion with the structure
-      ``scipy.ndimage.generate_binary_structure(ndim, connectivity)`` (``connectivity=1``:
-      faces) and the outside of the image as background, so mask voxels on the image
-      border are surface voxels;
-    * ``d_pt``: for every surface voxel of ``pred``, the Euclidean distance (with
-      ``spacing``) to the nearest surface voxel of ``target`` (:func:`edt` of the
-      complement of that surface); ``d_tp`` the other way;
-    * Hausdorff = ``max(max d_pt, max d_tp)``; percentile Hausdorff =
-      ``max(percentile(d_pt, q), percentile(d_tp, q))`` with numpy's linear interpolation;
-      ASSD = ``mean(concat(d_pt, d_tp))``.
-
-    Empty masks: both empty -> ``nan`` (nothing to compare: exclude it with ``nanmean``);
-    exactly one empty -> ``+inf``.
-
-    Args:
-        pred, target: binary masks ``(B, *spatial)`` (non-zero = foreground), or integer
-            label maps with ``num_classes``.
-        spacing: voxel size per spatial axis (results in its units).
-        percentile: in [0, 100], default 95 (HD95).
-        connectivity: 1..ndim, the erosion structure.
-        num_classes: label maps: compute per class ``c`` for the masks ``pred == c``,
-            ``target == c``.
-        include_background: with ``num_classes``, include class 0.
-
-    Returns:
-        :class:`SurfaceMetrics` of float64 tensors, ``(B,)`` for masks, ``(B, K)`` per class
-        (``K = num_classes``, or ``num_classes - 1`` without background). Not differentiable.
-    """
-    spatial = _check_pair("surface_metrics", pred, target, "pred", "target")
-    sp = _check_spacing("surface_metrics", spacing, spatial)
-    if not 0 <= percentile <= 100:
-        raise ValueError(f"surface_metrics: percentile must be in [0, 100], got {percentile}")
-    if connectivity not in range(1, spatial + 1):
-        raise ValueError(f"surface_metrics: connectivity must be in 1..{spatial}, got {connectivity}")
-    if num_classes is None:
-        return _binary_surface_metrics(pred != 0, target != 0, sp, percentile, connectivity)
-    if pred.dtype.is_floating_point or target.dtype.is_floating_point or pred.dtype == torch.bool:
-        raise TypeError("surface_metrics: label maps (with num_classes) must be integer tensors")
-    if num_classes < 1:
-        raise ValueError(f"surface_metrics: num_classes must be positive, got {num_classes}")
-    first = 0 if include_background else 1
-    classes = torch.arange(first, num_classes, device=pred.device).view(1, -1, *([1] * spatial))
-    k = num_classes - first
-    shape = pred.shape
-    p = (pred.unsqueeze(1) == classes).reshape(-1, *shape[1:])
-    t = (target.unsqueeze(1) == classes).reshape(-1, *shape[1:])
-    out = _binary_surface_metrics(p, t, sp, percentile, connectivity)
-    return SurfaceMetrics(*(v.view(shape[0], k) for v in out))
-
-
-def hausdorff_distance(
-    pred: Tensor,
-    target: Tensor,
-    spacing: float | Sequence[float] | None = None,
-    percentile: float | None = None,
-    **kwargs,
-) -> Tensor:
-    """Hausdorff distance (``percentile=None``) or percentile Hausdorff (e.g. 95); see :func:`surface_metrics`."""
-    m = surface_metrics(pred, target, spacing, 95.0 if percentile is None else percentile, **kwargs)
-    return m.hausdorff if percentile is None else m.hausdorff_percentile
-
-
-def average_surface_distance(
-    pred: Tensor, target: Tensor, spacing: float | Sequence[float] | None = None, **kwargs
-) -> Tensor:
-    """Average symmetric surface distance (ASSD); see :func:`surface_metrics`."""
-    return surface_metrics(pred, target, spacing, **kwargs).assd
-
-
-# --------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------
 class EDT(nn.Module):
@@ -600,17 +448,3 @@ class LevelSetGrow(nn.Module):
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, spacing={self.spacing}"
-
-
-class SurfaceDistance(nn.Module):
-    """Module form of :func:`surface_metrics`: ``forward(pred, target) -> SurfaceMetrics``."""
-
-    def __init__(self, spacing=None, percentile: float = 95.0, connectivity: int = 1, num_classes: int | None = None,
-                 include_background: bool = False):
-        super().__init__()
-        self.spacing, self.percentile, self.connectivity = spacing, percentile, connectivity
-        self.num_classes, self.include_background = num_classes, include_background
-
-    def forward(self, pred: Tensor, target: Tensor) -> SurfaceMetrics:
-        return surface_metrics(pred, target, self.spacing, self.percentile, self.connectivity, self.num_classes,
-                               self.include_background)

@@ -53,11 +53,13 @@ class HOGPreset(NamedTuple):
 
 
 #: HOG-MTL configurations by descriptor length, all computed on images resized to
-#: 128 x 64 (H x W). 504 is the paper's default.
+#: 128 x 64 (H x W). The paper's: 504 (its default), 864 and 2520 (6 orientations with
+#: 16, 12 and 8 pixel cells); 3780, 1680 and 756 are extra sizes of ours.
 HOG_MTL_PRESETS: dict[int, HOGPreset] = {
     504: HOGPreset(6, (16, 16), (2, 2)),
-    3780: HOGPreset(9, (8, 8), (2, 2)),
+    864: HOGPreset(6, (12, 12), (2, 2)),
     2520: HOGPreset(6, (8, 8), (2, 2)),
+    3780: HOGPreset(9, (8, 8), (2, 2)),
     1680: HOGPreset(4, (8, 8), (2, 2)),
     756: HOGPreset(9, (16, 16), (2, 2)),
 }
@@ -318,7 +320,7 @@ def hog_pseudo_label(images: Tensor, dim: int = 504, size: tuple[int, int] = HOG
     Args:
         images: ``(B, C, H, W)`` (or ``(C, H, W)``), on any device; uint8 images are
             scaled to [0, 1]. Call it inside the training step, after augmentation.
-        dim: descriptor length, one of :data:`HOG_MTL_PRESETS` (504, 3780, 2520, 1680, 756).
+        dim: descriptor length, one of :data:`HOG_MTL_PRESETS` (504, 864, 2520; extras 3780, 1680, 756).
         size: resize target ``(H, W)``; the paper's is 128 x 64.
 
     Returns:

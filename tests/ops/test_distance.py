@@ -1,5 +1,5 @@
-"""Distance operators (edt, connected_components, levelset_grow, grow_instances, surface
-metrics) against scipy.ndimage and against their contracts.
+"""Distance operators (edt, connected_components, levelset_grow, grow_instances) against
+scipy.ndimage and against their contracts.
 
 References are independent of our kernels: scipy's distance_transform_edt / label /
 binary_erosion, and the formulas written out in numpy (mtseg_kernels.reference.distance).
@@ -20,7 +20,6 @@ from mtseg_kernels.reference.distance import (
     edt_reference,
     levelset_grow_reference,
     signed_edt_reference,
-    surface_metrics_reference,
 )
 
 TOL = 1e-4
@@ -445,101 +444,6 @@ def test_grow_instances_bad_input_and_opcheck():
     torch.library.opcheck(
         torch.ops.mtseg.grow_instances.default, (torch.from_numpy(seeds), torch.from_numpy(seg), 1.0, None, 8)
     )
-
-
-# --------------------------------------------------------------------------------------
-# surface metrics
-# --------------------------------------------------------------------------------------
-def test_surface_metrics_offset_squares():
-    """Two k x k squares offset by d pixels along x: HD = d exactly, in any spacing."""
-    for d in (1, 2, 5):
-        p = torch.zeros(1, 30, 40, dtype=torch.bool)
-        t = torch.zeros_like(p)
-        p[0, 10:20, 5:15] = True
-        t[0, 10:20, 5 + d : 15 + d] = True
-        m = mk.surface_metrics(p, t, spacing=(1.0, 0.5))
-        assert m.hausdorff.item() == pytest.approx(0.5 * d)
-        ref = surface_metrics_reference(p[0].numpy(), t[0].numpy(), (1.0, 0.5))
-        np.testing.assert_allclose([m.hausdorff.item(), m.hausdorff_percentile.item(), m.assd.item()], ref, atol=1e-9)
-    same = mk.surface_metrics(p, p)
-    assert same.hausdorff.item() == 0 and same.assd.item() == 0
-
-
-def test_surface_metrics_empty_policy():
-    full = torch.zeros(3, 8, 8, dtype=torch.bool)
-    full[:, 2:5, 2:5] = True
-    empty = torch.zeros_like(full)
-    pred = torch.stack([full[0], empty[0], empty[0]])
-    target = torch.stack([empty[0], full[0], empty[0]])
-    m = mk.surface_metrics(pred, target)
-    for v in m:
-        assert torch.isinf(v[0]) and torch.isinf(v[1]) and torch.isnan(v[2])
-
-
-@FAST
-@given(seed=st.integers(0, 2**31 - 1), conn=st.sampled_from([1, 2]), q=st.sampled_from([50.0, 95.0, 100.0]))
-def test_surface_metrics_match_reference_random(seed, conn, q):
-    rng = np.random.default_rng(seed)
-    pred = ndi.binary_dilation(rng.random((3, 30, 34)) < 0.01, iterations=3)
-    target = ndi.binary_dilation(rng.random((3, 30, 34)) < 0.01, iterations=3)
-    spacing = (1.5, 0.7)
-    m = mk.surface_metrics(torch.from_numpy(pred), torch.from_numpy(target), spacing, q, conn)
-    for i in range(3):
-        ref = surface_metrics_reference(pred[i], target[i], spacing, q, conn)
-        got = [m.hausdorff[i].item(), m.hausdorff_percentile[i].item(), m.assd[i].item()]
-        np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9)
-
-
-def test_surface_metrics_3d():
-    rng = np.random.default_rng(5)
-    pred = ndi.binary_dilation(rng.random((2, 12, 20, 22)) < 0.005, iterations=3)
-    target = ndi.binary_dilation(rng.random((2, 12, 20, 22)) < 0.005, iterations=3)
-    spacing = (2.0, 1.0, 0.8)
-    m = mk.surface_metrics(torch.from_numpy(pred), torch.from_numpy(target), spacing, connectivity=3)
-    for i in range(2):
-        ref = surface_metrics_reference(pred[i], target[i], spacing, 95.0, 3)
-        np.testing.assert_allclose([m.hausdorff[i], m.hausdorff_percentile[i], m.assd[i]], ref, rtol=1e-9)
-
-
-def test_surface_metrics_label_maps(shared_data):
-    # real CaDIS label maps, per class: a map against its shifted copy
-    labels = cadis_label_maps(shared_data, 2)[:, ::4, ::4].astype(np.int64)
-    shifted = np.roll(labels, 3, axis=2)
-    m = mk.surface_metrics(torch.from_numpy(labels), torch.from_numpy(shifted), num_classes=8)
-    assert m.hausdorff.shape == (2, 7)
-    for i in range(2):
-        for c in range(1, 8):
-            ref = surface_metrics_reference(labels[i] == c, shifted[i] == c)
-            got = [m.hausdorff[i, c - 1].item(), m.hausdorff_percentile[i, c - 1].item(), m.assd[i, c - 1].item()]
-            np.testing.assert_allclose(got, ref, rtol=1e-9)
-    hd = mk.hausdorff_distance(torch.from_numpy(labels), torch.from_numpy(shifted), num_classes=8)
-    torch.testing.assert_close(hd, m.hausdorff, equal_nan=True)
-    hd95 = mk.SurfaceDistance(num_classes=8)(torch.from_numpy(labels), torch.from_numpy(shifted)).hausdorff_percentile
-    torch.testing.assert_close(hd95, m.hausdorff_percentile, equal_nan=True)
-
-
-def test_surface_metrics_real_hc18(shared_data):
-    masks, pixel = hc18_masks(shared_data, 3)
-    pred = ndi.binary_erosion(masks, np.ones((1, 9, 9), bool))
-    s = pixel[0]
-    m = mk.surface_metrics(torch.from_numpy(pred), torch.from_numpy(masks), (s, s))
-    for i in range(3):
-        ref = surface_metrics_reference(pred[i], masks[i], (s, s))
-        np.testing.assert_allclose([m.hausdorff[i], m.hausdorff_percentile[i], m.assd[i]], ref, rtol=1e-9)
-    assd = mk.average_surface_distance(torch.from_numpy(pred), torch.from_numpy(masks), (s, s))
-    torch.testing.assert_close(assd, m.assd)
-
-
-def test_surface_metrics_bad_input():
-    a = torch.ones(1, 5, 5, dtype=torch.bool)
-    with pytest.raises(ValueError, match="percentile"):
-        mk.surface_metrics(a, a, percentile=101)
-    with pytest.raises(ValueError, match="connectivity"):
-        mk.surface_metrics(a, a, connectivity=3)
-    with pytest.raises(ValueError, match="same shape"):
-        mk.surface_metrics(a, torch.ones(1, 5, 4))
-    with pytest.raises(TypeError, match="integer"):
-        mk.surface_metrics(a.float(), a.float(), num_classes=3)
 
 
 # --------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from mtseg_harness.data import CaDIS, DatasetError, MissingFileError, collate, c
 
 IGN = 255
 
-# The DESIGN.md mapping table, written out by hand (raw class -> training class).
+# The CaDIS tasks' class mapping (the CaDIS paper's task definitions), written out by hand (raw class -> training class).
 TASK1 = {**{c: c for c in range(7)}, **{c: 7 for c in range(7, 36)}, 255: IGN}
 TASK2 = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6,
          7: 7, 8: 7, 10: 7, 20: 7, 27: 7, 32: 7,
@@ -156,7 +156,7 @@ def test_fixture_splits(cadis_root):
 
 
 def test_missing_root(tmp_path):
-    with pytest.raises(MissingFileError, match="does not exist"):
+    with pytest.raises(MissingFileError, match=r"nope: cadis dataset root not found"):
         CaDIS(tmp_path / "nope")
 
 

@@ -37,7 +37,7 @@ def test_real_labels_json(shared_data):
         decode_colour_label(bad, table, "x.png")
 
 
-def test_endovis18_fixture_reads_back(tmp_path, shared_data):
+def test_endovis18_fixture_reads_back(tmp_path):
     root = tmp_path / "ev18"
     written = write_endovis18(root, seqs=(1, 2, 3, 6))
     (root / "labels.json").write_text(json.dumps(LABELS18_JSON))

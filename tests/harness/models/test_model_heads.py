@@ -13,9 +13,11 @@ import mtseg_kernels
 from mtseg_harness.models import ClassHead, ContextEnsemble, HOGHead, create_model
 
 # HOG-MTL descriptor lengths on 128 x 64 images, by hand: blocks (rows, cols) x cells
-# per block x orientations. 16-px cells: 8 x 4 cells -> 7 x 3 blocks; 8-px: 16 x 8 -> 15 x 7.
+# per block x orientations. 16-px cells: 8 x 4 cells -> 7 x 3 blocks; 12-px: 10 x 5 whole
+# cells -> 9 x 4 blocks; 8-px: 16 x 8 -> 15 x 7.
 PAPER_HOG_DIMS = {
     504: 7 * 3 * 2 * 2 * 6,
+    864: 9 * 4 * 2 * 2 * 6,
     3780: 15 * 7 * 2 * 2 * 9,
     2520: 15 * 7 * 2 * 2 * 6,
     1680: 15 * 7 * 2 * 2 * 4,
@@ -39,7 +41,7 @@ def test_hog_head_matches_every_hog_mtl_preset():
         assert [h.shape for h in u2(torch.randn(1, 1, 40, 36)).hog] == [(1, dim)] * 6
 
 
-def test_hog_head_layout_is_hog_mtl_table_1():
+def test_hog_head_layout_two_conv_relu_pool_stages_then_linear():
     head = HOGHead(32, 504, hidden=(16, 8), pool_size=(4, 2))
     kinds = [type(m) for m in head.features]
     assert kinds == [nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Conv2d, nn.ReLU, nn.MaxPool2d]
@@ -60,6 +62,25 @@ def test_u2net_hog_heads_sit_on_every_decoder_stage():
     full = create_model("u2net", 3, 1, heads={"hog": True})
     # full: side features of stages 1d..5d and 6 are 64, 64, 128, 256, 512, 512 wide
     assert [h.features[0].in_channels for h in full.hog_heads] == [64, 64, 128, 256, 512, 512]
+
+
+def test_default_hog_unit_on_the_unet_bottleneck_is_the_authors_unit():
+    """HOG-MTL's UNet unit (authors' code): conv 1024->512, ReLU, pool, conv 512->256, ReLU,
+    pool, flatten 256 x 4 x 4 = 4096, linear to the HOG length."""
+    model = create_model("unet", 3, 2, heads={"hog": 864})
+    head = model.hog_head
+    convs = [m for m in head.features if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(1024, 512, (3, 3)), (512, 256, (3, 3))]
+    assert (head.fc.in_features, head.fc.out_features) == (4096, 864)
+    # on a 16 x 16 bottleneck (256 x 256 input) the adaptive pooling is the identity: the
+    # head is exactly conv-relu-pool twice, flatten, linear
+    torch.manual_seed(0)
+    small = HOGHead(8, 864)  # widths 4, 2 by the same rule
+    assert [c.out_channels for c in small.features if isinstance(c, nn.Conv2d)] == [4, 2]
+    x = torch.randn(2, 8, 16, 16)
+    h = torch.nn.functional.max_pool2d(torch.relu(small.features[0](x)), 2)
+    h = torch.nn.functional.max_pool2d(torch.relu(small.features[3](h)), 2)
+    torch.testing.assert_close(small(x), small.fc(h.flatten(1)))
 
 
 def test_unet_hog_head_sits_on_the_bottleneck_of_both_variants():
@@ -129,7 +150,9 @@ def test_u2net_approx_blocks():
 
 
 # ------------------------------------------------------------------ context ensemble
-PAPER_RECEPTIVE_FIELDS = [1, 3, 7, 15, 31, 63]  # Ren et al., TDSNet context-ensemble block
+# TDSNet's context-ensemble "rates": receptive fields (feature pixels per axis) of the input and
+# the five stacked dilated convs (1 + 2 * cumulative dilation), summed by the module
+PAPER_RECEPTIVE_FIELDS = [1, 3, 7, 15, 31, 63]
 
 
 def _support_extent(t: torch.Tensor) -> tuple[int, int]:
@@ -161,15 +184,25 @@ def test_context_ensemble_effective_receptive_fields_by_impulse_response(norm):
     assert _support_extent(total) == (63, 63)
 
 
-def test_tdsnet_context_block_has_the_paper_receptive_fields():
-    model = create_model("tdsnet", 3, 2, channels=(4, 4, 8, 8, 8), branch_channels=4, decoder_channels=4).eval()
-    block = model.context
-    _positive_weights(block)
-    x = torch.zeros(1, 8, 70, 70)
-    x[0, 3, 35, 35] = 1.0
-    with torch.no_grad():
-        extents = [_support_extent(y) for y in block.branches(x)]
-    assert extents == [(rf, rf) for rf in PAPER_RECEPTIVE_FIELDS]
+def test_tdsnet_has_three_task_pair_context_stacks_with_the_paper_receptive_fields():
+    model = create_model("tdsnet", 3, 2, heads={"presence": True}, channels=(4, 4, 8, 8, 8), branch_channels=4,
+                         decoder_channels=4).eval()
+    assert list(model.context) == ["seg_cls", "seg_scene", "cls_scene"]
+    for name, block in model.context.items():
+        assert isinstance(block, ContextEnsemble)
+        # a stack: five 3x3 convs, dilations 1, 2, 4, 8, 16, each reading the previous one
+        convs = [m for m in block.convs.modules() if isinstance(m, nn.Conv2d)]
+        assert [(c.kernel_size, c.dilation) for c in convs] == [((3, 3), (d, d)) for d in (1, 2, 4, 8, 16)]
+        assert [(c.in_channels, c.out_channels) for c in convs] == [(4, 4)] * 5
+        _positive_weights(block)
+        x = torch.zeros(1, 8, 70, 70)  # the 8-channel VGG top, projected to 4 channels first
+        x[0, 3, 35, 35] = 1.0
+        with torch.no_grad():
+            extents = [_support_extent(y) for y in block.branches(x)]
+        assert extents == [(rf, rf) for rf in PAPER_RECEPTIVE_FIELDS], name
+    # the class-scene pair feeds only the class and scene heads: not built without them
+    plain = create_model("tdsnet", 3, 2, channels=(4, 4, 8, 8, 8), branch_channels=4, decoder_channels=4)
+    assert list(plain.context) == ["seg_cls", "seg_scene"]
 
 
 def test_tdsnet_context_gradient_receptive_field():
@@ -179,3 +212,34 @@ def test_tdsnet_context_gradient_receptive_field():
     x = torch.ones(1, 1, 81, 81, requires_grad=True)  # every ReLU active
     block(x)[0, 0, 40, 40].backward()
     assert _support_extent(x.grad) == (63, 63)
+
+
+# ------------------------------------------------------------------ typed heads
+def test_heads_are_typed_specs_parsed_once_and_merged_head_by_head():
+    from mtseg_harness.models import (DEFAULT_HOG_DIM, HEAD_NAMES, ApproxHeadSpec, Heads, HOGHeadSpec,
+                                      PresenceHeadSpec, SceneHeadSpec)
+
+    # the default HOG length is the op's own default target length
+    assert DEFAULT_HOG_DIM == mtseg_kernels.hog_pseudo_label(torch.rand(1, 1, 32, 16)).shape[1] == 504
+    assert HEAD_NAMES == ("hog", "presence", "scene", "approx")
+    heads = Heads.parse({"hog": 3780, "presence": True, "scene": {"num_scenes": 4, "hidden": 8}, "approx": False})
+    assert heads == Heads(hog=HOGHeadSpec(dim=3780), presence=PresenceHeadSpec(),
+                          scene=SceneHeadSpec(num_scenes=4, hidden=8))
+    assert heads.names() == ("hog", "presence", "scene") and "scene" in heads and "approx" not in heads
+    # a method's heads, then a config's: the config replaces a head or switches it off
+    method = Heads(hog=HOGHeadSpec(), approx=ApproxHeadSpec(num_classes=2))
+    merged = method.updated({"hog": {"dim": 756}, "approx": False, "presence": 3})
+    assert merged == Heads(hog=HOGHeadSpec(dim=756), presence=PresenceHeadSpec(num_classes=3))
+    assert method.updated(Heads(scene=SceneHeadSpec(2))) == Heads(hog=HOGHeadSpec(), scene=SceneHeadSpec(2),
+                                                                  approx=ApproxHeadSpec(num_classes=2))
+
+
+def test_presence_hidden_default_is_the_architectures_and_none_means_one_linear():
+    from mtseg_harness.models import Heads, PresenceHeadSpec
+
+    tds = create_model("tdsnet", 3, 5, heads=Heads(presence=PresenceHeadSpec()))
+    assert tds.head_config.presence == PresenceHeadSpec(num_classes=5, hidden=256)
+    one = create_model("tdsnet", 3, 5, heads={"presence": {"hidden": None}})
+    assert [type(m) for m in one.presence_head.modules()][1:] == [nn.Linear]
+    unet = create_model("unet", 1, 4, heads=Heads(presence=PresenceHeadSpec()), channels=(4, 8))
+    assert unet.head_config.presence == PresenceHeadSpec(num_classes=4, hidden=None)

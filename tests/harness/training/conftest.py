@@ -22,7 +22,8 @@ TINY_MODEL = {"name": "unet", "options": {"base_channels": 4, "depth": 2}}
 
 def tiny_config(out_dir, **sections):
     """A resolved config on the embedded HC18 sample, resized to 32 x 48, tiny UNet, no progress bar."""
-    from mtseg_harness.config import deep_merge, load_config
+    from mtseg_harness.config import deep_merge
+    from mtseg_harness.runs import load_config
 
     base = {
         "seed": 0,

@@ -8,11 +8,9 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_MODEL
-from mtseg_harness.config import ConfigError, apply_overrides, load_config, parse_override
-from mtseg_harness.methods import create_method
-from mtseg_harness.models import create_model
-from mtseg_harness.training import Trainer
-from mtseg_harness.training.data import build_dataset
+from mtseg_harness.config import ConfigError, apply_overrides, parse_override
+from mtseg_harness.methods import method_class
+from mtseg_harness.runs import build_run, build_trainer, load_config
 
 import dataset_writers as W
 
@@ -94,14 +92,10 @@ def test_experiment_config_builds_on_fixture_data(path, fixture_roots, tmp_path)
     cfg = load_config(path)
     name = cfg["data"]["name"]
     cfg = _fixture_config(path, fixture_roots[name], tmp_path)
-    ds = build_dataset(cfg, "train")
-    method = create_method(cfg["method"]["name"], ds.num_classes, ds.ignore_index,
-                           **{k: v for k, v in cfg["method"].items() if k != "name"})
-    ds = method.wrap_dataset(ds, "train")
-    sample = ds[0]
-    model = create_model(cfg["model"]["name"], sample["image"].shape[0], ds.num_classes,
-                         heads={**method.heads(), **(cfg["model"].get("heads") or {})}, **cfg["model"]["options"])
-    assert sum(p.numel() for p in model.parameters()) > 0
+    run = build_run(cfg, "train", training=True)
+    assert type(run.method) is method_class(cfg["method"]["name"])
+    assert run.model.head_config.names() == run.method.heads().names()
+    assert sum(p.numel() for p in run.model.parameters()) > 0
 
 
 ONE_PER_DATASET = {}
@@ -121,6 +115,6 @@ def test_one_config_per_dataset_trains_a_step_with_a_tiny_model(path, fixture_ro
     if three_d:
         cfg["data"]["options"]["crop_size"] = [8, 16, 16]
     cfg["train"].update(steps=1, val_every=0, checkpoint_every=0)
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     tr.fit()
     assert tr.step == 1 and (tmp_path / "last.pt").is_file()

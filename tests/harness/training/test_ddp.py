@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, SAMPLE, tiny_config
-from mtseg_harness.training import Trainer
+from mtseg_harness.runs import build_trainer, load_config
 from mtseg_harness.training.checkpoint import load_checkpoint
 
 # CMU-Net: instance norm, so per-image statistics do not depend on how the batch is split
@@ -33,16 +33,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     ddp = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert ddp["world_size"] == 2 and ddp["step"] == 3
 
-    from mtseg_harness.config import load_config
-
     cfg = load_config(None, SETTINGS + ["data.batch_size=4", f"train.out_dir={tmp_path / 'one'}"])
-    one = Trainer(cfg)
+    one = build_trainer(cfg)
     one.fit()
     ref = one.model.state_dict()
     for k, v in ddp["model"].items():
         torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-5, msg=k)
     # and the comparison can tell: one process on half the global batch ends elsewhere
-    half = Trainer(load_config(None, SETTINGS + ["data.batch_size=2", f"train.out_dir={tmp_path / 'half'}"]))
+    half = build_trainer(load_config(None, SETTINGS + ["data.batch_size=2", f"train.out_dir={tmp_path / 'half'}"]))
     half.fit()
     assert max((ddp["model"][k] - v).abs().max().item() for k, v in half.model.state_dict().items()
                if v.is_floating_point()) > 1e-3

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from conftest import SAMPLE, tiny_config
-from mtseg_harness.cli import run_eval
 from mtseg_harness.methods import create_method, losses
 from mtseg_harness.models import ModelOutput
-from mtseg_harness.training import Trainer
+from mtseg_harness.runs import build_trainer, run_eval
 
 import dataset_writers as W
 
@@ -18,7 +17,7 @@ METHODS = ["baseline", "hog_mtl", "tdsnet", "cmunet"]
 
 
 def _train(cfg):
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     result = tr.fit()
     assert result["step"] == cfg["train"]["steps"]
     assert all(math.isfinite(r["loss"]) for r in tr.history)

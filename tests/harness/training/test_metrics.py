@@ -114,13 +114,27 @@ def test_object_hausdorff_against_scipy():
 
 
 def test_brats_regions_dice():
+    from mtseg_harness.data.brats import REGIONS
+
     t = torch.tensor([[0, 1, 2, 3, 3, 0]])
     p = torch.tensor([[0, 1, 2, 3, 0, 2]])
-    d = M.brats_dice(p, t)
+    d = M.region_dice(p, t, REGIONS)
     # ET: t {3,4}, p {3} -> 2/3; TC: t {1,3,4}, p {1,3} -> 4/5; WT: t {1,2,3,4}, p {1,2,3,5} -> 6/8
     assert d[0].tolist() == pytest.approx([2 / 3, 4 / 5, 6 / 8])
-    empty = M.brats_dice(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    empty = M.region_dice(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), REGIONS)
     assert torch.isnan(empty).all()
+    # pixels ignored in the target count nowhere: the 2 at position 5 is left out of WT
+    t[0, 5] = 255
+    assert M.region_dice(p, t, REGIONS)[0, 2] == pytest.approx(6 / 7)
+
+
+def test_object_instances_are_scipys_8_connected_components():
+    rng = np.random.default_rng(3)
+    pred = torch.from_numpy(rng.integers(0, 3, (2, 23, 31)) * (rng.random((2, 23, 31)) < 0.35))
+    got = M.object_instances(pred, 8)
+    for i in range(2):
+        ref, n = ndimage.label(pred[i].numpy() > 0, np.ones((3, 3)))
+        assert n > 5 and np.array_equal(got[i].numpy(), ref)  # the same ids, raster order
 
 
 def _scipy_hd(pred, target, spacing, q):
@@ -143,3 +157,61 @@ def test_surface_distances_in_mm_match_scipy_per_image_spacing():
         hd, hd95 = _scipy_hd(p[i], t[i], spacing[i].tolist(), 95)
         assert float(out["hd"][i, 0]) == pytest.approx(hd)
         assert float(out["hd95"][i, 0]) == pytest.approx(hd95)
+
+
+# ------------------------------------------------------------------ the dataset's declared extras in evaluate()
+class _Fixed(torch.nn.Module):
+    """A 'model' whose segmentation is given: the batch's ``pred`` (read by the segment callable)."""
+
+    def forward(self, x):
+        return x
+
+
+def _evaluate(batches, extra_metrics, num_classes=3, names=("bg", "a", "b")):
+    from mtseg_harness.evaluation import evaluate
+
+    preds = iter([b.pop("pred") for b in batches])
+    segment = lambda model, image, batch, out_size=None: next(preds)  # noqa: E731
+    return evaluate(_Fixed(), segment, batches, "cpu", num_classes=num_classes, ignore_index=255, class_names=names,
+                    hd=False, pad_multiple=1, extra_metrics=extra_metrics)
+
+
+def test_group_report_means_and_miou_per_video_by_hand():
+    from mtseg_harness.data import GroupReport
+
+    t = torch.tensor([[[0, 1, 1, 2]], [[0, 0, 1, 1]], [[2, 2, 0, 0]]])
+    p = torch.tensor([[[0, 1, 2, 2]], [[0, 1, 1, 1]], [[2, 0, 0, 0]]])
+    batch = {"image": torch.zeros(3, 1, 1, 4), "mask": t, "pred": p, "video": torch.tensor([9, 9, 10]),
+             "case_id": ["x", "y", "z"]}
+    table, summary, _ = _evaluate([batch], (GroupReport("video"),))
+    assert table["video"].tolist() == [9, 9, 10]
+    v9, v10 = summary["by_video"][9], summary["by_video"][10]
+    assert v9["n_images"] == 2 and v10["n_images"] == 1
+    # video 9, class a: image x 2*1/(1+2) = 2/3, image y 2*2/(3+2) = 4/5
+    assert v9["dice_a"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    # video 9 confusion (rows target): bg {0: 2, a: 1}, a {a: 3, b: 1}, b {b: 1}
+    # IoU bg 2/3, a 3/5, b 1/2 -> mIoU over the video's pixels
+    assert v9["miou"] == pytest.approx((2 / 3 + 3 / 5 + 1 / 2) / 3)
+    # video 10: bg 2/3, b 1/2; class a never seen -> left out
+    assert v10["miou"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert "video" not in summary  # the group key is not averaged
+
+
+def test_object_metrics_count_8_connected_predicted_objects():
+    from mtseg_harness.data import ObjectMetrics
+
+    gt = np.zeros((1, 8, 8), np.int64)
+    gt[0, 1:3, 1:3] = 1
+    gt[0, 3:5, 3:5] = 2          # touches object 1 at a corner only
+    pred = torch.from_numpy((gt > 0).astype(np.int64))
+    batch = {"image": torch.zeros(1, 1, 8, 8), "mask": pred.clone(), "instances": torch.from_numpy(gt),
+             "pred": pred, "case_id": ["g"]}
+    table, _, _ = _evaluate([batch], (ObjectMetrics(connectivity=8),), num_classes=2, names=("bg", "gland"))
+    # 8-connected, the prediction is one object of 8 px covering both glands of 4 px
+    one = (gt[0] > 0).astype(np.int64)
+    assert table["object_dice"][0] == pytest.approx(M.object_dice(one, gt[0]))
+    # glands side: each 4/8 x Dice(G_i, S) = 8/12; object side: Dice(S, G_1) = 8/12 (tie -> first id)
+    assert table["object_dice"][0] == pytest.approx(2 / 3)
+    batch["pred"] = pred
+    table4, _, _ = _evaluate([batch], (ObjectMetrics(connectivity=4),), num_classes=2, names=("bg", "gland"))
+    assert table4["object_dice"][0] == pytest.approx(1.0)  # 4-connected: the two glands exactly

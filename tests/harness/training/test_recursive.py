@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from mtseg_harness.cli import run_eval
 from mtseg_harness.methods import create_method
 from mtseg_harness.methods.recursive import grow
-from mtseg_harness.training import Trainer
+from mtseg_harness.models import ApproxHeadSpec, Heads
+from mtseg_harness.runs import build_trainer, run_eval
 from mtseg_harness.training.checkpoint import load_checkpoint
 
 RA = {"name": "recursive_approx", "strong_fraction": 0.1, "update_every": 2, "update_batch_size": 40}
@@ -38,7 +38,7 @@ def test_grow_properties():
 
 def test_weak_and_strong_labels_and_losses():
     m = create_method("recursive_approx", 2, strong_fraction=0.5)
-    assert m.heads() == {"approx": 2}
+    assert m.heads() == Heads(approx=ApproxHeadSpec(num_classes=2))
     mask = torch.ones(2, 4, 4, dtype=torch.long)
     weak = torch.zeros_like(mask)
     weak[:, 1:3, 1:3] = 1
@@ -57,7 +57,7 @@ def test_weak_and_strong_labels_and_losses():
 
 def test_rounds_on_the_embedded_sample(tmp_path):
     cfg = tiny_config(tmp_path, method=RA, train={"steps": 5, "val_every": 5}, data=SMALL)
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     tr.fit()
     rounds = pd.read_csv(tmp_path / "rounds.csv")
     assert rounds["round"].tolist() == [0, 1, 2] and rounds["step"].tolist() == [0, 2, 4]
@@ -83,12 +83,12 @@ def test_rounds_on_the_embedded_sample(tmp_path):
 
 
 def test_resume_keeps_the_approximations(tmp_path):
-    full = Trainer(tiny_config(tmp_path / "full", method=RA, train={"steps": 5}, data=SMALL))
+    full = build_trainer(tiny_config(tmp_path / "full", method=RA, train={"steps": 5}, data=SMALL))
     full.fit()
-    part = Trainer(tiny_config(tmp_path / "part", method=RA, train={"steps": 5}, data=SMALL))
+    part = build_trainer(tiny_config(tmp_path / "part", method=RA, train={"steps": 5}, data=SMALL))
     part.fit(stop_at=3)
     assert load_checkpoint(tmp_path / "part" / "last.pt")["method"]["round"] == 1
-    resumed = Trainer(tiny_config(tmp_path / "part", method=RA, train={"steps": 5, "resume": True}, data=SMALL))
+    resumed = build_trainer(tiny_config(tmp_path / "part", method=RA, train={"steps": 5, "resume": True}, data=SMALL))
     resumed.fit()
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
@@ -99,7 +99,47 @@ def test_resume_keeps_the_approximations(tmp_path):
 def test_on_real_hc18(tmp_path, shared_data):
     cfg = tiny_config(tmp_path, method={**RA, "strong_fraction": 0.2}, train={"steps": 3},
                       data={"root": str(shared_data / "hc18"), **SMALL})
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     tr.fit()
     rounds = pd.read_csv(tmp_path / "rounds.csv")
     assert rounds["round"].tolist() == [0, 1] and rounds["n_weak"].tolist() == [16, 16]
+
+
+def test_label_update_grows_inside_the_plain_segmentation_through_the_context():
+    """A round grows each weak image's approximation inside the model's arg-max segmentation
+    (not inside the final-growth output used at evaluation), using only what the trainer
+    lends the method (TrainContext)."""
+    import torch.nn.functional as F
+
+    from mtseg_harness.methods import TrainContext
+    from mtseg_harness.models import ModelOutput
+
+    seg = torch.zeros(1, 8, 8, dtype=torch.long)
+    seg[0, 1:7, 1:7] = 1                      # the model's segmentation S: a 6 x 6 square
+    approx = torch.zeros_like(seg)
+    approx[0, 5:7, 5:7] = 1                   # its approximation output: a corner of S, away from the seed
+
+    def logits(labels, b):
+        return F.one_hot(labels, 2).movedim(-1, 1).float().expand(b, -1, -1, -1)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return ModelOutput(seg=logits(seg, x.shape[0]), approx=logits(approx, x.shape[0]))
+
+    m = create_method("recursive_approx", 2, lam=1e6, lam_eval=0.0, final_growth=True, save_rounds=False)
+    seed = torch.zeros(8, 8, dtype=torch.uint8)
+    seed[3, 3] = 1
+    m.current = {"a": seed}
+    batch = {"image": torch.zeros(1, 1, 8, 8), "case_id": ["a"], "strong": torch.tensor([False]), "mask": seg.clone()}
+    seen = []
+
+    def predict(image, segment):
+        seen.append(segment)
+        return segment(Fixed(), image).cpu()
+
+    ctx = TrainContext(step=2, total_steps=10, dataset=None, batches=lambda batch_size: [batch], predict=predict,
+                       out_dir=None, save_table=lambda *a, **k: None)
+    m.update(ctx)
+    assert len(seen) == 1 and m.round == 1
+    assert torch.equal(m.current["a"].long(), seg[0])  # grown to all of S (lambda large)
+    assert m.rounds[-1] == {"round": 1, "step": 2, "dice_vs_true": 1.0, "n_weak": 1}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from mtseg_harness.training import StepBatchSampler, Trainer, build_scheduler, save_atomic
+from mtseg_harness.runs import build_trainer, load_config
+from mtseg_harness.training import StepBatchSampler, build_scheduler, save_atomic
 from mtseg_harness.training.checkpoint import load_checkpoint
 
 
@@ -24,15 +25,15 @@ def _same(a, b):
 def test_resume_after_interrupt_is_bitwise_identical(tmp_path, method):
     extra = {"method": {"name": method}, "train": {"steps": 6, "val_every": 3, "log_every": 1},
              "sched": {"name": "step", "step_size": 2, "gamma": 0.5}}
-    full = Trainer(tiny_config(tmp_path / "full", **extra))
+    full = build_trainer(tiny_config(tmp_path / "full", **extra))
     full.fit()
     a = _weights(full.model)
 
-    part = Trainer(tiny_config(tmp_path / "part", **extra))
+    part = build_trainer(tiny_config(tmp_path / "part", **extra))
     part.fit(stop_at=4)  # "interrupted" after step 4: last.pt written there
     assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 4
     del part
-    resumed = Trainer(tiny_config(tmp_path / "part", **{**extra, "train": {**extra["train"], "resume": True}}))
+    resumed = build_trainer(tiny_config(tmp_path / "part", **{**extra, "train": {**extra["train"], "resume": True}}))
     assert resumed.step == 4
     resumed.fit()
     _same(a, _weights(resumed.model))
@@ -48,13 +49,13 @@ def test_resume_after_interrupt_is_bitwise_identical(tmp_path, method):
 
 def test_keyboard_interrupt_saves_last_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path, train={"steps": 5})
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     calls = {"n": 0}
     orig = tr.method.after_step
 
-    def boom(trainer, step):
-        orig(trainer, step)
-        if step == 2:
+    def boom(ctx):
+        orig(ctx)
+        if ctx.step == 2:
             raise KeyboardInterrupt
 
     tr.method.after_step = boom
@@ -65,7 +66,7 @@ def test_keyboard_interrupt_saves_last_checkpoint(tmp_path):
 
 def test_best_checkpoint_and_logs(tmp_path):
     cfg = tiny_config(tmp_path, train={"steps": 4, "val_every": 2, "checkpoint_every": 2})
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     tr.fit()
     assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
     best = load_checkpoint(tmp_path / "best.pt")
@@ -134,7 +135,7 @@ def test_schedules_per_iteration(sched, expected):
 
 def test_bf16_autocast_and_gradient_clipping_on_cpu(tmp_path):
     cfg = tiny_config(tmp_path, train={"steps": 2, "amp": "bf16", "grad_clip": 0.01})
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     assert tr.amp_dtype == torch.bfloat16
     tr.fit()
     assert tr.history[-1]["grad_norm"] > 0
@@ -142,8 +143,6 @@ def test_bf16_autocast_and_gradient_clipping_on_cpu(tmp_path):
 
 
 def test_hog_mtl_paper_defaults_apply_unless_overridden(tmp_path):
-    from mtseg_harness.config import load_config
-
     cfg = load_config(None, ["method.name=hog_mtl"])
     assert cfg["optim"]["name"] == "adam" and cfg["optim"]["lr"] == 2e-4
     assert cfg["sched"] == {**cfg["sched"], "name": "step", "step_size": 50_000, "gamma": 0.5}
@@ -155,7 +154,7 @@ def test_hog_mtl_paper_defaults_apply_unless_overridden(tmp_path):
 def test_tensorboard_event_file_when_installed(tmp_path):
     pytest.importorskip("tensorboard")
     cfg = tiny_config(tmp_path, train={"steps": 2, "tensorboard": True, "val_every": 2})
-    Trainer(cfg).fit()
+    build_trainer(cfg).fit()
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -167,12 +166,36 @@ def test_tensorboard_event_file_when_installed(tmp_path):
 
 
 def test_loader_workers_and_memory_cache_do_not_change_the_result(tmp_path):
-    a = Trainer(tiny_config(tmp_path / "a", train={"steps": 3}))
+    a = build_trainer(tiny_config(tmp_path / "a", train={"steps": 3}))
     a.fit()
-    b = Trainer(tiny_config(tmp_path / "b", train={"steps": 3}, data={"num_workers": 2}))
+    b = build_trainer(tiny_config(tmp_path / "b", train={"steps": 3}, data={"num_workers": 2}))
     b.fit()
     _same(_weights(a.model), _weights(b.model))
-    c = Trainer(tiny_config(tmp_path / "c", train={"steps": 3}, data={"cache_in_memory": True}))
+    c = build_trainer(tiny_config(tmp_path / "c", train={"steps": 3}, data={"cache_in_memory": True}))
     c.fit()
     _same(_weights(a.model), _weights(c.model))
     assert len(c.train_set.cache) > 0
+
+
+def test_on_error_skip_trains_and_evaluates_when_the_first_sample_is_bad(tmp_path):
+    """A bad file at index 0 with on_error=skip: the model's channels come from the first
+    sample that reads, training and evaluation pass over the bad sample (it used to crash)."""
+    import dataset_writers as W
+    import pandas as pd
+
+    from mtseg_harness.runs import run_eval
+
+    root = tmp_path / "hc18"
+    W.write_hc18(root, n=6)
+    W.truncate(root / "training_set" / "000_HC.png", 0.5)  # index 0 of every split that holds it
+    cfg = tiny_config(tmp_path / "run", data={"root": str(root), "batch_size": 2, "options": {"on_error": "skip"},
+                                              "splits": {"train": "all", "val": None, "test": "all"}},
+                      train={"steps": 3})
+    tr = build_trainer(cfg)
+    assert tr.train_set[0] is None and tr.model.in_channels == 1
+    tr.fit()
+    assert tr.step == 3
+    table, summary, _ = run_eval(cfg, split_key="test", out_dir=tmp_path / "eval", quiet=True)
+    assert table["case_id"].tolist() == ["001_HC", "002_HC", "003_HC", "004_HC", "005_2HC"]
+    assert summary["n_images"] == 5
+    assert len(pd.read_csv(tmp_path / "eval" / "per_image.csv")) == 5

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 
+import pandas as pd
 import torch
 
-from ..methods import create_method
-from ..models import create_model
+from ..evaluation.report import format_table
+from .assemble import build_method, build_model, load_config
 
 
 def synthetic_batch(batch: int, size=(256, 256), channels: int = 1, num_classes: int = 2, seed: int = 0, device="cpu"):
@@ -35,9 +36,11 @@ class StepRunner:
 
     def __init__(self, method: str, model: str = "unet", size=(256, 256), batch: int = 4, channels: int = 1,
                  num_classes: int = 2, device="cpu", model_options: dict | None = None, method_options: dict | None = None):
+        cfg = load_config(base={"method": {"name": method, **(method_options or {})},
+                                "model": {"name": model, "options": dict(model_options or {})}})
         torch.manual_seed(0)
-        self.method = create_method(method, num_classes, **(method_options or {}))
-        self.model = create_model(model, channels, num_classes, heads=self.method.heads(), **(model_options or {})).to(device)
+        self.method = build_method(cfg, num_classes, ignore_index=255)
+        self.model = build_model(cfg, self.method, channels, num_classes).to(device)
         self.opt = torch.optim.Adam(self.model.parameters(), 1e-4)
         self.batch = synthetic_batch(batch, size, channels, num_classes, device=device)
         self.total = 1000
@@ -79,3 +82,15 @@ def time_steps(methods=("baseline", "hog_mtl", "tdsnet", "cmunet"), repeat: int 
         if base:
             r["vs_baseline"] = r["step_s"] / base
     return rows
+
+
+def bench_report(methods, repeat: int = 5, size=(256, 256), batch: int = 4, model: str = "unet",
+                 base_channels: int = 16, threads: int | None = None) -> str:
+    """``mtseg bench``: the table of :func:`time_steps` with a line saying what was timed."""
+    if threads:
+        torch.set_num_threads(threads)
+    rows = time_steps(methods, repeat=repeat, size=tuple(size), batch=batch, model=model,
+                      model_options={"base_channels": base_channels} if model.startswith("unet") else None)
+    head = (f"training step, {model}, batch {batch}, {size[0]}x{size[1]}, {torch.get_num_threads()} threads, CPU"
+            f" (median of {repeat})")
+    return head + "\n" + format_table(pd.DataFrame(rows), ".4f")

@@ -7,21 +7,23 @@ same seed on images resized to 128 x 80 (``data.input_size``), with the same dat
 and augmentation, and differs only in the method:
 
 * ``baseline``: Dice + cross-entropy;
-* ``+HOG``: HOG-MTL, Dice + CE + MSE to the 504-value HOG of the augmented image (computed in the step);
+* ``+HOG``: HOG-MTL, Dice + CE + MSE to the HOG of the augmented image (the op's default
+  504-value preset, computed in the step);
 * ``+presence/sync``: TDSNet's class-presence BCE and fused sync loss on top of Dice + CE
   (its seg loss set to the baseline's here so that only the auxiliary terms differ);
-* ``recursive approx. (10% strong)``: Ke et al., when ``mtseg_kernels.grow_instances`` exists:
+* ``recursive approx. (10% strong)``: Ke et al.:
   full masks for 10% of the training images, generated weak labels for the rest,
   approximations grown every 50 steps, a final growth at evaluation.
 
 Each run keeps its best-on-validation checkpoint; the test split is evaluated at the
 sample's resolution (logits resized back to 240 x 160): Dice and IoU of the head, and
-HD95 / HD in mm (pixel size from the CSV) when the surface-metric operator exists.
+HD95 / HD in mm (pixel size from the CSV).
 Everything printed is measured in this run.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -29,7 +31,9 @@ import pandas as pd
 import torch
 import yaml
 
-from ..config import load_config
+from ..evaluation.report import format_table, plot_curves, plot_overlays
+from .assemble import build_trainer, load_config
+from .evaluate import run_eval
 
 BASE = {
     "seed": 0,
@@ -48,36 +52,20 @@ BASE = {
 
 RUNS = {
     "baseline": {"method": {"name": "baseline", "loss": "dice_ce"}},
-    "+HOG": {"method": {"name": "hog_mtl", "alpha": 1.0, "beta": 1.0, "dim": 504, "seg_loss": "dice_ce"}},
+    "+HOG": {"method": {"name": "hog_mtl", "alpha": 1.0, "beta": 1.0, "seg_loss": "dice_ce"}},
     "+presence/sync": {"method": {"name": "tdsnet", "seg_loss": "dice_ce"}},
+    "recursive approx. (10% strong)": {"method": {"name": "recursive_approx", "strong_fraction": 0.1,
+                                                  "update_every": 50, "update_batch_size": 35}},
 }
-
-
-def has_grow_instances() -> bool:
-    try:
-        from mtseg_kernels import grow_instances  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def demo_runs() -> dict:
-    runs = dict(RUNS)
-    if has_grow_instances():
-        runs["recursive approx. (10% strong)"] = {"method": {"name": "recursive_approx", "strong_fraction": 0.1,
-                                                             "update_every": 50, "update_batch_size": 35}}
-    return runs
 
 
 def _slug(name: str) -> str:
     """Folder name of a run: ``recursive approx. (10% strong)`` -> ``recursive_approx_10_strong``."""
-    import re
-
     return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "run"
 
 
 def demo_config(name: str, out: Path, steps: int) -> dict:
-    run = demo_runs()[name]
+    run = RUNS[name]
     cfg = load_config(None, [], base={**BASE, **run})
     cfg["train"].update(steps=steps, out_dir=str(out / _slug(name)), val_every=max(steps // 5, 1),
                         checkpoint_every=steps)
@@ -86,20 +74,14 @@ def demo_config(name: str, out: Path, steps: int) -> dict:
 
 
 def run_demo(out="runs/demo", steps=None, methods=None, threads=None, quick=False) -> pd.DataFrame:
-    from ..cli import run_eval
-    from ..evaluation.report import format_table, plot_curves, plot_overlays
-    from .trainer import Trainer
-
     if threads:
         torch.set_num_threads(int(threads))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     steps = int(steps or (6 if quick else BASE["train"]["steps"]))
-    runs = demo_runs()
-    names = list(runs) if not methods else [m for m in runs if m in methods or _slug(m) in methods]
+    names = list(RUNS) if not methods else [m for m in RUNS if m in methods or _slug(m) in methods]
     if not names:
-        raise SystemExit(f"mtseg demo: no run matches {methods}; runs: {list(runs)}")
-    skipped = [] if has_grow_instances() else ["recursive approx. (needs mtseg_kernels.grow_instances, not in this build)"]
+        raise SystemExit(f"mtseg demo: no run matches {methods}; runs: {list(RUNS)}")
     print(f"mtseg demo: {len(names)} UNets x {steps} steps on the embedded HC18 sample "
           f"(139 train / 20 val / 40 test, CC BY 4.0), CPU, {torch.get_num_threads()} threads -> {out}")
     rows, examples, folders = [], {}, {}
@@ -107,7 +89,7 @@ def run_demo(out="runs/demo", steps=None, methods=None, threads=None, quick=Fals
     for name in names:
         cfg = demo_config(name, out, steps)
         t0 = time.perf_counter()
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         trainer.fit()
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -134,7 +116,6 @@ def run_demo(out="runs/demo", steps=None, methods=None, threads=None, quick=Fals
     notes = [f"test split: 40 images at 240x160, mean over images; {steps} steps x batch 8 per run; total {total:.0f} s"]
     if "hd95_mm" not in table:
         notes.append("HD95/HD not computed: mtseg_kernels.surface_metrics is not in this build")
-    notes += [f"not run: {s}" for s in skipped]
     report = "# mtseg demo (embedded HC18 sample)\n\n" + text + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     for name, folder in folders.items():
         rounds = Path(folder) / "rounds.csv"

@@ -22,15 +22,17 @@ from PIL import Image
 import mtseg_kernels
 
 from ..data import make_weak_labels
-from .data import build_dataset
+from ..models import DEFAULT_HOG_DIM
+from .assemble import build_dataset
 
 
 def precompute_labels(cfg: dict, out, kinds=("hog", "presence", "weak"), split_key: str = "train") -> dict:
+    """Write the ``kinds`` of labels of ``cfg``'s split to ``out``; returns ``{kind: path}``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ds = build_dataset(cfg, split_key)
-    k, ignore = ds.num_classes, getattr(ds, "ignore_index", 255)
-    dim = int(cfg["method"].get("dim", 504))
+    k, ignore = ds.num_classes, ds.ignore_index
+    dim = int(cfg["method"].get("dim", DEFAULT_HOG_DIM))
     wopts = {key: cfg["method"][key] for key in ("shrink_ratio", "jitter", "smoothness") if key in cfg["method"]}
     ids, hogs, pres = [], [], []
     written = {}
@@ -59,7 +61,7 @@ def precompute_labels(cfg: dict, out, kinds=("hog", "presence", "weak"), split_k
         torch.save({"case_id": ids, "hog": torch.stack(hogs), "dim": dim}, out / "hog.pt")
         written["hog"] = out / "hog.pt"
     if "presence" in kinds:
-        names = list(getattr(ds, "class_names", ())) or [str(c) for c in range(k)]
+        names = list(ds.class_names) or [str(c) for c in range(k)]
         df = pd.DataFrame(np.stack(pres).astype(int), columns=names)
         df.insert(0, "case_id", ids)
         df.to_csv(out / "presence.csv", index=False)
