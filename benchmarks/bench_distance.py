@@ -7,8 +7,8 @@ Groups (each one pytest-benchmark group, so its contestants are reported togethe
 * ``edt-2d-16x256``: a batch of 16 256x256 masks (16 HC18 head masks resized).
 * ``edt-3d-155x240x240``: one 155x240x240 volume (BraTS size, synthetic tumour-like
   blobs), anisotropic spacing (1.5, 0.9375, 0.9375).
-* ``cc-2d-16x256`` / ``cc-3d-155x240x240``: connected components of the same inputs'
-  complements broken into pieces (8- / 26-connectivity).
+* ``cc-2d-16x256`` / ``cc-3d-155x240x240``: connected components of the same masks cut
+  by a grid of 1-voxel lines into many pieces (8- / 26-connectivity).
 * ``levelset-hc18-200``: the label update of the recursive-approximation method,
   ``levelset_grow`` with lam = 1 over 200 HC18-sized (540x800) masks: A = the head mask
   eroded by 25 px, S = the head mask dilated by 10 px.
@@ -18,11 +18,16 @@ over images), the ``edt`` package (seung-lab, ``parallel=2``, loop over images),
 ``distanceTransform(DIST_L2, DIST_MASK_PRECISE)`` (2D, loop), ``cc3d`` (loop). mtseg is
 one call on the whole batch with ``torch.get_num_threads()`` threads. Inputs are prepared
 once per module; the timed functions only compute.
+
+The HC18 masks are the real annotations when the data is found as the tests find it
+(``$MTSEG_SHARED_DATA``, else ``../shared/data`` next to the repository), otherwise
+synthetic ellipses of similar size; each row's ``extra_info["masks"]`` says which.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import cv2
@@ -38,13 +43,31 @@ SPACING_3D = (1.5, 0.9375, 0.9375)
 REPO = Path(__file__).resolve().parents[1]
 
 
+def data_root() -> Path | None:
+    """The real-data folder, found as the tests find it: ``$MTSEG_SHARED_DATA``, else
+    ``../shared/data`` next to the repository."""
+    env = os.environ.get("MTSEG_SHARED_DATA")
+    for path in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
+        if path.is_dir():
+            return path
+    return None
+
+
+def mask_source() -> str:
+    """What the HC18-shaped inputs are made of, for each row's ``extra_info``."""
+    root = data_root()
+    return "HC18 annotations" if root and any((root / "hc18" / "training_set").glob("*_HC_Annotation.png")) else (
+        "synthetic ellipses (no HC18 data found)"
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def hc18_masks(count: int) -> np.ndarray:
     """``count`` filled HC18 head masks (count, 540, 800); synthetic ellipses without the data."""
     from PIL import Image
 
-    folder = REPO.parent / "shared" / "data" / "hc18" / "training_set"
-    files = sorted(folder.glob("*_HC_Annotation.png"))
+    root = data_root()
+    files = sorted((root / "hc18" / "training_set").glob("*_HC_Annotation.png")) if root else []
     masks = []
     yy, xx = np.mgrid[:540, :800]
     for i in range(count):
@@ -53,7 +76,7 @@ def hc18_masks(count: int) -> np.ndarray:
             canvas = np.zeros((540, 800), dtype=bool)  # a few HC18 images are smaller
             canvas[: outline.shape[0], : outline.shape[1]] = outline[:540, :800]
             masks.append(ndi.binary_fill_holes(canvas))
-        else:  # pragma: no cover - only without ../shared/data
+        else:  # pragma: no cover - only without the real data
             a, b = 150 + (i * 7) % 80, 200 + (i * 11) % 90
             masks.append(((yy - 270) / a) ** 2 + ((xx - 400) / b) ** 2 <= 1)
     return np.stack(masks)
@@ -80,7 +103,8 @@ def _describe(benchmark, runtime_info, group, contestant, role, n_images, size, 
     benchmark.group = group
     benchmark.extra_info.update(runtime_info)
     benchmark.extra_info.update(
-        contestant=contestant, role=role, device="cpu", input_dtype="bool", n_images=n_images, image_size=size, **extra
+        contestant=contestant, role=role, device="cpu", input_dtype="bool", n_images=n_images, image_size=size,
+        masks="synthetic ellipsoids" if "3d" in group else mask_source(), **extra
     )
 
 

@@ -84,7 +84,7 @@ TORCH_LIBRARY(mtseg, m) {
       "str reduction=\"mean\", Tensor? weight=None, str activation=\"softmax\", float temperature=0.1, "
       "float threshold=0.5, Tensor? valid_mask=None) -> Tensor");
 
-  // Exact distance transforms, connected components and level-set growth (DESIGN 3.3);
+  // Exact distance transforms, connected components and level-set growth;
   // masks (B, H, W) or (B, D, H, W), non-zero = foreground. Not differentiable.
   // edt: distance from every non-zero voxel to the nearest zero voxel (scipy semantics;
   // +inf without any zero voxel); signed: -d(x, background) inside, +d(x, foreground) outside.

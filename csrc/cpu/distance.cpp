@@ -4,9 +4,14 @@
 //  1. the first spatial axis (rows of a 2D mask, slices of a 3D one) by forward and
 //     backward sweeps over whole rows/planes at once (vectorised over the contiguous axis);
 //  2. (3D) the middle axis: blocks of kBlock adjacent columns are gathered into
-//     contiguous lines, enveloped, and scattered back;
-//  3. the last (contiguous) axis: the envelope line by line, writing the output (and its
-//     square root) directly.
+//     contiguous lines, enveloped, and scattered back (only the rows of a block between
+//     its first and last foreground voxel);
+//  3. the last (contiguous) axis: the envelope of each run of foreground voxels (found in
+//     the mask's bytes) with its two bounding zeros, writing the output directly.
+// Outputs come zero-filled from calloc and the passes write only what is not zero: a
+// page that holds no foreground is never touched.
+// Masks are read as bytes: 0 is background and every other byte foreground (so a bool
+// tensor holding a byte 2 reads as torch reads it).
 // Scheduling: under 2^21 voxels everything runs on one thread; a batch of at least as
 // many images as threads hands out whole images (all passes of an image on one thread,
 // one parallel region); otherwise each pass is parallel over its lines.
@@ -17,9 +22,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
+#include "mtseg/cpu.h"
 #include "mtseg/distance.h"
 #include "mtseg/distance_host.h"
 
@@ -27,26 +35,91 @@ namespace mtseg {
 namespace distance {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
-#define MTSEG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MTSEG_CPU_CLONES
-#endif
-
 constexpr int64_t kSweepChunk = 2048;  // columns of the first pass handled per task
 constexpr int64_t kBlock = 16;         // adjacent columns gathered per task in the middle pass
 constexpr int64_t kSerialVoxels = int64_t{1} << 21;  // below this, one thread (a few ms of work)
 
-// Last byte equal to 1 in [p, p + n), or null: glibc's memrchr where it exists.
-inline const unsigned char* last_set(const unsigned char* p, int64_t n) {
-#if defined(__GLIBC__)
-  return static_cast<const unsigned char*>(memrchr(p, 1, static_cast<size_t>(n)));
+// ---------------------------------------------------------------------------------
+// Mask bytes, eight at a time (SWAR): the first non-zero / zero byte of a range.
+// ---------------------------------------------------------------------------------
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define MTSEG_SWAR 1
+inline uint64_t load_word(const uint8_t* p) {
+  uint64_t w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+// High bits flagging the zero bytes of w: the lowest flag is exactly w's first zero byte
+// (a borrow can flag a non-zero byte, but only above a zero byte).
+inline uint64_t zero_flags(uint64_t w) {
+  constexpr uint64_t kOnes = 0x0101010101010101ull, kHighs = 0x8080808080808080ull;
+  return (w - kOnes) & ~w & kHighs;
+}
+inline int64_t byte_index(uint64_t bits) { return __builtin_ctzll(bits) >> 3; }
+#endif
+
+// First index in [x, n) whose byte is non-zero, n if none.
+inline int64_t next_set(const uint8_t* p, int64_t x, int64_t n) {
+#ifdef MTSEG_SWAR
+  for (; x + 32 <= n; x += 32) {  // long background runs: 32 bytes a step
+    const uint64_t a = load_word(p + x), b = load_word(p + x + 8), c = load_word(p + x + 16),
+                   d = load_word(p + x + 24);
+    if ((a | b | c | d) == 0) continue;
+    if (a != 0) return x + byte_index(a);
+    if (b != 0) return x + 8 + byte_index(b);
+    if (c != 0) return x + 16 + byte_index(c);
+    return x + 24 + byte_index(d);
+  }
+  for (; x + 8 <= n; x += 8) {
+    const uint64_t w = load_word(p + x);
+    if (w != 0) return x + byte_index(w);
+  }
+#endif
+  for (; x < n; ++x)
+    if (p[x] != 0) return x;
+  return n;
+}
+
+// First index in [x, n) whose byte is zero, n if none.
+inline int64_t next_clear(const uint8_t* p, int64_t x, int64_t n) {
+#ifdef MTSEG_SWAR
+  for (; x + 8 <= n; x += 8) {
+    const uint64_t z = zero_flags(load_word(p + x));
+    if (z != 0) return x + byte_index(z);
+  }
+#endif
+  for (; x < n; ++x)
+    if (p[x] == 0) return x;
+  return n;
+}
+
+// Last index in [0, n) whose byte is non-zero, -1 if none.
+inline int64_t last_set(const uint8_t* p, int64_t n) {
+#ifdef MTSEG_SWAR
+  int64_t x = n;
+  for (; x >= 8; x -= 8) {
+    const uint64_t w = load_word(p + x - 8);
+    if (w != 0) return x - 1 - (__builtin_clzll(w) >> 3);
+  }
+  for (--x; x >= 0; --x)
+    if (p[x] != 0) return x;
+  return -1;
 #else
-  for (int64_t i = n - 1; i >= 0; --i)
-    if (p[i] == 1) return p + i;
-  return nullptr;
+  for (int64_t x = n - 1; x >= 0; --x)
+    if (p[x] != 0) return x;
+  return -1;
 #endif
 }
+
+// The voxels whose distance is wanted ("foreground" of a pass) are those with
+// (byte != 0) != invert; the others are the zero set.
+inline int64_t next_fg(const uint8_t* p, int64_t x, int64_t n, bool invert) {
+  return invert ? next_clear(p, x, n) : next_set(p, x, n);
+}
+inline int64_t next_zero_set(const uint8_t* p, int64_t x, int64_t n, bool invert) {
+  return invert ? next_set(p, x, n) : next_clear(p, x, n);
+}
+inline bool any_fg(const uint8_t* p, int64_t n, bool invert) { return next_fg(p, 0, n, invert) < n; }
 
 int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, work_per_item)); }
 
@@ -64,25 +137,40 @@ void for_each_image(int64_t n, MakeScratch&& make_scratch, Body&& body) {
   });
 }
 
-// Pass 1 over `n0` rows of `r` contiguous values each (one image): squared distance
-// along the first axis to the nearest voxel with (mask ^ invert) == 0.
+// ---------------------------------------------------------------------------------
+// Exact EDT
+// ---------------------------------------------------------------------------------
+// Pass 1 over `n0` rows of `r` contiguous values each (one image), columns [x0, x1):
+// squared distance along the first axis to the nearest zero-set voxel. With `zeroed`
+// (work is zero on entry) a row without foreground is not written at all (it is 0).
 template <typename T>
-MTSEG_CPU_CLONES void sweep_rows(const bool* __restrict mask, bool invert, int64_t n0, int64_t r, int64_t x0,
-                                 int64_t x1, double spacing, T* __restrict work, T* __restrict next) {
+MTSEG_CPU_CLONES void sweep_rows(const uint8_t* __restrict mask, bool invert, int64_t n0, int64_t r, int64_t x0,
+                                 int64_t x1, double spacing, T* __restrict work, T* __restrict next,
+                                 uint8_t* __restrict empty, bool zeroed) {
   const int64_t len = x1 - x0;
-  {
-    const bool* __restrict m = mask + x0;
-    T* __restrict w = work + x0;
-    for (int64_t x = 0; x < len; ++x) w[x] = sweep_forward<T>(m[x] != invert, inf_value<T>());
-  }
-  for (int64_t y = 1; y < n0; ++y) {
-    const bool* __restrict m = mask + y * r + x0;
-    const T* __restrict prev = work + (y - 1) * r + x0;
+  const uint8_t flip = invert ? 1 : 0;
+  for (int64_t y = 0; y < n0; ++y) {
+    const uint8_t* __restrict m = mask + y * r + x0;
+    empty[y] = zeroed && !any_fg(m, len, invert);
+    if (empty[y]) continue;
     T* __restrict w = work + y * r + x0;
-    for (int64_t x = 0; x < len; ++x) w[x] = sweep_forward<T>(m[x] != invert, prev[x]);
+    if (y == 0) {
+      for (int64_t x = 0; x < len; ++x) w[x] = sweep_forward<T>((m[x] != 0) != flip, inf_value<T>());
+    } else {
+      const T* __restrict prev = work + (y - 1) * r + x0;  // 0 where that row was skipped
+      for (int64_t x = 0; x < len; ++x) w[x] = sweep_forward<T>((m[x] != 0) != flip, prev[x]);
+    }
   }
   for (int64_t x = 0; x < len; ++x) next[x] = inf_value<T>();
+  bool next_zero = false;
   for (int64_t y = n0 - 1; y >= 0; --y) {
+    if (empty[y]) {  // all zero set: the count restarts from 0
+      if (!next_zero)
+        for (int64_t x = 0; x < len; ++x) next[x] = T(0);
+      next_zero = true;
+      continue;
+    }
+    next_zero = false;
     T* __restrict w = work + y * r + x0;
     if (spacing == 1.0) {
       for (int64_t x = 0; x < len; ++x) {
@@ -100,24 +188,87 @@ MTSEG_CPU_CLONES void sweep_rows(const bool* __restrict mask, bool invert, int64
   }
 }
 
+// Envelope of lines of up to n values, with its scratch: int64 arithmetic for unit
+// spacing (exact, the common case), double otherwise (see mtseg/distance.h).
 template <typename T>
-struct LineScratch {
-  std::vector<int64_t> v;
-  std::vector<double> zn, zd;
-  std::vector<T> fv;
-  explicit LineScratch(int64_t n) : v(n), zn(n), zd(n), fv(n) {}
+struct LineEnvelope {
+  bool unit;
+  double s2;
+  std::vector<double> pv, pc;
+  std::vector<T> pf;
+  std::vector<int64_t> iv, ic, izn, izd;
+  LineEnvelope(int64_t n, bool unit_spacing, double spacing) : unit(unit_spacing), s2(spacing * spacing) {
+    if (unit) {
+      iv.resize(n + 1);
+      ic.resize(n + 1);
+      izn.resize(n + 1);
+      izd.resize(n + 1);
+    } else {
+      pv.resize(n);
+      pc.resize(n);
+      pf.resize(n);
+    }
+  }
+  template <typename O>
+  void line(const T* f, int64_t n, O* out, bool take_sqrt, double out_scale) {
+    if (unit) {
+      envelope_line_unit<T, O>(f, n, iv.data(), ic.data(), izn.data(), izd.data(), out, take_sqrt, out_scale);
+    } else {
+      envelope_line<T, O>(f, 1, n, s2, EnvelopeScratch<T>{pv.data(), pc.data(), pf.data()}, out, 1, take_sqrt,
+                          out_scale);
+    }
+  }
+  // In place, over a line whose zeros are zero voxels: each run of non-zero values with
+  // its bounding zeros (as envelope_line_runs).
+  void runs(T* f, int64_t n) {
+    for (int64_t q = 0; q < n;) {
+      if (f[q] == T(0)) {
+        ++q;
+        continue;
+      }
+      int64_t e = q + 1;
+      while (e < n && f[e] != T(0)) ++e;
+      const int64_t l = q > 0 ? q - 1 : 0, r = e < n ? e : n - 1;
+      line<T>(f + l, r - l + 1, f + l, false, 1.0);
+      q = r + 1;
+    }
+  }
 };
 
-// Squared distances (or distances) of every image of the batch: `work` (T, B x voxels)
-// holds the passes, `out` (O) the result; they may be the same memory when T == O.
+// Whether lines of the geometry take the int64 envelope: unit spacing, and lines short
+// enough for its products (4 n^3 below 2^62).
+bool unit_envelope(const Geometry& g) {
+  return g.unit_work_spacing && std::max({g.depth, g.height, g.width}) < (int64_t{1} << 19);
+}
+
+// The first and last row of a block of `nb` adjacent columns of one plane (H rows of
+// W bytes) that hold foreground; hi < lo when there is none.
+inline void block_rows(const uint8_t* plane, int64_t H, int64_t W, int64_t nb, bool invert, int64_t& lo,
+                       int64_t& hi) {
+  lo = 0;
+  while (lo < H && !any_fg(plane + lo * W, nb, invert)) ++lo;
+  hi = H - 1;
+  while (hi > lo && !any_fg(plane + hi * W, nb, invert)) --hi;
+  if (lo == H) hi = -1;
+}
+
+// Squared distances (or distances) of every image of the batch, in units of
+// g.work_scale, times out_scale: `work` (T, B x voxels) holds the passes, `out` (O) the
+// result. Either out is work (in place), or both are zero-filled on entry (`zeroed`).
+// With `zeroed`, only what is not zero is written.
+//
+// `query` (optional, one byte per voxel): only the voxels with (query != 0) != query_invert
+// need exact values; the last pass then envelopes, of each run, only the stretches of
+// parabolas those voxels can reach (the others get upper bounds of their distances).
 template <typename T, typename O>
-void edt_batch(const bool* mask, bool invert, const Geometry& g, T* work, O* out, bool take_sqrt) {
+void edt_batch(const uint8_t* mask, bool invert, const Geometry& g, T* work, O* out, bool take_sqrt,
+               double out_scale, bool zeroed, const uint8_t* query = nullptr, bool query_invert = false) {
   const int64_t V = g.voxels(), B = g.batch;
   if (B == 0 || V == 0) return;
   const bool is3d = g.spatial == 3;
   const int64_t n0 = is3d ? g.depth : g.height;
   const int64_t r = is3d ? g.height * g.width : g.width;
-  const double sp0 = is3d ? g.spacing[0] : g.spacing[1];
+  const double sp0 = is3d ? g.work_spacing[0] : g.work_spacing[1];
   const int64_t H = g.height, W = g.width;
   const int64_t chunks = (r + kSweepChunk - 1) / kSweepChunk;       // pass-1 items per image
   const int64_t blocks = (W + kBlock - 1) / kBlock;                  // pass-2 items per plane
@@ -125,38 +276,86 @@ void edt_batch(const bool* mask, bool invert, const Geometry& g, T* work, O* out
   // Pass 1: sweeps along the first axis, vectorised over the rest.
   auto pass1 = [&](int64_t begin, int64_t end) {
     std::vector<T> next(kSweepChunk);
+    std::vector<uint8_t> empty(n0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, c = item % chunks;
       const int64_t x0 = c * kSweepChunk, x1 = std::min(r, x0 + kSweepChunk);
-      sweep_rows<T>(mask + b * V, invert, n0, r, x0, x1, sp0, work + b * V, next.data());
+      sweep_rows<T>(mask + b * V, invert, n0, r, x0, x1, sp0, work + b * V, next.data(), empty.data(), zeroed);
     }
   };
   // Pass 2 (3D): the middle axis, kBlock columns at a time through contiguous lines.
+  const bool unit = unit_envelope(g);
   auto pass2 = [&](int64_t begin, int64_t end) {
-    const double s2 = g.spacing[1] * g.spacing[1];
-    LineScratch<T> s(H);
+    LineEnvelope<T> env(H, unit, g.work_spacing[1]);
     std::vector<T> buf(H * kBlock);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t plane = item / blocks, x0 = (item % blocks) * kBlock;
       const int64_t nb = std::min(kBlock, W - x0);
-      T* p = work + plane * H * W + x0;
-      for (int64_t y = 0; y < H; ++y)
-        for (int64_t c = 0; c < nb; ++c) buf[c * H + y] = p[y * W + c];
-      for (int64_t c = 0; c < nb; ++c) {
-        T* line = buf.data() + c * H;
-        envelope_line_runs<T, T>(line, 1, H, s2, s.v.data(), s.zn.data(), s.zd.data(), s.fv.data(), line, 1, false);
-      }
-      for (int64_t y = 0; y < H; ++y)
-        for (int64_t c = 0; c < nb; ++c) p[y * W + c] = buf[c * H + y];
+      int64_t lo, hi;
+      block_rows(mask + plane * H * W + x0, H, W, nb, invert, lo, hi);
+      if (hi < lo) continue;  // no foreground: every value is 0
+      // outside [lo, hi] the block is zero set, so rows lo - 1 and hi + 1 bound its runs
+      lo = std::max<int64_t>(0, lo - 1);
+      hi = std::min<int64_t>(H - 1, hi + 1);
+      const int64_t n = hi - lo + 1;
+      T* p = work + plane * H * W + lo * W + x0;
+      for (int64_t y = 0; y < n; ++y)
+        for (int64_t c = 0; c < nb; ++c) buf[c * n + y] = p[y * W + c];
+      for (int64_t c = 0; c < nb; ++c) env.runs(buf.data() + c * n, n);
+      for (int64_t y = 0; y < n; ++y)
+        for (int64_t c = 0; c < nb; ++c) p[y * W + c] = buf[c * n + y];
     }
   };
-  // Last pass: the contiguous axis, writing the output.
+  // Last pass: the contiguous axis, each run of foreground with its bounding zeros.
+  // The run [b, e) of one line (zeros at l = b - 1 and rr = e where they exist): the
+  // minimiser of a voxel q lies within rad(q) of it, where rad(q) is at most its distance
+  // to either zero and sqrt(f[q]) / spacing (its own parabola), so a cluster [c, ce) of
+  // queried voxels needs the parabolas of [c - R, ce - 1 + R] only. Overlapping
+  // stretches are merged; they are enveloped left to right, so writing in place never
+  // changes the input of a later one.
+  const double sp3 = g.work_spacing[2];
+  auto query_line = [&](LineEnvelope<T>& env, T* f, O* o, const uint8_t* qm, int64_t l, int64_t b, int64_t e,
+                        int64_t rr, int64_t W) {
+    int64_t lo = -1, hi = -1;
+    for (int64_t c = next_fg(qm, b, e, query_invert); c < e;) {
+      const int64_t ce = next_zero_set(qm, c + 1, e, query_invert);
+      T fmax = T(0);
+      for (int64_t q = c; q < ce; ++q) fmax = std::max(fmax, f[q]);
+      int64_t R = W;
+      if (fmax < inf_value<T>()) R = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(fmax)) / sp3)) + 1;
+      if (b > 0) R = std::min(R, ce - 1 - l);
+      if (e < W) R = std::min(R, rr - c);
+      const int64_t clo = std::max(l, c - R), chi = std::min(rr, ce - 1 + R);
+      if (lo >= 0 && clo <= hi) {
+        lo = std::min(lo, clo);
+        hi = std::max(hi, chi);
+      } else {
+        if (lo >= 0) env.line(f + lo, hi - lo + 1, o + lo, take_sqrt, out_scale);
+        lo = clo;
+        hi = chi;
+      }
+      c = next_fg(qm, ce, e, query_invert);
+    }
+    if (lo >= 0) env.line(f + lo, hi - lo + 1, o + lo, take_sqrt, out_scale);
+  };
   auto pass3 = [&](int64_t begin, int64_t end) {
-    const double s2 = g.spacing[2] * g.spacing[2];
-    LineScratch<T> s(W);
+    LineEnvelope<T> env(W, unit, g.work_spacing[2]);
     for (int64_t line = begin; line < end; ++line) {
-      envelope_line_runs<T, O>(work + line * W, 1, W, s2, s.v.data(), s.zn.data(), s.zd.data(), s.fv.data(), out + line * W, 1,
-                               take_sqrt);
+      const uint8_t* m = mask + line * W;
+      T* f = work + line * W;
+      O* o = out + line * W;
+      for (int64_t x = 0;;) {
+        const int64_t b = next_fg(m, x, W, invert);
+        if (b >= W) break;
+        const int64_t e = next_zero_set(m, b + 1, W, invert);
+        const int64_t l = b > 0 ? b - 1 : b, rr = e < W ? e : W - 1;
+        if (query == nullptr) {
+          env.line(f + l, rr - l + 1, o + l, take_sqrt, out_scale);
+        } else {
+          query_line(env, f, o, query + line * W, l, b, e, rr, W);
+        }
+        x = e;
+      }
     }
   };
   if (B * V < kSerialVoxels) {
@@ -184,20 +383,37 @@ void edt_batch(const bool* mask, bool invert, const Geometry& g, T* work, O* out
   at::parallel_for(0, B * rows, grain(W * 8), pass3);
 }
 
-// Distances (take_sqrt) or squared distances of `mask` (contiguous bool) as out_dtype,
-// from the voxels with (mask ^ invert) != 0 to the nearest voxel with (mask ^ invert) == 0.
+// Whether the transform works in double: for float64 output; for unit spacing once
+// squared distances may exceed 2^24 (float holds integers exactly below it); for spacing
+// so uneven that squared steps would come near float's smallest normal number.
+bool work_in_double(const Geometry& g, at::ScalarType out_dtype) {
+  if (out_dtype == at::kDouble) return true;
+  if (g.unit_work_spacing) return g.max_squared_extent() >= 16777216.0;
+  double smallest = 1.0;
+  for (int i = 3 - g.spatial; i < 3; ++i) smallest = std::min(smallest, g.work_spacing[i]);
+  return smallest < std::ldexp(1.0, -40);
+}
+
+bool used_in_place(const at::Tensor& mask) {
+  const auto t = mask.scalar_type();
+  return (t == at::kBool || t == at::kByte || t == at::kChar) && mask.is_contiguous();
+}
+
+// Distances (take_sqrt) or squared distances of `mask` (contiguous bytes) as out_dtype,
+// from the voxels with (mask != 0) != invert to the nearest voxel where that is false.
 at::Tensor edt_of(const at::Tensor& mask, bool invert, const Geometry& g, at::ScalarType out_dtype, bool take_sqrt) {
-  auto out = at::empty(mask.sizes(), mask.options().dtype(out_dtype));
-  const bool* m = mask.data_ptr<bool>();
+  auto out = zeroed_cpu(mask.sizes(), out_dtype, "edt");
+  const auto* m = static_cast<const uint8_t*>(mask.const_data_ptr());
+  const double out_scale = take_sqrt ? g.work_scale : g.work_scale * g.work_scale;
   if (out_dtype == at::kDouble) {
     double* o = out.data_ptr<double>();
-    edt_batch<double, double>(m, invert, g, o, o, take_sqrt);
-  } else if (needs_double(g, out_dtype)) {
-    auto work = at::empty(mask.sizes(), mask.options().dtype(at::kDouble));
-    edt_batch<double, float>(m, invert, g, work.data_ptr<double>(), out.data_ptr<float>(), take_sqrt);
+    edt_batch<double, double>(m, invert, g, o, o, take_sqrt, out_scale, true);
+  } else if (work_in_double(g, out_dtype)) {
+    auto work = zeroed_cpu(mask.sizes(), at::kDouble, "edt");
+    edt_batch<double, float>(m, invert, g, work.data_ptr<double>(), out.data_ptr<float>(), take_sqrt, out_scale, true);
   } else {
     float* o = out.data_ptr<float>();
-    edt_batch<float, float>(m, invert, g, o, o, take_sqrt);
+    edt_batch<float, float>(m, invert, g, o, o, take_sqrt, out_scale, true);
   }
   return out;
 }
@@ -206,7 +422,13 @@ at::Tensor edt_cpu(const at::Tensor& mask_in, std::optional<at::ArrayRef<double>
                    std::optional<at::ScalarType> dtype) {
   const auto g = mask_geometry(mask_in, spacing, "edt", "mask");
   const auto out_dtype = edt_dtype(dtype);
-  const auto mask = as_bool(mask_in, "edt", "mask");
+  check_edt_range(g, out_dtype, squared);
+  const double n = static_cast<double>(mask_in.numel());
+  const double out_bytes = static_cast<double>(c10::elementSize(out_dtype));
+  check_memory(n * ((is_signed ? 2.0 : 1.0) * out_bytes + (work_in_double(g, out_dtype) && out_dtype != at::kDouble ? 8.0 : 0.0) +
+                    (used_in_place(mask_in) ? 0.0 : 1.0)),
+               mask_in, "edt");
+  const auto mask = foreground_bytes(mask_in, "edt", "mask");
   if (!is_signed) return edt_of(mask, false, g, out_dtype, !squared);
   // Signed: -d(x, background) inside, +d(x, foreground) outside; exactly one is non-zero.
   auto inside = edt_of(mask, false, g, out_dtype, !squared);
@@ -265,7 +487,7 @@ std::vector<RowOffset> row_offsets(int spatial, int order) {
   return o;
 }
 
-int64_t label_runs(const bool* m, const Geometry& g, const std::vector<RowOffset>& offsets, RunScratch& r,
+int64_t label_runs(const uint8_t* m, const Geometry& g, const std::vector<RowOffset>& offsets, RunScratch& r,
                    int32_t* labels) {
   const int64_t D = g.depth, H = g.height, W = g.width, rows = D * H;
   r.row_begin.resize(rows + 1);
@@ -273,17 +495,12 @@ int64_t label_runs(const bool* m, const Geometry& g, const std::vector<RowOffset
   r.x1.clear();
   for (int64_t row = 0; row < rows; ++row) {
     r.row_begin[row] = static_cast<int64_t>(r.x0.size());
-    // memchr (vectorised in libc) finds the next set and the next clear byte of the row.
-    const auto* line = reinterpret_cast<const unsigned char*>(m + row * W);
-    int64_t x = 0;
-    while (x < W) {
-      const void* hit = std::memchr(line + x, 1, static_cast<size_t>(W - x));
-      if (hit == nullptr) break;
-      const int64_t start = static_cast<const unsigned char*>(hit) - line;
-      const void* stop = std::memchr(line + start, 0, static_cast<size_t>(W - start));
-      x = stop == nullptr ? W : static_cast<const unsigned char*>(stop) - line;
-      r.x0.push_back(static_cast<int32_t>(start));
-      r.x1.push_back(static_cast<int32_t>(x));
+    const uint8_t* line = m + row * W;
+    for (int64_t x = next_set(line, 0, W); x < W; x = next_set(line, x, W)) {
+      const int64_t stop = next_clear(line, x + 1, W);
+      r.x0.push_back(static_cast<int32_t>(x));
+      r.x1.push_back(static_cast<int32_t>(stop));
+      x = stop;
     }
   }
   r.row_begin[rows] = static_cast<int64_t>(r.x0.size());
@@ -309,7 +526,7 @@ int64_t label_runs(const bool* m, const Geometry& g, const std::vector<RowOffset
       }
     }
   }
-  std::memset(labels, 0, sizeof(int32_t) * g.voxels());
+  // labels are zero on entry: only the runs are written
   r.label.resize(n_runs);
   int32_t n = 0;
   for (int64_t row = 0; row < rows; ++row) {
@@ -324,17 +541,19 @@ int64_t label_runs(const bool* m, const Geometry& g, const std::vector<RowOffset
 }
 
 std::tuple<at::Tensor, at::Tensor> connected_components_cpu(const at::Tensor& mask_in, int64_t connectivity) {
-  const auto g = mask_geometry(mask_in, std::nullopt, "connected_components", "mask");
-  const int order = connectivity_order(connectivity, g.spatial, "connected_components");
-  TORCH_CHECK_VALUE(g.voxels() < (int64_t{1} << 31), "connected_components: an image of ", g.voxels(),
+  const char* op = "connected_components";
+  const auto g = mask_geometry(mask_in, std::nullopt, op, "mask");
+  const int order = connectivity_order(connectivity, g.spatial, op);
+  TORCH_CHECK_VALUE(g.voxels() < (int64_t{1} << 31), op, ": an image of ", g.voxels(),
                     " voxels does not fit int32 labels (at most 2^31 - 1 voxels per image)");
-  const auto mask = as_bool(mask_in, "connected_components", "mask");
-  auto labels = at::empty(mask.sizes(), mask.options().dtype(at::kInt));
+  check_memory(static_cast<double>(mask_in.numel()) * (4.0 + (used_in_place(mask_in) ? 0.0 : 1.0)), mask_in, op);
+  const auto mask = foreground_bytes(mask_in, op, "mask");
+  auto labels = zeroed_cpu(mask.sizes(), at::kInt, op);
   auto counts = at::zeros({g.batch}, mask.options().dtype(at::kLong));
   const int64_t V = g.voxels();
   if (g.batch == 0 || V == 0) return {labels, counts};
   const auto offsets = row_offsets(g.spatial, order);
-  const bool* m = mask.data_ptr<bool>();
+  const auto* m = static_cast<const uint8_t*>(mask.const_data_ptr());
   int32_t* lab = labels.data_ptr<int32_t>();
   int64_t* cnt = counts.data_ptr<int64_t>();
   // Labelling costs about 1 ns a voxel: below 2^22 voxels a parallel region is not worth it.
@@ -354,38 +573,34 @@ std::tuple<at::Tensor, at::Tensor> connected_components_cpu(const at::Tensor& ma
 // Unit spacing works in float (exact integer squares); other spacing in double.
 // ---------------------------------------------------------------------------------
 template <typename T>
-MTSEG_CPU_CLONES void levelset_rule(const bool* __restrict a, const T* __restrict dA2, const T* __restrict dS2,
-                                   double lam, int64_t n, bool* __restrict out) {
+MTSEG_CPU_CLONES void levelset_rule(const uint8_t* __restrict a, const T* __restrict dA2, const T* __restrict dS2,
+                                   double lam, int64_t n, uint8_t* __restrict out) {
   for (int64_t i = 0; i < n; ++i)
-    out[i] = levelset_inside(a[i], static_cast<double>(dA2[i]), static_cast<double>(dS2[i]), lam);
+    out[i] = levelset_inside(a[i] != 0, static_cast<double>(dA2[i]), static_cast<double>(dS2[i]), lam);
 }
 
 // One image: the two transforms are only needed in the bounding box of S | A padded by
 // one voxel (clamped to the image): it holds all of A, so d(x, A) there is exact, and by
 // clamping, the nearest voxel outside S of any x in it is in it too. Outside the box
-// there is neither A nor S, so the result is false.
+// there is neither A nor S, so the result is false (`out` is zero on entry).
 template <typename T>
-void levelset_image(const bool* a, const bool* s, const Geometry& g, double lam, bool* out, std::vector<uint8_t>& ca,
-                    std::vector<uint8_t>& cs, std::vector<T>& dA2, std::vector<T>& dS2, std::vector<uint8_t>& co) {
-  const int64_t D = g.depth, H = g.height, W = g.width, V = g.voxels();
+void levelset_image(const uint8_t* a, const uint8_t* s, const Geometry& g, double lam, uint8_t* out,
+                    std::vector<uint8_t>& ca, std::vector<uint8_t>& cs, std::vector<T>& dA2, std::vector<T>& dS2,
+                    std::vector<uint8_t>& co) {
+  const int64_t D = g.depth, H = g.height, W = g.width;
   int64_t lo[3] = {D, H, W}, hi[3] = {-1, -1, -1};
   for (int64_t z = 0; z < D; ++z)
     for (int64_t y = 0; y < H; ++y) {
-      // first and last set byte of the row in A or S (memchr / memrchr are vectorised)
-      const auto* ra = reinterpret_cast<const unsigned char*>(a + (z * H + y) * W);
-      const auto* rs = reinterpret_cast<const unsigned char*>(s + (z * H + y) * W);
-      const auto* fa = static_cast<const unsigned char*>(std::memchr(ra, 1, W));
-      const auto* fs = static_cast<const unsigned char*>(std::memchr(rs, 1, W));
-      if (fa == nullptr && fs == nullptr) continue;
-      const auto* la = last_set(ra, W);
-      const auto* ls = last_set(rs, W);
-      const int64_t x0 = std::min(fa ? fa - ra : W, fs ? fs - rs : W);
-      const int64_t x1 = std::max(la ? la - ra : int64_t{-1}, ls ? ls - rs : int64_t{-1});
+      // first and last foreground byte of the row in A or S
+      const uint8_t* ra = a + (z * H + y) * W;
+      const uint8_t* rs = s + (z * H + y) * W;
+      const int64_t x0 = std::min(next_set(ra, 0, W), next_set(rs, 0, W));
+      if (x0 == W) continue;
+      const int64_t x1 = std::max(last_set(ra, W), last_set(rs, W));
       lo[0] = std::min(lo[0], z), hi[0] = std::max(hi[0], z);
       lo[1] = std::min(lo[1], y), hi[1] = std::max(hi[1], y);
       lo[2] = std::min(lo[2], x0), hi[2] = std::max(hi[2], x1);
     }
-  std::memset(out, 0, V);
   if (hi[0] < 0) return;
   const int64_t full[3] = {D, H, W};
   int64_t n[3];
@@ -410,19 +625,20 @@ void levelset_image(const bool* a, const bool* s, const Geometry& g, double lam,
       std::memcpy(ca.data() + dst, a + src, n[2]);
       std::memcpy(cs.data() + dst, s + src, n[2]);
     }
-  const bool* pa = reinterpret_cast<const bool*>(ca.data());
-  edt_batch<T, T>(pa, true, cg, dA2.data(), dA2.data(), false);  // zero set: A
-  edt_batch<T, T>(reinterpret_cast<const bool*>(cs.data()), false, cg, dS2.data(), dS2.data(), false);
-  bool* po = reinterpret_cast<bool*>(co.data());
-  levelset_rule<T>(pa, dA2.data(), dS2.data(), lam, CV, po);
+  // squared distances in units of work_scale: the rule is the same in any units
+  // The rule needs exact distances only in S minus A (A passes, the rest of the box fails:
+  // there d(x, complement(S)) = 0 and d(x, A) > 0 stay exact or over-estimated).
+  edt_batch<T, T>(ca.data(), true, cg, dA2.data(), dA2.data(), false, 1.0, false, cs.data(), false);  // zero set: A
+  edt_batch<T, T>(cs.data(), false, cg, dS2.data(), dS2.data(), false, 1.0, false, ca.data(), true);  // zero set: not S
+  levelset_rule<T>(ca.data(), dA2.data(), dS2.data(), lam, CV, co.data());
   for (int64_t z = 0; z < n[0]; ++z)
     for (int64_t y = 0; y < n[1]; ++y)
-      std::memcpy(out + ((lo[0] + z) * H + lo[1] + y) * W + lo[2], po + (z * n[1] + y) * n[2], n[2]);
+      std::memcpy(out + ((lo[0] + z) * H + lo[1] + y) * W + lo[2], co.data() + (z * n[1] + y) * n[2], n[2]);
 }
 
 // Images in parallel, each whole on one thread (a single image runs its passes in parallel).
 template <typename T>
-void levelset_batch(const bool* a, const bool* s, const Geometry& g, double lam, bool* out) {
+void levelset_batch(const uint8_t* a, const uint8_t* s, const Geometry& g, double lam, uint8_t* out) {
   const int64_t V = g.voxels();
   Geometry one = g;
   one.batch = 1;
@@ -439,26 +655,31 @@ void levelset_batch(const bool* a, const bool* s, const Geometry& g, double lam,
 
 at::Tensor levelset_grow_cpu(const at::Tensor& approx_in, const at::Tensor& seg_in, double lam,
                              std::optional<at::ArrayRef<double>> spacing) {
-  const auto g = mask_geometry(approx_in, spacing, "levelset_grow", "approx");
-  mask_geometry(seg_in, spacing, "levelset_grow", "seg");
-  check_same_shape(approx_in, seg_in, "levelset_grow", "approx", "seg");
-  check_lambda(lam, "levelset_grow");
-  const auto a = as_bool(approx_in, "levelset_grow", "approx");
-  const auto s = as_bool(seg_in, "levelset_grow", "seg");
-  auto out = at::empty(a.sizes(), a.options());
+  const char* op = "levelset_grow";
+  const auto g = mask_geometry(approx_in, spacing, op, "approx");
+  mask_geometry(seg_in, spacing, op, "seg");
+  check_same_shape(approx_in, seg_in, op, "approx", "seg");
+  check_lambda(lam, op);
+  check_memory(static_cast<double>(approx_in.numel()) *
+                   (1.0 + (used_in_place(approx_in) ? 0.0 : 1.0) + (used_in_place(seg_in) ? 0.0 : 1.0)),
+               approx_in, op);
+  const auto a = foreground_bytes(approx_in, op, "approx");
+  const auto s = foreground_bytes(seg_in, op, "seg");
+  auto out = zeroed_cpu(a.sizes(), at::kBool, op);
   if (out.numel() == 0) return out;
-  const bool use_double = !g.unit_spacing || needs_double(g, at::kFloat);
-  if (use_double) {
-    levelset_batch<double>(a.data_ptr<bool>(), s.data_ptr<bool>(), g, lam, out.data_ptr<bool>());
+  const auto* pa = static_cast<const uint8_t*>(a.const_data_ptr());
+  const auto* ps = static_cast<const uint8_t*>(s.const_data_ptr());
+  auto* po = static_cast<uint8_t*>(out.data_ptr());
+  if (work_in_double(g, at::kFloat)) {
+    levelset_batch<double>(pa, ps, g, lam, po);
   } else {
-    levelset_batch<float>(a.data_ptr<bool>(), s.data_ptr<bool>(), g, lam, out.data_ptr<bool>());
+    levelset_batch<float>(pa, ps, g, lam, po);
   }
   return out;
 }
 
-
 // ---------------------------------------------------------------------------------
-// Multi-object growth (DESIGN 3.3). Per image:
+// Multi-object growth. Per image:
 //  1. seed ids (any positive integers) are numbered 0..K-1;
 //  2. connected components of S = (seg != 0);
 //  3. every voxel x of S gets an owner seed: the only seed in its component when the
@@ -472,38 +693,40 @@ at::Tensor levelset_grow_cpu(const at::Tensor& approx_in, const at::Tensor& seg_
 // Parallel over images for steps 1-3, over (image, seed) pairs for step 4.
 // ---------------------------------------------------------------------------------
 
-// Nearest voxel of `zero` (flat index, -1 when there is none) for every voxel of one
-// image, by one envelope pass per axis carrying the minimiser along.
-void feature_transform(const bool* zero, const Geometry& g, std::vector<double>& work, std::vector<int64_t>& feat) {
+// Nearest voxel of `zero` (flat index; -1 only when the image has no zero voxel) for
+// every voxel of one image, by one envelope pass per axis carrying the minimiser along.
+void feature_transform(const uint8_t* zero, const Geometry& g, std::vector<double>& work,
+                       std::vector<int64_t>& feat) {
   const int64_t V = g.voxels();
   work.resize(V);
   feat.resize(V);
   for (int64_t p = 0; p < V; ++p) {
-    work[p] = zero[p] ? 0.0 : inf_value<double>();
-    feat[p] = zero[p] ? p : -1;
+    work[p] = zero[p] != 0 ? 0.0 : inf_value<double>();
+    feat[p] = zero[p] != 0 ? p : -1;
   }
   const int64_t dims[3] = {g.depth, g.height, g.width};
   const int64_t strides[3] = {g.height * g.width, g.width, 1};
   const int64_t nmax = std::max({g.depth, g.height, g.width});
-  LineScratch<double> s(nmax);
-  std::vector<double> f(nmax), d(nmax);
+  std::vector<double> pv(nmax), pc(nmax), pf(nmax), f(nmax), d(nmax);
   std::vector<int64_t> fi(nmax), arg(nmax);
   for (int axis = 3 - g.spatial; axis < 3; ++axis) {
     const int64_t n = dims[axis], st = strides[axis];
-    const double s2 = g.spacing[axis] * g.spacing[axis];
-    for (int64_t start = 0; start < V; ++start) {
-      if ((start / st) % n != 0) continue;  // not the first voxel of a line along this axis
-      for (int64_t q = 0; q < n; ++q) {
-        f[q] = work[start + q * st];
-        fi[q] = feat[start + q * st];
+    const double s2 = g.work_spacing[axis] * g.work_spacing[axis];
+    // lines along the axis start at outer * n * st + inner, inner < st
+    for (int64_t outer = 0; outer < V / (n * st); ++outer)
+      for (int64_t inner = 0; inner < st; ++inner) {
+        const int64_t start = outer * n * st + inner;
+        for (int64_t q = 0; q < n; ++q) {
+          f[q] = work[start + q * st];
+          fi[q] = feat[start + q * st];
+        }
+        envelope_line<double, double>(f.data(), 1, n, s2, EnvelopeScratch<double>{pv.data(), pc.data(), pf.data()},
+                                      d.data(), 1, false, 1.0, arg.data(), 1);
+        for (int64_t q = 0; q < n; ++q) {
+          work[start + q * st] = d[q];
+          feat[start + q * st] = arg[q] >= 0 ? fi[arg[q]] : -1;
+        }
       }
-      envelope_line<double, double>(f.data(), 1, n, s2, s.v.data(), s.zn.data(), s.zd.data(), s.fv.data(), d.data(), 1, false,
-                                    arg.data(), 1);
-      for (int64_t q = 0; q < n; ++q) {
-        work[start + q * st] = d[q];
-        feat[start + q * st] = arg[q] >= 0 ? fi[arg[q]] : -1;
-      }
-    }
   }
 }
 
@@ -524,6 +747,52 @@ struct SeedTask {
   Box box;
 };
 
+// Seed ids as a contiguous int64 tensor, in one pass that checks them: negative ids and
+// uint64 ids of 2^63 or more are rejected (no .min().item(), which unsigned types lack);
+// a bool seed map gives id 1 for every non-zero byte.
+template <typename V>
+int64_t copy_ids(const V* in, int64_t n, int64_t* out, bool& too_large) {
+  int64_t lowest = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const V v = in[i];
+    if constexpr (std::is_same_v<V, uint64_t>) too_large |= v > static_cast<uint64_t>(INT64_MAX);
+    out[i] = static_cast<int64_t>(v);
+    lowest = std::min(lowest, out[i]);
+  }
+  return lowest;
+}
+
+at::Tensor seed_ids(const at::Tensor& seeds_in, const char* op) {
+  const auto t = seeds_in.scalar_type();
+  const auto in = seeds_in.contiguous();
+  auto out = at::empty(in.sizes(), in.options().dtype(at::kLong));
+  const int64_t n = in.numel();
+  int64_t* o = out.data_ptr<int64_t>();
+  const void* p = in.const_data_ptr();
+  bool too_large = false;
+  int64_t lowest = 0;
+  switch (t) {
+    case at::kBool: {
+      const auto* b = static_cast<const uint8_t*>(p);
+      for (int64_t i = 0; i < n; ++i) o[i] = b[i] != 0;
+      break;
+    }
+    case at::kByte: lowest = copy_ids(static_cast<const uint8_t*>(p), n, o, too_large); break;
+    case at::kChar: lowest = copy_ids(static_cast<const int8_t*>(p), n, o, too_large); break;
+    case at::kShort: lowest = copy_ids(static_cast<const int16_t*>(p), n, o, too_large); break;
+    case at::kInt: lowest = copy_ids(static_cast<const int32_t*>(p), n, o, too_large); break;
+    case at::kLong: lowest = copy_ids(static_cast<const int64_t*>(p), n, o, too_large); break;
+    case at::kUInt16: lowest = copy_ids(static_cast<const uint16_t*>(p), n, o, too_large); break;
+    case at::kUInt32: lowest = copy_ids(static_cast<const uint32_t*>(p), n, o, too_large); break;
+    case at::kUInt64: lowest = copy_ids(static_cast<const uint64_t*>(p), n, o, too_large); break;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": seeds must hold integer instance ids (0 = no seed), got ", t);
+  }
+  TORCH_CHECK_VALUE(!too_large, op, ": seed ids must be below 2^63 (they are returned as int64)");
+  TORCH_CHECK_VALUE(lowest >= 0, op, ": seed ids must be >= 0 (0 = no seed), got ", lowest);
+  return out;
+}
+
 at::Tensor grow_instances_cpu(const at::Tensor& seeds_in, const at::Tensor& seg_in, double lam,
                               std::optional<at::ArrayRef<double>> spacing, int64_t connectivity) {
   const char* op = "grow_instances";
@@ -531,22 +800,21 @@ at::Tensor grow_instances_cpu(const at::Tensor& seeds_in, const at::Tensor& seg_
   mask_geometry(seg_in, spacing, op, "seg");
   check_same_shape(seeds_in, seg_in, op, "seeds", "seg");
   check_lambda(lam, op);
-  TORCH_CHECK_TYPE(seeds_in.scalar_type() == at::kBool || at::isIntegralType(seeds_in.scalar_type(), false), op,
-                   ": seeds must hold integer instance ids (0 = no seed), got ", seeds_in.scalar_type());
+  const auto t = seeds_in.scalar_type();
+  TORCH_CHECK_TYPE(!at::isFloatingType(t), op, ": seeds must hold integer instance ids (0 = no seed), got ", t);
   if (connectivity == 0) connectivity = g.spatial == 2 ? 4 : 6;
   const int order = connectivity_order(connectivity, g.spatial, op);
   const int64_t V = g.voxels();
   TORCH_CHECK_VALUE(V < (int64_t{1} << 31), op, ": an image of ", V, " voxels is too large (at most 2^31 - 1)");
-  const auto seeds = seeds_in.to(at::kLong).contiguous();
-  if (seeds.numel() > 0) {
-    TORCH_CHECK_VALUE(seeds.min().item<int64_t>() >= 0, op, ": seed ids must be >= 0 (0 = no seed), got ",
-                      seeds.min().item<int64_t>());
-  }
-  const auto seg = as_bool(seg_in, op, "seg");
-  auto out = at::zeros(seeds.sizes(), seeds.options());
+  // output, ids, owners, one byte of S, and per thread an image of components, distances
+  // and features
+  check_memory(static_cast<double>(seeds_in.numel()) * 21.0 + static_cast<double>(V) * 20.0, seeds_in, op);
+  const auto seeds = seed_ids(seeds_in, op);
+  const auto seg = foreground_bytes(seg_in, op, "seg");
+  auto out = zeroed_cpu(seeds.sizes(), at::kLong, op);
   if (g.batch == 0 || V == 0) return out;
   const int64_t* sd = seeds.data_ptr<int64_t>();
-  const bool* sg = seg.data_ptr<bool>();
+  const auto* sg = static_cast<const uint8_t*>(seg.const_data_ptr());
   int64_t* o = out.data_ptr<int64_t>();
   const auto offsets = row_offsets(g.spatial, order);
   Geometry one = g;
@@ -562,7 +830,7 @@ at::Tensor grow_instances_cpu(const at::Tensor& seeds_in, const at::Tensor& seg_
     std::vector<int64_t> feat;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t* s = sd + b * V;
-      const bool* m = sg + b * V;
+      const uint8_t* m = sg + b * V;
       int32_t* own = owner.data() + b * V;
       auto& id = ids[b];
       for (int64_t p = 0; p < V; ++p)
@@ -573,29 +841,30 @@ at::Tensor grow_instances_cpu(const at::Tensor& seeds_in, const at::Tensor& seg_
       auto index_of = [&](int64_t v) {
         return static_cast<int32_t>(std::lower_bound(id.begin(), id.end(), v) - id.begin());
       };
+      std::fill(comp.begin(), comp.end(), 0);  // label_runs writes only the runs
       const int64_t n_comp = label_runs(m, one, offsets, runs, comp.data());
       // Seed of each component: -1 none, k the only one, -2 several.
       std::vector<int32_t> comp_seed(n_comp + 1, -1);
       for (int64_t p = 0; p < V; ++p) {
-        if (s[p] <= 0 || !m[p]) continue;
+        if (s[p] <= 0 || m[p] == 0) continue;
         const int32_t k = index_of(s[p]);
         int32_t& cs = comp_seed[comp[p]];
         cs = (cs == -1 || cs == k) ? k : -2;
       }
       bool need_nearest = false;
-      for (int64_t p = 0; p < V && !need_nearest; ++p) need_nearest = m[p] && comp_seed[comp[p]] < 0;
+      for (int64_t p = 0; p < V && !need_nearest; ++p) need_nearest = m[p] != 0 && comp_seed[comp[p]] < 0;
       if (need_nearest) {
         std::vector<uint8_t> z8(V);
         for (int64_t p = 0; p < V; ++p) z8[p] = s[p] > 0;
-        feature_transform(reinterpret_cast<const bool*>(z8.data()), one, work, feat);
+        feature_transform(z8.data(), one, work, feat);  // the image has a seed: no -1
       }
       auto& bx = boxes[b];
       bx.assign(id.size(), Box{});
       for (int64_t p = 0; p < V; ++p) {
         int32_t k = -1;
-        if (m[p]) {
+        if (m[p] != 0) {
           const int32_t cs = comp_seed[comp[p]];
-          k = cs >= 0 ? cs : index_of(s[feat[p]]);
+          k = cs >= 0 ? cs : (feat[p] >= 0 ? index_of(s[feat[p]]) : -1);
           own[p] = k;
         }
         if (s[p] > 0) k = index_of(s[p]);
@@ -603,7 +872,8 @@ at::Tensor grow_instances_cpu(const at::Tensor& seeds_in, const at::Tensor& seg_
       }
     }
   });
-  // Step 4: grow every seed inside its part.
+  // Step 4: grow every seed inside its part (squared distances in units of work_scale:
+  // the rule is the same in any units).
   std::vector<SeedTask> tasks;
   for (int64_t b = 0; b < g.batch; ++b)
     for (size_t k = 0; k < ids[b].size(); ++k) tasks.push_back({b, ids[b][k], static_cast<int32_t>(k), boxes[b][k]});
@@ -637,8 +907,8 @@ at::Tensor grow_instances_cpu(const at::Tensor& seeds_in, const at::Tensor& seg_
             a[c] = sdb[p] == task.seed_id;
             s[c] = own[p] == task.index;
           }
-      edt_batch<double, double>(reinterpret_cast<const bool*>(a.data()), true, cg, dA2.data(), dA2.data(), false);
-      edt_batch<double, double>(reinterpret_cast<const bool*>(s.data()), false, cg, dS2.data(), dS2.data(), false);
+      edt_batch<double, double>(a.data(), true, cg, dA2.data(), dA2.data(), false, 1.0, false);
+      edt_batch<double, double>(s.data(), false, cg, dS2.data(), dS2.data(), false, 1.0, false);
       int64_t* ob = o + task.image * V;
       for (int64_t z = 0; z < n[0]; ++z)
         for (int64_t y = 0; y < n[1]; ++y)

@@ -1,10 +1,14 @@
 """Exact Euclidean distance transforms, connected components and level-set growth,
-batched, as PyTorch operators (DESIGN.md section 3.3).
+batched, as PyTorch operators.
 
-Masks are batched: ``(B, H, W)`` (2D) or ``(B, D, H, W)`` (3D); any dtype, non-zero
-means foreground (NaN is rejected). ``spacing`` is the physical size of a voxel per
-spatial axis (``(sy, sx)`` or ``(sz, sy, sx)``), default 1. An unbatched 2D mask needs
-``mask[None]``; a single 3D volume ``volume[None]``.
+Masks are batched: ``(B, H, W)`` (2D) or ``(B, D, H, W)`` (3D); bool, any integer dtype
+(signed or unsigned: uint8 to uint64) or floating dtype, non-zero means foreground (NaN
+is rejected; a bool tensor holding bytes other than 0/1, e.g. a uint8 tensor viewed as
+bool, counts every non-zero byte as foreground, as torch does). ``spacing`` is the
+physical size of a voxel per spatial axis (``(sy, sx)`` or ``(sz, sy, sx)``), default 1,
+positive and finite, largest / smallest at most 2^500 (beyond that the squares of the
+scaled spacings leave double's range). An unbatched 2D mask needs ``mask[None]``; a
+single 3D volume ``volume[None]``.
 
 Operators (``torch.ops.mtseg``):
 
@@ -35,6 +39,7 @@ inputs, so outputs carry no gradient history, and a backward through the raw
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -59,12 +64,16 @@ _MASK_DTYPES = (
     torch.int16,
     torch.int32,
     torch.int64,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
     torch.float16,
     torch.bfloat16,
     torch.float32,
     torch.float64,
 )
 _CONNECTIVITY = {2: (4, 8), 3: (6, 18, 26)}
+_MAX_SPACING_RATIO_LOG2 = 500
 
 
 # --------------------------------------------------------------------------------------
@@ -99,7 +108,39 @@ def _check_spacing(op: str, spacing: float | Sequence[float] | None, spatial: in
         raise ValueError(f"{op}: spacing must have one value per spatial axis ({spatial}), got {len(values)}: {values}")
     if not all(v > 0 and v != float("inf") for v in values):
         raise ValueError(f"{op}: spacing must be positive and finite, got {values}")
+    if math.ldexp(max(values), -_MAX_SPACING_RATIO_LOG2) > min(values):
+        raise ValueError(
+            f"{op}: the spacing values differ by too much (largest / smallest must be at most "
+            f"2^{_MAX_SPACING_RATIO_LOG2}), got {values}"
+        )
     return values
+
+
+def _check_edt_dtype(dtype) -> torch.dtype:
+    if dtype not in (None, torch.float32, torch.float64):
+        raise TypeError(f"edt: dtype must be torch.float32 or torch.float64, got {dtype}")
+    return torch.float32 if dtype is None else dtype
+
+
+def _check_edt_range(shape: Sequence[int], spacing: list[float] | None, dtype: torch.dtype, squared: bool) -> None:
+    """Every finite distance (its square when ``squared``) must be a normal number of
+    ``dtype``: the C++ operator checks the same."""
+    spacing = spacing if spacing is not None else [1.0] * len(shape)
+    info = torch.finfo(dtype)
+    far = math.hypot(*(max(int(n) - 1, 0) * s for n, s in zip(shape, spacing)))
+    k = 2.0 if squared else 1.0
+    log_far = k * math.log2(far) if far > 0 else -math.inf
+    if not (log_far < math.log2(info.max) and k * math.log2(min(spacing)) >= math.log2(info.tiny)):
+        what = "squared distances" if squared else "distances"
+        raise ValueError(
+            f"edt: with spacing {spacing} the {what} of a mask of this size do not fit {dtype}; "
+            "use dtype=torch.float64 or a spacing in other units"
+        )
+
+
+def _check_seeds(seeds: Tensor) -> None:
+    if seeds.dtype.is_floating_point:
+        raise TypeError(f"grow_instances: seeds must hold integer instance ids (0 = no seed), got {seeds.dtype}")
 
 
 def _check_pair(op: str, a: Tensor, b: Tensor, name_a: str, name_b: str) -> int:
@@ -140,24 +181,39 @@ def _cpu_only(op: str, t: Tensor) -> None:
 # --------------------------------------------------------------------------------------
 # Fake (meta) kernels: shapes and dtypes only, so torch.compile can trace the ops
 # --------------------------------------------------------------------------------------
+# They check what the C++ operators check wherever shapes, dtypes and arguments suffice,
+# so that bad input fails while torch.compile traces, with the same message.
 @torch.library.register_fake("mtseg::edt")
 def _edt_fake(mask, spacing=None, squared=False, signed=False, dtype=None):
-    torch._check(mask.dim() in (3, 4), lambda: f"edt: expected (B, H, W) or (B, D, H, W), got {mask.dim()}-d")
-    return mask.new_empty(mask.shape, dtype=dtype if dtype is not None else torch.float32)
+    spatial = _check_mask("edt", "mask", mask)
+    sp = _check_spacing("edt", spacing, spatial)
+    out_dtype = _check_edt_dtype(dtype)
+    _check_edt_range(mask.shape[1:], sp, out_dtype, bool(squared))
+    return mask.new_empty(mask.shape, dtype=out_dtype)
 
 
 @torch.library.register_fake("mtseg::connected_components")
 def _connected_components_fake(mask, connectivity):
+    spatial = _check_mask("connected_components", "mask", mask)
+    _check_connectivity("connected_components", connectivity, spatial)
     return mask.new_empty(mask.shape, dtype=torch.int32), mask.new_empty((mask.shape[0],), dtype=torch.int64)
 
 
 @torch.library.register_fake("mtseg::levelset_grow")
 def _levelset_grow_fake(approx, seg, lam, spacing=None):
+    spatial = _check_pair("levelset_grow", approx, seg, "approx", "seg")
+    _check_lam("levelset_grow", lam)
+    _check_spacing("levelset_grow", spacing, spatial)
     return approx.new_empty(approx.shape, dtype=torch.bool)
 
 
 @torch.library.register_fake("mtseg::grow_instances")
 def _grow_instances_fake(seeds, seg, lam, spacing=None, connectivity=0):
+    spatial = _check_pair("grow_instances", seeds, seg, "seeds", "seg")
+    _check_seeds(seeds)
+    _check_lam("grow_instances", lam)
+    _check_spacing("grow_instances", spacing, spatial)
+    _check_connectivity("grow_instances", None if connectivity == 0 else connectivity, spatial)
     return seeds.new_empty(seeds.shape, dtype=torch.int64)
 
 
@@ -209,8 +265,7 @@ def edt(
     """
     spatial = _check_mask("edt", "mask", mask)
     sp = _check_spacing("edt", spacing, spatial)
-    if dtype not in (None, torch.float32, torch.float64):
-        raise TypeError(f"edt: dtype must be torch.float32 or torch.float64, got {dtype}")
+    _check_edt_dtype(dtype)
     return torch.ops.mtseg.edt(mask.detach(), sp, bool(squared), bool(signed), dtype)
 
 
@@ -312,8 +367,7 @@ def grow_instances(
         ``classes`` is ``instances > 0`` without ``seed_classes``. Not differentiable.
     """
     spatial = _check_pair("grow_instances", seeds, seg, "seeds", "seg")
-    if seeds.dtype.is_floating_point:
-        raise TypeError(f"grow_instances: seeds must hold integer instance ids, got {seeds.dtype}")
+    _check_seeds(seeds)
     lam = _check_lam("grow_instances", lam)
     sp = _check_spacing("grow_instances", spacing, spatial)
     conn = _check_connectivity("grow_instances", connectivity, spatial)
@@ -321,15 +375,42 @@ def grow_instances(
     instances = torch.ops.mtseg.grow_instances(seeds, seg, lam, sp, conn)
     if seed_classes is None:
         return GrownInstances(instances, (instances > 0).long())
-    if not isinstance(seed_classes, Tensor) or seed_classes.shape != seeds.shape or seed_classes.dtype.is_floating_point:
-        raise ValueError("grow_instances: seed_classes must be an integer tensor of the seeds' shape")
+    if (
+        not isinstance(seed_classes, Tensor)
+        or seed_classes.shape != seeds.shape
+        or seed_classes.dtype.is_floating_point
+        or seed_classes.dtype == torch.bool
+    ):
+        got = (
+            f"{seed_classes.dtype} of shape {tuple(seed_classes.shape)}"
+            if isinstance(seed_classes, Tensor)
+            else type(seed_classes).__name__
+        )
+        raise ValueError(
+            f"grow_instances: seed_classes must be an integer tensor of the seeds' shape {tuple(seeds.shape)}, got {got}"
+        )
+    return GrownInstances(instances, _instance_classes(seeds, instances, seed_classes))
+
+
+def _instance_classes(seeds: Tensor, instances: Tensor, seed_classes: Tensor) -> Tensor:
+    """The class of every grown voxel: the largest class among its seed's voxels (at least 0).
+
+    Seeds are keyed by their (image, id) pairs, numbered by ``torch.unique``: memory
+    follows the number of voxels, never the size of the ids.
+    """
     batch = seeds.shape[0]
-    ids = seeds.long().reshape(batch, -1)
-    n_ids = int(ids.max()) + 1 if ids.numel() else 1
-    table = torch.zeros(batch, n_ids, dtype=torch.int64, device=seeds.device)
-    table.scatter_reduce_(1, ids, seed_classes.long().reshape(batch, -1).where(ids > 0, 0), reduce="amax")
-    classes = torch.gather(table, 1, instances.reshape(batch, -1)).reshape(instances.shape)
-    return GrownInstances(instances, classes)
+    ids = (seeds != 0).long() if seeds.dtype == torch.bool else seeds.long()
+    ids, inst = ids.reshape(batch, -1), instances.reshape(batch, -1)
+    image = torch.arange(batch, device=seeds.device)[:, None].expand_as(ids)
+    at_seed, grown = ids > 0, inst > 0
+    keys = torch.cat([torch.stack([image[at_seed], ids[at_seed]]), torch.stack([image[grown], inst[grown]])], dim=1)
+    _, slot = torch.unique(keys, dim=1, return_inverse=True)
+    n_seed = int(at_seed.sum())
+    table = torch.zeros(keys.shape[1], dtype=torch.int64, device=seeds.device)
+    table.scatter_reduce_(0, slot[:n_seed], seed_classes.reshape(batch, -1)[at_seed].long(), reduce="amax")
+    classes = torch.zeros_like(inst)
+    classes[grown] = table[slot[n_seed:]]
+    return classes.reshape(instances.shape)
 
 
 # --------------------------------------------------------------------------------------

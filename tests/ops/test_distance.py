@@ -444,3 +444,304 @@ def test_grow_instances_bad_input_and_opcheck():
     torch.library.opcheck(
         torch.ops.mtseg.grow_instances.default, (torch.from_numpy(seeds), torch.from_numpy(seg), 1.0, None, 8)
     )
+
+
+# --------------------------------------------------------------------------------------
+# Mask dtypes: unsigned integers and bool tensors whose bytes are not 0/1
+# --------------------------------------------------------------------------------------
+UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _as_unsigned(mask: np.ndarray, dtype: torch.dtype, rng) -> torch.Tensor:
+    """The mask as ``dtype`` with random non-zero values in the foreground, the top bit alone among them."""
+    np_dtype = {torch.uint16: np.uint16, torch.uint32: np.uint32, torch.uint64: np.uint64}[dtype]
+    top = np.iinfo(np_dtype).max // 2 + 1
+    values = rng.integers(1, np.iinfo(np_dtype).max, size=mask.shape, dtype=np_dtype, endpoint=True)
+    values.reshape(-1)[:: 7] = top
+    return torch.from_numpy(np.where(mask, values, 0).astype(np_dtype))
+
+
+@pytest.mark.parametrize("dtype", UNSIGNED)
+def test_unsigned_masks_match_scipy(dtype):
+    rng = np.random.default_rng(12)
+    mask = random_masks(rng, (2, 33, 41), 0.7)
+    mask[:, 0, 0] = True
+    t = _as_unsigned(mask, dtype, rng)
+    assert t.dtype == dtype
+    np.testing.assert_allclose(mk.edt(t, (1.0, 0.5)).numpy(), edt_reference(mask, (1.0, 0.5)), rtol=0, atol=TOL)
+    labels, counts = mk.connected_components(t, 8)
+    for i, m in enumerate(mask):
+        ref, n = ndi.label(m, np.ones((3, 3)))
+        np.testing.assert_array_equal(labels[i].numpy(), ref)
+        assert counts[i].item() == n
+    approx, seg = growth_case(rng, (2, 30, 36))
+    got = mk.levelset_grow(_as_unsigned(approx, dtype, rng), _as_unsigned(seg, dtype, rng), 1.5).numpy()
+    np.testing.assert_array_equal(got, levelset_grow_reference(approx, seg, 1.5))
+    # 3D volumes too
+    vol = random_masks(rng, (1, 9, 12, 10), 0.6)
+    np.testing.assert_allclose(mk.edt(_as_unsigned(vol, dtype, rng)).numpy(), edt_reference(vol), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("dtype", UNSIGNED)
+def test_grow_instances_unsigned_seeds_and_seg(dtype):
+    seeds, seg = instance_case(np.random.default_rng(4))
+    expected = mk.grow_instances(torch.from_numpy(seeds), torch.from_numpy(seg), 2.0).instances
+    got = mk.grow_instances(torch.from_numpy(seeds).to(dtype), torch.from_numpy(seg).to(dtype), 2.0)
+    assert got.instances.dtype == torch.int64
+    torch.testing.assert_close(got.instances, expected, rtol=0, atol=0)
+    # the growth itself against scipy: one seed per image equals levelset_grow's reference
+    one = (seeds == seeds.max(axis=(1, 2), keepdims=True)) & (seeds > 0)
+    got = mk.grow_instances(torch.from_numpy(one).to(dtype) * 9, torch.from_numpy(seg).to(dtype), 2.0).instances
+    np.testing.assert_array_equal(got.numpy(), levelset_grow_reference(one, seg, 2.0) * 9)
+
+
+def test_uint64_seed_ids_beyond_int64_are_rejected():
+    seeds = torch.zeros(1, 4, 4, dtype=torch.uint64)
+    seeds[0, 1, 1] = 2**63
+    seg = torch.ones(1, 4, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="below 2\\^63"):
+        torch.ops.mtseg.grow_instances(seeds, seg, 1.0)
+    seeds[0, 1, 1] = 2**63 - 1  # the largest id that fits int64 is kept as it is
+    got = mk.grow_instances(seeds, seg, 1e6).instances
+    assert got.unique().tolist() == [2**63 - 1]
+
+
+def _bool_view(raw: np.ndarray) -> torch.Tensor:
+    """A bool tensor whose bytes are ``raw`` (any 0-255 values), as ``uint8.view(bool)`` makes."""
+    return torch.from_numpy(raw.astype(np.uint8)).view(torch.bool)
+
+
+def test_noncanonical_bools_count_every_nonzero_byte():
+    """Issue reproducer: bytes of 2 in a bool tensor are foreground everywhere, as in torch."""
+    raw = np.zeros((1, 5, 9), np.uint8)
+    raw[0, 2, 1:4] = 1
+    raw[0, 2, 5:8] = 2  # a second component made of 2s
+    mask = _bool_view(raw)
+    assert (mask.sum() == 6).item()  # torch reads them as True
+    labels, counts = mk.connected_components(mask, 4)
+    assert counts.tolist() == [2]
+    np.testing.assert_array_equal(labels[0].numpy(), ndi.label(raw[0] != 0)[0])
+    approx = _bool_view(raw * (np.arange(9) < 4))  # A = the first run
+    seg = _bool_view(raw)  # S covers both runs
+    grown = mk.levelset_grow(approx, seg, 1e6).numpy()
+    np.testing.assert_array_equal(grown, raw != 0)  # lam -> inf: A | S, the 2s included
+
+
+@pytest.mark.parametrize("width", [1, 7, 8, 9, 31, 32, 33, 70])
+def test_noncanonical_bools_random_bytes(width):
+    """Rows of every length around the 8- and 32-byte steps of the byte scans, with bytes
+    of any value (0x80 and 0xff included), against scipy on raw != 0."""
+    rng = np.random.default_rng(width)
+    raw = rng.integers(0, 256, size=(3, 11, width)).astype(np.uint8)
+    raw[rng.random(raw.shape) < 0.45] = 0
+    raw[0, :, : width // 2] = rng.choice([0x80, 0xFF, 2], size=(11, width // 2))  # high bits set
+    mask = _bool_view(raw)
+    ref = raw != 0
+    np.testing.assert_allclose(mk.edt(mask).numpy(), edt_reference(ref), rtol=0, atol=TOL)
+    np.testing.assert_allclose(mk.signed_edt(mask).numpy(), signed_edt_reference(ref), rtol=0, atol=TOL)
+    for conn in (4, 8):
+        labels, counts = mk.connected_components(mask, conn)
+        for i in range(3):
+            expected, n = ndi.label(ref[i], ndi.generate_binary_structure(2, STRUCTURES[conn][1]))
+            np.testing.assert_array_equal(labels[i].numpy(), expected)
+            assert counts[i].item() == n
+    approx = ref & (rng.random(ref.shape) < 0.1)
+    got = mk.levelset_grow(_bool_view(raw * approx), mask, 1.5).numpy()
+    np.testing.assert_array_equal(got, levelset_grow_reference(approx, ref, 1.5))
+    seeds = np.stack([ndi.label(a)[0] for a in approx])
+    got = mk.grow_instances(torch.from_numpy(seeds), mask, 1e6).instances.numpy()
+    expected = mk.grow_instances(torch.from_numpy(seeds), torch.from_numpy(ref), 1e6).instances.numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nan_in_float_masks_is_rejected(dtype):
+    mask = torch.ones(2, 6, 7, dtype=dtype)
+    mask[1, 3, 4] = float("nan")
+    for call in (
+        lambda: torch.ops.mtseg.edt(mask),
+        lambda: torch.ops.mtseg.connected_components(mask, 4),
+        lambda: torch.ops.mtseg.levelset_grow(mask, torch.ones_like(mask), 1.0),
+        lambda: torch.ops.mtseg.levelset_grow(torch.ones_like(mask), mask, 1.0),
+        lambda: torch.ops.mtseg.grow_instances(torch.ones(2, 6, 7, dtype=torch.long), mask, 1.0),
+    ):
+        with pytest.raises(ValueError, match="NaN"):
+            call()
+    # -0.0 is background and inf foreground, as mask != 0 says
+    mask = torch.tensor([[[0.0, -0.0, float("inf"), 1.0, -float("inf")]]], dtype=dtype)
+    np.testing.assert_allclose(mk.edt(mask).numpy(), [[[0, 0, 1, 2, 3]]])
+
+
+# --------------------------------------------------------------------------------------
+# Spacing at the limits of floating point
+# --------------------------------------------------------------------------------------
+def test_grow_instances_huge_spacing_reproducer():
+    """Issue reproducer: spacing (1e300, 1) used to overflow, index with -1 and corrupt the heap."""
+    s = torch.zeros(2, 8, 8, dtype=torch.long)
+    s[0, -1, -1] = 10**9
+    s[1, 0, 0] = 1
+    g = torch.ones(2, 8, 8, dtype=torch.bool)
+    g[1, :, 3] = False
+    for _ in range(5):
+        with pytest.raises(ValueError, match="differ by too much"):
+            torch.ops.mtseg.grow_instances(s, g, 1.0, [1e300, 1.0])
+        with pytest.raises(ValueError, match="differ by too much"):
+            mk.grow_instances(s, g, 1.0, spacing=[1e300, 1.0])
+    # a ratio within 2^500 keeps working, and equal spacings of any size give the unit result
+    unit = mk.grow_instances(s, g, 1.0).instances
+    for c in (1e300, 1e200, 1e-300, 5e-324):
+        torch.testing.assert_close(mk.grow_instances(s, g, 1.0, spacing=[c, c]).instances, unit, rtol=0, atol=0)
+    wide = mk.grow_instances(s, g, 1.0, spacing=[1e150, 1e10]).instances
+    assert wide[0, -1, -1] == 10**9 and wide[1, 0, 0] == 1
+
+
+@pytest.mark.parametrize("c", [1e300, 1e160, 1e-160, 1e-300])
+def test_levelset_and_components_with_extreme_equal_spacing(c):
+    approx, seg = growth_case(np.random.default_rng(8), (2, 24, 30))
+    a, s = torch.from_numpy(approx), torch.from_numpy(seg)
+    for lam in (0.5, 2.0):
+        np.testing.assert_array_equal(
+            mk.levelset_grow(a, s, lam, (c, c)).numpy(), levelset_grow_reference(approx, seg, lam)
+        )
+    vol = torch.from_numpy(growth_case(np.random.default_rng(9), (1, 8, 12, 10))[1])
+    got = mk.levelset_grow(vol & (torch.rand(vol.shape, generator=torch.Generator().manual_seed(0)) < 0.05), vol, 1.0,
+                           (c, c, c))
+    assert got.dtype == torch.bool
+
+
+def test_edt_extreme_spacing_is_exact_or_rejected():
+    mask = random_masks(np.random.default_rng(6), (1, 20, 25), 0.9)
+    t = torch.from_numpy(mask)
+    unit = edt_reference(mask)
+    for c in (1e300, 1e-300, 2.0**-1000):
+        got = mk.edt(t, (c, c), dtype=torch.float64).numpy()
+        np.testing.assert_allclose(got, unit * c, rtol=1e-15, atol=0)
+    # a spacing of a power of two only scales: bitwise the unit result times it
+    np.testing.assert_array_equal(mk.edt(t, (2.0**600, 2.0**600), dtype=torch.float64).numpy(),
+                                  mk.edt(t, dtype=torch.float64).numpy() * 2.0**600)
+    # uneven spacing within 2^500 in double: the tiny axis still counts
+    got = mk.edt(t, (1.0, 1e-13), dtype=torch.float64).numpy()
+    np.testing.assert_allclose(got, ndi.distance_transform_edt(mask[0], sampling=(1.0, 1e-13))[None], rtol=1e-12)
+    got32 = mk.edt(t, (1.0, 1e-13)).numpy()
+    np.testing.assert_allclose(got32, ndi.distance_transform_edt(mask[0], sampling=(1.0, 1e-13))[None], rtol=1e-6)
+    # distances that do not fit the output dtype are refused, not turned into inf or 0
+    for spacing, dtype, squared in (((1e300, 1e300), torch.float32, False), ((1e200, 1e200), torch.float64, True),
+                                    ((1e-30, 1e-30), torch.float32, True), ((1e-160, 1e-160), torch.float64, True)):
+        with pytest.raises(ValueError, match="do not fit"):
+            torch.ops.mtseg.edt(t, list(spacing), squared, False, dtype)
+        with pytest.raises(ValueError, match="do not fit"):
+            mk.edt(t, spacing, squared=squared, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Sizes: ids never size allocations; huge expanded inputs fail before any copy
+# --------------------------------------------------------------------------------------
+def test_seed_classes_with_huge_ids():
+    """Issue reproducer: an id of 2^31 made a (B, 2^31 + 1) table (17 GB); ids are keys now."""
+    seeds = torch.zeros(2, 8, 8, dtype=torch.long)
+    seeds[0, 1, 1] = 2**31
+    seeds[0, 6, 6] = 2**62
+    seeds[1, 2, 2] = 2**31  # the same id in another image, another class
+    classes = torch.zeros_like(seeds)
+    classes[0, 1, 1], classes[0, 6, 6], classes[1, 2, 2] = 3, 5, 7
+    seg = torch.ones(2, 8, 8, dtype=torch.bool)
+    got = mk.grow_instances(seeds, seg, 1e6, seed_classes=classes)
+    inst, cls = got.instances, got.classes
+    assert set(inst[0].unique().tolist()) == {2**31, 2**62} and inst[1].unique().tolist() == [2**31]
+    assert (cls[0][inst[0] == 2**31] == 3).all() and (cls[0][inst[0] == 2**62] == 5).all()
+    assert (cls[1] == 7).all()
+
+
+def test_seed_classes_largest_class_and_checks():
+    seeds = torch.zeros(1, 6, 6, dtype=torch.int32)
+    seeds[0, 1, 1:3] = 4  # one seed over two classes: the larger wins
+    classes = torch.zeros(1, 6, 6, dtype=torch.int64)
+    classes[0, 1, 1], classes[0, 1, 2] = 2, 9
+    seg = torch.zeros(1, 6, 6, dtype=torch.bool)
+    seg[0, :3, :4] = True
+    got = mk.grow_instances(seeds, seg, 1e6, seed_classes=classes)
+    assert (got.classes == 9 * (got.instances == 4)).all()
+    with pytest.raises(ValueError, match="seed_classes must be an integer tensor"):
+        mk.grow_instances(seeds, seg, 1.0, seed_classes=classes.float())
+    with pytest.raises(ValueError, match="seed_classes must be an integer tensor"):
+        mk.grow_instances(seeds, seg, 1.0, seed_classes=classes[:, :3])
+
+
+def test_huge_expanded_inputs_fail_before_copying():
+    """A stride-0 view of 2^40 voxels: the ops refuse it at once instead of copying it."""
+    huge = torch.ones(1, 1, 1, dtype=torch.bool).expand(1, 2**20, 2**20)
+    for call in (
+        lambda: torch.ops.mtseg.edt(huge),
+        lambda: torch.ops.mtseg.edt(torch.ones(1, 1, 1).expand(1, 2**20, 2**20)),
+        lambda: torch.ops.mtseg.levelset_grow(huge, huge, 1.0),
+        lambda: torch.ops.mtseg.connected_components(huge[:, : 2**15, : 2**15].expand(2**12, 2**15, 2**15), 4),
+    ):
+        with pytest.raises(ValueError, match="more than this machine's"):
+            call()
+
+
+# --------------------------------------------------------------------------------------
+# Fake kernels check like the real ones (bad input fails while torch.compile traces)
+# --------------------------------------------------------------------------------------
+def _fake(*tensors):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    return mode, [mode.from_tensor(t) for t in tensors]
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m, s: torch.ops.mtseg.edt(m, [1.0, 1.0, 1.0]), ValueError, "one value per spatial axis"),
+        (lambda m, s: torch.ops.mtseg.edt(m, [0.0, 1.0]), ValueError, "positive"),
+        (lambda m, s: torch.ops.mtseg.edt(m, [1e300, 1.0]), ValueError, "differ by too much"),
+        (lambda m, s: torch.ops.mtseg.edt(m, None, False, False, torch.float16), TypeError, "float32 or torch.float64"),
+        (lambda m, s: torch.ops.mtseg.edt(m, [1e300, 1e300]), ValueError, "do not fit"),
+        (lambda m, s: torch.ops.mtseg.edt(m[0]), ValueError, r"\(B, H, W\) or \(B, D, H, W\)"),
+        (lambda m, s: torch.ops.mtseg.edt(m.to(torch.complex64)), TypeError, "dtype"),
+        (lambda m, s: torch.ops.mtseg.connected_components(m, 6), ValueError, "connectivity"),
+        (lambda m, s: torch.ops.mtseg.levelset_grow(m, s[:, :3], 1.0), ValueError, "same shape"),
+        (lambda m, s: torch.ops.mtseg.levelset_grow(m, s, -1.0), ValueError, "lam"),
+        (lambda m, s: torch.ops.mtseg.levelset_grow(m, s, 1.0, [1.0]), ValueError, "one value per spatial axis"),
+        (lambda m, s: torch.ops.mtseg.grow_instances(s.float(), m, 1.0), TypeError, "integer"),
+        (lambda m, s: torch.ops.mtseg.grow_instances(s, m, 1.0, None, 26), ValueError, "connectivity"),
+        (lambda m, s: torch.ops.mtseg.grow_instances(s, m[:, :2], 1.0), ValueError, "same shape"),
+    ],
+)
+def test_fake_kernels_check_arguments(call, error, match):
+    mask = torch.ones(2, 5, 6, dtype=torch.bool)
+    seeds = torch.ones(2, 5, 6, dtype=torch.int64)
+    with pytest.raises(error, match=match):  # the real kernel
+        call(mask, seeds)
+    mode, (fm, fs) = _fake(mask, seeds)
+    with mode, pytest.raises(error, match=match):  # and the fake one, as torch.compile traces it
+        call(fm, fs)
+
+
+def test_fake_kernels_shapes_and_dtypes():
+    mask = torch.ones(2, 4, 5, 6, dtype=torch.uint16)
+    mode, (fm,) = _fake(mask)
+    with mode:
+        assert torch.ops.mtseg.edt(fm, [2.0, 1.0, 1.0], True, True, torch.float64).dtype == torch.float64
+        labels, counts = torch.ops.mtseg.connected_components(fm, 26)
+        assert labels.shape == mask.shape and labels.dtype == torch.int32 and counts.shape == (2,)
+        assert torch.ops.mtseg.levelset_grow(fm, fm, 1.0).dtype == torch.bool
+        assert torch.ops.mtseg.grow_instances(fm, fm, 1.0, None, 0).dtype == torch.int64
+
+
+@pytest.mark.cuda
+def test_float_masks_do_not_synchronise_the_device():
+    """The NaN check of float masks runs on the device (no .item() on every call)."""
+    mask = torch.rand(2, 40, 50, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    mask = mask.where(mask > 0.3, 0.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        d = torch.ops.mtseg.edt(mask)
+        grown = torch.ops.mtseg.levelset_grow(mask, mask, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    m = (mask != 0).cpu().numpy()
+    np.testing.assert_allclose(d.cpu().numpy(), edt_reference(m), rtol=0, atol=TOL)
+    np.testing.assert_array_equal(grown.cpu().numpy(), m)

@@ -50,44 +50,46 @@ MTSEG_HOST_DEVICE T sweep_square(T count, double spacing) {
   return static_cast<T>(d * d);
 }
 
+// Scratch of envelope_line for a line of up to n values (n entries each): pv holds the
+// positions of the parabolas kept, pc their c = f + s2 * p^2 and pf their f.
+template <typename T>
+struct EnvelopeScratch {
+  double* pv;
+  double* pc;
+  T* pf;
+};
+
 // Lower envelope of the parabolas s2 * (q - p)^2 + f[p] over p, at every q of a line of
 // n values (f[p * f_stride]); out[q * out_stride] receives the minimum (its square root
-// when take_sqrt). Points with f = +inf carry no parabola; a line without any finite
-// value gives +inf everywhere. When arg is not null, arg[q * arg_stride] receives the
-// minimising p (-1 for an all-inf line).
+// when take_sqrt) times out_scale. Points with f = +inf carry no parabola; a line
+// without any finite value gives +inf everywhere. When arg is not null,
+// arg[q * arg_stride] receives the minimising p (-1 for an all-inf line; ties go to the
+// smaller p).
 //
-// Scratch (n entries each): v (parabola positions), zn / zd (the left end of each
-// parabola's interval as the fraction zn / zd, zd > 0) and fv (their values). Keeping
-// the fraction avoids every division: intersections are compared by cross-multiplying,
-// which is exact for unit spacing (integer products far below 2^53). The values are kept
-// in fv, so out may alias f.
+// Parabola k of the stack starts where it meets parabola k - 1, at
+// (pc[k] - pc[k-1]) / (2 s2 (pv[k] - pv[k-1])). That fraction is never formed:
+// intersections are compared by cross-multiplying, where the common factor 2 s2
+// cancels, which is exact for unit spacing (integer products far below 2^53). The values
+// are kept in the scratch, so out may alias f.
 template <typename T, typename O>
-MTSEG_HOST_DEVICE void envelope_line(const T* f, int64_t f_stride, int64_t n, double s2, int64_t* v, double* zn,
-                                     double* zd, T* fv, O* out, int64_t out_stride, bool take_sqrt,
+MTSEG_HOST_DEVICE void envelope_line(const T* f, int64_t f_stride, int64_t n, double s2, EnvelopeScratch<T> s,
+                                     O* out, int64_t out_stride, bool take_sqrt, double out_scale = 1.0,
                                      int64_t* arg = nullptr, int64_t arg_stride = 0) {
+  double* pv = s.pv;
+  double* pc = s.pc;
   int64_t k = -1;
   for (int64_t q = 0; q < n; ++q) {
     const T fq = f[q * f_stride];
     if (!(fq < inf_value<T>())) continue;
     const double dq = static_cast<double>(q);
     const double cq = static_cast<double>(fq) + s2 * dq * dq;
-    double num = -INFINITY, den = 1.0;
-    while (k >= 0) {
-      const double dv = static_cast<double>(v[k]);
-      const double cv = static_cast<double>(fv[k]) + s2 * dv * dv;
-      num = cq - cv;
-      den = 2.0 * s2 * (dq - dv);
-      // intersection num / den right of the interval start zn[k] / zd[k]: keep parabola k
-      if (num * zd[k] > zn[k] * den) break;
-      --k;
-      num = -INFINITY;
-      den = 1.0;
-    }
+    // Drop the top parabola while the new one meets it at or left of the top's start
+    // (parabola 0 starts at -inf and is never dropped).
+    while (k > 0 && (cq - pc[k]) * (pv[k] - pv[k - 1]) <= (pc[k] - pc[k - 1]) * (dq - pv[k])) --k;
     ++k;
-    v[k] = q;
-    fv[k] = fq;
-    zn[k] = num;
-    zd[k] = den;
+    pv[k] = dq;
+    pc[k] = cq;
+    s.pf[k] = fq;
   }
   if (k < 0) {
     for (int64_t q = 0; q < n; ++q) {
@@ -96,26 +98,86 @@ MTSEG_HOST_DEVICE void envelope_line(const T* f, int64_t f_stride, int64_t n, do
     }
     return;
   }
+  const double s2x2 = 2.0 * s2;
   int64_t j = 0;
   for (int64_t q = 0; q < n; ++q) {
     const double dq = static_cast<double>(q);
-    while (j < k && zn[j + 1] < dq * zd[j + 1]) ++j;
-    const double dx = dq - static_cast<double>(v[j]);
-    const double d2 = s2 * dx * dx + static_cast<double>(fv[j]);
-    out[q * out_stride] = static_cast<O>(take_sqrt ? sqrt(d2) : d2);
-    if (arg != nullptr) arg[q * arg_stride] = v[j];
+    // move on while the next parabola starts left of q
+    while (j < k && pc[j + 1] - pc[j] < s2x2 * dq * (pv[j + 1] - pv[j])) ++j;
+    const double dx = dq - pv[j];
+    const double d2 = s2 * dx * dx + static_cast<double>(s.pf[j]);
+    out[q * out_stride] = static_cast<O>((take_sqrt ? sqrt(d2) : d2) * out_scale);
+    if (arg != nullptr) arg[q * arg_stride] = static_cast<int64_t>(pv[j]);
   }
 }
 
-// envelope_line for lines whose zeros are zero voxels (f = 0 exactly there, f >= the
-// smallest squared step elsewhere), as after the first pass: a zero voxel's parabola
-// lies below every parabola beyond it, so each run of non-zero values only needs the
-// envelope of itself and its two bounding zeros. Zero voxels are written as 0 without
-// any envelope work, so the cost follows the foreground, not the line. Same result as
-// envelope_line; out may alias f.
+// envelope_line for unit spacing and integer values (the squared distances of unit
+// spacing are sums of squared integer steps): the same envelope in int64 arithmetic,
+// exact and without conversions, for lines of n values with n^3 far below 2^62 (the
+// caller checks). Scratch: pv, pc, zn, zd of n + 1 entries each; parabola k has
+// c = pc[k] and starts at zn[k] / (2 zd[k]). The top of the stack is kept in registers.
+// out may alias f.
+// The envelope at q of envelope_line_unit's stack, moving j (the parabola of the
+// previous q) right while the next parabola starts left of q.
+MTSEG_HOST_DEVICE int64_t unit_envelope_at(int64_t q, int64_t& j, const int64_t* pv, const int64_t* pc,
+                                           const int64_t* zn, const int64_t* zd) {
+  while (zn[j + 1] < 2 * q * zd[j + 1]) ++j;
+  const int64_t dx = q - pv[j];
+  return dx * dx + pc[j] - pv[j] * pv[j];  // (q - v)^2 + f[v]
+}
+
 template <typename T, typename O>
-MTSEG_HOST_DEVICE void envelope_line_runs(const T* f, int64_t f_stride, int64_t n, double s2, int64_t* v, double* zn,
-                                          double* zd, T* fv, O* out, int64_t out_stride, bool take_sqrt) {
+MTSEG_HOST_DEVICE void envelope_line_unit(const T* f, int64_t n, int64_t* pv, int64_t* pc, int64_t* zn, int64_t* zd,
+                                          O* out, bool take_sqrt, double out_scale) {
+  int64_t k = -1, tv = 0, tc = 0, tzn = 0, tzd = 1;  // top: position, c, start as a fraction
+  for (int64_t q = 0; q < n; ++q) {
+    const T fq = f[q];
+    if (!(fq < inf_value<T>())) continue;
+    const int64_t cq = static_cast<int64_t>(fq) + q * q;
+    int64_t num = -1, den = 0;  // the new start: -inf for the first parabola
+    while (k >= 0) {
+      num = cq - tc;
+      den = q - tv;
+      if (k == 0 || num * tzd > tzn * den) break;  // meets the top right of the top's start
+      --k;
+      tv = pv[k], tc = pc[k], tzn = zn[k], tzd = zd[k];
+    }
+    ++k;
+    pv[k] = tv = q;
+    pc[k] = tc = cq;
+    zn[k] = tzn = num;
+    zd[k] = tzd = den;
+  }
+  if (k < 0) {
+    for (int64_t q = 0; q < n; ++q) out[q] = inf_value<O>();
+    return;
+  }
+  zn[k + 1] = INT64_MAX / 4;  // a start beyond every q: the scan never passes parabola k
+  zd[k + 1] = 1;
+  int64_t j = 0;
+  if (take_sqrt && out_scale == 1.0 && sizeof(O) == 4) {
+    // float output: a float square root of the exact integer is the correctly rounded
+    // distance (below 2^24 the integer is exact in float; otherwise, double first)
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t d2 = unit_envelope_at(q, j, pv, pc, zn, zd);
+      out[q] = static_cast<O>(d2 < (int64_t{1} << 24) ? sqrtf(static_cast<float>(d2)) : sqrt(static_cast<double>(d2)));
+    }
+  } else {
+    for (int64_t q = 0; q < n; ++q) {
+      const double d = static_cast<double>(unit_envelope_at(q, j, pv, pc, zn, zd));
+      out[q] = static_cast<O>((take_sqrt ? sqrt(d) : d) * out_scale);
+    }
+  }
+}
+
+// envelope_line for lines whose zeros are zero voxels (f = 0 exactly there, f > 0
+// elsewhere), as after the first pass: a zero voxel's parabola lies below every parabola
+// beyond it, so each run of non-zero values only needs the envelope of itself and its two
+// bounding zeros. Zero voxels are written as 0 without any envelope work, so the cost
+// follows the foreground, not the line. Same result as envelope_line; out may alias f.
+template <typename T, typename O>
+MTSEG_HOST_DEVICE void envelope_line_runs(const T* f, int64_t f_stride, int64_t n, double s2, EnvelopeScratch<T> s,
+                                          O* out, int64_t out_stride, bool take_sqrt, double out_scale = 1.0) {
   // In place (out is f), zero voxels already hold their result.
   const bool in_place = static_cast<const void*>(out) == static_cast<const void*>(f) && out_stride == f_stride;
   int64_t q = 0;
@@ -136,10 +198,24 @@ MTSEG_HOST_DEVICE void envelope_line_runs(const T* f, int64_t f_stride, int64_t 
     while (e < n && f[e * f_stride] != T(0)) ++e;
     const int64_t l = q > 0 ? q - 1 : 0;  // the zero before the run, if any
     const int64_t r = e < n ? e : n - 1;  // the zero after it, if any
-    envelope_line<T, O>(f + l * f_stride, f_stride, r - l + 1, s2, v, zn, zd, fv, out + l * out_stride, out_stride,
-                        take_sqrt);
+    envelope_line<T, O>(f + l * f_stride, f_stride, r - l + 1, s2, s, out + l * out_stride, out_stride, take_sqrt,
+                        out_scale);
     q = r + 1;
   }
+}
+
+// The signatures csrc/cuda/distance.cu launches with (scratch as separate arrays of n
+// entries: zn and zd hold the positions and c values, fv the values; v is not needed).
+template <typename T, typename O>
+MTSEG_HOST_DEVICE void envelope_line(const T* f, int64_t f_stride, int64_t n, double s2, int64_t* /*v*/, double* zn,
+                                     double* zd, T* fv, O* out, int64_t out_stride, bool take_sqrt) {
+  envelope_line<T, O>(f, f_stride, n, s2, EnvelopeScratch<T>{zn, zd, fv}, out, out_stride, take_sqrt);
+}
+
+template <typename T, typename O>
+MTSEG_HOST_DEVICE void envelope_line_runs(const T* f, int64_t f_stride, int64_t n, double s2, int64_t* /*v*/,
+                                          double* zn, double* zd, T* fv, O* out, int64_t out_stride, bool take_sqrt) {
+  envelope_line_runs<T, O>(f, f_stride, n, s2, EnvelopeScratch<T>{zn, zd, fv}, out, out_stride, take_sqrt);
 }
 
 // The level-set growth rule of Ke et al.: x joins A when phi(x) = d(x, A) - lam *
