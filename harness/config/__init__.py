@@ -38,33 +38,10 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "deterministic": False,
-    "device": "auto",
-    "data": {
-        "name": "hc18",
-        "root": "builtin:hc18_sample",
-        "options": {},
-        "splits": {"train": "train", "val": "val", "test": "test"},
-        "batch_size": 8,
-        "eval_batch_size": 8,
-        "num_workers": 0,
-        "augment": {"flip_prob": 0.5},
-        "input_size": None,
-        "cache_in_memory": False,
-    },
-    "model": {"name": "unet", "options": {}},
-    "method": {"name": "baseline"},
-    "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999], "momentum": 0.9,
-              "nesterov": False},
-    "sched": {"name": "none", "step_size": 1000, "gamma": 0.1, "milestones": [], "T_0": 1000, "T_mult": 1,
-              "eta_min": 0.0},
-    "train": {"steps": 1000, "val_every": 200, "log_every": 10, "checkpoint_every": 200, "grad_clip": None,
-              "amp": "auto", "out_dir": "runs/default", "resume": False, "progress": True, "sync_bn": True,
-              "tensorboard": True, "threads": None, "val_max_batches": None},
-    "eval": {"split": "test", "hd": True, "overlays": 4, "checkpoint": "best", "pad_multiple": 32},
-}
+from .schema import Config, check_options, keyword_fields, nearest, validate
+
+#: Every section with its defaults (the schema's, :class:`.schema.Config`).
+DEFAULTS: dict[str, Any] = Config().model_dump()
 
 SECTIONS = set(DEFAULTS)
 
@@ -90,7 +67,11 @@ def yaml_load(text: str):
 
 
 class ConfigError(ValueError):
-    pass
+    """A config that cannot run: the message names the key, what was expected and what was given."""
+
+
+#: What to do about a bad key or value (the end of a :class:`ConfigError` message).
+FIX = "fix it in the config file or with --set KEY=VALUE"
 
 
 def deep_merge(base: Mapping, update: Mapping) -> dict:
@@ -131,45 +112,56 @@ def apply_overrides(cfg: Mapping, overrides: Iterable[str]) -> dict:
     return out
 
 
-def read_yaml(path) -> dict:
+def read_yaml(path, _chain: tuple = ()) -> dict:
+    """The mapping in ``path`` with its ``base:`` files merged under it (``_chain``: the files
+    that include this one, to refuse a cycle)."""
     path = Path(path)
+    here = path.resolve()
+    if here in _chain:
+        cycle = " -> ".join(str(p) for p in _chain[_chain.index(here):] + (here,))
+        raise ConfigError(f"config {path}: its base: files include it again ({cycle}); remove that base: entry")
     try:
         data = yaml_load(path.read_text())
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
+        via = f" (a base: of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"cannot read config {path}{via}: {exc.strerror or exc}; check the path") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must hold a mapping at the top level, got {type(data).__name__}")
     bases = data.pop("base", None)
     if bases:
+        if isinstance(bases, str):
+            bases = [bases]
+        if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+            raise ConfigError(f"config {path}: base: must be a file name or a list of them, got {bases!r}")
         merged: dict = {}
-        for b in [bases] if isinstance(bases, str) else bases:
-            merged = deep_merge(merged, read_yaml(path.parent / b))
+        for b in bases:
+            merged = deep_merge(merged, read_yaml(path.parent / b, _chain + (here,)))
         data = deep_merge(merged, data)
     return data
 
 
 def resolve(user: Mapping, presets: Iterable[Mapping] = ()) -> dict:
-    """``DEFAULTS`` <- each of ``presets`` <- ``user``; checks the section names and the keys
-    of the sections with a fixed set of keys."""
-    unknown = set(user) - SECTIONS
-    if unknown:
-        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")
-    for section, value in user.items():
-        if isinstance(DEFAULTS[section], dict) and not isinstance(value, Mapping):
-            raise ConfigError(f"config section {section!r} must be a mapping, got {value!r}")
+    """``DEFAULTS`` <- each of ``presets`` <- ``user``, checked against the schema
+    (:mod:`.schema`): every key of every section, types and ranges. Keyword options
+    (``method``, ``model.options``, ``data.options``, ``data.augment``) are checked by the
+    runs layer, which knows what they are for (:func:`check_options`).
+
+    Returns plain dicts and lists (YAML-safe); raises :class:`ConfigError`.
+    """
+    if not isinstance(user, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(user).__name__}")
     cfg = dict(DEFAULTS)
     for preset in presets:
         cfg = deep_merge(cfg, preset)
     cfg = deep_merge(cfg, user)
-    for section in ("train", "optim", "sched", "eval"):
-        extra = set(cfg[section]) - set(DEFAULTS[section])
-        if extra:
-            raise ConfigError(f"unknown key(s) in {section!r}: {sorted(extra)}; known: {sorted(DEFAULTS[section])}")
-    return cfg
+    try:
+        return validate(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; {FIX}") from None
 
 
 def read_config(path=None, overrides: Iterable[str] = (), base: Mapping | None = None) -> dict:
