@@ -6,25 +6,28 @@ in order, the file's own keys last. Overrides ``a.b.c=value`` (value parsed as Y
 ``optim.lr=1e-3``, ``train.amp=false``, ``data.augment.crop=[128,128]``) apply on top.
 The final config is ``DEFAULTS`` <- presets (the method's paper defaults,
 ``Method.config_defaults``, e.g. HOG-MTL's Adam 2e-4 halved every 50k of 150k steps)
-<- the file <- the overrides.
+<- the file <- the overrides, checked against the schema (:mod:`.schema`: every key of
+every section, its type and range; a typo names the nearest valid key). The result is
+plain dicts and lists, the same after a round trip through :func:`dump`.
 
-This module knows the sections and their defaults, nothing of methods, models or data:
-:func:`mtseg_harness.runs.load_config` is the one function that loads a config, and
-passes the method's presets to :func:`resolve`.
+This package knows the sections and their defaults, nothing of methods, models or data:
+:func:`mtseg_harness.runs.load_config` is the one function that loads a config; it
+passes the method's presets to :func:`resolve` and checks the keyword options (method,
+model, dataset, augmentation) with :func:`check_options` against what they configure.
 
-Sections::
+Sections (types, ranges and defaults: :class:`.schema.Config`)::
 
     seed, deterministic, device         run-wide
-    data:   name, root, options, splits, batch_size, eval_batch_size, num_workers, augment,
-            input_size (train on images resized to [H, W]; evaluation resizes the logits back),
-            cache_in_memory (keep decoded samples: small data sets)
-    model:  name, options (architecture keyword arguments)
-    method: name, + the method's options (see mtseg_harness.methods)
+    data:   name, root, options, splits, batch_size, eval_batch_size, num_workers (auto: from the
+            CPUs available), augment, input_size (train on images resized to [H, W]; evaluation
+            resizes the logits back), cache_in_memory (keep decoded samples: small data sets)
+    model:  name, options (architecture keyword arguments), heads (laid over the method's)
+    method: name, + the method's options (its ``Options`` dataclass, see mtseg_harness.methods)
     optim:  name (adam|adamw|sgd), lr, weight_decay, betas, momentum, nesterov
     sched:  name (none|step|multistep|cosine_restarts), step_size, gamma, milestones, T_0, T_mult, eta_min
     train:  steps, val_every, log_every, checkpoint_every, grad_clip, amp, out_dir, resume, progress,
-            sync_bn, tensorboard, threads
-    eval:   split, hd (surface metrics on/off), overlays
+            sync_bn, tensorboard, threads, val_max_batches
+    eval:   split, hd (surface metrics on/off), overlays, checkpoint, pad_multiple
 
 ``data.root: builtin:hc18_sample`` is the HC18 sample shipped with the package.
 """
@@ -38,7 +41,11 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from .schema import Config, check_options, keyword_fields, nearest, validate
+from .schema import Config, check_options, keyword_fields, nearest, plain, validate
+
+__all__ = ["DEFAULTS", "FIX", "SECTIONS", "ConfigError", "apply_overrides", "check_options", "deep_merge", "dump",
+           "keyword_fields", "method_name", "nearest", "parse_override", "plain", "read_config", "read_yaml", "resolve",
+           "validate", "yaml_load"]
 
 #: Every section with its defaults (the schema's, :class:`.schema.Config`).
 DEFAULTS: dict[str, Any] = Config().model_dump()
@@ -174,16 +181,10 @@ def read_config(path=None, overrides: Iterable[str] = (), base: Mapping | None =
 
 def method_name(user: Mapping) -> str:
     """The method a user config asks for (the default one when it names none)."""
-    return (user.get("method") or {}).get("name", DEFAULTS["method"]["name"])
+    method = user.get("method")
+    return method.get("name", DEFAULTS["method"]["name"]) if isinstance(method, Mapping) else DEFAULTS["method"]["name"]
 
 
 def dump(cfg: Mapping) -> str:
-    return yaml.safe_dump(_plain(cfg), sort_keys=False)
-
-
-def _plain(x):
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
+    """``cfg`` as YAML (what ``mtseg config`` prints and a run folder's config.yaml holds)."""
+    return yaml.safe_dump(plain(cfg), sort_keys=False)

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Union
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
                       PositiveFloat, PositiveInt, TypeAdapter, ValidationError, create_model)
 
-__all__ = ["Config", "keyword_fields", "check_options", "format_errors", "nearest", "validate"]
+__all__ = ["Config", "check_options", "format_errors", "keyword_fields", "nearest", "plain", "validate"]
 
 
 def _lower(v):
@@ -349,13 +349,14 @@ def _field_type(annotation):
             return Any
 
 
-def _plain(x):
+def plain(x):
+    """``x`` as YAML-safe values: mappings -> dicts, tuples -> lists, paths -> str, dataclasses -> dicts."""
     if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {str(k): plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _plain(dataclasses.asdict(x))
+        return plain(dataclasses.asdict(x))
     if hasattr(x, "__fspath__"):
         return str(x)
     return x
@@ -390,4 +391,4 @@ def check_options(options: Mapping, fields: Mapping[str, tuple[Any, Any]], where
         checked = model.model_validate(given)
     except ValidationError as exc:
         raise ValueError(format_errors(exc, model, where)) from None
-    return {**{k: v for k, v in options.items() if k not in fields}, **{k: _plain(getattr(checked, k)) for k in given}}
+    return {**{k: v for k, v in options.items() if k not in fields}, **{k: plain(getattr(checked, k)) for k in given}}

@@ -24,7 +24,7 @@ from ..config import method_name as _method_name
 from ..data import (BatchAugment, DatasetError, InMemory, SegmentationDataset, create_dataset, dataset_class,
                     first_sample, list_datasets, resolve_root)
 from ..methods import Method, create_method, list_methods, method_class
-from ..models import create_model, get_model_spec, list_models
+from ..models import HEAD_NAMES, Heads, create_model, get_model_spec, list_models
 from ..training import Trainer, seed_everything
 
 # What the assembly passes itself, so a config cannot set it as an option.
@@ -63,7 +63,7 @@ def _checked(options, target, where: str, skip=()) -> dict:
 def check_components(cfg: dict) -> dict:
     """``cfg`` with the names and keyword options of what it builds checked: ``method``
     against the method's ``Options`` dataclass, ``model.options`` against the model
-    builder's signature, ``data.options`` against the dataset adapter's, ``data.augment``
+    builder's signature, ``model.heads`` against the head specs, ``data.options`` against the dataset adapter's, ``data.augment``
     against :class:`~mtseg_harness.data.BatchAugment`'s. Unknown names (with the nearest
     valid one), types and ranges raise :class:`~mtseg_harness.config.ConfigError`; the
     options come back as plain YAML values."""
@@ -74,6 +74,15 @@ def check_components(cfg: dict) -> dict:
     model = cfg["model"]
     spec = _registered("model.name", "model", model["name"], list_models(), get_model_spec)
     model["options"] = _checked(model["options"], spec.builder, "model.options", _MODEL_ARGS)
+    for name in model["heads"] or {}:
+        if name not in HEAD_NAMES:
+            guess = nearest(str(name), HEAD_NAMES)
+            hint = f" (did you mean model.heads.{guess}?)" if guess else ""
+            raise ConfigError(f"unknown key 'model.heads.{name}'{hint}; valid here: {', '.join(HEAD_NAMES)}; {FIX}")
+    try:
+        Heads().updated(model["heads"] or {}, who="model.heads")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{exc}; {FIX}") from None
     d = cfg["data"]
     adapter = _registered("data.name", "dataset", d["name"], list_datasets(), dataset_class)
     d["options"] = _checked(d["options"], adapter, "data.options", _DATASET_ARGS)

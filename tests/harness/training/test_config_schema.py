@@ -57,6 +57,7 @@ def test_an_unknown_key_in_any_section_names_the_nearest_valid_one(override, typ
     (["model.name=u2net", "model.options.confg=lite"], "model.options.confg", "model.options.config"),
     (["data.name=cadis", "data.options.tsak=3"], "data.options.tsak", "data.options.task"),
     (["data.augment.rotat=5"], "data.augment.rotat", "data.augment.rotate"),
+    (["model.heads.presense=true"], "model.heads.presense", "model.heads.presence"),
 ])
 def test_an_unknown_option_of_a_method_model_dataset_or_augmentation_names_the_nearest(overrides, typo, suggestion):
     text = _error(overrides)
@@ -129,6 +130,11 @@ def test_bad_values_name_the_key_what_was_expected_and_what_was_given(override, 
 ])
 def test_option_values_are_checked_against_the_option_dataclass_or_signature(overrides, key):
     assert _error(overrides).startswith(f"{key}: expected ")
+
+
+def test_head_options_are_checked_against_the_head_specs():
+    assert "head 'presence' has no option(s) ['hiden']" in _error(["model.heads.presence={hiden: 3}"])
+    assert load_config(None, ["model.heads.presence={hidden: 3}"])["model"]["heads"] == {"presence": {"hidden": 3}}
 
 
 def test_several_bad_values_are_named_in_one_line():
