@@ -120,8 +120,8 @@ setup(
             "edt>=3.1,<4",
             "connected-components-3d>=4.1,<5",
         ],
-        "harness": ["nibabel>=5", "pandas>=2", "scipy>=1.11", "scikit-image>=0.25", "pyyaml>=6", "matplotlib>=3.7",
-                    "tqdm>=4.60", "pillow>=9", "tensorboard>=2.10"],
+        "harness": ["nibabel>=5", "pandas>=2", "scipy>=1.11", "scikit-image>=0.25", "pyyaml>=6", "pydantic>=2.7,<3",
+                    "matplotlib>=3.7", "tqdm>=4.60", "pillow>=9", "tensorboard>=2.10"],
     },
     zip_safe=False,
 )

@@ -10,7 +10,8 @@ also holds the scaffold the adapters share (folder walk, split selection, sample
 """
 
 from .base import (BUILTIN_PREFIX, IGNORE_INDEX, GroupReport, ObjectMetrics, RegionMetrics, SegmentationDataset,
-                   create_dataset, file_record, list_datasets, ratio_split, register_dataset, resolve_root, table_split)
+                   create_dataset, dataset_class, file_record, list_datasets, ratio_split, register_dataset,
+                   resolve_root, table_split)
 from .io import DatasetError, MissingFileError
 from .cadis import CaDIS, cadis_lut
 from .endovis import EndoVis2017, EndoVis2018, decode_colour_label, read_labels_json
@@ -26,7 +27,8 @@ from .wrappers import DatasetWrapper, InMemory, first_sample
 
 __all__ = [
     "BUILTIN_PREFIX", "IGNORE_INDEX", "GroupReport", "ObjectMetrics", "RegionMetrics", "SegmentationDataset",
-    "create_dataset", "file_record", "list_datasets", "ratio_split", "register_dataset", "resolve_root", "table_split",
+    "create_dataset", "dataset_class", "file_record", "list_datasets", "ratio_split", "register_dataset",
+    "resolve_root", "table_split",
     "DatasetError", "MissingFileError",
     "CaDIS", "cadis_lut", "EndoVis2017", "EndoVis2018", "decode_colour_label", "read_labels_json",
     "BraTS", "brats_regions", "REFUGE", "GlaS", "HC18", "LiTS", "ImageMaskFolder", "NiftiPairs",

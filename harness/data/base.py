@@ -89,17 +89,21 @@ def list_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def dataset_class(name: str) -> type:
+    """The adapter class registered as ``name`` (its ``__init__`` keywords are the ``data.options``)."""
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}") from None
+
+
 def create_dataset(name: str, root, split: str = "train", **options) -> "SegmentationDataset":
     """Build the adapter registered as ``name`` on the unmodified download at ``root``.
 
     Example: ``create_dataset("cadis", "/data/CaDIS", split="val", task=2)``;
     ``root="builtin:hc18_sample"`` is the HC18 sample shipped with the package.
     """
-    try:
-        cls = _REGISTRY[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}") from None
-    return cls(resolve_root(root), split=split, **options)
+    return dataset_class(name)(resolve_root(root), split=split, **options)
 
 
 # --------------------------------------------------------------------------- evaluation extras

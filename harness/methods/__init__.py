@@ -5,7 +5,8 @@
 >>> m = create_method("hog_mtl", num_classes=2)        # m.heads() -> Heads(hog=HOGHeadSpec(dim=504, ...))
 """
 
-from .base import Method, TrainContext, create_method, list_methods, method_class, register_method, resize_logits
+from .base import (Method, NoOptions, SegLoss, TrainContext, create_method, list_methods, method_class, register_method,
+                   resize_logits)
 from . import losses
 from .baseline import Baseline
 from .hog_mtl import HOGMTL
@@ -13,6 +14,6 @@ from .tdsnet import TDSNet
 from .cmunet import CMUNet
 from .recursive import RecursiveApprox
 
-__all__ = ["Method", "TrainContext", "create_method", "list_methods", "method_class", "register_method",
-           "resize_logits", "losses",
+__all__ = ["Method", "NoOptions", "SegLoss", "TrainContext", "create_method", "list_methods", "method_class",
+           "register_method", "resize_logits", "losses",
            "Baseline", "HOGMTL", "TDSNet", "CMUNet", "RecursiveApprox"]

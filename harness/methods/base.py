@@ -13,9 +13,9 @@ Methods are registered by name (:func:`register_method`) and built with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,16 +94,34 @@ def method_class(name: str) -> type:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(list_methods())}") from None
 
 
+#: Segmentation losses of :meth:`Method.seg_loss`.
+SegLoss = Literal["ce", "dice_ce", "ce_iou"]
+
+
+@dataclass
+class NoOptions:
+    """A method without options."""
+
+
 class Method:
-    """Base class. Subclasses set ``defaults`` (their options) and override the hooks.
+    """Base class. Subclasses declare their options as a dataclass ``Options`` (names, types,
+    ranges, defaults: what a config's ``method`` section is checked against) and override
+    the hooks; ``self.options`` is the dict of option values, ``defaults`` the dataclass's
+    defaults as a dict.
 
     ``config_defaults`` holds config sections the method's paper prescribes (e.g.
     HOG-MTL's optimiser and schedule); a user config overrides them.
     """
 
     name = "base"
+    Options: type = NoOptions
     defaults: dict[str, Any] = {}
     config_defaults: dict[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "Options" in vars(cls):
+            cls.defaults = {f.name: getattr(cls.Options(), f.name) for f in fields(cls.Options)}
 
     def __init__(self, num_classes: int, ignore_index: int = 255, **options):
         unknown = set(options) - set(self.defaults)

@@ -5,12 +5,16 @@ Over U2Net's fused and six side outputs the loss is summed (seven terms), as in 
 
 from __future__ import annotations
 
-from .base import Method, register_method
+from dataclasses import dataclass
+
+from .base import Method, SegLoss, register_method
 
 
 @register_method("baseline")
 class Baseline(Method):
-    defaults = {"loss": "ce"}
+    @dataclass
+    class Options:
+        loss: SegLoss = "ce"
 
     def loss(self, out, batch, step, total_steps):
         loss, logs = self.seg_loss(out, batch["mask"], self.options["loss"])

@@ -12,8 +12,12 @@ steps only the classification loss trains (encoder + classifier), then the full 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated, Optional
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field, NonNegativeFloat, NonNegativeInt
 
 import mtseg_kernels
 
@@ -24,8 +28,15 @@ from .base import Method, register_method
 
 @register_method("cmunet", "cmu")
 class CMUNet(Method):
-    defaults = {"w_dice": 0.5, "w_focal": 0.5, "w_cls": 1.0, "focal_gamma": 2.0, "focal_alpha": None,
-                "pretrain_steps": 0}
+    @dataclass
+    class Options:
+        w_dice: NonNegativeFloat = 0.5
+        w_focal: NonNegativeFloat = 0.5
+        w_cls: NonNegativeFloat = 1.0
+        focal_gamma: NonNegativeFloat = 2.0
+        #: one weight per class (default: background 0.25, others 0.75)
+        focal_alpha: Optional[list[Annotated[float, Field(ge=0, le=1)]]] = None
+        pretrain_steps: NonNegativeInt = 0
 
     def heads(self):
         return Heads(presence=PresenceHeadSpec())

@@ -11,16 +11,29 @@ of 150k iterations (``config_defaults``, overridden by the user's config).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import NonNegativeFloat
+
 import mtseg_kernels
 
 from ..models.heads import DEFAULT_HOG_DIM, Heads, HOGHeadSpec
 from . import losses
-from .base import Method, register_method
+from .base import Method, SegLoss, register_method
+
+#: HOG lengths with a preset (``mtseg_kernels.HOG_MTL_PRESETS``)
+HOGDim = Literal[tuple(sorted(mtseg_kernels.HOG_MTL_PRESETS))]
 
 
 @register_method("hog_mtl", "hog")
 class HOGMTL(Method):
-    defaults = {"alpha": 1.0, "beta": 1.0, "dim": DEFAULT_HOG_DIM, "seg_loss": "ce"}
+    @dataclass
+    class Options:
+        alpha: NonNegativeFloat = 1.0
+        beta: NonNegativeFloat = 1.0
+        dim: HOGDim = DEFAULT_HOG_DIM
+        seg_loss: SegLoss = "ce"
     config_defaults = {
         "optim": {"name": "adam", "lr": 2e-4},
         "sched": {"name": "step", "step_size": 50_000, "gamma": 0.5},

@@ -29,8 +29,12 @@ are our choices; the paper's values were not available to us.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated, Optional
+
 import numpy as np
 import torch
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from mtseg_kernels import connected_components, grow_instances
 
@@ -68,9 +72,23 @@ def grow(seeds_classes: torch.Tensor, seeds_instances: torch.Tensor | None, seg:
 
 @register_method("recursive_approx", "recursive")
 class RecursiveApprox(Method):
-    defaults = {"strong_fraction": 0.1, "w_seg": 1.0, "w_approx": 1.0, "update_every": 1000, "lam": 1.0,
-                "lam_eval": 10.0, "final_growth": True, "shrink_ratio": 0.3, "jitter": 0.3, "smoothness": 0.15,
-                "weak_dir": None, "update_batch_size": 16, "save_rounds": True}
+    @dataclass
+    class Options:
+        strong_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+        w_seg: NonNegativeFloat = 1.0
+        w_approx: NonNegativeFloat = 1.0
+        #: steps between label updates; 0 = never
+        update_every: NonNegativeInt = 1000
+        lam: NonNegativeFloat = 1.0
+        lam_eval: NonNegativeFloat = 10.0
+        final_growth: bool = True
+        shrink_ratio: Annotated[float, Field(gt=0, le=1)] = 0.3
+        jitter: NonNegativeFloat = 0.3
+        smoothness: NonNegativeFloat = 0.15
+        #: read weak labels from here instead of generating them
+        weak_dir: Optional[str] = None
+        update_batch_size: PositiveInt = 16
+        save_rounds: bool = True
 
     def __init__(self, num_classes, ignore_index=255, **options):
         super().__init__(num_classes, ignore_index, **options)

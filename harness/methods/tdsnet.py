@@ -18,18 +18,34 @@ so these are our choice (set them in the config).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated, Literal, Optional
+
 import torch.nn.functional as F
+from pydantic import Field, NonNegativeFloat, PositiveInt
 
 import mtseg_kernels
+from mtseg_kernels.ops.presence import PRESENCE_MODES, SYNC_DIRECTIONS
 
 from ..models.heads import Heads, PresenceHeadSpec, SceneHeadSpec
-from .base import Method, register_method
+from .base import Method, SegLoss, register_method
+
+Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 @register_method("tdsnet", "presence_sync")
 class TDSNet(Method):
-    defaults = {"w_cls": 1.0, "w_scene": 1.0, "w_sync": 1.0, "stages": (0.0, 1 / 3, 2 / 3),
-                "sync_mode": "hard", "sync_direction": "seg_to_class", "num_scenes": None, "seg_loss": "ce_iou"}
+    @dataclass
+    class Options:
+        w_cls: NonNegativeFloat = 1.0
+        w_scene: NonNegativeFloat = 1.0
+        w_sync: NonNegativeFloat = 1.0
+        #: fractions of the training steps at which stages 1, 2, 3 start
+        stages: tuple[Fraction, Fraction, Fraction] = (0.0, 1 / 3, 2 / 3)
+        sync_mode: Literal[PRESENCE_MODES] = "hard"
+        sync_direction: Literal[SYNC_DIRECTIONS] = "seg_to_class"
+        num_scenes: Optional[PositiveInt] = None
+        seg_loss: SegLoss = "ce_iou"
 
     def heads(self):
         scenes = self.options["num_scenes"]

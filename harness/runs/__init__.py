@@ -6,7 +6,10 @@ one assembly path), :mod:`.evaluate` evaluates a trained run, and :mod:`.demo`,
 :mod:`.labels`, :mod:`.bench` are the other commands.
 """
 
-from .assemble import Run, build_dataset, build_method, build_model, build_run, build_trainer, load_config
+from .assemble import (Run, build_dataset, build_method, build_model, build_run, build_trainer, check_components,
+                       load_config)
+from ..config import ConfigError, dump
+from ..data import DatasetError
 from ..training import distributed
 from .bench import StepRunner, bench_report, synthetic_batch, time_steps
 from .demo import run_demo
@@ -26,6 +29,6 @@ def train(cfg: dict):
         distributed.cleanup()
 
 
-__all__ = ["Run", "StepRunner", "bench_report", "build_dataset", "build_method", "build_model", "build_run", "build_trainer",
-           "config_from_checkpoint", "load_config", "precompute_labels", "run_demo", "run_eval", "synthetic_batch",
+__all__ = ["ConfigError", "DatasetError", "Run", "StepRunner", "bench_report", "build_dataset", "build_method",
+           "build_model", "build_run", "build_trainer", "check_components", "config_from_checkpoint", "dump", "load_config", "precompute_labels", "run_demo", "run_eval", "synthetic_batch",
            "time_steps", "train"]

@@ -3,7 +3,9 @@
 Every entry point (``mtseg train/eval/labels/bench/demo``, the tests) goes through these:
 
 * :func:`load_config` -- the one config-loading function (file + ``base:`` files +
-  overrides, the method's paper defaults as presets, checks);
+  overrides, the method's paper defaults as presets, the schema's checks, then
+  :func:`check_components`: names and keyword options of the method, model, dataset and
+  augmentation against what they configure);
 * :func:`build_dataset` / :func:`build_method` / :func:`build_model` -- the pieces;
 * :func:`build_run` -- ``(dataset, method, model)`` for a split;
 * :func:`build_trainer` -- a seeded :class:`~mtseg_harness.training.Trainer` with its
@@ -17,25 +19,89 @@ from typing import Iterable, Mapping
 
 from torch import nn
 
-from ..config import read_config, resolve
+from ..config import FIX, ConfigError, check_options, keyword_fields, nearest, read_config, resolve
 from ..config import method_name as _method_name
-from ..data import InMemory, SegmentationDataset, create_dataset, first_sample
-from ..methods import Method, create_method, method_class
-from ..models import create_model
+from ..data import (BatchAugment, DatasetError, InMemory, SegmentationDataset, create_dataset, dataset_class,
+                    first_sample, list_datasets, resolve_root)
+from ..methods import Method, create_method, list_methods, method_class
+from ..models import HEAD_NAMES, Heads, create_model, get_model_spec, list_models
 from ..training import Trainer, seed_everything
+
+# What the assembly passes itself, so a config cannot set it as an option.
+_MODEL_ARGS = ("in_channels", "num_classes", "heads")
+_DATASET_ARGS = ("root", "split", "transform")  # transform: a callable, not a YAML value
+_AUGMENT_ARGS = ("label_keys", "ignore_index", "seed")  # from the dataset and the run's seed
 
 
 def load_config(path=None, overrides: Iterable[str] = (), base: Mapping | None = None) -> dict:
     """Read ``path`` (or start from ``base``/nothing), apply ``overrides`` (``a.b=value``),
-    lay it over the defaults and the method's paper defaults; the resolved config."""
+    lay it over the defaults and the method's paper defaults; the resolved config, every
+    key checked (:class:`~mtseg_harness.config.ConfigError` names the first bad ones)."""
     user = read_config(path, overrides, base)
-    return resolve(user, presets=[method_class(_method_name(user)).config_defaults])
+    cls = _registered("method.name", "method", _method_name(user), list_methods(), method_class)
+    return check_components(resolve(user, presets=[cls.config_defaults]))
+
+
+def _registered(key: str, what: str, name, known: list[str], lookup):
+    if isinstance(name, str):
+        try:
+            return lookup(name)
+        except ValueError:
+            pass
+    guess = nearest(str(name), known)
+    hint = f" (did you mean {guess}?)" if guess else ""
+    raise ConfigError(f"{key}: unknown {what} {name!r}{hint}; known: {', '.join(known)}; {FIX}")
+
+
+def _checked(options, target, where: str, skip=()) -> dict:
+    try:
+        return check_options(options, keyword_fields(target, skip), where)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; {FIX}") from None
+
+
+def check_components(cfg: dict) -> dict:
+    """``cfg`` with the names and keyword options of what it builds checked: ``method``
+    against the method's ``Options`` dataclass, ``model.options`` against the model
+    builder's signature, ``model.heads`` against the head specs, ``data.options`` against the dataset adapter's, ``data.augment``
+    against :class:`~mtseg_harness.data.BatchAugment`'s. Unknown names (with the nearest
+    valid one), types and ranges raise :class:`~mtseg_harness.config.ConfigError`; the
+    options come back as plain YAML values."""
+    m = cfg["method"]
+    method = _registered("method.name", "method", m["name"], list_methods(), method_class)
+    options = _checked({k: v for k, v in m.items() if k != "name"}, method.Options, "method")
+    cfg["method"] = {"name": m["name"], **options}
+    model = cfg["model"]
+    spec = _registered("model.name", "model", model["name"], list_models(), get_model_spec)
+    model["options"] = _checked(model["options"], spec.builder, "model.options", _MODEL_ARGS)
+    for name in model["heads"] or {}:
+        if name not in HEAD_NAMES:
+            guess = nearest(str(name), HEAD_NAMES)
+            hint = f" (did you mean model.heads.{guess}?)" if guess else ""
+            raise ConfigError(f"unknown key 'model.heads.{name}'{hint}; valid here: {', '.join(HEAD_NAMES)}; {FIX}")
+    try:
+        Heads().updated(model["heads"] or {}, who="model.heads")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{exc}; {FIX}") from None
+    d = cfg["data"]
+    adapter = _registered("data.name", "dataset", d["name"], list_datasets(), dataset_class)
+    d["options"] = _checked(d["options"], adapter, "data.options", _DATASET_ARGS)
+    if d["augment"]:
+        d["augment"] = _checked(d["augment"], BatchAugment, "data.augment", _AUGMENT_ARGS)
+    return cfg
 
 
 def build_dataset(cfg: dict, split_key: str) -> SegmentationDataset:
     """The dataset of ``data.splits[split_key]`` (kept in memory with ``data.cache_in_memory``)."""
     d = cfg["data"]
-    ds = create_dataset(d["name"], d["root"], split=d["splits"][split_key], **(d.get("options") or {}))
+    root = resolve_root(d["root"])
+    try:
+        ds = create_dataset(d["name"], d["root"], split=d["splits"][split_key], **(d.get("options") or {}))
+    except DatasetError as exc:  # the root itself: missing, a file, unreadable
+        if exc.path != str(root):
+            raise
+        raise ConfigError(f"data.root: {exc.reason} ({root}); expected the folder of the unmodified {d['name']} "
+                          f"download; set data.root=<that folder> in the config or with --set") from None
     return InMemory(ds) if d.get("cache_in_memory") else ds
 
 

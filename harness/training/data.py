@@ -11,6 +11,8 @@ step ``s`` therefore sees exactly the batches an uninterrupted run sees, and a
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -57,19 +59,41 @@ class StepBatchSampler(Sampler):
         return 2**62
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what taskset, cgroups cpusets and
+    torch's DataLoader worker check count), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_num_workers(max_workers: int = 4) -> int:
+    """Loader workers for ``data.num_workers: auto``: the CPUs available to each process of this
+    machine (``LOCAL_WORLD_SIZE`` under torchrun) less one for the process itself, at most
+    ``max_workers``: 1 on a 2-core machine, 0 on one core (loading in the main process)."""
+    local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    return max(0, min(max_workers, available_cpus() // local - 1))
+
+
+def num_workers(cfg: dict) -> int:
+    """``data.num_workers``: a number, or ``auto`` (:func:`default_num_workers`)."""
+    n = cfg["data"].get("num_workers")
+    return default_num_workers() if n == "auto" else int(n or 0)
+
+
 def train_loader(dataset, cfg: dict, *, world_size: int = 1, rank: int = 0, start_step: int = 0) -> DataLoader:
     d = cfg["data"]
     sampler = StepBatchSampler(len(dataset), d["batch_size"], world_size=world_size, rank=rank, seed=cfg["seed"],
                                start_step=start_step)
-    workers = int(d.get("num_workers") or 0)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers(cfg),
                       persistent_workers=False, pin_memory=False)
 
 
 def eval_loader(dataset, cfg: dict) -> DataLoader:
     d = cfg["data"]
     return DataLoader(dataset, batch_size=int(d.get("eval_batch_size") or d["batch_size"]), shuffle=False,
-                      collate_fn=collate, num_workers=int(d.get("num_workers") or 0))
+                      collate_fn=collate, num_workers=num_workers(cfg))
 
 
 def to_device(batch: dict, device) -> dict:

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import dump
+from ..config import ConfigError, dump
 from ..data import BatchAugment, collate
 from ..data.transforms import LABEL_KEYS
 from ..evaluation.evaluate import evaluate, predict_batch, resize_image
@@ -59,11 +59,24 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The torch device of ``device`` (``auto``: this rank's GPU if there is one, else the CPU);
+    a device this machine lacks is a :class:`~mtseg_harness.config.ConfigError`."""
     if name in (None, "auto"):
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device(f"cuda:{local_rank}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU or driver found"
+            raise ConfigError(f"device={name}: expected a CUDA GPU, but torch sees none ({why}); "
+                              f"set device=cpu (or auto) in the config or with --set")
+        if dev.index >= count:
+            raise ConfigError(f"device={name}: expected cuda:0 to cuda:{count - 1} ({count} GPU(s) here, "
+                              f"rank {local_rank}); set device=cuda or auto")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name}: expected an Apple MPS device, none here; set device=cpu (or auto)")
     return dev
 
 
@@ -77,9 +90,10 @@ def amp_dtype_for(setting, device: torch.device):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if setting not in table:
-        raise ValueError(f"train.amp must be auto, off, bf16 or fp16; got {setting!r}")
+        raise ConfigError(f"train.amp: expected auto, off, bf16 or fp16; given {setting!r}")
     if device.type == "cpu" and table[setting] == torch.float16:
-        raise ValueError("train.amp=fp16 is for CUDA; use bf16 on the CPU")
+        raise ConfigError("train.amp=fp16: expected a CUDA device (float16 autocast), the run is on the CPU; "
+                          "set train.amp=bf16 or off")
     return table[setting]
 
 

@@ -6,25 +6,28 @@ in order, the file's own keys last. Overrides ``a.b.c=value`` (value parsed as Y
 ``optim.lr=1e-3``, ``train.amp=false``, ``data.augment.crop=[128,128]``) apply on top.
 The final config is ``DEFAULTS`` <- presets (the method's paper defaults,
 ``Method.config_defaults``, e.g. HOG-MTL's Adam 2e-4 halved every 50k of 150k steps)
-<- the file <- the overrides.
+<- the file <- the overrides, checked against the schema (:mod:`.schema`: every key of
+every section, its type and range; a typo names the nearest valid key). The result is
+plain dicts and lists, the same after a round trip through :func:`dump`.
 
-This module knows the sections and their defaults, nothing of methods, models or data:
-:func:`mtseg_harness.runs.load_config` is the one function that loads a config, and
-passes the method's presets to :func:`resolve`.
+This package knows the sections and their defaults, nothing of methods, models or data:
+:func:`mtseg_harness.runs.load_config` is the one function that loads a config; it
+passes the method's presets to :func:`resolve` and checks the keyword options (method,
+model, dataset, augmentation) with :func:`check_options` against what they configure.
 
-Sections::
+Sections (types, ranges and defaults: :class:`.schema.Config`)::
 
     seed, deterministic, device         run-wide
-    data:   name, root, options, splits, batch_size, eval_batch_size, num_workers, augment,
-            input_size (train on images resized to [H, W]; evaluation resizes the logits back),
-            cache_in_memory (keep decoded samples: small data sets)
-    model:  name, options (architecture keyword arguments)
-    method: name, + the method's options (see mtseg_harness.methods)
+    data:   name, root, options, splits, batch_size, eval_batch_size, num_workers (auto: from the
+            CPUs available), augment, input_size (train on images resized to [H, W]; evaluation
+            resizes the logits back), cache_in_memory (keep decoded samples: small data sets)
+    model:  name, options (architecture keyword arguments), heads (laid over the method's)
+    method: name, + the method's options (its ``Options`` dataclass, see mtseg_harness.methods)
     optim:  name (adam|adamw|sgd), lr, weight_decay, betas, momentum, nesterov
     sched:  name (none|step|multistep|cosine_restarts), step_size, gamma, milestones, T_0, T_mult, eta_min
     train:  steps, val_every, log_every, checkpoint_every, grad_clip, amp, out_dir, resume, progress,
-            sync_bn, tensorboard, threads
-    eval:   split, hd (surface metrics on/off), overlays
+            sync_bn, tensorboard, threads, val_max_batches
+    eval:   split, hd (surface metrics on/off), overlays, checkpoint, pad_multiple
 
 ``data.root: builtin:hc18_sample`` is the HC18 sample shipped with the package.
 """
@@ -38,33 +41,14 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "deterministic": False,
-    "device": "auto",
-    "data": {
-        "name": "hc18",
-        "root": "builtin:hc18_sample",
-        "options": {},
-        "splits": {"train": "train", "val": "val", "test": "test"},
-        "batch_size": 8,
-        "eval_batch_size": 8,
-        "num_workers": 0,
-        "augment": {"flip_prob": 0.5},
-        "input_size": None,
-        "cache_in_memory": False,
-    },
-    "model": {"name": "unet", "options": {}},
-    "method": {"name": "baseline"},
-    "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999], "momentum": 0.9,
-              "nesterov": False},
-    "sched": {"name": "none", "step_size": 1000, "gamma": 0.1, "milestones": [], "T_0": 1000, "T_mult": 1,
-              "eta_min": 0.0},
-    "train": {"steps": 1000, "val_every": 200, "log_every": 10, "checkpoint_every": 200, "grad_clip": None,
-              "amp": "auto", "out_dir": "runs/default", "resume": False, "progress": True, "sync_bn": True,
-              "tensorboard": True, "threads": None, "val_max_batches": None},
-    "eval": {"split": "test", "hd": True, "overlays": 4, "checkpoint": "best", "pad_multiple": 32},
-}
+from .schema import Config, check_options, keyword_fields, nearest, plain, validate
+
+__all__ = ["DEFAULTS", "FIX", "SECTIONS", "ConfigError", "apply_overrides", "check_options", "deep_merge", "dump",
+           "keyword_fields", "method_name", "nearest", "parse_override", "plain", "read_config", "read_yaml", "resolve",
+           "validate", "yaml_load"]
+
+#: Every section with its defaults (the schema's, :class:`.schema.Config`).
+DEFAULTS: dict[str, Any] = Config().model_dump()
 
 SECTIONS = set(DEFAULTS)
 
@@ -90,7 +74,11 @@ def yaml_load(text: str):
 
 
 class ConfigError(ValueError):
-    pass
+    """A config that cannot run: the message names the key, what was expected and what was given."""
+
+
+#: What to do about a bad key or value (the end of a :class:`ConfigError` message).
+FIX = "fix it in the config file or with --set KEY=VALUE"
 
 
 def deep_merge(base: Mapping, update: Mapping) -> dict:
@@ -131,45 +119,56 @@ def apply_overrides(cfg: Mapping, overrides: Iterable[str]) -> dict:
     return out
 
 
-def read_yaml(path) -> dict:
+def read_yaml(path, _chain: tuple = ()) -> dict:
+    """The mapping in ``path`` with its ``base:`` files merged under it (``_chain``: the files
+    that include this one, to refuse a cycle)."""
     path = Path(path)
+    here = path.resolve()
+    if here in _chain:
+        cycle = " -> ".join(str(p) for p in _chain[_chain.index(here):] + (here,))
+        raise ConfigError(f"config {path}: its base: files include it again ({cycle}); remove that base: entry")
     try:
         data = yaml_load(path.read_text())
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
+        via = f" (a base: of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"cannot read config {path}{via}: {exc.strerror or exc}; check the path") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must hold a mapping at the top level, got {type(data).__name__}")
     bases = data.pop("base", None)
     if bases:
+        if isinstance(bases, str):
+            bases = [bases]
+        if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+            raise ConfigError(f"config {path}: base: must be a file name or a list of them, got {bases!r}")
         merged: dict = {}
-        for b in [bases] if isinstance(bases, str) else bases:
-            merged = deep_merge(merged, read_yaml(path.parent / b))
+        for b in bases:
+            merged = deep_merge(merged, read_yaml(path.parent / b, _chain + (here,)))
         data = deep_merge(merged, data)
     return data
 
 
 def resolve(user: Mapping, presets: Iterable[Mapping] = ()) -> dict:
-    """``DEFAULTS`` <- each of ``presets`` <- ``user``; checks the section names and the keys
-    of the sections with a fixed set of keys."""
-    unknown = set(user) - SECTIONS
-    if unknown:
-        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")
-    for section, value in user.items():
-        if isinstance(DEFAULTS[section], dict) and not isinstance(value, Mapping):
-            raise ConfigError(f"config section {section!r} must be a mapping, got {value!r}")
+    """``DEFAULTS`` <- each of ``presets`` <- ``user``, checked against the schema
+    (:mod:`.schema`): every key of every section, types and ranges. Keyword options
+    (``method``, ``model.options``, ``data.options``, ``data.augment``) are checked by the
+    runs layer, which knows what they are for (:func:`check_options`).
+
+    Returns plain dicts and lists (YAML-safe); raises :class:`ConfigError`.
+    """
+    if not isinstance(user, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(user).__name__}")
     cfg = dict(DEFAULTS)
     for preset in presets:
         cfg = deep_merge(cfg, preset)
     cfg = deep_merge(cfg, user)
-    for section in ("train", "optim", "sched", "eval"):
-        extra = set(cfg[section]) - set(DEFAULTS[section])
-        if extra:
-            raise ConfigError(f"unknown key(s) in {section!r}: {sorted(extra)}; known: {sorted(DEFAULTS[section])}")
-    return cfg
+    try:
+        return validate(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; {FIX}") from None
 
 
 def read_config(path=None, overrides: Iterable[str] = (), base: Mapping | None = None) -> dict:
@@ -182,16 +181,10 @@ def read_config(path=None, overrides: Iterable[str] = (), base: Mapping | None =
 
 def method_name(user: Mapping) -> str:
     """The method a user config asks for (the default one when it names none)."""
-    return (user.get("method") or {}).get("name", DEFAULTS["method"]["name"])
+    method = user.get("method")
+    return method.get("name", DEFAULTS["method"]["name"]) if isinstance(method, Mapping) else DEFAULTS["method"]["name"]
 
 
 def dump(cfg: Mapping) -> str:
-    return yaml.safe_dump(_plain(cfg), sort_keys=False)
-
-
-def _plain(x):
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
+    """``cfg`` as YAML (what ``mtseg config`` prints and a run folder's config.yaml holds)."""
+    return yaml.safe_dump(plain(cfg), sort_keys=False)
