@@ -12,6 +12,8 @@
 //      random, one memory access at a time (the races of concurrent unions).
 // Results must not depend on the schedule; the tests check that, and compare with the
 // CPU operators and scipy. Slow (one thread, no vectorisation): test-sized inputs only.
+// _grow_instances_emulated also takes arena_budget (voxels of seed boxes per round,
+// 0 = the CUDA default), so that tests reach the multi-round path with small inputs.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -126,11 +128,13 @@ at::Tensor levelset_grow_emulated(const at::Tensor& approx, const at::Tensor& se
 
 at::Tensor grow_instances_emulated(const at::Tensor& seeds, const at::Tensor& seg, double lam,
                                    std::optional<at::ArrayRef<double>> spacing, int64_t connectivity,
-                                   int64_t schedule, int64_t seed) {
+                                   int64_t schedule, int64_t seed, int64_t arena_budget) {
   check_cpu(seeds, "_grow_instances_emulated");
   check_cpu(seg, "_grow_instances_emulated");
+  TORCH_CHECK_VALUE(arena_budget >= 0, "_grow_instances_emulated: arena_budget must be >= 0 (0 = automatic), got ",
+                    arena_budget);
   EmulatedExecutor ex(schedule, seed);
-  return device::grow_instances(ex, seeds, seg, lam, spacing, connectivity);
+  return device::grow_instances(ex, seeds, seg, lam, spacing, connectivity, arena_budget);
 }
 
 }  // namespace
@@ -146,7 +150,7 @@ TORCH_LIBRARY_FRAGMENT(mtseg, m) {
       "int seed=0) -> Tensor");
   m.def(
       "_grow_instances_emulated(Tensor seeds, Tensor seg, float lam, float[]? spacing=None, int connectivity=0, "
-      "int schedule=0, int seed=0) -> Tensor");
+      "int schedule=0, int seed=0, int arena_budget=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mtseg, CPU, m) {

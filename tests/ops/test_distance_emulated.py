@@ -226,9 +226,9 @@ def test_levelset_3d_and_real_hc18(shared_data):
 # --------------------------------------------------------------------------------------
 # grow_instances
 # --------------------------------------------------------------------------------------
-def grow_emulated(seeds, seg, lam, spacing=None, connectivity=0, schedule=0, seed=0):
+def grow_emulated(seeds, seg, lam, spacing=None, connectivity=0, schedule=0, seed=0, arena_budget=0):
     return torch.ops.mtseg._grow_instances_emulated(torch.as_tensor(seeds), torch.as_tensor(seg), lam, spacing,
-                                                    connectivity, schedule, seed)
+                                                    connectivity, schedule, seed, arena_budget)
 
 
 def instance_case(rng, shape, blobs=6, seed_p=0.01):
@@ -248,7 +248,10 @@ def test_grow_instances_equal_to_cpu_2d(schedule):
     for k, lam in enumerate((0.0, 0.5, 1.0, 2.5, 1e6)):
         for spacing, conn in ((None, 4), (None, 8), ((0.7, 1.3), 8), ((1.5, 0.5), 4)):
             cpu = mk.grow_instances(s, g, lam, spacing, conn).instances
-            emu = grow_emulated(s, g, lam, spacing, conn, schedule, seed=k)
+            # budget 0: all seeds in one round (as on a GPU here); 1 and 500 voxels: one
+            # seed a round, and rounds of several seeds that do not start at task 0
+            budget = (0, 1, 500, 0)[schedule]
+            emu = grow_emulated(s, g, lam, spacing, conn, schedule, seed=k, arena_budget=budget)
             assert torch.equal(emu, cpu), (lam, spacing, conn)
 
 

@@ -246,9 +246,12 @@ at::Tensor levelset_grow(Backend& be, const at::Tensor& approx_in, const at::Ten
 // ---------------------------------------------------------------------------------
 // Multi-object growth (the CPU's steps 1-5, see csrc/cpu/distance.cpp)
 // ---------------------------------------------------------------------------------
+// arena_budget: voxels of box arena per round (0: max(B * V, 2^24)); the emulation
+// tests small budgets, which split the seeds into many rounds.
 template <typename Backend>
 at::Tensor grow_instances(Backend& be, const at::Tensor& seeds_in, const at::Tensor& seg_in, double lam,
-                          std::optional<at::ArrayRef<double>> spacing, int64_t connectivity) {
+                          std::optional<at::ArrayRef<double>> spacing, int64_t connectivity,
+                          int64_t arena_budget = 0) {
   const char* op = "grow_instances";
   const auto g = mask_geometry(seeds_in, spacing, op, "seeds");
   mask_geometry(seg_in, spacing, op, "seg");
@@ -357,7 +360,7 @@ at::Tensor grow_instances(Backend& be, const at::Tensor& seeds_in, const at::Ten
 
   // 5. Grow every seed in its box; boxes are packed in arenas of at most `budget` voxels
   // (a larger box gets an arena of its own).
-  const int64_t budget = std::max<int64_t>(total, int64_t{1} << 24);
+  const int64_t budget = arena_budget > 0 ? arena_budget : std::max<int64_t>(total, int64_t{1} << 24);
   const BoxTask* tk = tasks_of(tasks);
   const int64_t* pre = prefix.data_ptr<int64_t>();
   for (int64_t t0 = 0; t0 < n_tasks;) {

@@ -189,6 +189,7 @@ struct EnvelopeKernel {
         for (int64_t q = lane; q < n; q += launch::kWarpSize)
           if (f[q] == T(0)) o[q] = O(0);
       });
+      w.sync();  // before a run writes its bounding zeros
     }
     for (int parity = 0; parity < 2; ++parity) {
       int64_t runs = 0;  // runs started before this chunk (warp-uniform)
