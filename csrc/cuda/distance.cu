@@ -121,29 +121,38 @@ struct CudaExecutor {
   }
 };
 
+// The device of `t` when it is a CUDA tensor; otherwise none, so that the argument checks
+// report the device mismatch (a CUDA kernel reached with one CPU argument).
+struct DeviceGuard {
+  c10::cuda::OptionalCUDAGuard guard;
+  explicit DeviceGuard(const at::Tensor& t) {
+    if (t.is_cuda()) guard.set_device(t.device());
+  }
+};
+
 at::Tensor edt_cuda(const at::Tensor& mask, std::optional<at::ArrayRef<double>> spacing, bool squared, bool is_signed,
                     std::optional<at::ScalarType> dtype) {
-  const c10::cuda::CUDAGuard guard(mask.device());
+  DeviceGuard guard(mask);
   CudaExecutor ex;
   return device::edt(ex, mask, spacing, squared, is_signed, dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor> connected_components_cuda(const at::Tensor& mask, int64_t connectivity) {
-  const c10::cuda::CUDAGuard guard(mask.device());
+  DeviceGuard guard(mask);
   CudaExecutor ex;
   return device::connected_components(ex, mask, connectivity);
 }
 
 at::Tensor levelset_grow_cuda(const at::Tensor& approx, const at::Tensor& seg, double lam,
                               std::optional<at::ArrayRef<double>> spacing) {
-  const c10::cuda::CUDAGuard guard(approx.device());
+  DeviceGuard guard(approx);
   CudaExecutor ex;
   return device::levelset_grow(ex, approx, seg, lam, spacing);
 }
 
 at::Tensor grow_instances_cuda(const at::Tensor& seeds, const at::Tensor& seg, double lam,
                                std::optional<at::ArrayRef<double>> spacing, int64_t connectivity) {
-  const c10::cuda::CUDAGuard guard(seeds.device());
+  DeviceGuard guard(seeds);
   CudaExecutor ex;
   return device::grow_instances(ex, seeds, seg, lam, spacing, connectivity);
 }

@@ -181,3 +181,28 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.mtseg.connected_components.default, (mask, 8))
     seeds = (torch.rand(2, 9, 13, device="cuda") < 0.1).long() * 4
     torch.library.opcheck(torch.ops.mtseg.grow_instances.default, (seeds, mask, 1.0, None, 8))
+
+
+def test_mixed_devices_raise_clearly():
+    """A raw call with one CPU and one CUDA argument reaches the CUDA kernel: the argument
+    check must name the mismatch (not a guard or kernel failure)."""
+    cpu = torch.ones(1, 6, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="same device"):
+        torch.ops.mtseg.levelset_grow(cpu, cpu.cuda(), 1.0)
+    with pytest.raises(ValueError, match="same device"):
+        torch.ops.mtseg.grow_instances(cpu.long(), cpu.cuda(), 1.0)
+
+
+def test_hostile_spacing_and_ids_on_gpu():
+    """Issue 15's grow_instances reproducer (distances overflow) and ids near 2^63: no
+    crash, seeds keep their ids, growth stays inside seeds | S."""
+    s = torch.zeros(2, 8, 8, dtype=torch.long)
+    s[0, -1, -1] = 10**9
+    s[1, 0, 0] = 2**62
+    g = torch.ones(2, 8, 8, dtype=torch.bool)
+    g[1, :, 3] = False
+    for _ in range(5):
+        got = torch.ops.mtseg.grow_instances(s.cuda(), g.cuda(), 1.0, [1e300, 1.0]).cpu()
+        assert (got[s > 0] == s[s > 0]).all()
+        assert ((got > 0) <= (g | (s > 0))).all()
+        assert set(got.unique().tolist()) <= {0, 10**9, 2**62}

@@ -308,3 +308,27 @@ def test_grow_instances_edge_cases_and_errors():
     big[0, 0, 0], big[0, 5, 5] = 2**62, 2**40
     got = grow_emulated(big, torch.ones(1, 6, 6), 1e6)
     assert got[0, 0, 0] == 2**62 and got[0, 5, 5] == 2**40 and set(got.unique().tolist()) == {2**62, 2**40}
+
+
+def test_hostile_spacing_and_layouts():
+    """Issue 15's grow_instances reproducer (distances overflow to inf): no crash, seeds
+    keep their ids, growth stays in seeds | S; edt and levelset_grow give the CPU's
+    values there too; strided inputs are read as their values."""
+    s = torch.zeros(2, 8, 8, dtype=torch.long)
+    s[0, -1, -1] = 10**9
+    s[1, 0, 0] = 1
+    g = torch.ones(2, 8, 8, dtype=torch.bool)
+    g[1, :, 3] = False
+    for schedule in SCHEDULES:
+        got = grow_emulated(s, g, 1.0, [1e300, 1.0], schedule=schedule)
+        assert (got[s > 0] == s[s > 0]).all()
+        assert ((got > 0) <= (g | (s > 0))).all()
+        assert set(got.unique().tolist()) <= {0, 1, 10**9}
+    mask = torch.rand(2, 9, 11, generator=torch.Generator().manual_seed(0)) < 0.7
+    for sp in ([1e300, 1.0], [1e-300, 3.0]):
+        torch.testing.assert_close(edt_emulated(mask, sp), mk.edt(mask, sp), rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(levelset_emulated(mask & ~mask.roll(1, 1), mask, 2.0, sp),
+                           mk.levelset_grow(mask & ~mask.roll(1, 1), mask, 2.0, sp))
+    view = (torch.rand(3, 40, 70, generator=torch.Generator().manual_seed(1)) < 0.6).transpose(1, 2)[:, ::2]
+    assert torch.equal(cc_emulated(view, 8)[0], mk.connected_components(view.contiguous(), 8)[0])
+    assert torch.equal(edt_emulated(view, [0.7, 1.3]), mk.edt(view.contiguous(), [0.7, 1.3]))

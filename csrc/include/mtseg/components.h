@@ -69,9 +69,12 @@ MTSEG_HOST_DEVICE int segment_run_start(uint32_t fg, int lane) {
 // united with, so that after merge every pair of foreground neighbours is connected:
 //  * left (x - 1) only at the first voxel of a segment (inside one, init linked the run);
 //  * per row group: the voxel above (x) if set; otherwise, in wide rows, x - 1 and x + 1;
-//  * a target n is skipped when both x - 1 and n - 1 are set: the left voxel unites with
-//    n - 1 (or skips it for the same reason, by induction on x), and n ~ n - 1, x ~ x - 1
-//    along their rows.
+//  * the voxel above is skipped when x - 1 and the voxel above it are both set, and in a
+//    wide row x - 1's upper neighbour is skipped when x - 1 is set: in both cases the left
+//    voxel has the same row group, unites with (or by the same rule, by induction on x,
+//    is connected to) its own upper neighbour, and x ~ x - 1 and the neighbours ~ each
+//    other along their rows. x + 1's upper neighbour has no such left partner (the voxel
+//    above x is clear), so it is always a target.
 MTSEG_HOST_DEVICE int merge_targets(const uint8_t* m, const Grid& g, int64_t z, int64_t y, int64_t x,
                                     int32_t* targets) {
   const int64_t H = g.height, W = g.width;
@@ -90,8 +93,7 @@ MTSEG_HOST_DEVICE int merge_targets(const uint8_t* m, const Grid& g, int64_t z, 
       continue;
     }
     if (!groups[k].wide) continue;
-    if (x > 0 && fg(zz, yy, x - 1) && !(left && x > 1 && fg(zz, yy, x - 2)))
-      targets[n++] = static_cast<int32_t>(row + x - 1);
+    if (!left && x > 0 && fg(zz, yy, x - 1)) targets[n++] = static_cast<int32_t>(row + x - 1);
     if (x + 1 < W && fg(zz, yy, x + 1)) targets[n++] = static_cast<int32_t>(row + x + 1);  // n - 1 = x is clear
   }
   return n;
