@@ -137,6 +137,30 @@ at::Tensor grow_instances_emulated(const at::Tensor& seeds, const at::Tensor& se
   return device::grow_instances(ex, seeds, seg, lam, spacing, connectivity, arena_budget);
 }
 
+// Meta kernels: shapes and dtypes only, so the private operators trace under FakeTensor.
+at::Tensor edt_emulated_meta(const at::Tensor& mask, std::optional<at::ArrayRef<double>>, bool, bool,
+                             std::optional<at::ScalarType> dtype, int64_t, int64_t) {
+  return at::empty(mask.sizes(), mask.options().dtype(edt_dtype(dtype)));
+}
+
+std::tuple<at::Tensor, at::Tensor> connected_components_emulated_meta(const at::Tensor& mask, int64_t, int64_t,
+                                                                      int64_t) {
+  TORCH_CHECK_VALUE(mask.dim() == 3 || mask.dim() == 4, "_connected_components_emulated: expected (B, H, W) or "
+                    "(B, D, H, W), got a ", mask.dim(), "-d tensor");
+  return {at::empty(mask.sizes(), mask.options().dtype(at::kInt)),
+          at::empty({mask.size(0)}, mask.options().dtype(at::kLong))};
+}
+
+at::Tensor levelset_grow_emulated_meta(const at::Tensor& approx, const at::Tensor&, double,
+                                       std::optional<at::ArrayRef<double>>, int64_t, int64_t) {
+  return at::empty(approx.sizes(), approx.options().dtype(at::kBool));
+}
+
+at::Tensor grow_instances_emulated_meta(const at::Tensor& seeds, const at::Tensor&, double,
+                                        std::optional<at::ArrayRef<double>>, int64_t, int64_t, int64_t, int64_t) {
+  return at::empty(seeds.sizes(), seeds.options().dtype(at::kLong));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mtseg, m) {
@@ -158,6 +182,13 @@ TORCH_LIBRARY_IMPL(mtseg, CPU, m) {
   m.impl("_connected_components_emulated", &connected_components_emulated);
   m.impl("_levelset_grow_emulated", &levelset_grow_emulated);
   m.impl("_grow_instances_emulated", &grow_instances_emulated);
+}
+
+TORCH_LIBRARY_IMPL(mtseg, Meta, m) {
+  m.impl("_edt_emulated", &edt_emulated_meta);
+  m.impl("_connected_components_emulated", &connected_components_emulated_meta);
+  m.impl("_levelset_grow_emulated", &levelset_grow_emulated_meta);
+  m.impl("_grow_instances_emulated", &grow_instances_emulated_meta);
 }
 
 }  // namespace distance

@@ -332,3 +332,14 @@ def test_hostile_spacing_and_layouts():
     view = (torch.rand(3, 40, 70, generator=torch.Generator().manual_seed(1)) < 0.6).transpose(1, 2)[:, ::2]
     assert torch.equal(cc_emulated(view, 8)[0], mk.connected_components(view.contiguous(), 8)[0])
     assert torch.equal(edt_emulated(view, [0.7, 1.3]), mk.edt(view.contiguous(), [0.7, 1.3]))
+
+
+def test_emulated_ops_opcheck():
+    """Schemas, meta kernels (FakeTensor) and dispatch of the private operators."""
+    rng = np.random.default_rng(12)
+    mask = torch.from_numpy(rng.random((2, 9, 13)) < 0.7)
+    seeds = torch.from_numpy(rng.random((2, 9, 13)) < 0.05).long() * 3
+    torch.library.opcheck(torch.ops.mtseg._edt_emulated.default, (mask, [1.0, 0.7], False, True, torch.float64, 2, 1))
+    torch.library.opcheck(torch.ops.mtseg._connected_components_emulated.default, (mask, 8, 3, 1))
+    torch.library.opcheck(torch.ops.mtseg._levelset_grow_emulated.default, (mask & (seeds > 0), mask, 1.0, None, 1, 0))
+    torch.library.opcheck(torch.ops.mtseg._grow_instances_emulated.default, (seeds, mask, 1.0, None, 8, 2, 3, 0))
