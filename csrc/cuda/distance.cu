@@ -20,6 +20,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 
 #include "mtseg/distance_device.h"
 
@@ -67,11 +69,43 @@ struct CudaExecutor {
 
   CudaExecutor() {
     stream = c10::cuda::getCurrentCUDAStream();
-    const int dev = c10::cuda::current_device();
-    int optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    shared_budget = std::min<int64_t>(kSharedBudget, optin);
+    const auto& p = properties(c10::cuda::current_device());
+    sms = p.sms;
+    shared_budget = std::min<int64_t>(kSharedBudget, p.shared_optin);
+  }
+
+  // Device attributes, read once per device (no driver call per operator call, none
+  // while a CUDA graph is being captured after a first call).
+  struct Properties {
+    int sms = 0, shared_optin = 0;
+  };
+  static const Properties& properties(int device) {
+    static std::mutex mutex;
+    static std::map<int, Properties> cache;
+    const std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache.find(device);
+    if (it == cache.end()) {
+      Properties p;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&p.sms, cudaDevAttrMultiProcessorCount, device));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&p.shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      it = cache.emplace(device, p).first;
+    }
+    return it->second;
+  }
+
+  // Raises the dynamic shared memory limit of warps_kernel<K> on this device once, to
+  // the largest size asked for so far.
+  template <typename K>
+  static void allow_shared(size_t bytes) {
+    static std::mutex mutex;
+    static std::map<int, size_t> allowed;
+    const int device = c10::cuda::current_device();
+    const std::lock_guard<std::mutex> lock(mutex);
+    size_t& a = allowed[device];
+    if (bytes <= a) return;
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(warps_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    a = bytes;
   }
 
   unsigned int blocks(int64_t items, int64_t per_block, int64_t per_sm) const {
@@ -102,10 +136,7 @@ struct CudaExecutor {
           bytes == 0 ? kMaxWarpsPerBlock
                      : static_cast<int>(std::clamp<int64_t>(shared_budget / bytes, 1, kMaxWarpsPerBlock));
       const size_t shared = static_cast<size_t>(per_block * bytes);
-      if (shared > 48 * 1024) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(warps_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(shared)));
-      }
+      if (shared > 48 * 1024) allow_shared<K>(shared);
       warps_kernel<K><<<blocks(n, per_block, 64 / per_block), per_block * launch::kWarpSize, shared, stream>>>(
           n, k, nullptr, bytes);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
