@@ -12,6 +12,9 @@ Groups (each one pytest-benchmark group, so its contestants are reported togethe
 * ``levelset-hc18-200``: the label update of the recursive-approximation method,
   ``levelset_grow`` with lam = 1 over 200 HC18-sized (540x800) masks: A = the head mask
   eroded by 25 px, S = the head mask dilated by 10 px.
+* ``grow-hc18-32``: the multi-object update, ``grow_instances`` with lam = 1 over 32 of
+  those masks, the eroded head split into two seeds (left half id 1, right half id 2), so
+  that every component needs the nearest-seed cut (no peer: mtseg on CPU and CUDA).
 
 Peers: scipy.ndimage (``distance_transform_edt``, ``label``; single-threaded, Python loop
 over images), the ``edt`` package (seung-lab, ``parallel=2``, loop over images), OpenCV
@@ -22,6 +25,11 @@ once per module; the timed functions only compute.
 The HC18 masks are the real annotations when the data is found as the tests find it
 (``$MTSEG_SHARED_DATA``, else ``../shared/data`` next to the repository), otherwise
 synthetic ellipses of similar size; each row's ``extra_info["masks"]`` says which.
+
+mtseg on CUDA (skipped, with the reason, without a GPU or without the CUDA kernels): the
+same call on tensors already on the device, ``torch.cuda.synchronize()`` inside the timed
+function, three untimed warm-up calls; each checks its result against the CPU operator
+once. ``benchmarks/README.md`` lists the time each case should take from a roofline.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from scipy import ndimage as ndi
 import mtseg_kernels as mk
 
 SLOW_ROUNDS = 3
+CUDA_WARMUP_CALLS = 3
 SPACING_3D = (1.5, 0.9375, 0.9375)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,13 +108,46 @@ def volume() -> np.ndarray:
     return v
 
 
-def _describe(benchmark, runtime_info, group, contestant, role, n_images, size, **extra):
+def _describe(benchmark, runtime_info, group, contestant, role, n_images, size, device="cpu", **extra):
     benchmark.group = group
     benchmark.extra_info.update(runtime_info)
     benchmark.extra_info.update(
-        contestant=contestant, role=role, device="cpu", input_dtype="bool", n_images=n_images, image_size=size,
+        contestant=contestant, role=role, device=device, input_dtype="bool", n_images=n_images, image_size=size,
         masks="synthetic ellipsoids" if "3d" in group else mask_source(), **extra
     )
+
+
+def _cuda_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if not mk.backends()["cuda_compiled"]:
+        return "mtseg_kernels was built without its CUDA kernels"
+    return None
+
+
+_CUDA_SKIP = _cuda_skip_reason()
+requires_cuda = pytest.mark.skipif(_CUDA_SKIP is not None, reason=_CUDA_SKIP or "")
+
+
+def _cuda_device() -> str:
+    return f"cuda ({torch.cuda.get_device_name()})"
+
+
+def _bench_cuda(benchmark, fn, *args, **pedantic):
+    """Times fn(*args) on the device (synchronised), after warm-up calls; returns its output."""
+
+    def run():
+        out = fn(*args)
+        torch.cuda.synchronize()
+        return out
+
+    for _ in range(CUDA_WARMUP_CALLS):
+        out = run()
+    if pedantic:
+        benchmark.pedantic(run, **pedantic)
+    else:
+        benchmark(run)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -135,6 +177,17 @@ def test_edt_mtseg(benchmark, runtime_info, edt_case):
     t = torch.from_numpy(masks)
     out = benchmark(mk.edt, t, spacing)
     np.testing.assert_allclose(out[0].numpy(), ndi.distance_transform_edt(masks[0], sampling=spacing), atol=1e-4)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_edt_mtseg_cuda(benchmark, runtime_info, edt_case):
+    group, masks, spacing = edt_case
+    _describe(benchmark, runtime_info, group, "mtseg.edt (CUDA, batched)", "mtseg", len(masks), _size(masks),
+              device=_cuda_device())
+    t = torch.from_numpy(masks)
+    out = _bench_cuda(benchmark, mk.edt, t.cuda(), spacing)
+    assert torch.equal(out.cpu(), mk.edt(t, spacing))
 
 
 def test_edt_scipy(benchmark, runtime_info, edt_case):
@@ -192,6 +245,18 @@ def test_cc_mtseg(benchmark, runtime_info, cc_case):
     assert counts[0].item() == ndi.label(masks[0], np.ones((3,) * (masks.ndim - 1)))[1]
 
 
+@pytest.mark.cuda
+@requires_cuda
+def test_cc_mtseg_cuda(benchmark, runtime_info, cc_case):
+    group, masks, conn = cc_case
+    _describe(benchmark, runtime_info, group, "mtseg.connected_components (CUDA, batched)", "mtseg", len(masks),
+              _size(masks), device=_cuda_device(), connectivity=conn)
+    t = torch.from_numpy(masks)
+    labels, counts = _bench_cuda(benchmark, mk.connected_components, t.cuda(), conn)
+    cpu = mk.connected_components(t, conn)
+    assert torch.equal(labels.cpu(), cpu[0]) and torch.equal(counts.cpu(), cpu[1])
+
+
 def test_cc_scipy(benchmark, runtime_info, cc_case):
     group, masks, conn = cc_case
     _describe(benchmark, runtime_info, group, "scipy label (loop)", "peer", len(masks), _size(masks), connectivity=conn)
@@ -213,12 +278,17 @@ LAM = 1.0
 N_UPDATE = 200
 
 
-@pytest.fixture(scope="module")
-def update_inputs():
+@functools.lru_cache(maxsize=None)
+def _update_masks():
     masks = hc18_masks(N_UPDATE)
     approx = ndi.binary_erosion(masks, np.ones((1, 51, 51), bool))
     seg = ndi.binary_dilation(masks, np.ones((1, 21, 21), bool))
     return approx, seg
+
+
+@pytest.fixture(scope="module")
+def update_inputs():
+    return _update_masks()
 
 
 def scipy_update(approx, seg):
@@ -248,6 +318,17 @@ def test_update_mtseg(benchmark, runtime_info, update_inputs):
     np.testing.assert_array_equal(out[:4].numpy(), scipy_update(approx[:4], seg[:4]))
 
 
+@pytest.mark.cuda
+@requires_cuda
+def test_update_mtseg_cuda(benchmark, runtime_info, update_inputs):
+    approx, seg = update_inputs
+    _describe(benchmark, runtime_info, "levelset-hc18-200", "mtseg.levelset_grow (CUDA, batched)", "mtseg", N_UPDATE,
+              "540x800", device=_cuda_device(), lam=LAM)
+    a, s = torch.from_numpy(approx), torch.from_numpy(seg)
+    out = _bench_cuda(benchmark, mk.levelset_grow, a.cuda(), s.cuda(), LAM)
+    np.testing.assert_array_equal(out[:4].cpu().numpy(), scipy_update(approx[:4], seg[:4]))
+
+
 def test_update_scipy(benchmark, runtime_info, update_inputs):
     approx, seg = update_inputs
     _describe(benchmark, runtime_info, "levelset-hc18-200", "scipy (2 EDTs per image, loop)", "peer", N_UPDATE,
@@ -261,3 +342,34 @@ def test_update_edt_package(benchmark, runtime_info, update_inputs):
     _describe(benchmark, runtime_info, "levelset-hc18-200", "edt package (parallel=2, 2 EDTs per image, loop)", "peer",
               N_UPDATE, "540x800", lam=LAM)
     benchmark.pedantic(edt_pkg_update, (approx, seg), rounds=SLOW_ROUNDS, iterations=1)
+
+
+# --------------------------------------------------------------------------------------
+# Multi-object update (grow_instances): mtseg on CPU and CUDA, no peer
+# --------------------------------------------------------------------------------------
+N_GROW = 32
+
+
+@pytest.fixture(scope="module")
+def grow_inputs():
+    approx, seg = (x[:N_GROW] for x in _update_masks())
+    seeds = approx.astype(np.int64)
+    seeds[:, :, 400:] *= 2  # right half: another seed in the same component of S
+    return torch.from_numpy(seeds), torch.from_numpy(seg)
+
+
+def test_grow_mtseg(benchmark, runtime_info, grow_inputs):
+    seeds, seg = grow_inputs
+    _describe(benchmark, runtime_info, "grow-hc18-32", "mtseg.grow_instances (CPU, batched)", "mtseg", N_GROW,
+              "540x800", lam=LAM)
+    benchmark.pedantic(mk.grow_instances, (seeds, seg, LAM), rounds=SLOW_ROUNDS, iterations=1)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_grow_mtseg_cuda(benchmark, runtime_info, grow_inputs):
+    seeds, seg = grow_inputs
+    _describe(benchmark, runtime_info, "grow-hc18-32", "mtseg.grow_instances (CUDA, batched)", "mtseg", N_GROW,
+              "540x800", device=_cuda_device(), lam=LAM)
+    out = _bench_cuda(benchmark, mk.grow_instances, seeds.cuda(), seg.cuda(), LAM)
+    assert torch.equal(out.instances.cpu(), mk.grow_instances(seeds, seg, LAM).instances)

@@ -1,186 +1,199 @@
-// CUDA kernels of the distance operators: thin launch shells around the per-line math
-// in mtseg/distance.h, which the CPU kernels share (and so CPU tests exercise).
-//  * first axis: one thread per column, forward and backward sweeps (adjacent threads
-//    read adjacent voxels, so loads coalesce);
-//  * every further axis: one thread per line running envelope_line_runs, with its scratch
-//    (positions, intersections, values) in global memory; threads stride over the lines.
-// Exact like the CPU kernels: same working types, intersections in double, no fast math.
-// connected_components and grow_instances have no GPU kernel: they raise
-// NotImplementedError on CUDA tensors (the Python wrappers say so before dispatch).
+// CUDA kernels of the distance operators (edt, connected_components, levelset_grow,
+// grow_instances). The kernel bodies are the functors of mtseg/components.h and
+// mtseg/distance_lines.h and the sequence of launches is mtseg/distance_device.h; the
+// same code runs in CI as a CPU emulation of these launches
+// (csrc/cpu/distance_emulated.cpp). This file only maps the executor interface onto
+// CUDA launches:
+//  * threads(n, K): grid-stride loop, 256 threads a block;
+//  * steps(n, K): every thread runs its state machine to the end;
+//  * warps(n, bytes, K): a warp per item with `bytes` of shared memory, as many warps a
+//    block as fit in kSharedBudget (at most 8); an item needing more than that gets its
+//    workspace in global memory instead, for a bounded number of resident warps.
+// Exact like the CPU kernels: same working types, intersections in double, no fast math
+// (-fmad=false). No operator synchronises the device except grow_instances (two small
+// read-backs that size its per-seed work; see distance_device.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "mtseg/distance.h"
-#include "mtseg/distance_host.h"
+#include <algorithm>
+#include <map>
+#include <mutex>
+
+#include "mtseg/distance_device.h"
 
 namespace mtseg {
 namespace distance {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int64_t kScratchBytes = int64_t{256} << 20;  // bounds the scratch memory of an envelope pass
+constexpr int kThreads = 256;
+constexpr int64_t kSharedBudget = 96 * 1024;  // shared memory per block (two blocks fit an SM of sm_80/sm_90)
+constexpr int kMaxWarpsPerBlock = 8;
 
-unsigned int blocks_for(int64_t items) {
-  return static_cast<unsigned int>(std::max<int64_t>(1, (items + kThreads - 1) / kThreads));
+template <typename K>
+__global__ void __launch_bounds__(kThreads) threads_kernel(int64_t n, K k) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+    k(i);
 }
 
-template <typename T>
-__global__ void sweep_kernel(const bool* mask, bool invert, int64_t batch, int64_t n0, int64_t r, double spacing,
-                             T* work) {
-  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (idx >= batch * r) return;
-  const int64_t b = idx / r, x = idx % r;
-  const bool* m = mask + b * n0 * r + x;
-  T* w = work + b * n0 * r + x;
-  T c = inf_value<T>();
-  for (int64_t y = 0; y < n0; ++y) {
-    c = sweep_forward<T>(m[y * r] != invert, c);
-    w[y * r] = c;
-  }
-  T next = inf_value<T>();
-  for (int64_t y = n0 - 1; y >= 0; --y) {
-    next = sweep_backward<T>(w[y * r], next);
-    w[y * r] = sweep_square<T>(next, spacing);
+template <typename K>
+__global__ void __launch_bounds__(kThreads) steps_kernel(int64_t n, K k) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    typename K::State s;
+    if (!k.begin(i, s)) continue;
+    while (!k.step(s)) {
+    }
   }
 }
 
-// Lines along an axis of length n and element stride `stride`: line l starts at
-// (l / inner) * n * inner + l % inner, with inner = stride (the product of later axes).
-template <typename T, typename O>
-__global__ void envelope_kernel(const T* in, O* out, int64_t lines, int64_t n, int64_t inner, double s2,
-                                bool take_sqrt, int64_t threads, int64_t* v, double* zn, double* zd, T* fv) {
-  // `threads` scratch slots exist; the grid may round up beyond them.
-  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (t >= threads) return;
-  for (int64_t l = t; l < lines; l += threads) {
-    const int64_t base = (l / inner) * n * inner + l % inner;
-    envelope_line_runs<T, O>(in + base, inner, n, s2, v + t * n, zn + t * n, zd + t * n, fv + t * n, out + base, inner,
-                             take_sqrt);
+template <typename K>
+__global__ void warps_kernel(int64_t n, K k, unsigned char* global_workspace, int64_t bytes) {
+  extern __shared__ __align__(16) unsigned char shared[];
+  const int per_block = blockDim.x / launch::kWarpSize, warp = threadIdx.x / launch::kWarpSize;
+  const int64_t slot = blockIdx.x * static_cast<int64_t>(per_block) + warp;
+  unsigned char* ws = global_workspace != nullptr ? global_workspace + slot * bytes : shared + warp * bytes;
+  launch::DeviceWarp w;
+  // wi is the same for the 32 lanes, so the loop and the functor's collectives are warp-uniform.
+  for (int64_t wi = slot; wi < n; wi += static_cast<int64_t>(gridDim.x) * per_block) k(w, wi, ws);
+}
+
+struct CudaExecutor {
+  cudaStream_t stream;
+  int sms;
+  int64_t shared_budget;
+
+  CudaExecutor() {
+    stream = c10::cuda::getCurrentCUDAStream();
+    const auto& p = properties(c10::cuda::current_device());
+    sms = p.sms;
+    shared_budget = std::min<int64_t>(kSharedBudget, p.shared_optin);
   }
-}
 
-template <typename T, typename O>
-void envelope_pass(const T* in, O* out, int64_t lines, int64_t n, int64_t inner, double s2, bool take_sqrt,
-                   const at::TensorOptions& opts, cudaStream_t stream) {
-  if (lines == 0 || n == 0) return;
-  // 32 bytes of scratch per line element and thread (v, zn, zd, fv)
-  const int64_t threads = std::min<int64_t>(lines, std::max<int64_t>(1024, kScratchBytes / (32 * n)));
-  auto v = at::empty({threads * n}, opts.dtype(at::kLong));
-  auto zn = at::empty({threads * n}, opts.dtype(at::kDouble));
-  auto zd = at::empty({threads * n}, opts.dtype(at::kDouble));
-  auto fv = at::empty({threads * n}, opts.dtype(c10::CppTypeToScalarType<T>::value));
-  envelope_kernel<T, O><<<blocks_for(threads), kThreads, 0, stream>>>(
-      in, out, lines, n, inner, s2, take_sqrt, threads, v.data_ptr<int64_t>(), zn.data_ptr<double>(), zd.data_ptr<double>(), fv.template data_ptr<T>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, typename O>
-void edt_batch_cuda(const bool* mask, bool invert, const Geometry& g, T* work, O* out, bool take_sqrt,
-                    const at::TensorOptions& opts) {
-  const int64_t V = g.voxels(), B = g.batch;
-  if (B == 0 || V == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool is3d = g.spatial == 3;
-  const int64_t n0 = is3d ? g.depth : g.height;
-  const int64_t r = is3d ? g.height * g.width : g.width;
-  sweep_kernel<T><<<blocks_for(B * r), kThreads, 0, stream>>>(mask, invert, B, n0, r,
-                                                               is3d ? g.spacing[0] : g.spacing[1], work);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (is3d) {
-    envelope_pass<T, T>(work, work, B * g.depth * g.width, g.height, g.width, g.spacing[1] * g.spacing[1], false,
-                        opts, stream);
+  // Device attributes, read once per device (no driver call per operator call, none
+  // while a CUDA graph is being captured after a first call).
+  struct Properties {
+    int sms = 0, shared_optin = 0;
+  };
+  static const Properties& properties(int device) {
+    static std::mutex mutex;
+    static std::map<int, Properties> cache;
+    const std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache.find(device);
+    if (it == cache.end()) {
+      Properties p;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&p.sms, cudaDevAttrMultiProcessorCount, device));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&p.shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      it = cache.emplace(device, p).first;
+    }
+    return it->second;
   }
-  envelope_pass<T, O>(work, out, B * V / g.width, g.width, 1, g.spacing[2] * g.spacing[2], take_sqrt, opts, stream);
-}
 
-at::Tensor edt_of_cuda(const at::Tensor& mask, bool invert, const Geometry& g, at::ScalarType out_dtype,
-                       bool take_sqrt) {
-  auto out = at::empty(mask.sizes(), mask.options().dtype(out_dtype));
-  const bool* m = mask.data_ptr<bool>();
-  if (out_dtype == at::kDouble) {
-    double* o = out.data_ptr<double>();
-    edt_batch_cuda<double, double>(m, invert, g, o, o, take_sqrt, mask.options());
-  } else if (needs_double(g, out_dtype)) {
-    auto work = at::empty(mask.sizes(), mask.options().dtype(at::kDouble));
-    edt_batch_cuda<double, float>(m, invert, g, work.data_ptr<double>(), out.data_ptr<float>(), take_sqrt,
-                                  mask.options());
-  } else {
-    float* o = out.data_ptr<float>();
-    edt_batch_cuda<float, float>(m, invert, g, o, o, take_sqrt, mask.options());
+  // Raises the dynamic shared memory limit of warps_kernel<K> on this device once, to
+  // the largest size asked for so far.
+  template <typename K>
+  static void allow_shared(size_t bytes) {
+    static std::mutex mutex;
+    static std::map<int, size_t> allowed;
+    const int device = c10::cuda::current_device();
+    const std::lock_guard<std::mutex> lock(mutex);
+    size_t& a = allowed[device];
+    if (bytes <= a) return;
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(warps_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    a = bytes;
   }
-  return out;
+
+  unsigned int blocks(int64_t items, int64_t per_block, int64_t per_sm) const {
+    const int64_t b = (items + per_block - 1) / per_block;
+    return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(b, per_sm * sms)));
+  }
+
+  template <typename K>
+  void threads(int64_t n, const K& k) {
+    if (n <= 0) return;
+    threads_kernel<K><<<blocks(n, kThreads, 32), kThreads, 0, stream>>>(n, k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename K>
+  void steps(int64_t n, const K& k) {
+    if (n <= 0) return;
+    steps_kernel<K><<<blocks(n, kThreads, 32), kThreads, 0, stream>>>(n, k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename K>
+  void warps(int64_t n, int64_t bytes, const K& k, const at::TensorOptions& opts) {
+    if (n <= 0) return;
+    bytes = (bytes + 15) & ~int64_t{15};
+    if (bytes <= shared_budget) {
+      const int per_block =
+          bytes == 0 ? kMaxWarpsPerBlock
+                     : static_cast<int>(std::clamp<int64_t>(shared_budget / bytes, 1, kMaxWarpsPerBlock));
+      const size_t shared = static_cast<size_t>(per_block * bytes);
+      if (shared > 48 * 1024) allow_shared<K>(shared);
+      warps_kernel<K><<<blocks(n, per_block, 64 / per_block), per_block * launch::kWarpSize, shared, stream>>>(
+          n, k, nullptr, bytes);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    // Long lines: workspaces in global memory for a bounded number of resident warps.
+    constexpr int per_block = 4;
+    const unsigned int grid = blocks(n, per_block, 8);
+    auto workspace = at::empty({static_cast<int64_t>(grid) * per_block * bytes}, opts.dtype(at::kByte));
+    warps_kernel<K><<<grid, per_block * launch::kWarpSize, 0, stream>>>(
+        n, k, static_cast<unsigned char*>(workspace.data_ptr()), bytes);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+// The device of `t` when it is a CUDA tensor; otherwise none, so that the argument checks
+// report the device mismatch (a CUDA kernel reached with one CPU argument).
+struct DeviceGuard {
+  c10::cuda::OptionalCUDAGuard guard;
+  explicit DeviceGuard(const at::Tensor& t) {
+    if (t.is_cuda()) guard.set_device(t.device());
+  }
+};
+
+at::Tensor edt_cuda(const at::Tensor& mask, std::optional<at::ArrayRef<double>> spacing, bool squared, bool is_signed,
+                    std::optional<at::ScalarType> dtype) {
+  DeviceGuard guard(mask);
+  CudaExecutor ex;
+  return device::edt(ex, mask, spacing, squared, is_signed, dtype);
 }
 
-at::Tensor edt_cuda(const at::Tensor& mask_in, std::optional<at::ArrayRef<double>> spacing, bool squared,
-                    bool is_signed, std::optional<at::ScalarType> dtype) {
-  const auto g = mask_geometry(mask_in, spacing, "edt", "mask");
-  const auto out_dtype = edt_dtype(dtype);
-  const c10::cuda::CUDAGuard guard(mask_in.device());
-  const auto mask = as_bool(mask_in, "edt", "mask");
-  if (!is_signed) return edt_of_cuda(mask, false, g, out_dtype, !squared);
-  auto inside = edt_of_cuda(mask, false, g, out_dtype, !squared);
-  auto outside = edt_of_cuda(mask, true, g, out_dtype, !squared);
-  return outside.sub_(inside);
+std::tuple<at::Tensor, at::Tensor> connected_components_cuda(const at::Tensor& mask, int64_t connectivity) {
+  DeviceGuard guard(mask);
+  CudaExecutor ex;
+  return device::connected_components(ex, mask, connectivity);
 }
 
-template <typename T>
-__global__ void levelset_kernel(const bool* a, const T* dA2, const T* dS2, double lam, int64_t n, bool* out) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
-  out[i] = levelset_inside(a[i], static_cast<double>(dA2[i]), static_cast<double>(dS2[i]), lam);
-}
-
-template <typename T>
-void levelset_batch_cuda(const at::Tensor& a, const at::Tensor& s, const Geometry& g, double lam, at::Tensor& out) {
-  const auto opts = a.options();
-  auto dA2 = at::empty(a.sizes(), opts.dtype(c10::CppTypeToScalarType<T>::value));
-  auto dS2 = at::empty(a.sizes(), opts.dtype(c10::CppTypeToScalarType<T>::value));
-  edt_batch_cuda<T, T>(a.data_ptr<bool>(), true, g, dA2.template data_ptr<T>(), dA2.template data_ptr<T>(), false, opts);
-  edt_batch_cuda<T, T>(s.data_ptr<bool>(), false, g, dS2.template data_ptr<T>(), dS2.template data_ptr<T>(), false, opts);
-  const int64_t n = a.numel();
-  levelset_kernel<T><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      a.data_ptr<bool>(), dA2.template data_ptr<T>(), dS2.template data_ptr<T>(), lam, n, out.data_ptr<bool>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor levelset_grow_cuda(const at::Tensor& approx_in, const at::Tensor& seg_in, double lam,
+at::Tensor levelset_grow_cuda(const at::Tensor& approx, const at::Tensor& seg, double lam,
                               std::optional<at::ArrayRef<double>> spacing) {
-  const auto g = mask_geometry(approx_in, spacing, "levelset_grow", "approx");
-  mask_geometry(seg_in, spacing, "levelset_grow", "seg");
-  check_same_shape(approx_in, seg_in, "levelset_grow", "approx", "seg");
-  check_lambda(lam, "levelset_grow");
-  const c10::cuda::CUDAGuard guard(approx_in.device());
-  const auto a = as_bool(approx_in, "levelset_grow", "approx");
-  const auto s = as_bool(seg_in, "levelset_grow", "seg");
-  auto out = at::empty(a.sizes(), a.options());
-  if (out.numel() == 0) return out;
-  if (!g.unit_spacing || needs_double(g, at::kFloat)) {
-    levelset_batch_cuda<double>(a, s, g, lam, out);
-  } else {
-    levelset_batch_cuda<float>(a, s, g, lam, out);
-  }
-  return out;
+  DeviceGuard guard(approx);
+  CudaExecutor ex;
+  return device::levelset_grow(ex, approx, seg, lam, spacing);
 }
 
-std::tuple<at::Tensor, at::Tensor> connected_components_cuda(const at::Tensor&, int64_t) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false,
-                              "connected_components: no CUDA kernel yet; call it on a CPU tensor (mask.cpu())");
-}
-
-at::Tensor grow_instances_cuda(const at::Tensor&, const at::Tensor&, double, std::optional<at::ArrayRef<double>>,
-                               int64_t) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "grow_instances: no CUDA kernel yet; call it on CPU tensors (.cpu())");
+at::Tensor grow_instances_cuda(const at::Tensor& seeds, const at::Tensor& seg, double lam,
+                               std::optional<at::ArrayRef<double>> spacing, int64_t connectivity) {
+  DeviceGuard guard(seeds);
+  CudaExecutor ex;
+  return device::grow_instances(ex, seeds, seg, lam, spacing, connectivity);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mtseg, CUDA, m) {
   m.impl("edt", &edt_cuda);
-  m.impl("levelset_grow", &levelset_grow_cuda);
   m.impl("connected_components", &connected_components_cuda);
+  m.impl("levelset_grow", &levelset_grow_cuda);
   m.impl("grow_instances", &grow_instances_cuda);
 }
 

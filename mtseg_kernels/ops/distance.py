@@ -171,13 +171,6 @@ def _check_connectivity(op: str, connectivity: int | None, spatial: int) -> int:
     return int(connectivity)
 
 
-def _cpu_only(op: str, t: Tensor) -> None:
-    if t.device.type != "cpu":
-        raise NotImplementedError(
-            f"{op}: only CPU kernels exist (got a tensor on {t.device}); call it on .cpu() tensors and move the result"
-        )
-
-
 # --------------------------------------------------------------------------------------
 # Fake (meta) kernels: shapes and dtypes only, so torch.compile can trace the ops
 # --------------------------------------------------------------------------------------
@@ -281,7 +274,7 @@ def connected_components(mask: Tensor, connectivity: int | None = None) -> tuple
     """Connected components of a batch of masks, numbered per image.
 
     Args:
-        mask: ``(B, H, W)`` or ``(B, D, H, W)`` (non-zero = foreground), CPU.
+        mask: ``(B, H, W)`` or ``(B, D, H, W)`` (non-zero = foreground), CPU or CUDA.
         connectivity: 4 or 8 in 2D, 6, 18 or 26 in 3D; default: faces only (4 / 6),
             as ``scipy.ndimage.label``.
 
@@ -291,7 +284,6 @@ def connected_components(mask: Tensor, connectivity: int | None = None) -> tuple
     """
     spatial = _check_mask("connected_components", "mask", mask)
     conn = _check_connectivity("connected_components", connectivity, spatial)
-    _cpu_only("connected_components", mask)
     return torch.ops.mtseg.connected_components(mask, conn)
 
 
@@ -355,7 +347,7 @@ def grow_instances(
     if a seed covers several classes its largest class id wins).
 
     Args:
-        seeds: ``(B, *spatial)`` integer instance ids, 0 = no seed, CPU.
+        seeds: ``(B, *spatial)`` integer instance ids, 0 = no seed, CPU or CUDA.
         seg: predicted segmentation S (non-zero = foreground), same shape.
         lam: growth speed, >= 0.
         spacing: voxel size per spatial axis.
@@ -371,7 +363,6 @@ def grow_instances(
     lam = _check_lam("grow_instances", lam)
     sp = _check_spacing("grow_instances", spacing, spatial)
     conn = _check_connectivity("grow_instances", connectivity, spatial)
-    _cpu_only("grow_instances", seeds)
     instances = torch.ops.mtseg.grow_instances(seeds, seg, lam, sp, conn)
     if seed_classes is None:
         return GrownInstances(instances, (instances > 0).long())
