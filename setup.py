@@ -33,6 +33,7 @@ import glob
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -169,8 +170,18 @@ def _log_ptxas():
     os.environ["PYTORCH_NVCC"] = shlex.join([sys.executable, wrapper, *compiler, "--"])
 
 
+def _ensure_ninja():
+    """torch runs the ``ninja`` found on PATH and silently falls back to a slow build that
+    recompiles everything when there is none; the ``ninja`` package installs one next to
+    this interpreter, which is not on PATH unless the venv is activated: add it then."""
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja") is None and os.path.isfile(os.path.join(scripts, "ninja")):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+
+
 def _extensions():
     global VARIANT
+    _ensure_ninja()
     with_cuda, why = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is inline OpenMP code, serial unless compiled with it;

@@ -140,13 +140,14 @@ def table(usages: list[tuple[str, FunctionUsage]], width: int = 70) -> str:
     for src, f in usages:
         rows.setdefault((src, f.name), []).append(f)
     names = demangle(sorted({n for _, n in rows}))
-    lines = [f"{'source':<16} {'function':<{width}} {'regs':>7} {'stack':>5} {'spill':>5} archs"]
+    sw = max([len("source")] + [len(src) for src, _ in rows])
+    lines = [f"{'source':<{sw}} {'function':<{width}} {'regs':>7} {'stack':>5} {'spill':>5} archs"]
     for (src, name), fs in sorted(rows.items()):
         regs = [f.registers for f in fs if f.registers is not None]
         reg = "-" if not regs else f"{min(regs)}" if min(regs) == max(regs) else f"{min(regs)}-{max(regs)}"
         label = names[name] if len(names[name]) <= width else names[name][: width - 3] + "..."
         lines.append(
-            f"{src:<16} {label:<{width}} {reg:>7} {max(f.stack for f in fs):>5} {max(f.spills for f in fs):>5} "
+            f"{src:<{sw}} {label:<{width}} {reg:>7} {max(f.stack for f in fs):>5} {max(f.spills for f in fs):>5} "
             + ",".join(sorted({f.arch.removeprefix('sm_') for f in fs}, key=lambda a: (len(a), a)))
         )
     return "\n".join(lines)
