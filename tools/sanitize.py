@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     extension = find_extension(args.extension_dir)
     env = sanitizer_env(extension)
+    # --capture=sys: a report is written to file descriptor 2 just before the abort;
+    # pytest's default fd capture would swallow it with the dying process.
     # -p no:cacheprovider: the sanitized run must not rewrite the normal run's last-failed list.
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.pytest_args]
+    cmd = [sys.executable, "-m", "pytest", "-q", "--capture=sys", "-p", "no:cacheprovider", *args.pytest_args]
     print(f"sanitize: {' '.join(cmd[2:])}\n  with {extension}\n  LD_PRELOAD={env['LD_PRELOAD']}", flush=True)
     rc = subprocess.call(cmd, env=env)
     print(f"sanitize: {describe(rc)}")

@@ -107,6 +107,38 @@ def test_cpp_exceptions_work_under_the_preloaded_runtime(throwing_library):
     assert proc.stdout.strip() == "42"
 
 
+def test_report_inside_a_pytest_run_is_shown_and_fails_it(buggy_library, tmp_path):
+    """The whole tools/sanitize.py path: the report must reach the output (pytest
+    captures file descriptor 2 by default, and the process dies before it could print it)."""
+    ext = tmp_path / "lib" / "mtseg_kernels"
+    ext.mkdir(parents=True)
+    (ext / "_C.cpython-311-x86_64-linux-gnu.so").touch()  # not imported by these tests
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_bug.py").write_text(
+        "import ctypes\n"
+        f"LIB = ctypes.CDLL({str(buggy_library)!r})\n"
+        "def test_clean():\n    assert LIB.clean(4) == 3\n"
+        "def test_overflow():\n    LIB.heap_overflow(4)\n"
+    )
+    tool = Path(sanitize.__file__)
+    run = subprocess.run([sys.executable, str(tool), "--extension-dir", str(tmp_path / "lib"), "--", str(tests)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 1
+    out = run.stdout + run.stderr
+    assert "AddressSanitizer: heap-buffer-overflow" in out and "heap_overflow" in out
+    assert "sanitize: killed by signal SIGABRT" in out
+    (tests / "test_bug.py").write_text(
+        "import ctypes\n"
+        f"LIB = ctypes.CDLL({str(buggy_library)!r})\n"
+        "def test_clean():\n    assert LIB.clean(4) == 3\n"
+    )
+    run = subprocess.run([sys.executable, str(tool), "--extension-dir", str(tmp_path / "lib"), "--", str(tests)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "sanitize: clean" in run.stdout
+
+
 def test_environment_keeps_the_callers_options(tmp_path, monkeypatch):
     monkeypatch.setenv("ASAN_OPTIONS", "verbosity=1")
     monkeypatch.setenv("LD_PRELOAD", "/opt/other.so")
