@@ -24,6 +24,7 @@ tests/gpu/test_hog_cuda.py::test_forward_matches_cpu[linear-L1-uint8] PASSED [  
 tests/gpu/test_hog_cuda.py::test_forward_matches_cpu[linear-L1-float16] PASSED [  2%]
 tests/gpu/test_hog_cuda.py::test_layouts_on_gpu FAILED                   [  3%]
 tests/gpu/test_distance_cuda.py::test_cpu_only_ops_raise_on_gpu SKIPPED (r) [  4%]
+tests/gpu/test_distance_cuda.py::test_opcheck_cuda ERROR                 [  5%]
 """
 
 MEMCHECK_LOG = """\
@@ -92,16 +93,17 @@ def test_failures_timeouts_and_findings(tmp_path):
     _stage(tmp_path, "tests", VERBOSE_LOG, junit="tests.xml", returncode=-15, timed_out=True, seconds=84.0)
     _stage(tmp_path, "benchmarks", benchmark_json="benchmarks.json", returncode=1)
     _stage(tmp_path, "memcheck", MEMCHECK_LOG, junit="memcheck.xml", sanitizer="memcheck", returncode=86)
-    (tmp_path / "memcheck.xml").write_text(JUNIT.format(e=0, f=0, s=0, t=2))
+    (tmp_path / "memcheck.xml").write_text(JUNIT.format(e=1, f=2, s=1, t=10))
     _stage(tmp_path, "racecheck", "========= COMPUTE-SANITIZER\n", junit="racecheck.xml", sanitizer="racecheck",
            returncode=-9)
     table, ok = gpu_summary.summarize(tmp_path)
     assert not ok
     rows = _rows(table)
-    assert "TIMEOUT" in rows["tests"] and "2 passed, 1 failed, 1 skipped (before the stop)" in rows["tests"]
+    assert "TIMEOUT" in rows["tests"] and "2 passed, 2 failed, 1 skipped (before the stop)" in rows["tests"]
     assert "stopped at its 60 s limit" in rows["tests"]
     assert "FAIL" in rows["benchmarks"] and "exit status 1" in rows["benchmarks"] and "0 benchmarks" in rows["benchmarks"]
     assert "FAIL" in rows["memcheck"] and "2 errors" in rows["memcheck"] and "see memcheck.log" in rows["memcheck"]
+    assert "6 passed, 3 failed, 1 skipped" in rows["memcheck"]
     # killed before it printed a summary: not a pass, and said so
     assert "FAIL" in rows["racecheck"] and "no sanitizer summary" in rows["racecheck"]
 

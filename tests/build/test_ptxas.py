@@ -104,6 +104,14 @@ def test_check_reports_spills_missing_and_stale(tmp_path):
     assert problems == []
 
 
+def test_spill_loads_alone_count(tmp_path):
+    loads_only = CLEAN.replace("16 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads",
+                               "16 bytes stack frame, 0 bytes spill stores, 12 bytes spill loads", 1)
+    build = _build_dir(tmp_path, {"a": loads_only})
+    _, problems = ptxas_check.check_build(build, [Path("csrc/cuda/a.cu")])
+    assert problems == ["csrc/cuda/a.cu: _Z1kPfi spills on sm_90: 0 bytes stored, 12 bytes loaded"]
+
+
 def test_check_detects_stale_reports(tmp_path):
     build = _build_dir(tmp_path, {"a": CLEAN.split("ptxas info    : Compiling entry function '_Z1kPfi' for 'sm_80'")[0]})
     _, problems = ptxas_check.check_build(build, [Path("csrc/cuda/a.cu")])

@@ -73,8 +73,8 @@ def throwing_library(tmp_path_factory, buggy_library) -> Path:
     return lib
 
 
-def _call(lib: Path, function: str, arg: int) -> subprocess.CompletedProcess:
-    env = sanitize.sanitizer_env(lib)  # the extension path is irrelevant here
+def _call(lib: Path, function: str, arg: int, **options: str) -> subprocess.CompletedProcess:
+    env = sanitize.sanitizer_env(lib, {**os.environ, **options})  # the extension path is irrelevant here
     code = f"import ctypes; print(ctypes.CDLL({str(lib)!r}).{function}({arg}))"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
@@ -94,8 +94,11 @@ def test_heap_overflow_aborts_with_a_report(buggy_library):
 
 def test_undefined_behaviour_aborts_with_a_report(buggy_library):
     proc = _call(buggy_library, "signed_overflow", 5)
-    assert proc.returncode == -signal.SIGABRT, "UBSan must stop at its first report (-fno-sanitize-recover)"
+    assert proc.returncode == -signal.SIGABRT, "UBSan must stop at its first report"
     assert "runtime error: signed integer overflow" in proc.stderr
+    # The build itself makes it fatal (-fno-sanitize-recover), whatever the options say.
+    proc = _call(buggy_library, "signed_overflow", 5, UBSAN_OPTIONS="halt_on_error=0:abort_on_error=1")
+    assert proc.returncode == -signal.SIGABRT and "runtime error" in proc.stderr
     assert _call(buggy_library, "signed_overflow", -5).returncode == 0  # no overflow, no report
 
 
