@@ -94,8 +94,14 @@ sanitize: $(DEPS_STAMP)
 		|| { tail -n 60 $(SANITIZE_DIR)/build.log; echo "make sanitize: building failed"; exit 1; }
 	@$(PY) tools/sanitize.py --extension-dir $(SANITIZE_DIR)/lib -- $(SANITIZE_TESTS) $(SANITIZE_ARGS)
 
-gpu-check: build
-	@$(PY) tools/gpu_check.py --out build/gpu-check
+# Asks nvidia-smi first, so that a machine without a GPU is told so at once instead of
+# after a full build; tools/gpu_check.py then asks torch.
+gpu-check:
+	@if ! nvidia-smi -L > /dev/null 2>&1; then \
+		echo "gpu-check: no NVIDIA GPU here (nvidia-smi lists none): nothing to check. Run it on a machine with a CUDA GPU."; \
+		exit 0; \
+	fi; \
+	$(MAKE) --no-print-directory build && $(PY) tools/gpu_check.py --out build/gpu-check
 
 FORCE:
 

@@ -111,3 +111,17 @@ def test_missing_module_rebuilds(project: Path):
     (project / "mtseg_kernels" / "_C.fake.so").unlink()
     assert len(make_build(project)) == 1
     assert make_build(project) == []
+
+
+def test_gpu_check_without_a_gpu_says_so_and_builds_nothing(project: Path, tmp_path: Path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"  # what nvidia-smi does on a machine without a GPU
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n")
+    smi.chmod(0o755)
+    log = project / "calls.log"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log)}
+    proc = subprocess.run(["make", "-C", str(project), "gpu-check"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no NVIDIA GPU here" in proc.stdout and "nothing to check" in proc.stdout
+    assert not log.exists()  # neither a build nor the check ran
