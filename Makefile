@@ -3,9 +3,18 @@
 # `make bench`: the same set-up, then the benchmarks and their summary table.
 # `make demo`: the same set-up, then `mtseg demo`: baseline / +HOG / +presence-sync (/ recursive
 # approximation) UNets trained and compared on the embedded HC18 sample, CPU, report in runs/demo.
+# `make sanitize`: the CPU kernels built with AddressSanitizer + UBSan (own folder), tests/ops
+# (and tests/fuzz) run against that build; any sanitizer report fails it. CI runs it after `make test`.
+# `make gpu-check`: on a GPU machine, tests/gpu, the GPU benchmarks and compute-sanitizer
+# (memcheck, racecheck) over tests/gpu, then one summary table (results in build/gpu-check).
+# `make ptxas-check`: registers and spills of every CUDA kernel, from the last build's ptxas reports.
+#
+# The extension is rebuilt only when something it is built from changed (sources, build
+# files, the pinned requirements, the build settings below); the rebuild itself recompiles
+# only the changed objects (ninja, in build/temp.*). So `make test` then `make demo` builds once.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-stamp
 # nvcc lives here on the project's machines; an explicit CUDA_HOME wins.
@@ -14,24 +23,50 @@ export CUDA_HOME
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: test bench demo build clean
+EXT_STAMP := build/.ext-stamp
+BUILD_SETTINGS := build/.build-settings
+# Environment that changes what setup.py builds: a change rebuilds (ninja then decides what).
+BUILD_VARS := MTSEG_BUILD_CUDA TORCH_CUDA_ARCH_LIST CUDA_HOME PYTORCH_NVCC CC CXX CFLAGS CXXFLAGS LDFLAGS
+EXT_INPUTS := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml $(wildcard tools/ptxas_log.py)
+# No extension module at all (deleted, `make clean`): build whatever the stamp says.
+EXT_MISSING := $(if $(wildcard mtseg_kernels/_C*.so),,FORCE)
+
+SANITIZE_DIR := build/sanitize
+SANITIZE_TESTS := tests/ops $(wildcard tests/fuzz)
+SANITIZE_ARGS ?=
+
+.PHONY: test bench demo build clean sanitize gpu-check ptxas-check FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# New files rather than rewritten ones (rm first): a venv copied with hard links shares
+# these inodes with its original, which must not see this venv's log or stamp.
 $(DEPS_STAMP): requirements-ci.txt | $(PY)
 	@echo "installing the pinned requirements (log: $(VENV)/install.log)"
+	@rm -f $(VENV)/install.log $@
 	@{ $(PY) -m pip install --upgrade pip && $(PY) -m pip install -r requirements-ci.txt; } > $(VENV)/install.log 2>&1 \
 		|| { tail -n 40 $(VENV)/install.log; echo "make: installing the requirements failed"; exit 1; }
 	@touch $@
 
-build: $(DEPS_STAMP)
+# Rewritten only when a setting changed, so its date tells whether a rebuild is due.
+$(BUILD_SETTINGS): FORCE
+	@mkdir -p $(@D)
+	@printf '%s\n' $(foreach v,$(BUILD_VARS),'$(v)=$($(v))') 'python=$(abspath $(PY))' > $@.new
+	@if cmp -s $@.new $@; then rm -f $@.new; else mv -f $@.new $@; fi
+
+$(EXT_STAMP): $(DEPS_STAMP) $(EXT_INPUTS) $(BUILD_SETTINGS) $(EXT_MISSING)
 	@mkdir -p build
-	@echo "building the extension (log: build/install.log)"
-	@$(PY) -m pip install --no-build-isolation --no-deps -v -e . > build/install.log 2>&1 \
-		|| { tail -n 60 build/install.log; echo "make: building the extension failed"; exit 1; }
-	@grep -h "mtseg-kernels: building" build/install.log | tail -n 1
-	$(PY) -c "import mtseg_kernels; print('mtseg_kernels backends:', mtseg_kernels.backends())"
+	@echo "building the extension (log: build/install.log; a first CUDA build takes long, later ones only recompile what changed)"
+	@start=$$(date +%s); $(PY) -m pip install --no-build-isolation --no-deps -v -e . > build/install.log 2>&1 \
+		|| { tail -n 60 build/install.log; echo "make: building the extension failed"; exit 1; }; \
+	grep -h "mtseg-kernels: building" build/install.log | tail -n 1; \
+	echo "built in $$(( $$(date +%s) - start )) s"
+	@$(PY) -c "import mtseg_kernels; print('mtseg_kernels backends:', mtseg_kernels.backends())"
+	@touch $@
+
+build: $(EXT_STAMP)
+	@echo "mtseg_kernels._C is up to date (objects in build/temp.*, last build's log: build/install.log)"
 
 # pytest exits 5 when it collected nothing: treat that as a failure, not a pass.
 test: build
@@ -46,6 +81,29 @@ bench: build
 
 demo: build
 	$(VENV)/bin/mtseg demo $(DEMO_ARGS)
+
+ptxas-check: build
+	@$(PY) tools/ptxas_check.py
+
+# Own build folder and module (never the in-place _C); the tests load it via MTSEG_EXTENSION.
+sanitize: $(DEPS_STAMP)
+	@mkdir -p $(SANITIZE_DIR)
+	@echo "building the extension with AddressSanitizer + UBSan (log: $(SANITIZE_DIR)/build.log)"
+	@MTSEG_SANITIZE=1 MTSEG_BUILD_CUDA=0 $(PY) setup.py build_ext --build-temp $(SANITIZE_DIR)/temp \
+		--build-lib $(SANITIZE_DIR)/lib > $(SANITIZE_DIR)/build.log 2>&1 \
+		|| { tail -n 60 $(SANITIZE_DIR)/build.log; echo "make sanitize: building failed"; exit 1; }
+	@$(PY) tools/sanitize.py --extension-dir $(SANITIZE_DIR)/lib -- $(SANITIZE_TESTS) $(SANITIZE_ARGS)
+
+# Asks nvidia-smi first, so that a machine without a GPU is told so at once instead of
+# after a full build; tools/gpu_check.py then asks torch.
+gpu-check:
+	@if ! nvidia-smi -L > /dev/null 2>&1; then \
+		echo "gpu-check: no NVIDIA GPU here (nvidia-smi lists none): nothing to check. Run it on a machine with a CUDA GPU."; \
+		exit 0; \
+	fi; \
+	$(MAKE) --no-print-directory build && $(PY) tools/gpu_check.py --out build/gpu-check
+
+FORCE:
 
 clean:
 	rm -rf build *.egg-info mtseg_kernels/_C*.so .pytest_cache .benchmarks

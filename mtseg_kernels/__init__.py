@@ -11,10 +11,31 @@ torch.Size([2, 504])
 
 from __future__ import annotations
 
+import os
+
 import torch  # first: the extension links against libtorch
 
+
+def _load_extension(path: str):
+    """Load ``_C`` from an explicit file (``MTSEG_EXTENSION``): ``make sanitize`` runs the
+    tests against its AddressSanitizer build this way, leaving the normal build in place."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"{__name__}._C", path)
+    if spec is None or not os.path.isfile(path):
+        raise ImportError(f"MTSEG_EXTENSION={path!r} is not an extension module file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 try:
-    from . import _C
+    if os.environ.get("MTSEG_EXTENSION"):
+        _C = _load_extension(os.environ["MTSEG_EXTENSION"])
+    else:
+        from . import _C
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
         "mtseg_kernels._C (the compiled operators) is missing or does not match this torch. "
