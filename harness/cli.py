@@ -150,6 +150,9 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"mtseg: config error: {exc}", file=sys.stderr)
         return 2
+    except runs.CheckpointError as exc:  # a checkpoint that cannot be used: one line naming it
+        print(f"mtseg: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ one assembly path), :mod:`.evaluate` evaluates a trained run, and :mod:`.demo`,
 
 from .assemble import Run, build_dataset, build_method, build_model, build_run, build_trainer, load_config
 from ..training import distributed
+from ..training.checkpoint import CheckpointError
 from .bench import StepRunner, bench_report, synthetic_batch, time_steps
 from .demo import run_demo
 from .evaluate import config_from_checkpoint, run_eval
@@ -26,6 +27,6 @@ def train(cfg: dict):
         distributed.cleanup()
 
 
-__all__ = ["Run", "StepRunner", "bench_report", "build_dataset", "build_method", "build_model", "build_run", "build_trainer",
+__all__ = ["CheckpointError", "Run", "StepRunner", "bench_report", "build_dataset", "build_method", "build_model", "build_run", "build_trainer",
            "config_from_checkpoint", "load_config", "precompute_labels", "run_demo", "run_eval", "synthetic_batch",
            "time_steps", "train"]
