@@ -50,7 +50,7 @@ def test_labels_writes_hog_presence_and_weak_labels(tmp_path):
     from mtseg_harness.data import WeakLabels, create_dataset
 
     assert main(["labels", *TINY, "--out", str(tmp_path), "--split", "val", "--kind", "hog", "presence", "weak"]) == 0
-    hog = torch.load(tmp_path / "hog.pt")
+    hog = torch.load(tmp_path / "hog.pt", weights_only=True)
     assert hog["hog"].shape == (20, 504) and len(hog["case_id"]) == 20
     pres = pd.read_csv(tmp_path / "presence.csv")
     assert list(pres.columns) == ["case_id", "background", "head"] and pres["head"].sum() == 20
