@@ -111,7 +111,36 @@ def test_rng_state_restores_python_numpy_torch_and_a_generator_through_a_file(tm
     assert draw() == first
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_a_multistep_schedule_resumes_through_a_file(tmp_path):
+    """MultiStepLR keeps its milestones in a Counter (a repeated milestone decays twice): stored as a
+    dict, restored as a Counter, the schedule goes on as an uninterrupted one."""
+    from mtseg_harness.training.checkpoint import load_scheduler_state, scheduler_state
+
+    def make():
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=1.0)
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 2, 4], gamma=0.1)
+
+    opt, sched = make()
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        if len(lrs) == 3:
+            path = save_checkpoint({"model": {}, "optimizer": opt.state_dict(), "scheduler": scheduler_state(sched)},
+                                   tmp_path / "last.pt")
+    assert lrs == pytest.approx([1, 1, 0.01, 0.01, 0.001, 0.001])
+    opt2, sched2 = make()
+    state = load_checkpoint(path)
+    opt2.load_state_dict(state["optimizer"])
+    load_scheduler_state(sched2, state["scheduler"])
+    assert isinstance(sched2.milestones, collections.Counter) and sorted(sched2.milestones.elements()) == [2, 2, 4]
+    assert [opt2.param_groups[0]["lr"]] + [(opt2.step(), sched2.step(), opt2.param_groups[0]["lr"])[2]
+                                          for _ in range(2)] == lrs[3:]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["022", "077", "002"])
 def test_file_mode_follows_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
