@@ -22,11 +22,16 @@ Reading (:func:`load_checkpoint`, :func:`model_weights`) turns every problem int
 :class:`CheckpointError` line naming the file and the problem: missing, empty, not a
 PyTorch file (truncated, random bytes), Python objects other than tensors and plain
 types, a checksum that does not match (a changed byte), missing entries, NaN/Inf weights.
+
+Cost (measured, default UNet + Adam state, 373 MB, one thread, loaded 2-core machine):
+the checksum and the NaN/Inf check take about as long as the write or the read itself
+(save 1.4 s plain -> 2.6 s checked, load 1.2 s -> 2.6 s).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import random
@@ -64,7 +69,8 @@ def _feed(h, x, where: str) -> None:
             raise TypeError(f"{where}: only dense tensors go into a checkpoint, got a {x.layout} tensor")
         t = x.detach().cpu().contiguous().reshape(-1)
         h.update(f"T{t.dtype}{tuple(x.shape)}:".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the tensor's memory itself, no copy
     elif type(x) in (dict, OrderedDict):
         h.update(f"D{len(x)}:".encode())
         for k, v in x.items():
@@ -100,29 +106,27 @@ def plain(x):
     return x
 
 
+def _finite(t: torch.Tensor) -> bool:
+    if not t.numel():
+        return True
+    if t.is_complex():
+        return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t.detach())  # one pass, no mask tensor; NaN propagates, Inf shows as an extreme
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def _nonfinite(tensors: Mapping, what: str) -> str | None:
     for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and not _finite(t):
             bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                return f"{what} {name!r} holds {bad} NaN/Inf value(s) of {t.numel()}"
+            return f"{what} {name!r} holds {bad} NaN/Inf value(s) of {t.numel()}"
     return None
 
 
-def _optimizer_tensors(opt_state) -> dict:
-    out = {}
-    if isinstance(opt_state, Mapping) and isinstance(opt_state.get("state"), Mapping):
-        for idx, per_param in opt_state["state"].items():
-            if isinstance(per_param, Mapping):
-                out.update({f"{idx}.{k}": v for k, v in per_param.items()})
-    return out
-
-
 def nonfinite_weights(state: Mapping) -> str | None:
-    """What is NaN/Inf in the model weights (or the optimizer's state) of ``state``, or ``None``."""
+    """Which model weight of ``state`` holds NaN/Inf values (and how many), or ``None``."""
     model = state.get("model")
-    found = _nonfinite(model, "model weight") if isinstance(model, Mapping) else None
-    return found or _nonfinite(_optimizer_tensors(state.get("optimizer")), "optimizer state")
+    return _nonfinite(model, "model weight") if isinstance(model, Mapping) else None
 
 
 # ---------------------------------------------------------------------------------- writing
