@@ -222,6 +222,15 @@ def _one_line(exc: BaseException) -> str:
     return (text[:160] + "...") if len(text) > 160 else text or type(exc).__name__
 
 
+def _python_objects(path: Path) -> list[str]:
+    """The classes/functions a PyTorch zip file's pickle names beyond what ``weights_only`` allows
+    (read from its opcodes, nothing run); ``[]`` for files that are not PyTorch zip files."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:
+        return []
+
+
 def _read(path: Path):
     """``torch.load(path, weights_only=True)`` on the CPU, every failure one :class:`CheckpointError` line."""
     if not path.is_file():
@@ -239,13 +248,15 @@ def _read(path: Path):
         with f:
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+        objects = _python_objects(path)
+        if objects:
             raise CheckpointError(
-                f"checkpoint {path} holds Python objects other than tensors and plain types (written by an "
-                f"older mtseg, or not by mtseg): refusing to unpickle it; train anew, or, if you trust the file, "
-                f"convert it with torch.load(path, weights_only=False)") from exc
-        raise CheckpointError(f"checkpoint {path} ({size} bytes) is not a PyTorch checkpoint, or is corrupted: "
-                              f"{_one_line(exc)}") from exc
+                f"checkpoint {path} holds Python objects other than tensors and plain types ({', '.join(objects[:3])}"
+                f"{', ...' if len(objects) > 3 else ''}; written by an older mtseg, or not by mtseg): refusing to "
+                f"unpickle it; train anew, or, if you trust the file, convert it with "
+                f"torch.load(path, weights_only=False)") from exc
+        raise CheckpointError(f"checkpoint {path} ({size} bytes) is not a PyTorch checkpoint, or is corrupted "
+                              f"(unpickling failed)") from exc
     except Exception as exc:  # untrusted bytes: zip, pickle and storage errors all mean a damaged file
         raise CheckpointError(f"checkpoint {path} ({size} bytes) is truncated or corrupted: "
                               f"{_one_line(exc)}") from exc
@@ -380,10 +391,10 @@ def flat(cfg: Mapping, prefix: str = "") -> dict:
     out = {}
     for k, v in cfg.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
+        if isinstance(v, Mapping):  # (an empty mapping adds no key: {} and absent read the same)
             out.update(flat(v, key + "."))
         else:
-            out[key] = plain(v) if not isinstance(v, Mapping) else {}
+            out[key] = plain(v)
     return out
 
 
