@@ -11,6 +11,7 @@ from .assemble import (Run, build_dataset, build_method, build_model, build_run,
 from ..config import ConfigError, dump
 from ..data import DatasetError
 from ..training import distributed
+from ..training.checkpoint import CheckpointError
 from .bench import StepRunner, bench_report, synthetic_batch, time_steps
 from .demo import run_demo
 from .evaluate import config_from_checkpoint, run_eval
@@ -29,6 +30,7 @@ def train(cfg: dict):
         distributed.cleanup()
 
 
-__all__ = ["ConfigError", "DatasetError", "Run", "StepRunner", "bench_report", "build_dataset", "build_method",
-           "build_model", "build_run", "build_trainer", "check_components", "config_from_checkpoint", "dump", "load_config", "precompute_labels", "run_demo", "run_eval", "synthetic_batch",
+__all__ = ["CheckpointError", "ConfigError", "DatasetError", "Run", "StepRunner", "bench_report", "build_dataset",
+           "build_method", "build_model", "build_run", "build_trainer", "check_components", "config_from_checkpoint",
+           "dump", "load_config", "precompute_labels", "run_demo", "run_eval", "synthetic_batch",
            "time_steps", "train"]

@@ -1,22 +1,57 @@
-"""``mtseg eval``: evaluate a trained run and write its tables (the one evaluation entry of a run)."""
+"""``mtseg eval``: evaluate a trained run and write its tables (the one evaluation entry of a run).
+
+The network is always the one the checkpoint was trained with: the config entries that
+define it (:data:`NETWORK_KEYS`) come from the checkpoint's stored config, whatever the
+given config says (a one-line notice names the keys where they differ); the data (root,
+splits) and the evaluation settings come from the given config.
+"""
 
 from __future__ import annotations
 
+import copy
+import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import yaml
 
 from ..evaluation import evaluate
 from ..evaluation.report import per_class_table, plot_overlays
-from ..training import load_checkpoint, model_weights, resolve_device
+from ..training import load_checkpoint, resolve_device
+from ..training.checkpoint import config_changes, describe_changes, load_model_state, plain
 from ..training.data import eval_loader
 from .assemble import build_run, load_config
+
+#: What defines the network and what it was trained to read: its architecture and options,
+#: the method (heads, how a prediction is made), the dataset's label definition and the
+#: input resize. ``mtseg eval`` takes these from the checkpoint.
+NETWORK_KEYS = ("model", "method", "data.name", "data.options", "data.input_size")
 
 
 def config_from_checkpoint(path, overrides: Iterable[str] = ()) -> dict:
     """The config a checkpoint was trained with, with ``overrides`` applied."""
-    return load_config(None, overrides, base=load_checkpoint(path)["config"])
+    return load_config(None, overrides, base=load_checkpoint(path, required=("model", "config"))["config"])
+
+
+def network_config(cfg: Mapping, trained: Mapping, source=None) -> dict:
+    """``cfg`` with the :data:`NETWORK_KEYS` of ``trained`` (a checkpoint's config).
+
+    Prints one line naming the keys where ``cfg`` differs (``source``: the checkpoint, for the message).
+    """
+    changes = config_changes(plain(cfg), plain(trained), keys=NETWORK_KEYS)
+    out = copy.deepcopy(dict(cfg))
+    for key in NETWORK_KEYS:
+        *parents, leaf = key.split(".")
+        src, dst = trained, out
+        for p in parents:
+            src = src.get(p) or {}
+            dst = dst.setdefault(p, {})
+        if leaf in src:  # (a key the stored config lacks keeps the given value)
+            dst[leaf] = copy.deepcopy(src[leaf])
+    if changes:
+        print(f"evaluating {source or 'the checkpoint'} with the network it was trained with; the given config "
+              f"differs there (given -> trained): {describe_changes(changes)}", file=sys.stderr, flush=True)
+    return out
 
 
 def run_eval(cfg: dict, checkpoint=None, split_key: str | None = None, out_dir=None, keep_examples: int = 4,
@@ -27,6 +62,7 @@ def run_eval(cfg: dict, checkpoint=None, split_key: str | None = None, out_dir=N
     ``split_key``: default ``eval.split``; ``out_dir``: default ``<train.out_dir>/eval_<split>``.
     Returns ``(table, summary, examples)`` of :func:`~mtseg_harness.evaluation.evaluate`,
     with the dataset's declared extras (object metrics, regions, per-group reports).
+    The network (:data:`NETWORK_KEYS`) is built as the checkpoint's stored config says.
     """
     split_key = split_key or cfg["eval"]["split"]
     run_dir = Path(cfg["train"]["out_dir"])
@@ -34,11 +70,11 @@ def run_eval(cfg: dict, checkpoint=None, split_key: str | None = None, out_dir=N
         checkpoint = run_dir / f"{cfg['eval']['checkpoint']}.pt"
         if not checkpoint.is_file():
             checkpoint = run_dir / "last.pt"
+    state = load_checkpoint(checkpoint, required=("model", "config"))
+    cfg = network_config(cfg, state["config"], checkpoint)
     run = build_run(cfg, split_key)
-    state = load_checkpoint(checkpoint)
-    run.model.load_state_dict(model_weights(state))
-    if isinstance(state, dict) and "method" in state:
-        run.method.load_state_dict(state["method"])
+    load_model_state(run.model, state["model"], checkpoint)
+    run.method.load_state_dict(state.get("method") or {})
     device = resolve_device(cfg.get("device", "auto"))
     ds = run.dataset
     names = list(ds.class_names)

@@ -11,12 +11,19 @@ step, then the method's hook (e.g. label updates), logging, validation every
 ``train.val_every`` steps (best-on-validation checkpoint ``best.pt``) and ``last.pt``
 every ``train.checkpoint_every`` steps, both written atomically.
 
-Resuming (``train.resume: true`` or a path) restores model, optimiser, scheduler,
-scaler, step, best score, the method's state and every RNG (python, numpy, torch,
-CUDA, the augmentation generator); the data order is a function of the step, so a
-resumed run continues with exactly the batches an uninterrupted one would see. With
-``deterministic: true`` on the CPU the result is bitwise identical.
-A ``KeyboardInterrupt`` saves ``last.pt`` before it propagates.
+Resuming (``train.resume: true``: ``<out_dir>/last.pt`` when it exists; or a checkpoint's
+path) restores model, optimiser, scheduler, scaler, step, best score, the method's state
+and every RNG (python, numpy, torch, CUDA, the augmentation generator); the data order is
+a function of the step, so a resumed run continues with exactly the batches an
+uninterrupted one would see. With ``deterministic: true`` on the CPU the result is bitwise
+identical. It prints one line (which checkpoint, which step), and refuses, with one
+:class:`~mtseg_harness.config.ConfigError` line naming the differing keys, a checkpoint
+whose config differs from this one in anything but :data:`RESUME_FREE_KEYS` (the step
+budget, and settings that do not change what is trained): the saved ``config.yaml``
+always describes what the folder's checkpoints hold. A run that starts at step 0 removes
+the checkpoints an earlier run left in ``out_dir``; every start removes the temporary files
+of an interrupted checkpoint write. A ``KeyboardInterrupt`` saves ``last.pt`` before it
+propagates.
 """
 
 from __future__ import annotations
@@ -42,9 +49,16 @@ from ..evaluation.evaluate import evaluate, predict_batch, resize_image
 from ..evaluation.report import plot_rounds
 from ..methods import TrainContext
 from . import distributed as D
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import (CHECKPOINT_NAMES, TRAINER_KEYS, config_changes, describe_changes, load_checkpoint,
+                         load_model_state, load_scheduler_state, plain, remove_partial_writes, rng_state,
+                         save_checkpoint, scheduler_state, set_rng_state)
 from .data import eval_loader, slice_params, to_device, train_loader
 from .logs import CSVLog, TensorBoardLog
+
+#: Config keys a resumed run may change: the step budget, and how the run is started and
+#: shown (``data.num_workers`` changes no result: the data order is a function of the step).
+RESUME_FREE_KEYS = ("train.steps", "train.resume", "train.out_dir", "train.progress", "train.tensorboard",
+                    "data.num_workers")
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -124,23 +138,9 @@ def build_scheduler(opt, s: dict):
     raise ValueError(f"sched.name must be none, step, multistep or cosine_restarts; got {s['name']!r}")
 
 
-def _rng_state(augment: BatchAugment | None) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if augment is not None:
-        state["augment"] = augment.generator.get_state()
-    return state
-
-
-def _set_rng_state(state: dict, augment: BatchAugment | None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if augment is not None and "augment" in state:
-        augment.generator.set_state(state["augment"])
+def _say(text: str) -> None:
+    """A one-line notice of the run (stderr, like the progress bar)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 class Trainer:
@@ -202,13 +202,14 @@ class Trainer:
         self.history: list[dict] = []
         self.val_history: list[dict] = []
         self.show_progress = bool(t["progress"]) if progress is None else progress
-        resume = t.get("resume")
-        if resume:
-            path = self.out_dir / "last.pt" if resume is True or resume == "auto" else Path(resume)
-            if path.is_file():
-                self.load(path)
-            elif resume not in (True, "auto"):
-                raise FileNotFoundError(f"train.resume: checkpoint {path} not found")
+        self.resumed_from: Path | None = None
+        self._claimed = False
+        if self.is_main:
+            for tmp in remove_partial_writes(self.out_dir):
+                _say(f"removed {tmp}, left by an interrupted checkpoint write")
+        path = self.resume_path()
+        if path is not None:
+            self.resume(path)
         self.method.setup(self.context())
 
     # ------------------------------------------------------------------ what a method may use
@@ -244,41 +245,101 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        """What a checkpoint holds (:data:`~.checkpoint.TRAINER_KEYS`): tensors and plain types only."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": scheduler_state(self.scheduler),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "best": self.best,
             "best_step": self.best_step,
             "method": self.method.state_dict(),
-            "rng": _rng_state(self.augment),
-            "config": self.cfg,
+            "rng": rng_state(self.augment.generator if self.augment is not None else None),
+            "config": plain(self.cfg),
             "world_size": self.world,
         }
 
     def save(self, path) -> Path | None:
         if not self.is_main:
             return None
-        return save_atomic(self.state_dict(), path)
+        return save_checkpoint(self.state_dict(), path)
 
-    def load(self, path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(state["model"])
+    def resume_path(self) -> Path | None:
+        """The checkpoint ``train.resume`` asks for: ``<out_dir>/last.pt`` (``true``/``auto``) when it
+        exists, a given path (which must exist), or ``None``."""
+        resume = self.cfg["train"].get("resume")
+        if not resume:
+            return None
+        if resume is True or resume == "auto":
+            path = self.out_dir / "last.pt"
+            return path if path.exists() else None
+        path = Path(resume)
+        if not path.exists():
+            raise ConfigError(f"train.resume={resume}: no checkpoint there; give an existing checkpoint, "
+                              f"true (resume {self.out_dir / 'last.pt'} when it exists) or false")
+        return path
+
+    def resume(self, path) -> None:
+        """Continue from the checkpoint at ``path``: checked, compared with this config, restored; says so."""
+        path = Path(path)
+        state = load_checkpoint(path, required=TRAINER_KEYS)
+        saved = state["config"]
+        changes = config_changes(saved, plain(self.cfg), ignore=RESUME_FREE_KEYS)
+        start_anew = "a new train.out_dir, or train.resume=false (replaces that run's checkpoints)"
+        if changes:
+            raise ConfigError(f"cannot resume {path}: it was trained with another config "
+                              f"({describe_changes(changes)}); to train this config, start anew: {start_anew}")
+        step = int(state["step"])
+        if step > self.total_steps:
+            raise ConfigError(f"cannot resume {path}: it is at step {step}, past train.steps={self.total_steps}; "
+                              f"set train.steps to {step} or more to continue it, or start anew: {start_anew}")
+        self.load_state(state, path)
+        self.resumed_from = path
+        if self.is_main:
+            notes = []
+            old_steps = (saved.get("train") or {}).get("steps")
+            if old_steps != self.total_steps:
+                notes.append(f"step budget {old_steps} -> {self.total_steps}")
+            if int(state["world_size"]) != self.world:
+                notes.append(f"trained so far by {state['world_size']} process(es), now {self.world}: "
+                             f"the global batch changes")
+            _say(f"resuming {path} at step {self.step} of {self.total_steps}"
+                 + (f" ({'; '.join(notes)})" if notes else ""))
+
+    def load_state(self, state: dict, source="checkpoint") -> None:
+        """Restore a :meth:`state_dict` (as :func:`~.checkpoint.load_checkpoint` returns it)."""
+        load_model_state(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_scheduler_state(self.scheduler, state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.best = float(state["best"])
         self.best_step = state.get("best_step")
         self.method.load_state_dict(state.get("method") or {})
-        rng = state["rng"]
-        if isinstance(rng.get("torch"), torch.Tensor):
-            rng["torch"] = rng["torch"].cpu()
-        if "augment" in rng:
-            rng["augment"] = rng["augment"].cpu()
-        _set_rng_state(rng, self.augment)
+        set_rng_state(state["rng"], self.augment.generator if self.augment is not None else None)
+
+    def load(self, path) -> None:
+        """Restore the checkpoint at ``path`` as it is (no config comparison: see :meth:`resume`)."""
+        self.load_state(load_checkpoint(path, required=TRAINER_KEYS), path)
+        self.resumed_from = Path(path)
+
+    def _claim_out_dir(self) -> None:
+        """On the first :meth:`fit`: a run that did not resume from this folder removes the
+        checkpoints an earlier run left there (they would pass for this run's), then the
+        folder's ``config.yaml`` is this run's."""
+        if self._claimed or not self.is_main:
+            return
+        self._claimed = True
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ours = self.resumed_from is not None and self.resumed_from.resolve().parent == self.out_dir.resolve()
+        if not ours:
+            stale = [self.out_dir / n for n in CHECKPOINT_NAMES if (self.out_dir / n).is_file()]
+            for p in stale:
+                p.unlink()
+            if stale:
+                _say(f"starting anew in {self.out_dir}: removed {', '.join(p.name for p in stale)} of an earlier run")
+        (self.out_dir / "config.yaml").write_text(dump(self.cfg))
 
     # ------------------------------------------------------------------ one step
     def prepare(self, batch: dict) -> dict:
@@ -331,9 +392,7 @@ class Trainer:
         """Train until ``train.steps`` (or ``stop_at``, which saves ``last.pt`` there, as an interruption would)."""
         t = self.cfg["train"]
         end = self.total_steps if stop_at is None else min(int(stop_at), self.total_steps)
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(dump(self.cfg))
+        self._claim_out_dir()
         train_log = CSVLog(self.out_dir / "train_log.csv") if self.is_main else None
         val_log = CSVLog(self.out_dir / "val_log.csv") if self.is_main else None
         if self.is_main:

@@ -50,7 +50,7 @@ def test_labels_writes_hog_presence_and_weak_labels(tmp_path):
     from mtseg_harness.data import WeakLabels, create_dataset
 
     assert main(["labels", *TINY, "--out", str(tmp_path), "--split", "val", "--kind", "hog", "presence", "weak"]) == 0
-    hog = torch.load(tmp_path / "hog.pt")
+    hog = torch.load(tmp_path / "hog.pt", weights_only=True)
     assert hog["hog"].shape == (20, 504) and len(hog["case_id"]) == 20
     pres = pd.read_csv(tmp_path / "presence.csv")
     assert list(pres.columns) == ["case_id", "background", "head"] and pres["head"].sum() == 20
@@ -77,3 +77,62 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     assert ((table["dice"] >= 0) & (table["dice"] <= 1)).all()
     for f in ("report.md", "curves.png", "overlays.png"):
         assert (tmp_path / f).is_file()
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err  # no traceback
+    return lines[0]
+
+
+def test_train_again_with_another_lr_or_model_refuses_in_one_line(tmp_path, capsys):
+    """common.yaml's resume: true, a second run into the same out_dir with another lr (or model):
+    one line with the differing keys and the way out, exit 2, the folder as it was."""
+    run = tmp_path / "run"
+    args = ["train", *TINY, "train.steps=2", "train.val_every=0", "train.resume=true", f"train.out_dir={run}"]
+    assert main(args) == 0
+    saved = {n: (run / n).read_bytes() for n in ("config.yaml", "last.pt")}
+    capsys.readouterr()
+    assert main(args + ["optim.lr=0.01"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("mtseg: config error: cannot resume") and "optim.lr 0.001 -> 0.01" in line
+    assert "train.out_dir" in line and "train.resume=false" in line
+    assert main(args + ["model.options={base_channels: 8, depth: 2}"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "model.options.base_channels 4 -> 8" in line
+    assert {n: (run / n).read_bytes() for n in saved} == saved
+    # the step budget may change: it resumes and says so
+    assert main(args[:-4] + ["train.steps=3", "train.val_every=0", "train.resume=true", f"train.out_dir={run}"]) == 0
+    out = capsys.readouterr()
+    assert f"resuming {run / 'last.pt'} at step 2 of 3 (step budget 2 -> 3)" in out.err
+    assert "trained 3 steps" in out.out
+
+
+def test_eval_builds_the_network_the_checkpoint_was_trained_with(tmp_path, capsys):
+    """--config with another model width (and input size) than the run in train.out_dir: the
+    network comes from the checkpoint, one line says so, and the numbers equal an evaluation
+    with the run's own config."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "train.steps=2", "train.val_every=0", f"train.out_dir={run}"]) == 0
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"model": {"options": {"base_channels": 8, "depth": 3}},
+                                     "data": {"input_size": [64, 96]}}))
+    capsys.readouterr()
+    assert main(["eval", "--config", str(other), *TINY[2:], "--set", f"train.out_dir={run}",
+                 "--split", "val", "--out", str(tmp_path / "e_other")]) == 0
+    err = capsys.readouterr().err
+    assert "model.options.base_channels 8 -> 4" in err and "model.options.depth 3 -> 2" in err
+    assert "data.input_size [64, 96] -> [32, 48]" in err
+    assert main(["eval", *TINY, "--set", f"train.out_dir={run}", "--split", "val", "--out", str(tmp_path / "e_own")]) == 0
+    assert "differs" not in capsys.readouterr().err
+    a = pd.read_csv(tmp_path / "e_other" / "per_image.csv")
+    b = pd.read_csv(tmp_path / "e_own" / "per_image.csv")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"\x00" * 100)
+    assert main(["eval", "--checkpoint", str(bad)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"mtseg: checkpoint {bad}") and "corrupted" in line

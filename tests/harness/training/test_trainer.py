@@ -21,10 +21,11 @@ def _same(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("method", ["baseline", "hog_mtl"])
-def test_resume_after_interrupt_is_bitwise_identical(tmp_path, method):
-    extra = {"method": {"name": method}, "train": {"steps": 6, "val_every": 3, "log_every": 1},
-             "sched": {"name": "step", "step_size": 2, "gamma": 0.5}}
+@pytest.mark.parametrize("method,amp", [("baseline", "off"), ("hog_mtl", "off"), ("tdsnet", "off"), ("cmunet", "off"),
+                                        ("baseline", "bf16")])
+def test_resume_after_interrupt_is_bitwise_identical(tmp_path, capsys, method, amp):
+    extra = {"method": {"name": method}, "train": {"steps": 6, "val_every": 3, "log_every": 1, "amp": amp},
+             "sched": {"name": "step", "step_size": 3, "gamma": 0.5}}  # a decay after the resume point
     full = build_trainer(tiny_config(tmp_path / "full", **extra))
     full.fit()
     a = _weights(full.model)
@@ -33,8 +34,10 @@ def test_resume_after_interrupt_is_bitwise_identical(tmp_path, method):
     part.fit(stop_at=4)  # "interrupted" after step 4: last.pt written there
     assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 4
     del part
+    capsys.readouterr()
     resumed = build_trainer(tiny_config(tmp_path / "part", **{**extra, "train": {**extra["train"], "resume": True}}))
     assert resumed.step == 4
+    assert capsys.readouterr().err.strip() == f"resuming {tmp_path / 'part' / 'last.pt'} at step 4 of 6"
     resumed.fit()
     _same(a, _weights(resumed.model))
     assert resumed.optimizer.param_groups[0]["lr"] == full.optimizer.param_groups[0]["lr"]
@@ -45,6 +48,67 @@ def test_resume_after_interrupt_is_bitwise_identical(tmp_path, method):
     assert la["step"].tolist() == lb["step"].tolist() == [1, 2, 3, 4, 5, 6]
     assert la["loss"].tolist() == lb["loss"].tolist()
     assert resumed.best == full.best and resumed.best_step == full.best_step
+
+
+def _run_files(folder):
+    return {n: (folder / n).read_bytes() for n in ("config.yaml", "last.pt", "train_log.csv")}
+
+
+def test_resume_refuses_another_config_and_continues_a_longer_step_budget(tmp_path, capsys):
+    """Resuming into a folder trained with another lr or another model is refused in one line
+    naming the keys and the way out, leaving the folder as it was; a larger step budget
+    continues, bitwise as if the run had had that budget from the start."""
+    from mtseg_harness.config import ConfigError
+
+    extra = {"train": {"steps": 4, "resume": True}, "sched": {"name": "step", "step_size": 3, "gamma": 0.5}}
+    run = tmp_path / "run"
+    build_trainer(tiny_config(run, **extra)).fit()
+    before = _run_files(run)
+    for change, key in ((["optim", "lr", 2e-3], "optim.lr 0.001 -> 0.002"),
+                        (["model", "options", "base_channels", 8], "model.options.base_channels 4 -> 8")):
+        cfg = tiny_config(run, **extra)
+        node = cfg
+        for k in change[:-2]:
+            node = node[k]
+        node[change[-2]] = change[-1]
+        with pytest.raises(ConfigError) as info:
+            build_trainer(cfg)
+        text = str(info.value)
+        assert "\n" not in text and str(run / "last.pt") in text and key in text, text
+        assert "train.out_dir" in text and "train.resume=false" in text
+        assert _run_files(run) == before  # neither config.yaml nor the checkpoint rewritten
+    with pytest.raises(ConfigError, match=r"at step 4, past train.steps=3"):
+        build_trainer(tiny_config(run, **{**extra, "train": {"steps": 3, "resume": True}}))
+    assert _run_files(run) == before
+
+    capsys.readouterr()
+    longer = build_trainer(tiny_config(run, **{**extra, "train": {"steps": 7, "resume": True}}))
+    assert "resuming" in capsys.readouterr().err and longer.step == 4
+    longer.fit()
+    assert yaml_steps(run) == 7
+    straight = build_trainer(tiny_config(tmp_path / "straight", **{**extra, "train": {"steps": 7}}))
+    straight.fit()
+    _same(_weights(straight.model), _weights(longer.model))
+
+
+def yaml_steps(folder):
+    import yaml
+
+    return yaml.safe_load((folder / "config.yaml").read_text())["train"]["steps"]
+
+
+def test_starting_anew_replaces_the_earlier_runs_checkpoints(tmp_path, capsys):
+    """resume=false (or nothing to resume) in a folder of another run: its best.pt and last.pt
+    go, so that neither passes for this run's (mtseg eval picks best.pt first)."""
+    build_trainer(tiny_config(tmp_path, train={"steps": 2, "val_every": 2})).fit()
+    assert (tmp_path / "best.pt").is_file()
+    capsys.readouterr()
+    tr = build_trainer(tiny_config(tmp_path, optim={"lr": 5e-3}, train={"steps": 1, "val_every": 0}))
+    assert tr.step == 0
+    tr.fit()
+    assert "removed last.pt, best.pt of an earlier run" in capsys.readouterr().err
+    assert not (tmp_path / "best.pt").exists()
+    assert load_checkpoint(tmp_path / "last.pt")["config"]["optim"]["lr"] == 5e-3
 
 
 def test_keyboard_interrupt_saves_last_checkpoint(tmp_path):
@@ -91,7 +155,7 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
 
     with pytest.raises(RuntimeError):
         save_atomic({"a": Bad()}, path)
-    assert torch.load(path) == {"a": 1}
+    assert torch.load(path, weights_only=True) == {"a": 1}
     assert os.listdir(tmp_path) == ["ck.pt"]
 
 
