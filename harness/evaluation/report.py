@@ -28,16 +28,33 @@ def _save(plt, fig, path, dpi: int = 110) -> Path:
     return path
 
 
-def per_class_table(summary: dict, class_names) -> pd.DataFrame:
-    """One row per class: Dice, IoU and (where computed) HD95 / HD / ASSD means."""
+def per_class_table(summary: dict, class_names, background_classes=(0,)) -> pd.DataFrame:
+    """One row per class: ``role`` (``class`` or ``background``), then per metric its mean
+    and the counts of images where it is undefined (``_n_nan``) or infinite (``_n_inf``,
+    distances only), as in :func:`~.evaluate.summarize`. A metric not computed for a
+    class (the distances of a background class) is ``nan`` with count ``n/a``."""
+    bg = {int(c) for c in background_classes}
     rows = []
-    for n in class_names:
-        row = {"class": n}
+    for k, n in enumerate(class_names):
+        row = {"class": n, "role": "background" if k in bg else "class", "n_images": summary.get("n_images")}
         for m in ("dice", "iou", "hd95", "hd", "assd"):
-            if f"{m}_{n}" in summary:
-                row[m] = summary[f"{m}_{n}"]
+            key = f"{m}_{n}"
+            if key not in summary and not any(f"{m}_{c}" in summary for c in class_names):
+                continue  # a metric not computed at all (hd: false)
+            row[m] = summary.get(key, float("nan"))
+            row[f"{m}_n_nan"] = summary.get(key + "_n_nan", "n/a")
+            if m in ("hd95", "hd", "assd"):
+                row[f"{m}_n_inf"] = summary.get(key + "_n_inf", "n/a")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def write_table(df: pd.DataFrame, path) -> Path:
+    """A table as CSV with undefined and infinite values written out (``nan``, ``inf``), never blank."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False, na_rep="nan")
+    return path
 
 
 def plot_curves(runs: dict, path, train_key: str = "loss", val_key: str = "dice_fg") -> Path:

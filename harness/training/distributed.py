@@ -13,6 +13,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_reduce
 
 
 def env_world() -> tuple[int, int, int]:
@@ -58,3 +59,53 @@ def all_reduce_mean(value: float, device) -> float:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class SyncBatchNorm(torch.nn.SyncBatchNorm):
+    """torch's ``SyncBatchNorm`` that also synchronises on the CPU (gloo).
+
+    torch's refuses CPU input under a process group. Here, in training mode on a
+    non-CUDA device with more than one process, the batch statistics are those of the
+    global batch: per channel the sum and count, then the sum of squared deviations from
+    the global mean, are summed over the processes with the differentiable
+    ``torch.distributed.nn.functional.all_reduce`` (float64), so the output, the gradients
+    (after DDP's averaging) and the running statistics equal those of one process that
+    sees the whole global batch, up to rounding. On CUDA and in eval mode it is torch's.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.device.type == "cuda" or not self.training or not is_distributed():
+            return super().forward(input)
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        group = self.process_group or dist.group.WORLD
+        c = input.shape[1]
+        dims = [0] + list(range(2, input.dim()))
+        x = input.double()
+        count = torch.full((1,), float(input.numel() // c), dtype=torch.float64, device=input.device)
+        first = all_reduce(torch.cat([x.sum(dims), count]), group=group)
+        n = first[c]
+        mean = first[:c] / n
+        shape = (1, c) + (1,) * (input.dim() - 2)
+        centred = x - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims), group=group) / n  # biased, as batch norm normalises
+        out = centred / torch.sqrt(var + self.eps).view(shape)
+        if self.weight is not None:
+            out = out * self.weight.double().view(shape) + self.bias.double().view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * (n / (n - 1).clamp_min(1))
+                self.running_mean.mul_(1 - f).add_(mean.to(self.running_mean.dtype), alpha=f)
+                self.running_var.mul_(1 - f).add_(unbiased.to(self.running_var.dtype), alpha=f)
+        return out.to(input.dtype)
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+    """Every ``BatchNorm*d`` of ``module`` as a :class:`SyncBatchNorm` (works on CPU/gloo and CUDA)."""
+    module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    for m in module.modules():
+        if type(m) is torch.nn.SyncBatchNorm:
+            m.__class__ = SyncBatchNorm
+    return module
