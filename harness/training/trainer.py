@@ -169,7 +169,7 @@ class Trainer:
         self.ddp_model = self.model
         if self.world > 1:
             if t.get("sync_bn", True):  # batch statistics of the global batch, on CUDA and on the CPU (gloo)
-                self.model = D.convert_sync_batchnorm(self.model)
+                self.model = D.convert_sync_batchnorm(self.model, device_type=self.device.type)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
 

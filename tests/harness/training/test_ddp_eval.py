@@ -86,6 +86,8 @@ def _worker(rank, init_file, out_dir):
         result = {"eval": _evaluate(shard_range(N_IMAGES, rank, WORLD), gather=True)}
         x, w = _bn_case()
         bn = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3))).double()
+        # DDP accepts it on the CPU (it refuses torch's SyncBatchNorm there)
+        torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(SyncBatchNorm(2)))
         with torch.no_grad():
             bn[0].weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
             bn[0].bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
