@@ -201,7 +201,8 @@ class Trainer:
         """The trainer as a method's hooks see it (:class:`~mtseg_harness.methods.TrainContext`)."""
         return TrainContext(step=self.step, total_steps=self.total_steps, dataset=self.train_set,
                             batches=self._ordered_batches, predict=self._predict,
-                            out_dir=self.out_dir if self.is_main else None, save_table=self._save_table)
+                            out_dir=self.out_dir if self.is_main else None, save_table=self._save_table,
+                            rank=self.rank, work_dir=self.out_dir)
 
     def _ordered_batches(self, batch_size: int):
         return torch.utils.data.DataLoader(self.train_set, batch_size=int(batch_size), shuffle=False,
@@ -214,7 +215,7 @@ class Trainer:
         try:
             return predict_batch(self.model, segment, image.to(self.device).float(), None,
                                  int(self.cfg["eval"].get("pad_multiple", 32)), self.amp_dtype,
-                                 self.cfg["data"].get("input_size")).cpu()
+                                 self.cfg["data"].get("input_size"))
         finally:
             self.model.train(was)
 
