@@ -6,6 +6,17 @@ class absent from both prediction and target in an image gives ``nan`` (left out
 mean with ``nanmean``); a class present in only one of them gives Dice/IoU 0 and
 Hausdorff ``+inf``. Pixels whose target is ``ignore_index`` are removed from both masks
 before anything is counted.
+
+Against MONAI 1.6 on the same one-hot masks (``tests/harness/training/test_metrics_monai.py``):
+Dice, IoU, HD, HD95 and symmetric ASSD agree where both are defined; the conventions that
+differ are
+
+* a class present only in the prediction: Dice/IoU 0 here, NaN in MONAI's default
+  (``ignore_empty=True``; 0 with ``ignore_empty=False``);
+* a class in neither mask: NaN here and in MONAI's default (1 with ``ignore_empty=False``);
+* exactly one mask empty: HD95 ``inf`` here, NaN in MONAI (HD and ASSD: ``inf`` in both);
+* ASSD is symmetric (MONAI's ``compute_average_surface_distance`` needs ``symmetric=True``);
+* ignored pixels: removed from both masks here; MONAI's ``ignore_index`` is not used.
 """
 
 from __future__ import annotations

@@ -219,3 +219,39 @@ def test_disk_index_cache(cadis_root, tmp_path):
     CaDIS.clear_memory_cache()
     c = CaDIS(root, split="all", cache_dir=tmp_path / "cache")
     assert len(c) == 5 and len(list((tmp_path / "cache").glob("cadis-index-*.json"))) == 2
+
+
+# ----------------------------------------------------------------------------- every raw id
+
+ALL_RAW = np.array(list(range(36)) + [255], np.uint8)
+
+
+@pytest.fixture
+def every_raw_id(tmp_path):
+    """One frame per video whose label map holds every raw id 0..35 and 255 (the real maps lack
+    9, 16, 21-24, 26-32 and 34), each id in a 2-pixel column, rows shifted per frame."""
+    root = tmp_path / "CaDIS"
+    labels = {}
+    for v in (1, 2):
+        lab = np.tile(np.repeat(np.roll(ALL_RAW, v), 2), (6, 1))
+        name = f"Video{v}_frame000001.png"
+        write_png(root / f"Video{v:02d}" / "Images" / name, np.zeros(lab.shape + (3,), np.uint8))
+        write_png(root / f"Video{v:02d}" / "Labels" / name, lab)
+        labels[f"Video{v}_frame000001"] = lab
+    return root, labels
+
+
+@pytest.mark.parametrize("task,rare", sorted(TABLES))
+def test_every_raw_id_through_the_adapter(every_raw_id, task, rare):
+    root, labels = every_raw_id
+    ds = CaDIS(root, split="all", task=task, rare_as_class=rare)
+    assert ds.num_classes == N_CLASSES[(task, rare)]
+    for i in range(len(ds)):
+        s = ds[i]
+        raw = labels[s["case_id"]]
+        assert set(np.unique(raw).tolist()) == set(ALL_RAW.tolist())
+        assert torch.equal(s["mask"], torch.from_numpy(_by_hand(raw, TABLES[(task, rare)]))), (task, rare)
+    # the hand tables themselves: every raw id has a target, and task 3 keeps 0..24 (24 included)
+    assert set(TABLES[(task, rare)]) == set(ALL_RAW.tolist())
+    if task == 3:
+        assert [TABLES[(task, rare)][c] for c in range(25)] == list(range(25))
