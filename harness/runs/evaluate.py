@@ -70,7 +70,8 @@ def run_eval(cfg: dict, checkpoint=None, split_key: str | None = None, out_dir=N
     write_table(per_class_table(summary, names, ds.background_classes), out / "per_class.csv")
     (out / "summary.yaml").write_text(yaml.safe_dump({"checkpoint": str(checkpoint), **summary}, sort_keys=False))
     if examples:
-        plot_overlays({cfg["method"]["name"]: examples}, out / "overlays.png")
+        plot_overlays({cfg["method"]["name"]: examples}, out / "overlays.png",
+                      background_classes=ds.background_classes, ignore_index=ds.ignore_index)
     if not quiet:
         print(f"{split_key}: {summary_line(summary)}")
         print(f"tables in {out}")
