@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dataset_writers import truncate, write_cadis, write_png
-from mtseg_harness.data import CaDIS, DatasetError, MissingFileError, collate, create_dataset
+from mtseg_harness.data import CaDIS, DatasetError, MissingFileError, cadis_lut, collate, create_dataset
 
 IGN = 255
 
@@ -255,3 +255,27 @@ def test_every_raw_id_through_the_adapter(every_raw_id, task, rare):
     assert set(TABLES[(task, rare)]) == set(ALL_RAW.tolist())
     if task == 3:
         assert [TABLES[(task, rare)][c] for c in range(25)] == list(range(25))
+
+
+def test_label_table_defaults_and_bad_tasks():
+    lut, k = cadis_lut(2)  # the official mapping unless the rare classes are asked for
+    assert k == 17 and lut[25] == IGN
+    for task in (0, -1, 4):
+        with pytest.raises(ValueError, match="task must be 1, 2 or 3"):
+            cadis_lut(task)
+
+
+@pytest.mark.parametrize("task,rare", sorted(TABLES))
+def test_raw_values_past_35_are_errors(tmp_path, task, rare):
+    """36..254 are no CaDIS class: an error in every task (not ignore, not a class)."""
+    root = tmp_path / "CaDIS"
+    lab = np.zeros((4, 6), np.uint8)
+    lab[1, 2] = 36
+    name = "Video1_frame000001.png"
+    write_png(root / "Video01" / "Images" / name, np.zeros((4, 6, 3), np.uint8))
+    write_png(root / "Video01" / "Labels" / name, lab)
+    ds = CaDIS(root, split="all", task=task, rare_as_class=rare)
+    with pytest.raises(DatasetError, match="36"):
+        ds[0]
+    lut, _ = cadis_lut(task, rare)
+    assert (lut[36:255] == -1).all()
