@@ -1,6 +1,8 @@
 # `make test`: everything from a fresh clone — venv, pinned dependencies, the compiled
 # extension (CUDA kernels too where torch and nvcc allow), then the test suite.
 # `make bench`: the same set-up, then the benchmarks and their summary table.
+# `make mutation`: the same set-up, then mutation testing (cosmic-ray) of the evaluation, the losses
+# and the CaDIS label tables, one session per mutation/*.toml (hours on 2 cores; not part of CI).
 # `make demo`: the same set-up, then `mtseg demo`: baseline / +HOG / +presence-sync (/ recursive
 # approximation) UNets trained and compared on the embedded HC18 sample, CPU, report in runs/demo.
 # `make sanitize`: the CPU kernels built with AddressSanitizer + UBSan (own folder), tests/ops
@@ -35,7 +37,10 @@ SANITIZE_DIR := build/sanitize
 SANITIZE_TESTS := tests/ops $(wildcard tests/fuzz)
 SANITIZE_ARGS ?=
 
-.PHONY: test bench demo build clean sanitize gpu-check ptxas-check FORCE
+MUTATION ?= labels losses metrics evaluate
+MUTATION_DIR := build/mutation
+
+.PHONY: test bench demo build clean sanitize gpu-check ptxas-check mutation FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +83,19 @@ bench: build
 	$(PY) -m pytest benchmarks -o python_files='bench_*.py' --benchmark-only \
 		--benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)
 	$(PY) benchmarks/summarize.py benchmarks/results/latest.json
+
+# cosmic-ray mutates the source files in place, one mutant at a time, and restores them;
+# do not edit the tree while it runs. Survivors: cr-report --surviving-only --show-diff <db>.
+mutation: build
+	@mkdir -p $(MUTATION_DIR)
+	@set -e; for m in $(MUTATION); do \
+		db=$(MUTATION_DIR)/$$m.sqlite; rm -f $$db; \
+		$(VENV)/bin/cosmic-ray init mutation/$$m.toml $$db; \
+		if grep -q line-filter mutation/$$m.toml; then $(VENV)/bin/cr-filter-lines --config mutation/$$m.toml $$db; fi; \
+		$(VENV)/bin/cosmic-ray exec mutation/$$m.toml $$db; \
+		echo "== $$m"; $(VENV)/bin/cr-report $$db | tail -n 3; \
+	done
+	@git diff --quiet -- harness || { echo "make mutation: the source differs from git after the run"; exit 1; }
 
 demo: build
 	$(VENV)/bin/mtseg demo $(DEMO_ARGS)

@@ -264,6 +264,7 @@ if __name__ == "__main__":
         extras_require={
             "test": ["pytest>=8", "hypothesis>=6.100", "scikit-image>=0.25", "scipy>=1.11", "expecttest",
                      "monai>=1.6,<1.7"],
+            "mutation": ["cosmic-ray>=8.7,<9"],
             "bench": [
                 "pytest-benchmark>=4",
                 "scikit-image>=0.25",

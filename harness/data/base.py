@@ -227,6 +227,10 @@ class SegmentationDataset(Dataset):
     class_names: tuple[str, ...] = ()
     scene_names: tuple[str, ...] | None = None
     ignore_index = IGNORE_INDEX
+    #: Classes that are background (left out of the foreground means ``dice_fg``/``hd95_fg``,
+    #: of the surface-distance columns and so of checkpoint selection); ``()`` when every
+    #: class is a structure of interest (CaDIS: class 0 is the pupil).
+    background_classes: tuple[int, ...] = (0,)
     #: Evaluation extras (:class:`ObjectMetrics`, :class:`RegionMetrics`, :class:`GroupReport`).
     extra_metrics: tuple = ()
     #: Record key of the unit that splits assign (a case, a video, a scan); see :meth:`assign_splits`.

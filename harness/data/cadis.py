@@ -22,6 +22,9 @@ is an error.
 Split (official, by video): val = videos 5, 7, 16; test = 2, 12, 22; train = the rest.
 ``split="all"`` takes every video.
 
+Every class is a structure (class 0 is the pupil): ``background_classes`` is empty, so
+the foreground means (``dice_fg``, ``hd95_fg``) and checkpoint selection count class 0.
+
 ``images=False`` reads labels only (``image`` is then absent): used for the label-only
 real-data sample in the tests and for label statistics.
 """
@@ -97,6 +100,7 @@ class CaDIS(SegmentationDataset):
     name = "cadis"
     splits = ("train", "val", "test", "all")
     split_by = "video"
+    background_classes = ()  # class 0 is the pupil, a structure like any other
 
     def __init__(self, root, split="train", *, task: int = 2, rare_as_class: bool = False,
                  images: bool = True, **kw):

@@ -17,7 +17,8 @@ value to ``ignore_index`` (255). Splits: the sub-folders are not split by the da
 ``split="all"`` takes every pair, and ``train``/``val``/``test`` a deterministic 70/10/20
 split of the stems (:func:`ratio_split`, ``seed``), or ``split_file=``: a JSON file
 ``{"train": [stems], "val": [...], "test": [...]}`` (a stem listed in two splits is an
-error; stems in no list belong to no split).
+error; stems in no list belong to no split). ``background_classes`` (default ``[0]``, ``[]``
+when every class is a structure) are left out of the foreground means.
 """
 
 from __future__ import annotations
@@ -55,9 +56,13 @@ class _PairsBase(SegmentationDataset):
     splits = ("train", "val", "test", "all")
 
     def __init__(self, root, split="all", *, num_classes=None, label_values=None, ignore_value=None,
-                 class_names=None, seed: int = 0, split_file=None, **kw):
+                 class_names=None, seed: int = 0, split_file=None, background_classes=(0,), **kw):
+        self.background_classes = tuple(int(c) for c in background_classes)
         self.lut, self.num_classes = _label_lut(num_classes, label_values, ignore_value)
         self.class_names = tuple(class_names) if class_names else tuple(f"class{k}" for k in range(self.num_classes))
+        if any(not 0 <= c < self.num_classes for c in self.background_classes):
+            raise ValueError(f"background_classes must be class ids in 0..{self.num_classes - 1}, "
+                             f"got {list(self.background_classes)}")
         self.seed = int(seed)
         self.split_file = split_file
         super().__init__(root, split, **kw)

@@ -2,8 +2,8 @@
 
 from .metrics import (confusion_matrix, dice_iou, miou_from_confusion, object_dice, object_hausdorff,
                       object_instances, overlap_counts, region_dice, region_masks, surface_distances)
-from .evaluate import evaluate, predict_batch, resize_image, summarize
+from .evaluate import evaluate, foreground, predict_batch, resize_image, shard_range, summarize, summary_line
 
 __all__ = ["confusion_matrix", "dice_iou", "miou_from_confusion", "object_dice", "object_hausdorff",
            "object_instances", "overlap_counts", "region_dice", "region_masks", "surface_distances",
-           "evaluate", "predict_batch", "resize_image", "summarize"]
+           "evaluate", "foreground", "predict_batch", "resize_image", "shard_range", "summarize", "summary_line"]

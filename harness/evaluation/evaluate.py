@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..data import GroupReport, ObjectMetrics, RegionMetrics
@@ -102,25 +103,61 @@ def _extra_columns(extra_metrics, pred: torch.Tensor, batch: dict, ignore_index)
     return rows
 
 
+def shard_range(n: int, rank: int, world: int) -> range:
+    """The contiguous part of ``range(n)`` that process ``rank`` of ``world`` evaluates.
+
+    Contiguous (not strided) so that concatenating the ranks' rows in rank order gives
+    the dataset's order, whatever samples a rank skipped.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard_range: rank must lie in 0..world-1, got rank={rank}, world={world}")
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+def _gather(obj) -> list:
+    """Every rank's ``obj`` in rank order (one process: ``[obj]``). Collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def foreground(names, background_classes) -> list[str]:
+    """Names of the classes that are not background (every class when all are declared background)."""
+    bg = set(int(c) for c in background_classes)
+    fg = [n for k, n in enumerate(names) if k not in bg]
+    return fg or list(names)
+
+
 @torch.no_grad()
 def evaluate(model, segment, loader, device, *, num_classes: int, ignore_index: int, class_names=None,
              hd: bool = True, pad_multiple: int = 32, keep_examples: int = 0, max_batches: int | None = None,
-             amp_dtype=None, input_size=None, extra_metrics=()):
+             amp_dtype=None, input_size=None, extra_metrics=(), background_classes=(0,), gather: bool = False):
     """Per-image metric table and the mean of every column.
 
     ``segment``: see :func:`predict_batch`. ``extra_metrics``: the dataset's declared
     extras (``dataset.extra_metrics``; empty for a quick validation).
+    ``background_classes``: the dataset's ``background_classes``: left out of the
+    foreground means and of the surface distances (``()``: every class counts).
+    ``gather``: under ``torch.distributed``, ``loader`` holds this rank's shard
+    (:func:`shard_range`); the rows, confusion matrices and examples of every rank are
+    gathered in rank order, so every rank returns what one process evaluating the whole
+    set returns (a collective call: every rank must make it).
 
     Returns ``(table, summary, examples)``: ``table`` a DataFrame with one row per image
     (``case_id``, ``dice_<class>``, ``iou_<class>``, and with ``hd=True`` ``hd95_<class>``,
-    ``hd_<class>`` in the spacing's units, i.e. mm; the extras' columns), ``summary`` a
-    dict of column means (``nanmean``; Hausdorff means over finite values, with the count
-    of infinite ones) plus ``dice_fg`` / ``iou_fg`` (mean over foreground classes),
-    dataset-level ``miou``, and per group ``by_<key>`` (:class:`GroupReport`);
-    ``examples``: up to ``keep_examples`` (image, target, prediction) numpy triples.
-    Batches whose samples were all skipped (``on_error="skip"``) are passed over.
+    ``hd_<class>``, ``assd_<class>`` of every non-background class in the spacing's
+    units, i.e. mm; the extras' columns; ``nan`` where a metric is undefined, ``inf``
+    where one mask is empty), ``summary`` (:func:`summarize`: means with the counts of
+    undefined and infinite values) plus dataset-level ``miou``, and per group
+    ``by_<key>`` (:class:`GroupReport`); ``examples``: up to ``keep_examples``
+    (image, target, prediction) numpy triples. Batches whose samples were all skipped
+    (``on_error="skip"``) are passed over.
     """
     names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
+    bg = {int(c) for c in background_classes}
+    measured = [k for k in range(num_classes) if k not in bg] or list(range(num_classes))
     groups = [spec.key for spec in extra_metrics if isinstance(spec, GroupReport)]
     was_training = model.training
     model.eval()
@@ -140,7 +177,8 @@ def evaluate(model, segment, loader, device, *, num_classes: int, ignore_index: 
             dice, iou = M.dice_iou(pred, target, num_classes, ignore_index)
             surf = None
             if hd:
-                surf = M.surface_distances(pred, target, num_classes, batch.get("spacing"), ignore_index)
+                surf = M.surface_distances(pred, target, num_classes, batch.get("spacing"), ignore_index,
+                                           classes=measured)
             extra = _extra_columns(extra_metrics, pred, batch, ignore_index)
             ids = batch.get("case_id", [f"{bi}_{i}" for i in range(len(pred))])
             for i in range(len(pred)):
@@ -149,10 +187,10 @@ def evaluate(model, segment, loader, device, *, num_classes: int, ignore_index: 
                     row[f"dice_{n}"] = float(dice[i, k])
                     row[f"iou_{n}"] = float(iou[i, k])
                 if surf is not None:
-                    for k, n in enumerate(names[1:]):
-                        row[f"hd95_{n}"] = float(surf["hd95"][i, k])
-                        row[f"hd_{n}"] = float(surf["hd"][i, k])
-                        row[f"assd_{n}"] = float(surf["assd"][i, k])
+                    for j, k in enumerate(measured):
+                        row[f"hd95_{names[k]}"] = float(surf["hd95"][i, j])
+                        row[f"hd_{names[k]}"] = float(surf["hd"][i, j])
+                        row[f"assd_{names[k]}"] = float(surf["assd"][i, j])
                 row.update(extra[i])
                 rows.append(row)
                 for key in groups:
@@ -163,13 +201,22 @@ def evaluate(model, segment, loader, device, *, num_classes: int, ignore_index: 
                     examples.append((batch["image"][i].numpy(), target[i].numpy(), pred[i].numpy()))
     finally:
         model.train(was_training)
+    if gather:
+        parts = _gather((rows, cm, group_cm, examples))
+        rows = [r for part in parts for r in part[0]]
+        cm = sum((part[1] for part in parts), torch.zeros_like(cm))
+        group_cm = {}
+        for part in parts:
+            for g, m in part[2].items():
+                group_cm[g] = group_cm.get(g, 0) + m
+        examples = [e for part in parts for e in part[3]][:keep_examples]
     table = pd.DataFrame(rows)
-    summary = summarize(table, names, skip=groups)
+    summary = summarize(table, names, skip=groups, background_classes=background_classes)
     summary["miou"] = _miou(cm)
     for key in groups:
         summary[f"by_{key}"] = {}
         for value, sub in table.groupby(key, sort=True):
-            part = summarize(sub, names, skip=groups)
+            part = summarize(sub, names, skip=groups, background_classes=background_classes)
             part["miou"] = _miou(group_cm[(key, value)])
             summary[f"by_{key}"][value.item() if hasattr(value, "item") else value] = part
     return table, summary, examples
@@ -180,8 +227,21 @@ def _miou(cm: torch.Tensor) -> float:
     return float(np.nanmean(iou.numpy()))
 
 
-def summarize(table: pd.DataFrame, names, skip=()) -> dict:
-    """Column means of a per-image table (``case_id`` and the columns in ``skip`` left out)."""
+#: Columns whose values can be infinite (one mask empty): their means leave those out and say how many.
+DISTANCE_PREFIXES = ("hd95_", "hd_", "assd_", "object_hausdorff")
+
+
+def summarize(table: pd.DataFrame, names, skip=(), background_classes=(0,)) -> dict:
+    """Column means of a per-image table (``case_id`` and the columns in ``skip`` left out).
+
+    Every mean is over the images where the metric is finite, and beside every mean
+    ``<col>_n_nan`` counts the images where it is undefined (class in neither mask);
+    distance columns (Hausdorff, ASSD) also get ``<col>_n_inf``, the images left out
+    because exactly one mask is empty. A column with no finite value has mean ``nan``.
+    ``dice_fg``, ``iou_fg``, ``hd95_fg``: the mean of the per-class means over the
+    classes that are not in ``background_classes`` (classes with no finite value left
+    out), with ``_n_nan``/``_n_inf`` summed over those classes (image-class pairs).
+    """
     out: dict = {"n_images": int(len(table))}
     for col in table.columns:
         if col == "case_id" or col in skip:
@@ -189,14 +249,30 @@ def summarize(table: pd.DataFrame, names, skip=()) -> dict:
         v = table[col].to_numpy(dtype=float)
         finite = v[np.isfinite(v)]
         out[col] = float(finite.mean()) if finite.size else float("nan")
-        if col.startswith(("hd", "assd", "object_hausdorff")):
+        out[col + "_n_nan"] = int(np.isnan(v).sum())
+        if col.startswith(DISTANCE_PREFIXES):
             out[col + "_n_inf"] = int(np.isinf(v).sum())
-    fg = names[1:] if len(names) > 1 else names
-    for m in ("dice", "iou"):
+    fg = foreground(names, background_classes)
+    for m in ("dice", "iou", "hd95"):
         cols = [f"{m}_{n}" for n in fg if f"{m}_{n}" in table]
-        if cols:
-            out[f"{m}_fg"] = float(np.nanmean([out[c] for c in cols]))
-    cols = [f"hd95_{n}" for n in fg if f"hd95_{n}" in table]
-    if cols:
-        out["hd95_fg"] = float(np.nanmean([out[c] for c in cols]))
+        if not cols:
+            continue
+        means = np.array([out[c] for c in cols])
+        out[f"{m}_fg"] = float(np.nanmean(means)) if np.isfinite(means).any() else float("nan")
+        out[f"{m}_fg_n_nan"] = int(sum(out[c + "_n_nan"] for c in cols))
+        if m == "hd95":
+            out[f"{m}_fg_n_inf"] = int(sum(out[c + "_n_inf"] for c in cols))
     return out
+
+
+def summary_line(summary: dict, keys=("dice_fg", "iou_fg", "miou", "hd95_fg")) -> str:
+    """One line of the main means, each with the counts it left out, e.g.
+    ``dice_fg 0.9012, miou 0.8801, hd95_fg 3.1416 (2 inf, 1 nan left out)  (40 images)``."""
+    parts = []
+    for k in keys:
+        if k not in summary:
+            continue
+        left = [f"{summary[k + suffix]} {word}" for suffix, word in (("_n_inf", "inf"), ("_n_nan", "nan"))
+                if summary.get(k + suffix)]
+        parts.append(f"{k} {summary[k]:.4f}" + (f" ({', '.join(left)} left out)" if left else ""))
+    return ", ".join(parts) + f"  ({summary['n_images']} images)"

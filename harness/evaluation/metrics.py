@@ -6,6 +6,17 @@ class absent from both prediction and target in an image gives ``nan`` (left out
 mean with ``nanmean``); a class present in only one of them gives Dice/IoU 0 and
 Hausdorff ``+inf``. Pixels whose target is ``ignore_index`` are removed from both masks
 before anything is counted.
+
+Against MONAI 1.6 on the same one-hot masks (``tests/harness/training/test_metrics_monai.py``):
+Dice, IoU, HD, HD95 and symmetric ASSD agree where both are defined; the conventions that
+differ are
+
+* a class present only in the prediction: Dice/IoU 0 here, NaN in MONAI's default
+  (``ignore_empty=True``; 0 with ``ignore_empty=False``);
+* a class in neither mask: NaN here and in MONAI's default (1 with ``ignore_empty=False``);
+* exactly one mask empty: HD95 ``inf`` here, NaN in MONAI (HD and ASSD: ``inf`` in both);
+* ASSD is symmetric (MONAI's ``compute_average_surface_distance`` needs ``symmetric=True``);
+* ignored pixels: removed from both masks here; MONAI's ``ignore_index`` is not used.
 """
 
 from __future__ import annotations
@@ -67,34 +78,31 @@ def miou_from_confusion(cm: Tensor) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- surface distances
 
 def surface_distances(pred: Tensor, target: Tensor, num_classes: int, spacing=None, ignore_index: int | None = 255,
-                      include_background: bool = False) -> dict[str, Tensor]:
+                      include_background: bool = False, classes=None) -> dict[str, Tensor]:
     """HD, HD95 and ASSD per image and class (``(B, K')`` float64, in the units of ``spacing``).
 
-    Uses the exact surface-metric operator ``mtseg_kernels.surface_metrics`` (MONAI's
-    definitions). ``spacing``: one per-axis spacing for the batch, or ``(B, ndim)``
-    (images with different pixel sizes, e.g. HC18). Ignored pixels are set to
-    background in both masks first.
+    ``classes``: the class ids measured, in this order (default ``1..K-1``, or ``0..K-1``
+    with ``include_background``); ``K' = len(classes)``. ``spacing``: one per-axis spacing
+    for the batch, or ``(B, ndim)`` (images with different pixel sizes, e.g. HC18).
+    Pixels whose target is ``ignore_index`` belong to no class in either map (so a
+    prediction there adds no surface), whatever class 0 means. Uses the exact operator
+    ``mtseg_kernels.surface_metrics`` (MONAI's definitions) on one-hot masks.
     """
-    if ignore_index is not None:
-        bg = target == ignore_index
-        pred = torch.where(bg, torch.zeros_like(pred), pred)
-        target = torch.where(bg, torch.zeros_like(target), target)
-    pred, target = pred.long().cpu(), target.long().cpu()
-    per_image = spacing is not None and torch.as_tensor(spacing).dim() == 2
-    if not per_image:
-        sp = None if spacing is None else [float(s) for s in torch.as_tensor(spacing).reshape(-1)]
-        m = mtseg_kernels.surface_metrics(pred, target, sp, 95.0, num_classes=num_classes,
-                                          include_background=include_background)
-        return {"hd": m.hausdorff, "hd95": m.hausdorff_percentile, "assd": m.assd}
-    spacing = torch.as_tensor(spacing, dtype=torch.float64)
-    rows = {"hd": [], "hd95": [], "assd": []}
-    for i in range(pred.shape[0]):
-        m = mtseg_kernels.surface_metrics(pred[i:i + 1], target[i:i + 1], [float(s) for s in spacing[i]], 95.0,
-                                          num_classes=num_classes, include_background=include_background)
-        rows["hd"].append(m.hausdorff)
-        rows["hd95"].append(m.hausdorff_percentile)
-        rows["assd"].append(m.assd)
-    return {k: torch.cat(v) for k, v in rows.items()}
+    if classes is None:
+        classes = range(0 if include_background else 1, num_classes)
+    classes = [int(c) for c in classes]
+    pred, target = pred.long(), target.long()
+    b = pred.shape[0]
+    if not classes:
+        empty = torch.empty(b, 0, dtype=torch.float64)
+        return {"hd": empty, "hd95": empty.clone(), "assd": empty.clone()}
+    ids = torch.tensor(classes, device=pred.device).view(1, -1, *([1] * (pred.dim() - 1)))
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    p = (pred.unsqueeze(1) == ids) & valid.unsqueeze(1)
+    t = (target.unsqueeze(1) == ids) & valid.unsqueeze(1)
+    sp = None if spacing is None else torch.as_tensor(spacing, dtype=torch.float64).cpu()
+    m = mtseg_kernels.surface_metrics(p, t, sp, 95.0, format="onehot", include_background=True)
+    return {"hd": m.hausdorff.cpu(), "hd95": m.hausdorff_percentile.cpu(), "assd": m.assd.cpu()}
 
 
 # --------------------------------------------------------------------------- GlaS objects

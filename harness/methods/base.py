@@ -35,8 +35,8 @@ class TrainContext:
         dataset: the training set (as wrapped by :meth:`Method.wrap_dataset`).
         batches: ``batches(batch_size)`` -> the training set in order, collated, on the
             CPU, without augmentation.
-        predict: ``predict(image, segment)`` -> label maps ``(B, *S)`` on the CPU for a
-            batch of images ``(B, C, *S)`` (any device): the model in eval mode, without
+        predict: ``predict(image, segment)`` -> label maps ``(B, *S)`` on the run's device
+            for a batch of images ``(B, C, *S)`` (any device): the model in eval mode, without
             gradients, under the run's AMP setting, the images resized to
             ``data.input_size`` and padded as in evaluation; ``segment`` is a
             :meth:`Method.segment`-like callable.
@@ -44,6 +44,9 @@ class TrainContext:
         save_table: ``save_table(name, rows, plot=None)`` writes ``<out_dir>/<name>.csv``
             (main process only) and, with ``plot={"y": column, "title": ...}`` and more than
             one row, ``<name>.png``.
+        rank: this process's rank (0 in a one-process run).
+        work_dir: the run folder on every process (per-rank scratch files go there), or
+            ``None`` (a method then uses a temporary folder).
     """
 
     step: int
@@ -53,6 +56,8 @@ class TrainContext:
     predict: Callable[..., Tensor]
     out_dir: Optional[Path]
     save_table: Callable[..., None]
+    rank: int = 0
+    work_dir: Optional[Path] = None
 
 
 def resize_logits(logits: Tensor, size=None) -> Tensor:

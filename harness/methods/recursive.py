@@ -15,9 +15,17 @@ approximation grows towards the object boundaries with the exact multi-object le
 set ``mtseg_kernels.grow_instances`` (seeds = the current approximation's instances,
 ``S`` = the predicted foreground, speed ``lam``; objects never merge; each grown region
 keeps its seed's class). Strong images keep their true mask. The approximations of every
-round are saved (``<out_dir>/approximations/round_RRR.npz``) with their Dice against the
-true masks (``rounds.csv``, ``rounds.png``) -- the true masks of weak images are used for
-this report only, never for training.
+round are saved (``<out_dir>/approximations/round_RRR.npz``, read with :func:`load_round`)
+with their Dice against the true masks (``rounds.csv``, ``rounds.png``) -- the true masks
+of weak images are used for this report only, never for training.
+
+Storage: the current approximations live on disk, not in RAM (:class:`ApproxStore`: one
+flat memory-mapped file per process, ``<out_dir>/approximations/current.rank<R>.u8``),
+so a data set of CaDIS's size at full resolution costs page cache, not process memory.
+A checkpoint holds them (as one flat tensor read from the file) and a resumed run writes
+them back to the file. The round's segmentation and growth run on the model's device
+(``connected_components`` and ``grow_instances`` on CUDA where the build has those kernels);
+only the result is copied to the file.
 
 Evaluation ends with a final growth: seeds = the instances of the approximation output,
 grown inside the predicted segmentation with ``lam_eval`` (default 10: close to the
@@ -29,8 +37,10 @@ are our choices; the paper's values were not available to us.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from typing import Annotated, Optional
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,14 +54,28 @@ from . import losses
 from .base import Method, TrainContext, register_method, resize_logits
 
 
+def _on_device(op, *tensors, **kwargs):
+    """``op`` on the tensors' device; a build whose op has only CPU kernels runs it on the
+    CPU and moves the result back (the op says so with NotImplementedError)."""
+    try:
+        return op(*tensors, **kwargs)
+    except NotImplementedError:
+        device = tensors[0].device
+        if device.type == "cpu":
+            raise
+        cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        out = op(*(t.cpu() for t in tensors), **cpu)
+        return type(out)(*(o.to(device) for o in out))
+
+
 def _instances(classes: torch.Tensor) -> torch.Tensor:
-    """Connected components (faces) of each foreground class -> instance ids, batched."""
-    out = torch.zeros(classes.shape, dtype=torch.int64)
-    offset = torch.zeros(classes.shape[0], dtype=torch.int64)
+    """Connected components (faces) of each foreground class -> instance ids, batched, on the input's device."""
+    out = torch.zeros(classes.shape, dtype=torch.int64, device=classes.device)
+    offset = torch.zeros(classes.shape[0], dtype=torch.int64, device=classes.device)
     for c in classes.unique().tolist():
         if c == 0:
             continue
-        lab, counts = connected_components((classes == c).to(torch.uint8))
+        lab, counts = _on_device(connected_components, (classes == c).to(torch.uint8))
         lab = lab.long()
         shift = offset.view(-1, *([1] * (classes.dim() - 1)))
         out = torch.where(lab > 0, lab + shift, out)
@@ -60,14 +84,100 @@ def _instances(classes: torch.Tensor) -> torch.Tensor:
 
 
 def grow(seeds_classes: torch.Tensor, seeds_instances: torch.Tensor | None, seg: torch.Tensor, lam: float) -> torch.Tensor:
-    """Grow class-labelled seeds inside ``seg != 0``; returns the grown class map (CPU int64)."""
-    seeds_classes = seeds_classes.cpu().long()
-    inst = seeds_instances.cpu().long() if seeds_instances is not None else None
+    """Grow class-labelled seeds inside ``seg != 0``; returns the grown class map (int64, on ``seg``'s device)."""
+    device = seg.device
+    seeds_classes = seeds_classes.to(device).long()
+    inst = seeds_instances.to(device).long() if seeds_instances is not None else None
     if inst is None or (inst.amax(dim=tuple(range(1, inst.dim()))) == 0).any():
         inst = _instances(seeds_classes)
     inst = torch.where(seeds_classes > 0, inst, torch.zeros_like(inst))
-    grown = grow_instances(inst, (seg.cpu() != 0).to(torch.uint8), float(lam), seed_classes=seeds_classes)
+    grown = _on_device(grow_instances, inst, (seg != 0).to(torch.uint8), float(lam), seed_classes=seeds_classes)
     return torch.where(grown.instances > 0, grown.classes, torch.where(seeds_classes > 0, seeds_classes, 0))
+
+
+class ApproxStore:
+    """The current approximation of every training image, in one flat memory-mapped file.
+
+    Images may differ in size: image ``i`` is ``array[offset[i]:offset[i] + prod(shape[i])]``.
+    Reads return tensors (copies); writes go to the file. Built by :meth:`write`, which
+    streams the images to the file one at a time (nothing dataset-sized in RAM).
+
+    Attributes:
+        path: the file; ``ids``: case ids in order; ``shapes``: ``(N, ndim)`` int64.
+    """
+
+    def __init__(self, path, ids, shapes, dtype):
+        self.path, self.ids, self.dtype = Path(path), list(ids), np.dtype(dtype)
+        self.shapes = np.asarray(shapes, dtype=np.int64).reshape(len(self.ids), -1)
+        sizes = np.prod(self.shapes, axis=1) if len(self.ids) else np.zeros(0, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.index = {c: i for i, c in enumerate(self.ids)}
+        total = int(self.offsets[-1])
+        self.array = np.memmap(self.path, dtype=self.dtype, mode="r+", shape=(max(total, 1),))[:total]
+
+    @classmethod
+    def write(cls, path, items, dtype) -> "ApproxStore":
+        """A store of ``items``, an iterable of ``(case_id, label map)`` (tensors or arrays)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ids, shapes = [], []
+        with open(path, "wb") as f:
+            for cid, labels in items:
+                a = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+                f.write(np.ascontiguousarray(a, dtype=dtype).tobytes())
+                ids.append(str(cid))
+                shapes.append(a.shape)
+            if not ids:
+                f.write(b"\0")
+        return cls(path, ids, shapes, dtype)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, cid) -> bool:
+        return str(cid) in self.index
+
+    def __iter__(self):
+        return iter(self.ids)
+
+    def _slice(self, cid):
+        i = self.index[str(cid)]
+        return self.array[self.offsets[i]:self.offsets[i + 1]], tuple(self.shapes[i])
+
+    def __getitem__(self, cid) -> torch.Tensor:
+        flat, shape = self._slice(cid)
+        return torch.from_numpy(np.array(flat).reshape(shape))
+
+    def __setitem__(self, cid, labels) -> None:
+        flat, shape = self._slice(cid)
+        a = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        if tuple(a.shape) != shape:
+            raise ValueError(f"ApproxStore: {cid} holds a {shape} map, got {tuple(a.shape)}")
+        flat[:] = a.reshape(-1)
+
+    def state(self) -> dict:
+        """Tensors and plain types for a checkpoint; the flat tensor shares the file's pages."""
+        self.array.flush()
+        return {"case_id": list(self.ids), "shape": torch.from_numpy(self.shapes.copy()),
+                "approx": torch.from_numpy(self.array) if len(self.array) else torch.zeros(0, dtype=torch.uint8)}
+
+    @classmethod
+    def from_state(cls, path, state: dict, dtype) -> "ApproxStore":
+        """Write a checkpoint's approximations (:meth:`state`) to a new file."""
+        flat = state["approx"]
+        shapes = np.asarray(state["shape"], dtype=np.int64)
+        sizes = np.prod(shapes, axis=1) if len(shapes) else np.zeros(0, np.int64)
+        bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return cls.write(path, ((c, flat[bounds[i]:bounds[i + 1]].reshape(tuple(shapes[i])))
+                                for i, c in enumerate(state["case_id"])), dtype)
+
+
+def load_round(path) -> dict[str, np.ndarray]:
+    """A saved round (``approximations/round_RRR.npz``): case id -> approximation (class map)."""
+    with np.load(path) as z:
+        ids, shapes, flat = z["case_id"].tolist(), z["shape"], z["approx"]
+    bounds = np.concatenate([[0], np.cumsum(np.prod(shapes, axis=1))]).astype(np.int64)
+    return {c: flat[bounds[i]:bounds[i + 1]].reshape(tuple(shapes[i])) for i, c in enumerate(ids)}
 
 
 @register_method("recursive_approx", "recursive")
@@ -92,9 +202,17 @@ class RecursiveApprox(Method):
 
     def __init__(self, num_classes, ignore_index=255, **options):
         super().__init__(num_classes, ignore_index, **options)
-        self.current: dict[str, torch.Tensor] = {}   # case_id -> approximation (class map, uint8/int64)
+        # case_id -> approximation (class map): an ApproxStore on disk once setup() ran
+        self.current: ApproxStore | dict = {}
         self.rounds: list[dict] = []
         self.round = 0
+        self._restored: dict | None = None  # a checkpoint's approximations, written to disk by setup()
+        self._scratch = None  # a temporary folder when the trainer lends no work_dir
+
+    @property
+    def label_dtype(self):
+        """The smallest dtype that holds every class and the ignore index."""
+        return np.uint8 if max(self.num_classes - 1, self.ignore_index) <= 255 else np.int32
 
     def heads(self):
         return Heads(approx=ApproxHeadSpec(num_classes=self.num_classes))
@@ -108,25 +226,39 @@ class RecursiveApprox(Method):
                                         strong_fraction=o["strong_fraction"]))
 
     # ------------------------------------------------------------------ approximations
+    def _store_path(self, ctx: TrainContext) -> Path:
+        folder = ctx.work_dir
+        if folder is None:
+            self._scratch = self._scratch or tempfile.TemporaryDirectory(prefix="mtseg-approx-")
+            folder = Path(self._scratch.name)
+        return Path(folder) / "approximations" / f"current.rank{ctx.rank}.{np.dtype(self.label_dtype).name}"
+
     def setup(self, ctx: TrainContext) -> None:
         ds = ctx.dataset
-        if not self.current:  # (a resumed run has them from its checkpoint)
+        path = self._store_path(ctx)
+        if self._restored is not None:  # a resumed run: its checkpoint's approximations, to disk
+            self.current = ApproxStore.from_state(path, self._restored, self.label_dtype)
+            self._restored = None
+        elif not len(self.current):
             dice = []
-            for i in range(len(ds)):
-                s = ds[i]
-                if s is None:
-                    continue
-                cid = str(s["case_id"])
-                self.current[cid] = s["weak"].to(torch.uint8 if self.num_classes <= 255 else torch.int64)
-                if not s.get("strong", False):
-                    dice.append(self._dice(s["weak"], s["mask"]))
+
+            def weak_labels():
+                for i in range(len(ds)):
+                    s = ds[i]
+                    if s is None:
+                        continue
+                    if not s.get("strong", False):
+                        dice.append(self._dice(s["weak"], s["mask"]))
+                    yield str(s["case_id"]), s["weak"]
+
+            self.current = ApproxStore.write(path, weak_labels(), self.label_dtype)
             self._record(ctx, dice)
         if isinstance(ds, _TrainSamples):
             ds.generate = False  # from now on the batches get the current approximations instead
 
     def _dice(self, approx: torch.Tensor, mask: torch.Tensor) -> float:
         """Foreground Dice of an approximation against the true mask (labels must agree)."""
-        a, m = approx.long(), mask.long()
+        a, m = approx.long(), mask.long().to(approx.device)
         valid = m != self.ignore_index
         fg_a, fg_m = (a > 0) & valid, (m > 0) & valid
         denom = int(fg_a.sum()) + int(fg_m.sum())
@@ -162,18 +294,24 @@ class RecursiveApprox(Method):
 
     @torch.no_grad()
     def update(self, ctx: TrainContext) -> None:
-        """One round: segment every training image, grow every weak image's approximation."""
-        new, dice = {}, []
+        """One round: segment every training image, grow every weak image's approximation.
+
+        Segmentation and growth run on the device ``ctx.predict`` returns labels on; each
+        image's approximation is read before it is overwritten and no image reads
+        another's, so the round writes in place.
+        """
+        dice = []
         for batch in ctx.batches(int(self.options["update_batch_size"])):
             seg = ctx.predict(batch["image"], self.plain_segment)
-            cur = torch.stack([self.current[str(c)] for c in batch["case_id"]]).long()
+            cur = torch.stack([self.current[str(c)] for c in batch["case_id"]]).to(seg.device).long()
             grown = grow(cur, None, seg, self.options["lam"])
-            strong = batch["strong"].bool()
+            strong = batch["strong"].bool().tolist()
             for i, cid in enumerate(batch["case_id"]):
-                new[str(cid)] = (batch["mask"][i] if strong[i] else grown[i]).to(self.current[str(cid)].dtype)
-                if not strong[i]:
+                if strong[i]:
+                    self.current[str(cid)] = batch["mask"][i]
+                else:
+                    self.current[str(cid)] = grown[i]
                     dice.append(self._dice(grown[i], batch["mask"][i]))
-        self.current = new
         self.round += 1
         self._record(ctx, dice)
 
@@ -185,9 +323,10 @@ class RecursiveApprox(Method):
         if ctx.out_dir is not None and self.options["save_rounds"]:
             out = ctx.out_dir / "approximations"
             out.mkdir(parents=True, exist_ok=True)
-            ids = sorted(self.current)
-            np.savez_compressed(out / f"round_{self.round:03d}.npz", case_id=np.array(ids),
-                                approx=np.stack([self.current[c].numpy() for c in ids]))
+            if isinstance(self.current, ApproxStore):
+                state = self.current.state()
+                np.savez_compressed(out / f"round_{self.round:03d}.npz", case_id=np.array(state["case_id"]),
+                                    shape=state["shape"].numpy(), approx=self.current.array)
             ctx.save_table("rounds", self.rounds, plot={"y": "dice_vs_true",
                                                         "title": "approximations vs true masks (weak images)"})
 
@@ -208,11 +347,23 @@ class RecursiveApprox(Method):
         return torch.where(seeded, grown, seg)
 
     def state_dict(self):
-        return {"current": self.current, "rounds": self.rounds, "round": self.round}
+        if isinstance(self.current, ApproxStore):
+            current = self.current.state()
+        elif self._restored is not None:
+            current = self._restored
+        else:
+            current = {"case_id": [], "shape": torch.zeros(0, 2, dtype=torch.int64), "approx": torch.zeros(0, dtype=torch.uint8)}
+        return {"current": current, "rounds": self.rounds, "round": self.round}
 
     def load_state_dict(self, state):
+        """Restore the rounds; the approximations reach the disk in :meth:`setup` (evaluation never needs them)."""
         if state:
-            self.current = dict(state["current"])
+            current = state["current"]
+            if "case_id" not in current:  # an older checkpoint: case id -> tensor
+                ids = list(current)
+                current = {"case_id": ids, "shape": torch.tensor([list(current[c].shape) for c in ids]),
+                           "approx": torch.cat([current[c].reshape(-1) for c in ids]) if ids else torch.zeros(0)}
+            self._restored = dict(current) if len(current["case_id"]) else None
             self.rounds = list(state["rounds"])
             self.round = int(state["round"])
 

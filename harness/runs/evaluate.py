@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import torch
 import yaml
 
-from ..evaluation import evaluate
-from ..evaluation.report import per_class_table, plot_overlays
-from ..training import load_checkpoint, resolve_device
+from ..evaluation import evaluate, summary_line
+from ..evaluation.report import per_class_table, plot_overlays, write_table
+from ..training import distributed, load_checkpoint, resolve_device
 from ..training.checkpoint import config_changes, describe_changes, load_model_state, plain
 from ..training.data import eval_loader
 from .assemble import build_run, load_config
@@ -63,6 +64,8 @@ def run_eval(cfg: dict, checkpoint=None, split_key: str | None = None, out_dir=N
     Returns ``(table, summary, examples)`` of :func:`~mtseg_harness.evaluation.evaluate`,
     with the dataset's declared extras (object metrics, regions, per-group reports).
     The network (:data:`NETWORK_KEYS`) is built as the checkpoint's stored config says.
+    Under ``torchrun`` each process evaluates its shard of the split and the metrics are
+    gathered (every process returns the whole result); only rank 0 writes and prints.
     """
     split_key = split_key or cfg["eval"]["split"]
     run_dir = Path(cfg["train"]["out_dir"])
@@ -70,28 +73,42 @@ def run_eval(cfg: dict, checkpoint=None, split_key: str | None = None, out_dir=N
         checkpoint = run_dir / f"{cfg['eval']['checkpoint']}.pt"
         if not checkpoint.is_file():
             checkpoint = run_dir / "last.pt"
+    started = distributed.is_distributed()
     state = load_checkpoint(checkpoint, required=("model", "config"))
     cfg = network_config(cfg, state["config"], checkpoint)
     run = build_run(cfg, split_key)
     load_model_state(run.model, state["model"], checkpoint)
     run.method.load_state_dict(state.get("method") or {})
-    device = resolve_device(cfg.get("device", "auto"))
+    # under torchrun every process evaluates its shard; the metrics are gathered, rank 0 writes
+    rank, world, local_rank = distributed.init_distributed(resolve_device(cfg.get("device", "auto")).type)
+    joined = world > 1 and not started
+    device = resolve_device(cfg.get("device", "auto"), local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     ds = run.dataset
     names = list(ds.class_names)
-    table, summary, examples = evaluate(run.model.to(device), run.method.segment, eval_loader(ds, cfg), device,
-                                        num_classes=ds.num_classes, ignore_index=ds.ignore_index, class_names=names,
-                                        hd=bool(cfg["eval"]["hd"]), pad_multiple=int(cfg["eval"]["pad_multiple"]),
-                                        keep_examples=keep_examples, input_size=cfg["data"].get("input_size"),
-                                        extra_metrics=ds.extra_metrics)
+    try:
+        table, summary, examples = evaluate(run.model.to(device), run.method.segment,
+                                            eval_loader(ds, cfg, rank=rank, world=world), device,
+                                            num_classes=ds.num_classes, ignore_index=ds.ignore_index,
+                                            class_names=names, hd=bool(cfg["eval"]["hd"]),
+                                            pad_multiple=int(cfg["eval"]["pad_multiple"]), keep_examples=keep_examples,
+                                            input_size=cfg["data"].get("input_size"), extra_metrics=ds.extra_metrics,
+                                            background_classes=ds.background_classes, gather=world > 1)
+    finally:
+        if joined:
+            distributed.cleanup()
+    if rank != 0:
+        return table, summary, examples
     out = Path(out_dir) if out_dir else run_dir / f"eval_{split_key}"
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "per_image.csv", index=False)
-    per_class_table(summary, names).to_csv(out / "per_class.csv", index=False)
+    write_table(table, out / "per_image.csv")
+    write_table(per_class_table(summary, names, ds.background_classes), out / "per_class.csv")
     (out / "summary.yaml").write_text(yaml.safe_dump({"checkpoint": str(checkpoint), **summary}, sort_keys=False))
     if examples:
-        plot_overlays({cfg["method"]["name"]: examples}, out / "overlays.png")
+        plot_overlays({cfg["method"]["name"]: examples}, out / "overlays.png",
+                      background_classes=ds.background_classes, ignore_index=ds.ignore_index)
     if not quiet:
-        keys = [k for k in ("dice_fg", "iou_fg", "miou", "hd95_fg") if k in summary]
-        print(f"{split_key}: " + ", ".join(f"{k} {summary[k]:.4f}" for k in keys) + f"  ({summary['n_images']} images)")
+        print(f"{split_key}: {summary_line(summary)}")
         print(f"tables in {out}")
     return table, summary, examples

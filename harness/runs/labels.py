@@ -7,7 +7,14 @@
   (``mtseg_kernels.presence_from_labels``).
 * ``weak``: ``<out>/weak/<case_id>.png``, the generated weak class maps
   (:func:`mtseg_harness.data.make_weak_labels` with the method's options), readable
-  back with ``WeakLabels(dataset, weak_dir=<out>/weak)``.
+  back with ``WeakLabels(dataset, weak_dir=<out>/weak)``. The PNGs are palette images:
+  each pixel's value is its class id (0, 1, ..., 255 = ignored), exactly as read by
+  ``numpy.array(PIL.Image.open(path))``, and the palette shows the classes in colour
+  (class 0 black, the others bright, ignored white), so a 0/1 map is not a black image
+  in a viewer. (Converting to RGB, e.g. ``Image.open(path).convert("RGB")``, gives the
+  colours instead of the ids.)
+
+A progress bar (stderr) counts the samples.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from PIL import Image
 import mtseg_kernels
 
 from ..data import make_weak_labels
+from ..evaluation.report import label_palette
+from ..training.logs import progress_bar
 from ..models import DEFAULT_HOG_DIM
 from .assemble import build_dataset
 
@@ -38,7 +47,10 @@ def precompute_labels(cfg: dict, out, kinds=("hog", "presence", "weak"), split_k
     written = {}
     if "weak" in kinds:
         (out / "weak").mkdir(exist_ok=True)
+    palette = label_palette(k, ignore)
+    bar = progress_bar(total=len(ds), desc=f"labels ({', '.join(kinds)})")
     for i in range(len(ds)):
+        bar.update(1)
         s = ds[i]
         if s is None:
             continue
@@ -54,7 +66,10 @@ def precompute_labels(cfg: dict, out, kinds=("hog", "presence", "weak"), split_k
             arr = weak.numpy()
             if arr.ndim != 2 or arr.max() > 255:
                 raise ValueError(f"labels: weak labels of {cid} are not a 2D 8-bit map; use 2D datasets")
-            Image.fromarray(arr.astype(np.uint8)).save(out / "weak" / (cid.replace("/", "__") + ".png"))
+            png = Image.frombytes("P", (arr.shape[1], arr.shape[0]), np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
+            png.putpalette(palette)
+            png.save(out / "weak" / (cid.replace("/", "__") + ".png"))
+    bar.close()
     if "hog" in kinds:
         if not hogs:
             raise ValueError("labels: HOG targets need 2D images")

@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from ..data import collate
+from ..evaluation import shard_range
 
 
 class StepBatchSampler(Sampler):
@@ -90,8 +91,14 @@ def train_loader(dataset, cfg: dict, *, world_size: int = 1, rank: int = 0, star
                       persistent_workers=False, pin_memory=False)
 
 
-def eval_loader(dataset, cfg: dict) -> DataLoader:
+def eval_loader(dataset, cfg: dict, *, rank: int = 0, world: int = 1, limit: int | None = None) -> DataLoader:
+    """The evaluation loader of process ``rank`` of ``world``: its contiguous shard
+    (:func:`~mtseg_harness.evaluation.shard_range`) of the first ``limit`` samples (all
+    by default), in order."""
     d = cfg["data"]
+    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    if world > 1 or n < len(dataset):
+        dataset = Subset(dataset, list(shard_range(n, rank, world)))
     return DataLoader(dataset, batch_size=int(d.get("eval_batch_size") or d["batch_size"]), shuffle=False,
                       collate_fn=collate, num_workers=num_workers(cfg))
 

@@ -1,9 +1,12 @@
-"""CSV logs (always) and TensorBoard (when the ``tensorboard`` package is installed)."""
+"""CSV logs (always), TensorBoard (when the ``tensorboard`` package is installed), progress bars."""
 
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 
 class CSVLog:
@@ -69,3 +72,14 @@ class TensorBoardLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def progress_bar(total: int, initial: int = 0, desc: str = "", file=None, leave: bool | None = None) -> tqdm:
+    """A tqdm bar that redraws at most every 0.5 s on a terminal and every 30 s elsewhere
+    (a log file gets a line per 30 s, not one per step). Update the postfix with
+    ``refresh=False``: tqdm's default redraws at once, bypassing the throttle.
+    ``leave`` (default: only when not a terminal) keeps the last state after ``close()``."""
+    stream = sys.stderr if file is None else file
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=(not tty) if leave is None else leave,
+                file=stream, mininterval=0.5 if tty else 30.0, maxinterval=60.0 if tty else 300.0)

@@ -40,12 +40,11 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import ConfigError, dump
 from ..data import BatchAugment, collate
 from ..data.transforms import LABEL_KEYS
-from ..evaluation.evaluate import evaluate, predict_batch, resize_image
+from ..evaluation.evaluate import evaluate, predict_batch, resize_image, summary_line
 from ..evaluation.report import plot_rounds
 from ..methods import TrainContext
 from . import distributed as D
@@ -53,7 +52,7 @@ from .checkpoint import (CHECKPOINT_NAMES, TRAINER_KEYS, config_changes, describ
                          load_model_state, load_scheduler_state, plain, remove_partial_writes, rng_state,
                          save_checkpoint, scheduler_state, set_rng_state)
 from .data import eval_loader, slice_params, to_device, train_loader
-from .logs import CSVLog, TensorBoardLog
+from .logs import CSVLog, TensorBoardLog, progress_bar
 
 #: Config keys a resumed run may change: the step budget, and how the run is started and
 #: shown (``data.num_workers`` changes no result: the data order is a function of the step).
@@ -184,8 +183,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.ddp_model = self.model
         if self.world > 1:
-            if self.device.type == "cuda" and t.get("sync_bn", True):
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            if t.get("sync_bn", True):  # batch statistics of the global batch, on CUDA and on the CPU (gloo)
+                self.model = D.convert_sync_batchnorm(self.model, device_type=self.device.type)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
 
@@ -202,6 +201,7 @@ class Trainer:
         self.history: list[dict] = []
         self.val_history: list[dict] = []
         self.show_progress = bool(t["progress"]) if progress is None else progress
+        self._bar = None  # the progress bar while fit() runs (validation lines go through it)
         self.resumed_from: Path | None = None
         self._claimed = False
         if self.is_main:
@@ -217,7 +217,8 @@ class Trainer:
         """The trainer as a method's hooks see it (:class:`~mtseg_harness.methods.TrainContext`)."""
         return TrainContext(step=self.step, total_steps=self.total_steps, dataset=self.train_set,
                             batches=self._ordered_batches, predict=self._predict,
-                            out_dir=self.out_dir if self.is_main else None, save_table=self._save_table)
+                            out_dir=self.out_dir if self.is_main else None, save_table=self._save_table,
+                            rank=self.rank, work_dir=self.out_dir)
 
     def _ordered_batches(self, batch_size: int):
         return torch.utils.data.DataLoader(self.train_set, batch_size=int(batch_size), shuffle=False,
@@ -230,7 +231,7 @@ class Trainer:
         try:
             return predict_batch(self.model, segment, image.to(self.device).float(), None,
                                  int(self.cfg["eval"].get("pad_multiple", 32)), self.amp_dtype,
-                                 self.cfg["data"].get("input_size")).cpu()
+                                 self.cfg["data"].get("input_size"))
         finally:
             self.model.train(was)
 
@@ -400,11 +401,9 @@ class Trainer:
             val_log.truncate_after(self.step)
         tb = TensorBoardLog(self.out_dir / "tb", enabled=self.is_main and bool(t.get("tensorboard")))
         loader = train_loader(self.train_set, self.cfg, world_size=self.world, rank=self.rank, start_step=self.step)
-        bar = None
+        bar = self._bar = None
         if self.is_main and self.show_progress and end > self.step:
-            # in a log file (not a terminal) one line every 30 s rather than a stream of redraws
-            bar = tqdm(total=end, initial=self.step, desc=str(self.cfg["method"]["name"]), dynamic_ncols=True,
-                       leave=False, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+            bar = self._bar = progress_bar(total=end, initial=self.step, desc=str(self.cfg["method"]["name"]))
         gbatch = int(self.cfg["data"]["batch_size"]) * self.world
         log_every, val_every = int(t["log_every"] or 0), int(t["val_every"] or 0)
         ckpt_every = int(t["checkpoint_every"] or 0)
@@ -418,7 +417,9 @@ class Trainer:
                 now = time.perf_counter()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{gbatch / max(now - t0, 1e-9):.1f}")
+                    # refresh=False: the postfix waits for the next throttled redraw (set_postfix's
+                    # default redraws at once, on every step, whatever mininterval says)
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{gbatch / max(now - t0, 1e-9):.1f}", refresh=False)
                 t0 = now
                 if self.is_main and log_every and (self.step % log_every == 0 or self.step == end):
                     row = {"step": self.step, "loss": float(np.mean(losses)), "lr": self.scheduler.get_last_lr()[0],
@@ -438,26 +439,46 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            self._bar = None
             tb.close()
         self.save(self.out_dir / "last.pt")
         D.barrier()
         return {"step": self.step, "best": self.best, "best_step": self.best_step}
 
     def _validate(self, val_log, tb) -> None:
+        """Validation on every process: each evaluates its shard of the validation set and the
+        metrics are gathered (:func:`~mtseg_harness.evaluation.evaluate` with ``gather``), so
+        the scores equal a one-process validation; the main process logs, prints and keeps
+        ``best.pt``."""
+        t = self.cfg["train"]
+        limit = t.get("val_max_batches")
+        if limit is not None:
+            d = self.cfg["data"]
+            limit = int(limit) * int(d.get("eval_batch_size") or d["batch_size"])
+        loader = eval_loader(self.val_set, self.cfg, rank=self.rank, world=self.world, limit=limit)
+        _, summary, _ = evaluate(self.model, self.method.segment, loader, self.device,
+                                 num_classes=self.num_classes, ignore_index=self.ignore_index,
+                                 class_names=self.class_names, hd=False,
+                                 pad_multiple=int(self.cfg["eval"].get("pad_multiple", 32)),
+                                 amp_dtype=self.amp_dtype, input_size=self.cfg["data"].get("input_size"),
+                                 background_classes=getattr(self.val_set, "background_classes", (0,)),
+                                 gather=self.world > 1)
         if self.is_main:
-            loader = eval_loader(self.val_set, self.cfg)
-            _, summary, _ = evaluate(self.model, self.method.segment, loader, self.device,
-                                     num_classes=self.num_classes, ignore_index=self.ignore_index,
-                                     class_names=self.class_names, hd=False,
-                                     pad_multiple=int(self.cfg["eval"].get("pad_multiple", 32)),
-                                     max_batches=self.cfg["train"].get("val_max_batches"), amp_dtype=self.amp_dtype,
-                                     input_size=self.cfg["data"].get("input_size"))
             score = summary.get("dice_fg", float("nan"))
-            row = {"step": self.step, "dice_fg": score, "miou": summary.get("miou")}
+            row = {"step": self.step, "dice_fg": score, "dice_fg_n_nan": summary.get("dice_fg_n_nan", 0),
+                   "miou": summary.get("miou")}
             val_log.write(row)
             tb.write("val", row, self.step)
             self.val_history.append(row)
-            if np.isfinite(score) and score > self.best:
+            better = bool(np.isfinite(score) and score > self.best)
+            if better:
                 self.best, self.best_step = float(score), self.step
                 self.save(self.out_dir / "best.pt")
+            line = (f"step {self.step}/{self.total_steps} validation: {summary_line(summary, ('dice_fg', 'miou'))}"
+                    + ("  best so far" if better else f"  (best {self.best:.4f} at step {self.best_step})"))
+            if self._bar is not None:
+                self._bar.write(line)
+            else:
+                print(line, flush=True)
         D.barrier()
+

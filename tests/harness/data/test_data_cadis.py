@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dataset_writers import truncate, write_cadis, write_png
-from mtseg_harness.data import CaDIS, DatasetError, MissingFileError, collate, create_dataset
+from mtseg_harness.data import CaDIS, DatasetError, MissingFileError, cadis_lut, collate, create_dataset
 
 IGN = 255
 
@@ -219,3 +219,63 @@ def test_disk_index_cache(cadis_root, tmp_path):
     CaDIS.clear_memory_cache()
     c = CaDIS(root, split="all", cache_dir=tmp_path / "cache")
     assert len(c) == 5 and len(list((tmp_path / "cache").glob("cadis-index-*.json"))) == 2
+
+
+# ----------------------------------------------------------------------------- every raw id
+
+ALL_RAW = np.array(list(range(36)) + [255], np.uint8)
+
+
+@pytest.fixture
+def every_raw_id(tmp_path):
+    """One frame per video whose label map holds every raw id 0..35 and 255 (the real maps lack
+    9, 16, 21-24, 26-32 and 34), each id in a 2-pixel column, rows shifted per frame."""
+    root = tmp_path / "CaDIS"
+    labels = {}
+    for v in (1, 2):
+        lab = np.tile(np.repeat(np.roll(ALL_RAW, v), 2), (6, 1))
+        name = f"Video{v}_frame000001.png"
+        write_png(root / f"Video{v:02d}" / "Images" / name, np.zeros(lab.shape + (3,), np.uint8))
+        write_png(root / f"Video{v:02d}" / "Labels" / name, lab)
+        labels[f"Video{v}_frame000001"] = lab
+    return root, labels
+
+
+@pytest.mark.parametrize("task,rare", sorted(TABLES))
+def test_every_raw_id_through_the_adapter(every_raw_id, task, rare):
+    root, labels = every_raw_id
+    ds = CaDIS(root, split="all", task=task, rare_as_class=rare)
+    assert ds.num_classes == N_CLASSES[(task, rare)]
+    for i in range(len(ds)):
+        s = ds[i]
+        raw = labels[s["case_id"]]
+        assert set(np.unique(raw).tolist()) == set(ALL_RAW.tolist())
+        assert torch.equal(s["mask"], torch.from_numpy(_by_hand(raw, TABLES[(task, rare)]))), (task, rare)
+    # the hand tables themselves: every raw id has a target, and task 3 keeps 0..24 (24 included)
+    assert set(TABLES[(task, rare)]) == set(ALL_RAW.tolist())
+    if task == 3:
+        assert [TABLES[(task, rare)][c] for c in range(25)] == list(range(25))
+
+
+def test_label_table_defaults_and_bad_tasks():
+    lut, k = cadis_lut(2)  # the official mapping unless the rare classes are asked for
+    assert k == 17 and lut[25] == IGN
+    for task in (0, -1, 4):
+        with pytest.raises(ValueError, match="task must be 1, 2 or 3"):
+            cadis_lut(task)
+
+
+@pytest.mark.parametrize("task,rare", sorted(TABLES))
+def test_raw_values_past_35_are_errors(tmp_path, task, rare):
+    """36..254 are no CaDIS class: an error in every task (not ignore, not a class)."""
+    root = tmp_path / "CaDIS"
+    lab = np.zeros((4, 6), np.uint8)
+    lab[1, 2] = 36
+    name = "Video1_frame000001.png"
+    write_png(root / "Video01" / "Images" / name, np.zeros((4, 6, 3), np.uint8))
+    write_png(root / "Video01" / "Labels" / name, lab)
+    ds = CaDIS(root, split="all", task=task, rare_as_class=rare)
+    with pytest.raises(DatasetError, match="36"):
+        ds[0]
+    lut, _ = cadis_lut(task, rare)
+    assert (lut[36:255] == -1).all()

@@ -14,7 +14,7 @@ from mtseg_harness.runs import build_trainer, load_config
 from mtseg_harness.training.checkpoint import load_checkpoint
 
 # CMU-Net: instance norm, so per-image statistics do not depend on how the batch is split
-# (batch norm on CPU keeps per-process statistics, as in any DDP run without SyncBatchNorm).
+# (batch norm is synchronised over the processes: test_ddp_eval.py).
 # SGD rather than Adam: Adam's g / sqrt(v) turns rounding-level gradient differences of
 # near-zero gradients (summation order, thread count) into full-size steps.
 SETTINGS = [

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_config
 from mtseg_harness.methods import create_method
-from mtseg_harness.methods.recursive import grow
+from mtseg_harness.methods.recursive import ApproxStore, grow, load_round
 from mtseg_harness.models import ApproxHeadSpec, Heads
 from mtseg_harness.runs import build_trainer, run_eval
 from mtseg_harness.training.checkpoint import load_checkpoint
@@ -64,20 +64,22 @@ def test_rounds_on_the_embedded_sample(tmp_path):
     assert ((rounds["dice_vs_true"] > 0) & (rounds["dice_vs_true"] <= 1)).all()
     n = len(tr.train_set)
     assert rounds["n_weak"].tolist() == [n - round(0.1 * n)] * 3
-    saved = [np.load(tmp_path / "approximations" / f"round_{r:03d}.npz") for r in range(3)]
-    assert all(s["approx"].shape == (n, 160, 240) for s in saved)
-    ids = saved[0]["case_id"].tolist()
+    saved = [load_round(tmp_path / "approximations" / f"round_{r:03d}.npz") for r in range(3)]
+    ids = list(saved[0])
+    assert len(ids) == n and all(list(s) == ids for s in saved)
+    assert all(a.shape == (160, 240) for s in saved for a in s.values())
     # strong images keep their true mask in every round; weak ones only grow (growth contains A)
     by_id = {str(tr.train_set.dataset[i]["case_id"]): i for i in range(n)}
-    order = [by_id[c] for c in ids]
-    strong = [j for j, i in enumerate(order) if i in tr.train_set.strong]
+    strong = [c for c in ids if by_id[c] in tr.train_set.strong]
     assert len(strong) == round(0.1 * n)
-    for j in strong:
-        truth = tr.train_set.dataset[order[j]]["mask"].numpy()
-        assert all((s["approx"][j] == truth).all() for s in saved)
-    weak = [j for j in range(n) if j not in strong]
+    for c in strong:
+        truth = tr.train_set.dataset[by_id[c]]["mask"].numpy()
+        assert all((s[c] == truth).all() for s in saved)
+    weak = [c for c in ids if c not in strong]
     for a, b in zip(saved, saved[1:]):
-        assert ((b["approx"][weak] > 0) >= (a["approx"][weak] > 0)).all()
+        assert all(((b[c] > 0) >= (a[c] > 0)).all() for c in weak)
+    # the last round is what the method holds, on disk
+    assert all(np.array_equal(saved[-1][c], tr.method.current[c].numpy()) for c in ids)
     table, summary, _ = run_eval(cfg, split_key="test", out_dir=tmp_path / "eval", quiet=True)
     assert len(table) == 40
 
@@ -143,3 +145,81 @@ def test_label_update_grows_inside_the_plain_segmentation_through_the_context():
     assert len(seen) == 1 and m.round == 1
     assert torch.equal(m.current["a"].long(), seg[0])  # grown to all of S (lambda large)
     assert m.rounds[-1] == {"round": 1, "step": 2, "dice_vs_true": 1.0, "n_weak": 1}
+
+
+def test_approximations_live_in_a_memory_mapped_file_per_rank(tmp_path):
+    cfg = tiny_config(tmp_path, method={**RA, "update_every": 1}, train={"steps": 2}, data=SMALL)
+    tr = build_trainer(cfg)
+    tr.fit()
+    store = tr.method.current
+    assert isinstance(store, ApproxStore) and isinstance(store.array, np.memmap)
+    assert store.path == tmp_path / "approximations" / "current.rank0.uint8"
+    n = len(tr.train_set)
+    assert store.path.stat().st_size == n * 160 * 240  # one byte per pixel, nothing else
+    # the file holds what the method reads: the last round saved
+    last = load_round(tmp_path / "approximations" / "round_001.npz")
+    raw = np.fromfile(store.path, dtype=np.uint8)
+    for i, c in enumerate(store.ids):
+        assert np.array_equal(raw[i * 160 * 240:(i + 1) * 160 * 240].reshape(160, 240), last[c])
+
+
+def test_store_round_trip_with_images_of_different_sizes(tmp_path):
+    rng = np.random.default_rng(0)
+    maps = {"a": rng.integers(0, 3, (5, 7)), "b": rng.integers(0, 3, (9, 4)), "c": rng.integers(0, 3, (3, 8))}
+    store = ApproxStore.write(tmp_path / "s.uint8", ((k, torch.from_numpy(v)) for k, v in maps.items()), np.uint8)
+    assert list(store) == ["a", "b", "c"] and len(store) == 3 and "b" in store and "z" not in store
+    for k, v in maps.items():
+        assert np.array_equal(store[k].numpy(), v)
+    store["b"] = torch.full((9, 4), 2)
+    with pytest.raises(ValueError, match="holds a"):
+        store["a"] = torch.zeros(7, 5)
+    again = ApproxStore.from_state(tmp_path / "t.uint8", store.state(), np.uint8)
+    assert np.array_equal(again["b"].numpy(), np.full((9, 4), 2)) and np.array_equal(again["c"].numpy(), maps["c"])
+    assert (tmp_path / "t.uint8").stat().st_size == 35 + 36 + 24
+
+
+def test_a_round_on_disk_equals_a_round_in_memory():
+    """The label update gives the same approximations whether they are stored in the
+    memory-mapped store or in a dict of tensors (batches of two image sizes)."""
+    from mtseg_harness.methods import TrainContext
+    from mtseg_harness.models import ModelOutput
+
+    rng = np.random.default_rng(1)
+
+    class Thresh(torch.nn.Module):  # segments the image: foreground where it is bright
+        def forward(self, x):
+            fg = (x[:, :1] > 0.5).float()
+            return ModelOutput(seg=torch.cat([1 - fg, fg], 1) * 5, approx=torch.cat([1 - fg, fg], 1))
+
+    batches, weak = [], {}
+    for b, (h, w) in enumerate([(12, 16), (10, 9)]):
+        image = torch.from_numpy(rng.random((2, 1, h, w))).float()
+        ids = [f"{b}{i}" for i in range(2)]
+        for i, c in enumerate(ids):
+            seed = torch.zeros(h, w, dtype=torch.uint8)
+            ys, xs = np.nonzero(image[i, 0].numpy() > 0.5)
+            seed[ys[0], xs[0]] = 1
+            weak[c] = seed
+        batches.append({"image": image, "case_id": ids, "strong": torch.tensor([False, b == 1]),
+                        "mask": (image[:, 0] > 0.5).long()})
+
+    def run(current):
+        m = create_method("recursive_approx", 2, lam=2.0, save_rounds=False)
+        m.current = current
+        ctx = TrainContext(step=1, total_steps=4, dataset=None, batches=lambda batch_size: batches,
+                           predict=lambda image, segment: segment(Thresh(), image), out_dir=None,
+                           save_table=lambda *a, **k: None)
+        m.update(ctx)
+        m.update(ctx)
+        return m
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        on_disk = run(ApproxStore.write(f"{d}/s.uint8", ((c, v) for c, v in weak.items()), np.uint8))
+        in_ram = run({c: v.clone() for c, v in weak.items()})
+        for c in weak:
+            assert torch.equal(on_disk.current[c].long(), in_ram.current[c].long()), c
+        assert on_disk.rounds == in_ram.rounds
+        assert any(not torch.equal(on_disk.current[c].long(), weak[c].long()) for c in weak)  # it grew
+        assert torch.equal(on_disk.current["11"].long(), batches[1]["mask"][1])  # strong: the true mask
