@@ -204,20 +204,6 @@ MTSEG_HOST_DEVICE void envelope_line_runs(const T* f, int64_t f_stride, int64_t 
   }
 }
 
-// The signatures csrc/cuda/distance.cu launches with (scratch as separate arrays of n
-// entries: zn and zd hold the positions and c values, fv the values; v is not needed).
-template <typename T, typename O>
-MTSEG_HOST_DEVICE void envelope_line(const T* f, int64_t f_stride, int64_t n, double s2, int64_t* /*v*/, double* zn,
-                                     double* zd, T* fv, O* out, int64_t out_stride, bool take_sqrt) {
-  envelope_line<T, O>(f, f_stride, n, s2, EnvelopeScratch<T>{zn, zd, fv}, out, out_stride, take_sqrt);
-}
-
-template <typename T, typename O>
-MTSEG_HOST_DEVICE void envelope_line_runs(const T* f, int64_t f_stride, int64_t n, double s2, int64_t* /*v*/,
-                                          double* zn, double* zd, T* fv, O* out, int64_t out_stride, bool take_sqrt) {
-  envelope_line_runs<T, O>(f, f_stride, n, s2, EnvelopeScratch<T>{zn, zd, fv}, out, out_stride, take_sqrt);
-}
-
 // The level-set growth rule of Ke et al.: x joins A when phi(x) = d(x, A) - lam *
 // d(x, complement(S)) <= 0, from the squared distances dA2 = d(x, A)^2 (0 on A, +inf when
 // A is empty) and dS2 = d(x, complement(S))^2 (0 outside S, +inf when S is everything).

@@ -212,7 +212,8 @@ struct EnvelopeKernel {
           } else {
             dst = f;
           }
-          envelope_line<T, O>(f + l, 1, rr - l + 1, s2, v + l, zn + l, zd + l, fv + l, dst + l, 1, take_sqrt);
+          envelope_line<T, O>(f + l, 1, rr - l + 1, s2, EnvelopeScratch<T>{zn + l, zd + l, fv + l}, dst + l, 1,
+                              take_sqrt);
         });
         runs += launch::popcount32(starts);
         w.sync();
@@ -302,7 +303,7 @@ struct FeatureKernel {
     });
     w.sync();
     w.each([&](int lane) {
-      if (lane == 0) envelope_line<double, double>(f, 1, n, s2, v, zn, zd, fv, f, 1, false, arg, 1);
+      if (lane == 0) envelope_line<double, double>(f, 1, n, s2, EnvelopeScratch<double>{zn, zd, fv}, f, 1, false, 1.0, arg, 1);
     });
     w.sync();
     w.each([&](int lane) {
