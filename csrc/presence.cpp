@@ -154,6 +154,8 @@ at::Tensor soft_presence(const at::Tensor& input, c10::string_view mode, c10::st
 
 at::Tensor presence_from_labels(const at::Tensor& labels, int64_t num_classes, int64_t ignore_index,
                                 int64_t min_count) {
+  // Checked here too, so that an error names this op rather than class_counts.
+  check_label_args(labels, num_classes, "presence_from_labels");
   TORCH_CHECK_VALUE(min_count >= 1, "presence_from_labels: min_count must be >= 1; got ", min_count);
   return call_class_counts(labels, num_classes, ignore_index).ge(min_count).to(at::kFloat);
 }

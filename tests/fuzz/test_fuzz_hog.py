@@ -25,7 +25,7 @@ BLOCK_NORMS = ("L1", "L1-sqrt", "L2", "L2-Hys")
 IMAGE_DTYPES = [torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64]
 ANY_DTYPE = [torch.bool, torch.int8, torch.int32, torch.int64, torch.uint16, torch.complex64]
 # Cells and their gradients: mostly the float32 / float64 the ops take, sometimes anything.
-CELL_DTYPES = [torch.float32, torch.float64] * 4 + FLOAT_DTYPES + ANY_DTYPE
+CELL_DTYPES = [torch.float32, torch.float64] * 8 + FLOAT_DTYPES + ANY_DTYPE
 
 
 def pairs(low=1, high=4):
@@ -50,7 +50,7 @@ def orientation_counts():
 def images(draw):
     shape = draw(mostly(shapes(4, 4, max_side=3).flatmap(_grow_hw), shapes(1, 5, max_side=4), 0.15))
     dtypes = draw(mostly(st.just(IMAGE_DTYPES), st.just(ANY_DTYPE), 0.15))
-    return draw(tensors(shape=shape, dtypes=dtypes, low=0, high=255))
+    return draw(tensors(shape=shape, dtypes=dtypes, low=0, high=255, kinds=("small", "small", "hostile")))
 
 
 def _grow_hw(shape):

@@ -297,3 +297,18 @@ def test_sync_loss_reports_bad_seg_logits_as_its_own():
             with pytest.raises(error, match=rf"^sync_loss: .*{match}"):
                 torch.ops.mtseg.sync_loss(seg.to(device), c.to(device), "max", "seg_to_class", "mean", None, "softmax",
                                           0.1, 0.5, None)
+
+
+def test_presence_from_labels_reports_bad_labels_as_its_own():
+    """Bad labels used to surface as class_counts' error ("class_counts: expected at least
+    one image"), naming an op the caller never called."""
+    cases = [
+        (torch.zeros(0, 4, dtype=torch.uint8), 2, ValueError, "expected at least one image"),
+        (torch.zeros(2, 4), 2, TypeError, "expected integer labels"),
+        (torch.zeros(2, 4, dtype=torch.int64), 0, ValueError, "num_classes must be >= 1"),
+        (torch.zeros(2, dtype=torch.int64), 2, ValueError, "expected labels of shape"),
+    ]
+    for device in ("cpu", "meta"):
+        for labels, k, error, match in cases:
+            with pytest.raises(error, match=rf"^presence_from_labels: {match}"):
+                torch.ops.mtseg.presence_from_labels(labels.to(device), k, -100, 1)
