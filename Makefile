@@ -7,6 +7,10 @@
 # approximation) UNets trained and compared on the embedded HC18 sample, CPU, report in runs/demo.
 # `make sanitize`: the CPU kernels built with AddressSanitizer + UBSan (own folder), tests/ops
 # (and tests/fuzz) run against that build; any sanitizer report fails it. CI runs it after `make test`.
+# `make fuzz`: the raw-op fuzzers of tests/fuzz (also part of `make test` and `make sanitize`,
+# with a small fixed set of examples) with FUZZ_EXAMPLES examples per fuzzer and fresh
+# random inputs each run; a failure prints the example and how to replay it.
+# `make sanitize SANITIZE_TESTS=tests/fuzz SANITIZE_FUZZ_EXAMPLES=500`: the same under ASan + UBSan.
 # `make gpu-check`: on a GPU machine, tests/gpu, the GPU benchmarks and compute-sanitizer
 # (memcheck, racecheck) over tests/gpu, then one summary table (results in build/gpu-check).
 # `make ptxas-check`: registers and spills of every CUDA kernel, from the last build's ptxas reports.
@@ -36,11 +40,14 @@ EXT_MISSING := $(if $(wildcard mtseg_kernels/_C*.so),,FORCE)
 SANITIZE_DIR := build/sanitize
 SANITIZE_TESTS := tests/ops $(wildcard tests/fuzz)
 SANITIZE_ARGS ?=
+# Examples per raw-op fuzzer (tests/fuzz/fuzzing.py): CI's fixed default, or more for a long search.
+SANITIZE_FUZZ_EXAMPLES ?=
+FUZZ_EXAMPLES ?= 2000
 
 MUTATION ?= labels losses metrics evaluate
 MUTATION_DIR := build/mutation
 
-.PHONY: test bench demo build clean sanitize gpu-check ptxas-check mutation FORCE
+.PHONY: test bench demo build clean sanitize fuzz gpu-check ptxas-check mutation FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -110,7 +117,12 @@ sanitize: $(DEPS_STAMP)
 	@MTSEG_SANITIZE=1 MTSEG_BUILD_CUDA=0 $(PY) setup.py build_ext --build-temp $(SANITIZE_DIR)/temp \
 		--build-lib $(SANITIZE_DIR)/lib > $(SANITIZE_DIR)/build.log 2>&1 \
 		|| { tail -n 60 $(SANITIZE_DIR)/build.log; echo "make sanitize: building failed"; exit 1; }
-	@$(PY) tools/sanitize.py --extension-dir $(SANITIZE_DIR)/lib -- $(SANITIZE_TESTS) $(SANITIZE_ARGS)
+	@$(if $(SANITIZE_FUZZ_EXAMPLES),MTSEG_FUZZ_EXAMPLES=$(SANITIZE_FUZZ_EXAMPLES) MTSEG_FUZZ_RANDOM=1) \
+		$(PY) tools/sanitize.py --extension-dir $(SANITIZE_DIR)/lib -- $(SANITIZE_TESTS) $(SANITIZE_ARGS)
+
+fuzz: build
+	MTSEG_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) MTSEG_FUZZ_RANDOM=1 $(PY) -m pytest tests/fuzz -p no:cacheprovider \
+		--hypothesis-show-statistics $(PYTEST_ARGS)
 
 # Asks nvidia-smi first, so that a machine without a GPU is told so at once instead of
 # after a full build; tools/gpu_check.py then asks torch.

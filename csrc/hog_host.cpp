@@ -17,6 +17,10 @@ namespace hog {
 
 namespace {
 
+// Each pixel's bin search is linear in the bins and the output holds `orientations`
+// values per cell: beyond this an argument would only size an absurd allocation or loop.
+constexpr int64_t kMaxOrientations = int64_t{1} << 16;
+
 void check_pair(at::IntArrayRef v, const char* name, const char* op) {
   TORCH_CHECK_VALUE(v.size() == 2, op, ": ", name, " must have two entries (rows, cols), got ", v.size());
   TORCH_CHECK_VALUE(v[0] > 0 && v[1] > 0, op, ": ", name, " must be positive, got (", v[0], ", ", v[1], ")");
@@ -34,7 +38,8 @@ CellGeometry cell_geometry(const at::Tensor& images, int64_t orientations, at::I
                    op, ": expected uint8, float16, bfloat16, float32 or float64 images, got ", dtype,
                    at::isFloatingType(dtype) || at::isComplexType(dtype) ? "" : " (convert integer images to float first)");
   TORCH_CHECK_VALUE(images.size(1) > 0, op, ": images need at least one channel, got shape ", shape_of(images));
-  TORCH_CHECK_VALUE(orientations > 0, op, ": orientations must be positive, got ", orientations);
+  TORCH_CHECK_VALUE(orientations > 0 && orientations <= kMaxOrientations, op, ": orientations must be in [1, ",
+                    kMaxOrientations, "], got ", orientations);
   check_pair(pixels_per_cell, "pixels_per_cell", op);
   check_pair(min_cells, "cells_per_block", op);
 

@@ -31,17 +31,23 @@ Activation parse_activation(c10::string_view name, const char* op) {
                     "multi-label) or 'none' (probabilities); got '", name, "'");
 }
 
-void check_soft_presence_args(const at::Tensor& input, Mode mode, double temperature,
-                              const c10::optional<at::Tensor>& valid_mask, const char* op) {
+namespace {
+
+// check_soft_presence_args with the argument's name in the caller's schema (sync_loss:
+// seg_logits), so that an error names what the caller passed.
+void check_presence_input(const at::Tensor& input, Mode mode, double temperature,
+                          const c10::optional<at::Tensor>& valid_mask, const char* op, const char* input_name) {
   TORCH_CHECK_VALUE(input.dim() >= 3 && input.dim() <= 5, op,
-                    ": expected input of shape (B, K, *spatial) with 1 to 3 spatial dims; got shape ", input.sizes());
+                    ": expected ", input_name,
+                    " of shape (B, K, *spatial) with 1 to 3 spatial dims; got shape ", input.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()), op,
-                   ": expected floating-point logits or probabilities (float16, bfloat16, float32, float64); got ",
-                   input.scalar_type());
+                   ": expected floating-point logits or probabilities (float16, bfloat16, float32, float64) as ",
+                   input_name, "; got ", input.scalar_type());
   TORCH_CHECK_VALUE(input.size(0) > 0 && input.size(1) > 0, op,
-                    ": expected at least one image and one class; got shape ", input.sizes());
+                    ": expected at least one image and one class in ", input_name, "; got shape ", input.sizes());
   for (int64_t d = 2; d < input.dim(); ++d)
-    TORCH_CHECK_VALUE(input.size(d) > 0, op, ": expected at least one voxel; got shape ", input.sizes());
+    TORCH_CHECK_VALUE(input.size(d) > 0, op, ": expected at least one voxel in ", input_name, "; got shape ",
+                      input.sizes());
   if (mode == Mode::SmoothMax)
     TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
                       ": smooth_max needs a finite temperature > 0; got ", temperature);
@@ -52,9 +58,16 @@ void check_soft_presence_args(const at::Tensor& input, Mode mode, double tempera
     for (int64_t d = 2; d < input.dim(); ++d) expected.push_back(input.size(d));
     TORCH_CHECK_VALUE(v.sizes() == at::IntArrayRef(expected), op, ": valid_mask must have shape (B, *spatial) = ",
                       at::IntArrayRef(expected), "; got ", v.sizes());
-    TORCH_CHECK_VALUE(v.device() == input.device(), op, ": valid_mask is on ", v.device(), " but input is on ",
+    TORCH_CHECK_VALUE(v.device() == input.device(), op, ": valid_mask is on ", v.device(), " but ", input_name, " is on ",
                       input.device());
   }
+}
+
+}  // namespace
+
+void check_soft_presence_args(const at::Tensor& input, Mode mode, double temperature,
+                              const c10::optional<at::Tensor>& valid_mask, const char* op) {
+  check_presence_input(input, mode, temperature, valid_mask, op, "input");
 }
 
 void check_label_args(const at::Tensor& labels, int64_t num_classes, const char* op) {
@@ -141,6 +154,8 @@ at::Tensor soft_presence(const at::Tensor& input, c10::string_view mode, c10::st
 
 at::Tensor presence_from_labels(const at::Tensor& labels, int64_t num_classes, int64_t ignore_index,
                                 int64_t min_count) {
+  // Checked here too, so that an error names this op rather than class_counts.
+  check_label_args(labels, num_classes, "presence_from_labels");
   TORCH_CHECK_VALUE(min_count >= 1, "presence_from_labels: min_count must be >= 1; got ", min_count);
   return call_class_counts(labels, num_classes, ignore_index).ge(min_count).to(at::kFloat);
 }
@@ -167,7 +182,8 @@ at::Tensor sync_loss(const at::Tensor& seg_logits, const at::Tensor& class_logit
   else if (reduction == "none") red = at::Reduction::None;
   else TORCH_CHECK_VALUE(false, op, ": reduction must be 'mean', 'sum' or 'none'; got '", reduction, "'");
 
-  TORCH_CHECK_VALUE(seg_logits.dim() >= 3, op, ": expected seg_logits (B, K, *spatial); got shape ", seg_logits.sizes());
+  // All of seg_logits here, under this op's name: soft_presence would report them as its own.
+  check_presence_input(seg_logits, m, temperature, valid_mask, op, "seg_logits");
   TORCH_CHECK_VALUE(class_logits.dim() == 2 && class_logits.size(0) == seg_logits.size(0) &&
                         class_logits.size(1) == seg_logits.size(1),
                     op, ": expected class_logits of shape (B, K) = (", seg_logits.size(0), ", ", seg_logits.size(1),

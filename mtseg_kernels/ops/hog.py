@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 BLOCK_NORMS = ("L1", "L1-sqrt", "L2", "L2-Hys")
+_MAX_ORIENTATIONS = 1 << 16  # as csrc/hog_host.cpp: beyond it orientations only sizes absurd allocations
 _IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -147,7 +148,8 @@ def _fake_cells_shape(op, images, orientations, pixels_per_cell, min_cells):
     _fake_check(images.dtype in _IMAGE_DTYPES,
                 f"{op}: expected uint8, float16, bfloat16, float32 or float64 images, got {images.dtype}", TypeError)
     _fake_check(images.shape[1] > 0, f"{op}: images need at least one channel, got shape {tuple(images.shape)}")
-    _fake_check(orientations > 0, f"{op}: orientations must be positive, got {orientations}")
+    _fake_check(0 < orientations <= _MAX_ORIENTATIONS,
+                f"{op}: orientations must be in [1, {_MAX_ORIENTATIONS}], got {orientations}")
     for name, v in (("pixels_per_cell", pixels_per_cell), ("cells_per_block", min_cells)):
         _fake_check(len(v) == 2 and v[0] > 0 and v[1] > 0, f"{op}: {name} must be positive, got {tuple(v)}")
     batch, _, height, width = images.shape
