@@ -24,8 +24,9 @@ Sections (types, ranges and defaults: :class:`.schema.Config`)::
     model:  name, options (architecture keyword arguments), heads (laid over the method's)
     method: name, + the method's options (its ``Options`` dataclass, see mtseg_harness.methods)
     optim:  name (adam|adamw|sgd), lr, weight_decay, betas, momentum, nesterov
-    sched:  name (none|step|multistep|cosine_restarts), step_size, gamma, milestones, T_0, T_mult, eta_min
-    train:  steps, val_every, log_every, checkpoint_every, grad_clip, amp, out_dir, resume, progress,
+    sched:  name (none|step|multistep|cosine_restarts), step_size, gamma, milestones, T_0, T_mult, eta_min,
+            interval (step|epoch: what step_size, milestones and T_0 count)
+    train:  steps or epochs, val_every (N steps or epoch), log_every, checkpoint_every, grad_clip, amp, out_dir, resume, progress,
             sync_bn, tensorboard, threads, val_max_batches
     eval:   split, hd (surface metrics on/off), overlays, checkpoint, pad_multiple
 
