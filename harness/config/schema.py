@@ -91,7 +91,8 @@ class Model(Section):
     options: Options = {}
     #: heads laid over the method's, e.g. ``{presence: {hidden: 128}}``
     heads: Optional[dict[str, Any]] = None
-    #: a checkpoint whose weights start training (e.g. a pre-trained encoder); null = random init
+    #: a checkpoint whose weights start training (e.g. a pre-trained encoder; ``{seed}``: this run's seed);
+    #: null = random init
     init_from: Optional[Annotated[str, Field(min_length=1)]] = None
     #: which of ``init_from``'s weights: names starting with one of these (``encoder.``); [] = all the model has
     init_prefixes: list[Annotated[str, Field(min_length=1)]] = []

@@ -149,7 +149,9 @@ def build_trainer(cfg: dict, **kwargs) -> Trainer:
     seed_everything(int(cfg["seed"]), bool(cfg["deterministic"]))
     run = build_run(cfg, "train", training=True)
     if cfg["model"].get("init_from"):
-        init_from_checkpoint(run.model, cfg["model"]["init_from"], cfg["model"].get("init_prefixes") or ())
+        # "{seed}": the run of the same seed (repeated runs, :mod:`.repeats`)
+        path = str(cfg["model"]["init_from"]).replace("{seed}", str(int(cfg["seed"])))
+        init_from_checkpoint(run.model, path, cfg["model"].get("init_prefixes") or ())
     val = build_dataset(cfg, "val") if cfg["train"]["val_every"] and cfg["data"]["splits"].get("val") else None
     return Trainer(cfg, model=run.model, method=run.method, train_set=run.dataset, val_set=val, **kwargs)
 
