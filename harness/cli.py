@@ -82,6 +82,10 @@ def cmd_train(runs, args) -> int:
     if args.print_config:
         print(runs.dump(cfg), end="")
         return 0
+    if args.seeds:
+        for r in runs.train_seeds(cfg, args.seeds):
+            print(f"seed {r['seed']}: trained {r['step']} steps; run folder: {r['out_dir']}")
+        return 0
     trainer, result = runs.train(cfg)
     if trainer.is_main:
         print(f"trained {result['step']} steps; best validation Dice {result['best']:.4f} at step {result['best_step']}"
@@ -95,6 +99,12 @@ def cmd_eval(runs, args) -> int:
         cfg = runs.config_from_checkpoint(args.checkpoint, _overrides(args))
     else:
         cfg = runs.load_config(args.config, _overrides(args))
+    if args.seeds:
+        if args.checkpoint or args.out:
+            raise runs.ConfigError("mtseg eval --seeds: each run's checkpoint (eval.checkpoint) and folder are used; "
+                                   "drop --checkpoint/--out")
+        runs.eval_seeds(cfg, args.seeds, args.split)
+        return 0
     runs.run_eval(cfg, args.checkpoint, args.split, args.out, keep_examples=int(cfg["eval"]["overlays"]))
     return 0
 
@@ -131,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = add("train", help="train a config (torchrun for several processes)")
     _add_config(t)
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--seeds", nargs="+", type=int, metavar="N",
+                   help="train once per seed, each in <train.out_dir>/seed-N (papers' mean +- sd over runs)")
     t.set_defaults(func=cmd_train)
 
     c = add("config", help="print the resolved config (defaults, presets, base files, overrides), checked")
@@ -142,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="checkpoint (default: <train.out_dir>/best.pt, else last.pt)")
     e.add_argument("--split", choices=["train", "val", "test"], help="which split (default eval.split)")
     e.add_argument("--out", help="output folder (default <train.out_dir>/eval_<split>)")
+    e.add_argument("--seeds", nargs="+", type=int, metavar="N",
+                   help="evaluate the runs of train --seeds and print mean +- sd over them")
     e.set_defaults(func=cmd_eval)
 
     l = add("labels", help="precompute HOG / presence / weak labels to disk")

@@ -21,11 +21,13 @@ Sections (types, ranges and defaults: :class:`.schema.Config`)::
     data:   name, root, options, splits, batch_size, eval_batch_size, num_workers (auto: from the
             CPUs available), augment, input_size (train on images resized to [H, W]; evaluation
             resizes the logits back), cache_in_memory (keep decoded samples: small data sets)
-    model:  name, options (architecture keyword arguments), heads (laid over the method's)
+    model:  name, options (architecture keyword arguments), heads (laid over the method's),
+            init_from + init_prefixes (start from some weights of a checkpoint)
     method: name, + the method's options (its ``Options`` dataclass, see mtseg_harness.methods)
     optim:  name (adam|adamw|sgd), lr, weight_decay, betas, momentum, nesterov
-    sched:  name (none|step|multistep|cosine_restarts), step_size, gamma, milestones, T_0, T_mult, eta_min
-    train:  steps, val_every, log_every, checkpoint_every, grad_clip, amp, out_dir, resume, progress,
+    sched:  name (none|step|multistep|cosine_restarts), step_size, gamma, milestones, T_0, T_mult, eta_min,
+            interval (step|epoch: what step_size, milestones and T_0 count)
+    train:  steps or epochs, val_every (N steps or epoch), log_every, checkpoint_every, grad_clip, amp, out_dir, resume, progress,
             sync_bn, tensorboard, threads, val_max_batches
     eval:   split, hd (surface metrics on/off), overlays, checkpoint, pad_multiple
 

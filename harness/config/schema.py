@@ -91,6 +91,11 @@ class Model(Section):
     options: Options = {}
     #: heads laid over the method's, e.g. ``{presence: {hidden: 128}}``
     heads: Optional[dict[str, Any]] = None
+    #: a checkpoint whose weights start training (e.g. a pre-trained encoder; ``{seed}``: this run's seed);
+    #: null = random init
+    init_from: Optional[Annotated[str, Field(min_length=1)]] = None
+    #: which of ``init_from``'s weights: names starting with one of these (``encoder.``); [] = all the model has
+    init_prefixes: list[Annotated[str, Field(min_length=1)]] = []
 
 
 class Method(BaseModel):
@@ -117,14 +122,21 @@ class Sched(Section):
     T_0: PositiveInt = 1000
     T_mult: PositiveInt = 1
     eta_min: NonNegativeFloat = 0.0
+    #: what ``step_size``, ``milestones`` and ``T_0`` count: optimiser steps, or epochs
+    #: (passes over the training set, converted to steps by the trainer)
+    interval: _choice("step", "epoch") = "step"
 
 
 class Train(Section):
     steps: PositiveInt = 1000
-    #: every N steps; 0 or null = never
-    val_every: Optional[NonNegativeInt] = 200
+    #: train for this many epochs instead of ``steps`` (an epoch: every training image once,
+    #: ``len(train set) // global batch`` steps); null = ``steps`` counts
+    epochs: Optional[PositiveInt] = None
+    #: every N steps, or ``epoch`` (at the end of every epoch); 0 or null = never
+    val_every: Union[NonNegativeInt, Literal["epoch"], None] = 200
     log_every: Optional[NonNegativeInt] = 10
-    checkpoint_every: Optional[NonNegativeInt] = 200
+    #: every N steps, or ``epoch``; 0 or null = never
+    checkpoint_every: Union[NonNegativeInt, Literal["epoch"], None] = 200
     #: max gradient norm; 0 or null = no clipping
     grad_clip: Optional[NonNegativeFloat] = None
     #: auto: bf16 (fp16 without bf16) on CUDA, off on the CPU

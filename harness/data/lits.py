@@ -17,14 +17,19 @@ slice is read lazily from disk (for uncompressed ``.nii`` only that slice's byte
 ``presence[1]`` is CMU-Net's image-level organ label ``C = max(Y)``.
 ``spacing``: ``(sy, sx)`` in 2D, ``(sz, sy, sx)`` in 3D, from the header.
 
-Splits: by volume (no slice of a volume crosses splits), 70/10/20 ``train``/``val``/
-``test`` (:func:`ratio_split`, ``seed`` 0); ``all`` takes every volume.
+Splits: by volume (no slice of a volume crosses splits). Default: 70/10/20 ``train``/
+``val``/``test`` (:func:`ratio_split`, ``seed`` 0); ``all`` takes every volume. With
+``scans`` (a fixed protocol such as CMU-Net's 17 scans split 10/2/5,
+``configs/_base/lits.yaml``): ``{"train": [volume numbers], "val": [...], "test": [...]}``;
+only the listed volumes are read (``all`` = all of them), each must be in the folder, and
+no volume may be in two splits. :meth:`LiTS.slice_counts` gives the slices per split.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from typing import Optional
 
 import numpy as np
 
@@ -43,7 +48,7 @@ class LiTS(SegmentationDataset):
     split_by = "scan"  # "volume-N": no slice of a volume crosses splits
 
     def __init__(self, root, split="train", *, mode: str = "2d", target: str = "liver",
-                 hu_window=(-200.0, 250.0), seed: int = 0, **kw):
+                 hu_window=(-200.0, 250.0), seed: int = 0, scans: Optional[dict[str, list[int]]] = None, **kw):
         if mode not in ("2d", "3d"):
             raise ValueError(f"mode must be '2d' or '3d', got {mode!r}")
         if target not in ("liver", "liver_tumour"):
@@ -52,6 +57,7 @@ class LiTS(SegmentationDataset):
         if not hi > lo:
             raise ValueError(f"hu_window must be (low, high) with high > low, got {hu_window}")
         self.mode, self.target, self.hu_window, self.seed = mode, target, (lo, hi), int(seed)
+        self.scans = None if scans is None else _check_scans(scans)
         self.class_names = ("background", "liver") + (("tumour",) if target == "liver_tumour" else ())
         self.num_classes = len(self.class_names)
         super().__init__(root, split, **kw)
@@ -60,12 +66,20 @@ class LiTS(SegmentationDataset):
         return "<root>/**/volume-N.nii + segmentation-N.nii"
 
     def index_options(self):
-        return (self.mode,)
+        listed = None if self.scans is None else sorted(self.scans)
+        return (self.mode,) if listed is None else (self.mode, tuple(listed))
 
     def _index(self):
         records = []
         files = walk_files(self.root, "LiTS folder")
         vols = sorted((p for p in files if _VOL.match(p.name)), key=lambda p: int(_VOL.match(p.name).group(1)))
+        if self.scans is not None:
+            found = {int(_VOL.match(p.name).group(1)) for p in vols}
+            missing = sorted(set(self.scans) - found)
+            if missing:
+                raise DatasetError(self.root, f"data.options.scans lists volume(s) {missing}, not found as "
+                                              f"volume-N.nii(.gz) under this folder")
+            vols = [p for p in vols if int(_VOL.match(p.name).group(1)) in self.scans]
         for v in vols:
             n = int(_VOL.match(v.name).group(1))
             seg = next((c for c in (v.with_name(f"segmentation-{n}.nii"), v.with_name(f"segmentation-{n}.nii.gz"))
@@ -91,7 +105,22 @@ class LiTS(SegmentationDataset):
         return records
 
     def assign_splits(self, records):
+        if self.scans is not None:
+            return {f"volume-{n}": split for n, split in self.scans.items()}
         return ratio_split(sorted({r["scan"] for r in records}), FRACTIONS, self.seed)
+
+    def slice_counts(self) -> dict[str, int]:
+        """Axial slices (2D samples) per split of the whole index: ``{"train": n, "val": n, "test": n}``."""
+        if self.mode != "2d":
+            raise ValueError("slice_counts: needs mode='2d'")
+        records = self._cached_index()
+        assign = self.assign_splits(records)
+        counts = {s: 0 for s in ("train", "val", "test")}
+        for r in records:
+            split = assign.get(r["scan"])
+            if split in counts:
+                counts[split] += 1
+        return counts
 
     def _load(self, rec):
         vimg = load_nifti(rec["image"], "CT volume")
@@ -113,3 +142,20 @@ class LiTS(SegmentationDataset):
         else:
             ct, seg, spacing = np.ascontiguousarray(ct.T), np.ascontiguousarray(seg.T), [sy, sx]
         return self.sample(rec, ct[None].astype(np.float32), seg, spacing=spacing)
+
+
+def _check_scans(scans) -> dict[int, str]:
+    """``{"train": [n, ...], ...}`` -> ``{n: "train", ...}``; a volume in two splits or a bad entry is an error."""
+    if not isinstance(scans, dict):
+        raise ValueError(f"scans: expected a mapping of split names to volume numbers, got {scans!r}")
+    out: dict[int, str] = {}
+    for split, numbers in scans.items():
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"scans: expected the splits train, val and test, got {split!r}")
+        for n in numbers:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"scans.{split}: expected volume numbers (integers >= 0), got {n!r}")
+            if n in out:
+                raise ValueError(f"scans: volume-{n} is in {out[n]} and in {split}; a volume belongs to one split")
+            out[n] = split
+    return out

@@ -100,7 +100,7 @@ def method_class(name: str) -> type:
 
 
 #: Segmentation losses of :meth:`Method.seg_loss`.
-SegLoss = Literal["ce", "dice_ce", "ce_iou"]
+SegLoss = Literal["ce", "dice_ce", "ce_iou", "dice"]
 
 
 @dataclass
@@ -187,20 +187,23 @@ class Method:
     def seg_loss(self, out, mask: Tensor, kind: str = "ce") -> tuple[Tensor, dict[str, float]]:
         """Segmentation loss over the main output and every side output (U2Net: 7 terms).
 
-        ``kind``: ``ce``, ``dice_ce`` (Dice + CE, equal weights) or ``ce_iou``
-        (TDSNet: ``CE + (1 - soft IoU)``).
+        ``kind``: ``ce``, ``dice_ce`` (Dice + CE, equal weights), ``ce_iou``
+        (TDSNet: ``CE + (1 - soft IoU)``) or ``dice`` (soft Dice alone: CMU-Net's U-Net baseline).
         """
         outputs = (out.seg,) + tuple(out.side)
         total = 0.0
         logs = {}
         for i, logits in enumerate(outputs):
-            term = losses.cross_entropy(logits, mask, self.ignore_index)
+            if kind == "dice":
+                term = losses.soft_dice_loss(logits, mask, self.ignore_index)
+            else:
+                term = losses.cross_entropy(logits, mask, self.ignore_index)
             if kind == "dice_ce":
                 term = term + losses.soft_dice_loss(logits, mask, self.ignore_index)
             elif kind == "ce_iou":
                 term = term + (1 - losses.soft_iou(logits, mask, self.ignore_index))
-            elif kind != "ce":
-                raise ValueError(f"segmentation loss must be 'ce', 'dice_ce' or 'ce_iou', got {kind!r}")
+            elif kind not in ("ce", "dice"):
+                raise ValueError(f"segmentation loss must be 'ce', 'dice_ce', 'ce_iou' or 'dice', got {kind!r}")
             total = total + term
             if i == 0:
                 logs["seg"] = float(term.detach())

@@ -1,4 +1,4 @@
-"""Single-task segmentation: cross-entropy, or Dice + cross-entropy (equal weights).
+"""Single-task segmentation: cross-entropy, Dice + cross-entropy (equal weights), or Dice alone.
 
 Over U2Net's fused and six side outputs the loss is summed (seven terms), as in Qin et al.
 """

@@ -16,6 +16,7 @@ from .bench import StepRunner, bench_report, synthetic_batch, time_steps
 from .demo import run_demo
 from .evaluate import config_from_checkpoint, run_eval
 from .labels import precompute_labels
+from .repeats import eval_seeds, mean_sd, seed_config, train_seeds
 
 
 def train(cfg: dict):
@@ -32,5 +33,5 @@ def train(cfg: dict):
 
 __all__ = ["CheckpointError", "ConfigError", "DatasetError", "Run", "StepRunner", "bench_report", "build_dataset",
            "build_method", "build_model", "build_run", "build_trainer", "check_components", "config_from_checkpoint",
-           "dump", "load_config", "precompute_labels", "run_demo", "run_eval", "synthetic_batch",
-           "time_steps", "train"]
+           "dump", "eval_seeds", "load_config", "mean_sd", "precompute_labels", "run_demo", "run_eval",
+           "seed_config", "synthetic_batch", "time_steps", "train", "train_seeds"]

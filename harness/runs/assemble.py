@@ -26,6 +26,7 @@ from ..data import (BatchAugment, DatasetError, InMemory, SegmentationDataset, c
 from ..methods import Method, create_method, list_methods, method_class
 from ..models import HEAD_NAMES, Heads, create_model, get_model_spec, list_models
 from ..training import Trainer, seed_everything
+from ..training.checkpoint import load_checkpoint
 
 # What the assembly passes itself, so a config cannot set it as an option.
 _MODEL_ARGS = ("in_channels", "num_classes", "heads")
@@ -147,5 +148,36 @@ def build_trainer(cfg: dict, **kwargs) -> Trainer:
     ``data.splits.val`` ask for one. ``kwargs`` go to the trainer (``device``, ``progress``)."""
     seed_everything(int(cfg["seed"]), bool(cfg["deterministic"]))
     run = build_run(cfg, "train", training=True)
+    if cfg["model"].get("init_from"):
+        # "{seed}": the run of the same seed (repeated runs, :mod:`.repeats`)
+        path = str(cfg["model"]["init_from"]).replace("{seed}", str(int(cfg["seed"])))
+        init_from_checkpoint(run.model, path, cfg["model"].get("init_prefixes") or ())
     val = build_dataset(cfg, "val") if cfg["train"]["val_every"] and cfg["data"]["splits"].get("val") else None
     return Trainer(cfg, model=run.model, method=run.method, train_set=run.dataset, val_set=val, **kwargs)
+
+
+def init_from_checkpoint(model: nn.Module, path, prefixes: Iterable[str] = ()) -> list[str]:
+    """Copy into ``model`` the weights of the checkpoint at ``path`` whose names start with one of
+    ``prefixes`` (none given: every weight of ``model``), e.g. PU-Net's second phase taking
+    the encoder of the first. Every selected weight must be in the checkpoint with the same
+    shape (else :class:`~mtseg_harness.config.ConfigError`); the others keep their
+    initialisation. A resumed run then overwrites all of it with its own checkpoint.
+    Returns the names copied."""
+    state = load_checkpoint(path, required=("model",))["model"]
+    own = model.state_dict()
+    prefixes = tuple(prefixes)
+    names = [k for k in own if not prefixes or k.startswith(prefixes)]
+    if not names:
+        raise ConfigError(f"model.init_prefixes={list(prefixes)}: no weight of model {type(model).__name__} starts "
+                          f"with these; {FIX}")
+    missing = [k for k in names if k not in state]
+    wrong = [k for k in names if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        what = "; ".join(x for x in (
+            f"missing there: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}" if missing else "",
+            f"other shape: {', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in wrong[:4])}"
+            if wrong else "") if x)
+        raise ConfigError(f"model.init_from={path}: the checkpoint does not hold this model's weights ({what}); "
+                          f"give a checkpoint of the same network, or narrow model.init_prefixes")
+    model.load_state_dict({k: state[k] for k in names}, strict=False)
+    return names

@@ -56,7 +56,7 @@ from .logs import CSVLog, TensorBoardLog, progress_bar
 
 #: Config keys a resumed run may change: the step budget, and how the run is started and
 #: shown (``data.num_workers`` changes no result: the data order is a function of the step).
-RESUME_FREE_KEYS = ("train.steps", "train.resume", "train.out_dir", "train.progress", "train.tensorboard",
+RESUME_FREE_KEYS = ("train.steps", "train.epochs", "train.resume", "train.out_dir", "train.progress", "train.tensorboard",
                     "data.num_workers")
 
 
@@ -122,9 +122,19 @@ def build_optimizer(params, o: dict) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name must be adam, adamw or sgd; got {o['name']!r}")
 
 
-def build_scheduler(opt, s: dict):
-    """Per-iteration LR schedules (torch's): step, multistep, cosine_restarts, or none."""
+def build_scheduler(opt, s: dict, steps_per_epoch: int = 1):
+    """Per-iteration LR schedules (torch's): step, multistep, cosine_restarts, or none.
+
+    With ``interval: epoch`` the periods (``step_size``, ``milestones``, ``T_0``) are given in
+    epochs and multiplied by ``steps_per_epoch`` here: the schedule still moves every step
+    (a warm restart every ``T_0`` epochs falls on an epoch boundary)."""
     name = str(s["name"]).lower()
+    if str(s.get("interval", "step")).lower() == "epoch":
+        k = int(steps_per_epoch)
+        if k < 1:
+            raise ValueError(f"sched.interval=epoch needs at least one step per epoch, got {steps_per_epoch}")
+        s = {**s, "step_size": int(s["step_size"]) * k, "T_0": int(s["T_0"]) * k,
+             "milestones": [int(m) * k for m in s["milestones"]]}
     if name in ("none", "constant"):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     if name == "step":
@@ -172,9 +182,14 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.is_main = self.rank == 0
         self.out_dir = Path(t["out_dir"])
-        self.total_steps = int(t["steps"])
-
         self.train_set = train_set
+        # one epoch = the sampler's pass over the training set (the last incomplete global batch dropped)
+        self.steps_per_epoch = len(train_set) // (int(cfg["data"]["batch_size"]) * self.world)
+        if t.get("epochs") and self.steps_per_epoch < 1:
+            raise ConfigError(f"train.epochs: the training set has {len(train_set)} images, fewer than one global "
+                              f"batch ({cfg['data']['batch_size']} x {self.world} processes); lower data.batch_size")
+        self.total_steps = int(t["epochs"]) * self.steps_per_epoch if t.get("epochs") else int(t["steps"])
+
         self.num_classes = int(train_set.num_classes)
         self.ignore_index = int(train_set.ignore_index)
         self.class_names = list(train_set.class_names)
@@ -189,7 +204,7 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
 
         self.optimizer = build_optimizer(self.model.parameters(), cfg["optim"])
-        self.scheduler = build_scheduler(self.optimizer, cfg["sched"])
+        self.scheduler = build_scheduler(self.optimizer, cfg["sched"], self.steps_per_epoch)
         self.amp_dtype = amp_dtype_for(t["amp"], self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         aug = cfg["data"].get("augment") or {}
@@ -405,8 +420,8 @@ class Trainer:
         if self.is_main and self.show_progress and end > self.step:
             bar = self._bar = progress_bar(total=end, initial=self.step, desc=str(self.cfg["method"]["name"]))
         gbatch = int(self.cfg["data"]["batch_size"]) * self.world
-        log_every, val_every = int(t["log_every"] or 0), int(t["val_every"] or 0)
-        ckpt_every = int(t["checkpoint_every"] or 0)
+        log_every, val_every = int(t["log_every"] or 0), self.every(t["val_every"])
+        ckpt_every = self.every(t["checkpoint_every"])
         losses, t0, t_log = [], time.perf_counter(), time.perf_counter()
         it = iter(loader)
         try:
@@ -444,6 +459,10 @@ class Trainer:
         self.save(self.out_dir / "last.pt")
         D.barrier()
         return {"step": self.step, "best": self.best, "best_step": self.best_step}
+
+    def every(self, value) -> int:
+        """A ``val_every``/``checkpoint_every`` setting in steps (``epoch``: steps per epoch; 0 = never)."""
+        return self.steps_per_epoch if value == "epoch" else int(value or 0)
 
     def _validate(self, val_log, tb) -> None:
         """Validation on every process: each evaluates its shard of the validation set and the

@@ -59,7 +59,7 @@ FIXTURE_WRITERS = {
     "refuge": W.write_refuge,
     "glas": W.write_glas,
     "hc18": lambda r: W.write_hc18(r, n=4, size=(54, 80)),
-    "lits": W.write_lits,
+    "lits": lambda r: W.write_lits(r, n_volumes=17),  # CMU-Net's protocol lists volumes 0-16
     "brats18": lambda r: W.write_brats(r, {"HGG": ["Brats18_A_1", "Brats18_A_2"], "LGG": ["Brats18_B_1"]}),
 }
 
@@ -83,7 +83,8 @@ def _fixture_config(path, root, out_dir):
 def test_there_is_a_config_per_paper_experiment():
     names = {p.stem for p in CONFIGS}
     assert {"cadis_task2_u2net_hog", "cadis_task1_unet_hog", "cadis_task3_u2net_baseline",
-            "endovis18_tdsnet_tdsnet", "lits_cmunet_cmunet", "lits_cmunet_cmunet_pretrain",
+            "endovis18_tdsnet_tdsnet", "lits_cmunet_cmunet", "lits_cmunet_baseline",
+            "lits_cmunet_punet_pretrain", "lits_cmunet_punet",
             "brats18_unet3d_aniso_cmunet", "hc18_unet_hog"} <= names
 
 
@@ -111,10 +112,10 @@ def test_one_config_per_dataset_trains_a_step_with_a_tiny_model(path, fixture_ro
     three_d = name == "brats18"
     cfg["model"] = {"name": "unet", "options": {"base_channels": 4, "depth": 1, **({"spatial_dims": 3} if three_d else {})}}
     cfg["data"].update(batch_size=1, input_size=None if three_d else [32, 48])
-    cfg["data"]["augment"].pop("crop", None)  # fixture images are smaller than the configs' crops
+    (cfg["data"]["augment"] or {}).pop("crop", None)  # fixture images are smaller than the configs' crops
     if three_d:
         cfg["data"]["options"]["crop_size"] = [8, 16, 16]
-    cfg["train"].update(steps=1, val_every=0, checkpoint_every=0)
+    cfg["train"].update(steps=1, epochs=None, val_every=0, checkpoint_every=0)
     tr = build_trainer(cfg)
     tr.fit()
     assert tr.step == 1 and (tmp_path / "last.pt").is_file()

@@ -145,23 +145,6 @@ def test_tdsnet_three_stage_schedule_and_terms():
     torch.testing.assert_close(l3, l2 + 2.0 * scene)
 
 
-def test_cmunet_dice_focal_and_encoder_pretraining():
-    m = create_method("cmunet", 2, pretrain_steps=5, focal_alpha=[0.3, 0.7])
-    mask = torch.randint(0, 2, (2, 8, 8))
-    batch = m.targets({"mask": mask})
-    seg = torch.randn(2, 2, 8, 8, requires_grad=True)
-    out = _out(seg, presence=torch.randn(2, 2))
-    cls = torch.nn.functional.binary_cross_entropy_with_logits(out.presence, batch["presence"])
-    pre, logs = m.loss(out, batch, 0, 10)
-    torch.testing.assert_close(pre, cls)
-    pre.backward()
-    assert torch.count_nonzero(seg.grad) == 0  # only the encoder classifier learns during pretraining
-    full, logs = m.loss(out, batch, 5, 10)
-    dice = losses.soft_dice_loss(seg, mask)
-    focal = losses.focal_loss(seg, mask, gamma=2.0, alpha=torch.tensor([0.3, 0.7]))
-    torch.testing.assert_close(full, 0.5 * dice + 0.5 * focal + cls)
-
-
 def test_focal_loss_with_gamma_zero_is_cross_entropy():
     logits, mask = torch.randn(3, 4, 5, 6), torch.randint(0, 4, (3, 5, 6))
     mask[0, 0] = 255
