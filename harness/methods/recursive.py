@@ -83,8 +83,14 @@ def _instances(classes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def grow(seeds_classes: torch.Tensor, seeds_instances: torch.Tensor | None, seg: torch.Tensor, lam: float) -> torch.Tensor:
-    """Grow class-labelled seeds inside ``seg != 0``; returns the grown class map (int64, on ``seg``'s device)."""
+def grow_objects(seeds_classes: torch.Tensor, seeds_instances: torch.Tensor | None, seg: torch.Tensor,
+                 lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grow class-labelled seeds inside ``seg != 0``: ``(classes, instances)``, int64 on ``seg``'s device.
+
+    ``seeds_instances`` (or, when it is ``None`` or an image has none, the face-connected
+    components of each class of ``seeds_classes``) are the objects; ``instances`` holds
+    their grown regions (every seed voxel keeps its id), ``classes`` their seed's class.
+    """
     device = seg.device
     seeds_classes = seeds_classes.to(device).long()
     inst = seeds_instances.to(device).long() if seeds_instances is not None else None
@@ -92,7 +98,14 @@ def grow(seeds_classes: torch.Tensor, seeds_instances: torch.Tensor | None, seg:
         inst = _instances(seeds_classes)
     inst = torch.where(seeds_classes > 0, inst, torch.zeros_like(inst))
     grown = _on_device(grow_instances, inst, (seg != 0).to(torch.uint8), float(lam), seed_classes=seeds_classes)
-    return torch.where(grown.instances > 0, grown.classes, torch.where(seeds_classes > 0, seeds_classes, 0))
+    classes = torch.where(grown.instances > 0, grown.classes, torch.where(seeds_classes > 0, seeds_classes, 0))
+    instances = torch.where(grown.instances > 0, grown.instances, inst)
+    return classes, instances
+
+
+def grow(seeds_classes: torch.Tensor, seeds_instances: torch.Tensor | None, seg: torch.Tensor, lam: float) -> torch.Tensor:
+    """Grow class-labelled seeds inside ``seg != 0``; returns the grown class map (int64, on ``seg``'s device)."""
+    return grow_objects(seeds_classes, seeds_instances, seg, lam)[0]
 
 
 class ApproxStore:
@@ -336,15 +349,21 @@ class RecursiveApprox(Method):
         return super().segment(model, image, batch, out_size)
 
     def segment(self, model, image, batch=None, out_size=None):
+        """``(labels, instances)`` after the final growth: the instances are the grown
+        objects themselves (what the object metrics measure); an image whose approximation
+        output is empty keeps the plain segmentation, its objects then being that
+        segmentation's face-connected components per class. Without the final growth: the
+        plain labels (the evaluation then takes connected components)."""
         out = model(image)
         seg = resize_logits(out.seg, out_size).argmax(1)
         if not self.options["final_growth"] or out.approx is None:
             return seg
         approx = resize_logits(out.approx, out_size).argmax(1)
-        grown = grow(approx, None, seg, self.options["lam_eval"]).to(seg.device)
-        # images whose approximation output is empty (no seed) keep the plain segmentation
-        seeded = (approx > 0).flatten(1).any(1).view(-1, *([1] * (seg.dim() - 1)))
-        return torch.where(seeded, grown, seg)
+        classes, instances = grow_objects(approx, None, seg, self.options["lam_eval"])
+        seeded = (approx > 0).flatten(1).any(1).view(-1, *([1] * (seg.dim() - 1))).to(seg.device)
+        labels = torch.where(seeded, classes.to(seg.device), seg)
+        instances = torch.where(seeded, instances.to(seg.device), _instances(seg))
+        return labels, instances
 
     def state_dict(self):
         if isinstance(self.current, ApproxStore):
