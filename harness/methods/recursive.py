@@ -1,7 +1,7 @@
 """Recursive approximation tasks (Ke et al., IEEE TIP 2021).
 
-A fraction ``strong_fraction`` of the training images keeps its full mask ("strong"
-labels); the others only have weak labels: rough regions inside each object
+A fraction ``strong_fraction`` of the training images (or ``strong_count`` of them) keeps
+its full mask ("strong" labels); the others only have weak labels: rough regions inside each object
 (:class:`~mtseg_harness.data.WeakLabels`, generated, or read from ``weak_dir``).
 The model has a second output, the approximation task (``heads={"approx": K}``):
 
@@ -198,6 +198,8 @@ class RecursiveApprox(Method):
     @dataclass
     class Options:
         strong_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+        #: the number of strongly labelled images (instead of ``strong_fraction``)
+        strong_count: Optional[NonNegativeInt] = None
         w_seg: NonNegativeFloat = 1.0
         w_approx: NonNegativeFloat = 1.0
         #: steps between label updates; 0 = never
@@ -236,7 +238,7 @@ class RecursiveApprox(Method):
         o = self.options
         return _TrainSamples(WeakLabels(dataset, shrink_ratio=o["shrink_ratio"], jitter=o["jitter"],
                                         smoothness=o["smoothness"], weak_dir=o["weak_dir"],
-                                        strong_fraction=o["strong_fraction"]))
+                                        strong_fraction=o["strong_fraction"], strong_count=o["strong_count"]))
 
     # ------------------------------------------------------------------ approximations
     def _store_path(self, ctx: TrainContext) -> Path:
