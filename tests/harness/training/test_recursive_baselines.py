@@ -96,7 +96,10 @@ def test_grabcut_without_weak_region_is_background_and_checks_sizes():
 def roots(tmp_path_factory):
     base = tmp_path_factory.mktemp("paper")
     W.write_hc18(base / "hc18", n=6, size=(54, 80))
-    W.write_glas(base / "glas")
+    glas = W.write_glas(base / "glas")
+    inst = glas["testB_1"][1].copy()
+    inst[inst == 2] = 0                     # Part B: one gland fewer, so the parts' metrics differ
+    W.write_png(base / "glas" / "testB_1_anno.bmp", inst, fmt="BMP")
     return {"hc18": base / "hc18", "glas": base / "glas"}
 
 
@@ -184,4 +187,7 @@ def test_mtseg_eval_prints_part_a_and_part_b(roots, tmp_path, capsys):
     for part in ("testA", "testB"):
         line = next(l for l in out.splitlines() if l.strip().startswith(f"part {part}:"))
         assert f"object_dice {summary['by_part'][part]['object_dice']:.4f}" in line
+        assert f"dice_fg {summary['by_part'][part]['dice_fg']:.4f}" in line
         assert "(1 images)" in line
+    a, b = summary["by_part"]["testA"], summary["by_part"]["testB"]
+    assert a["dice_fg"] != b["dice_fg"]     # the lines would not tell a mix-up of the parts otherwise
