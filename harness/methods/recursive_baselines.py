@@ -41,6 +41,24 @@ def _grabcut_image(image) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(1, 2, 0))
 
 
+def grabcut_init(fg: np.ndarray, margin: float) -> tuple[np.ndarray, tuple]:
+    """GrabCut's initial mask for a weak foreground ``fg`` (bool ``(H, W)``, not empty):
+    ``cv2.GC_FGD`` on ``fg``; ``cv2.GC_PR_FGD`` within ``margin`` x r of a connected weak
+    region, r = sqrt(area / pi) of that region (the band is measured from the nearest weak
+    pixel); ``cv2.GC_PR_BGD`` elsewhere. Also returns the index arrays of each pixel's
+    nearest weak pixel."""
+    import cv2
+
+    regions, n = ndimage.label(fg)
+    radius = np.sqrt(np.bincount(regions.ravel(), minlength=n + 1)[1:] / math.pi)
+    dist, nearest = ndimage.distance_transform_edt(~fg, return_indices=True)
+    near = tuple(nearest)
+    gc = np.full(fg.shape, cv2.GC_PR_BGD, np.uint8)
+    gc[dist <= margin * radius[regions[near] - 1]] = cv2.GC_PR_FGD
+    gc[fg] = cv2.GC_FGD
+    return gc, near
+
+
 def grabcut_labels(image, weak, *, iterations: int = 5, margin: float = 1.0, background: int = 0,
                    ignore_index: int = 255, seed: int = 0) -> torch.Tensor:
     """Pseudo-label of one image from its weak label with OpenCV's GrabCut.
@@ -74,14 +92,7 @@ def grabcut_labels(image, weak, *, iterations: int = 5, margin: float = 1.0, bac
     out[ignored] = ignore_index
     if not fg.any():
         return torch.from_numpy(out)
-    regions, n = ndimage.label(fg)
-    radius = np.sqrt(np.bincount(regions.ravel(), minlength=n + 1)[1:] / math.pi)
-    dist, nearest = ndimage.distance_transform_edt(~fg, return_indices=True)
-    near = tuple(nearest)
-    band = dist <= margin * radius[regions[near] - 1]
-    gc = np.full(w.shape, cv2.GC_PR_BGD, np.uint8)
-    gc[band] = cv2.GC_PR_FGD
-    gc[fg] = cv2.GC_FGD
+    gc, near = grabcut_init(fg, margin)
     if (gc == cv2.GC_PR_BGD).sum() >= 2:
         cv2.setRNGSeed(int(seed))
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)

@@ -11,7 +11,7 @@ from conftest import REPO
 from mtseg_harness.data import WeakLabels, strong_indices
 from mtseg_harness.data.base import create_dataset
 from mtseg_harness.evaluation import evaluate
-from mtseg_harness.methods.recursive_baselines import grabcut_labels
+from mtseg_harness.methods.recursive_baselines import grabcut_init, grabcut_labels
 from mtseg_harness.runs import build_run, build_trainer, load_config, run_eval
 from mtseg_harness.training.data import eval_loader
 
@@ -78,6 +78,24 @@ def test_grabcut_gives_each_object_the_class_of_its_nearest_weak_region():
     weak[_ellipse(left.shape, (40, 120), (8, 10))] = 2
     out = grabcut_labels(torch.from_numpy(img), torch.from_numpy(weak)).numpy()
     assert _dice(out == 1, left) > 0.95 and _dice(out == 2, right) > 0.95
+
+
+def test_grabcut_initial_mask_band_around_each_weak_region():
+    import cv2
+
+    fg = np.zeros((40, 60), bool)
+    fg[10:14, 10:14] = True                  # 16 px: r = sqrt(16 / pi) = 2.257
+    fg[20:30, 35:45] = True                  # 100 px: r = 5.642
+    gc, _ = grabcut_init(fg, margin=1.0)
+    yy, xx = np.mgrid[:40, :60]
+    # brute force: distance of every pixel to each square, band radius of the nearer square
+    d = [np.min(np.hypot(yy[..., None] - yy[m][None, None], xx[..., None] - xx[m][None, None]), axis=-1)
+         for m in (fg & (xx < 30), fg & (xx >= 30))]
+    r = np.where(d[0] <= d[1], 2.2568, 5.6419)
+    expected = np.where(np.minimum(*d) <= r, cv2.GC_PR_FGD, cv2.GC_PR_BGD)
+    expected[fg] = cv2.GC_FGD
+    assert np.array_equal(gc, expected)
+    assert (grabcut_init(fg, margin=0.0)[0] != cv2.GC_PR_FGD).all()
 
 
 def test_grabcut_without_weak_region_is_background_and_checks_sizes():
