@@ -68,6 +68,19 @@ def test_grabcut_recovers_a_contrasted_object_from_its_weak_region():
     assert (out[0, :5] == 255).all() and set(np.unique(out)) == {0, 1, 255}
 
 
+def test_grabcut_on_a_downscaled_copy_of_a_large_image():
+    rng = np.random.default_rng(2)
+    truth = _ellipse((540, 800), (270, 400), (180, 260))
+    img = np.clip(0.25 + 0.5 * truth + 0.08 * rng.standard_normal(truth.shape), 0, 1).astype(np.float32)
+    weak = np.zeros(truth.shape, np.int64)
+    weak[_ellipse(truth.shape, (270, 400), (70, 100))] = 1
+    weak[100, 100] = 1                                    # a one-pixel weak region survives the downscale
+    out = grabcut_labels(torch.from_numpy(img)[None], torch.from_numpy(weak), max_side=128).numpy()
+    assert out.shape == truth.shape
+    assert _dice(out == 1, truth) > 0.97
+    assert (out[weak == 1] == 1).all()
+
+
 def test_grabcut_gives_each_object_the_class_of_its_nearest_weak_region():
     rng = np.random.default_rng(1)
     left, right = _ellipse((80, 160), (40, 40), (25, 30)), _ellipse((80, 160), (40, 120), (25, 30))
