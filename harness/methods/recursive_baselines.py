@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Optional
 
+import cv2
 import numpy as np
 import torch
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
@@ -47,8 +48,6 @@ def grabcut_init(fg: np.ndarray, margin: float) -> tuple[np.ndarray, tuple]:
     region, r = sqrt(area / pi) of that region (the band is measured from the nearest weak
     pixel); ``cv2.GC_PR_BGD`` elsewhere. Also returns the index arrays of each pixel's
     nearest weak pixel."""
-    import cv2
-
     regions, n = ndimage.label(fg)
     radius = np.sqrt(np.bincount(regions.ravel(), minlength=n + 1)[1:] / math.pi)
     dist, nearest = ndimage.distance_transform_edt(~fg, return_indices=True)
@@ -82,8 +81,6 @@ def grabcut_labels(image, weak, *, iterations: int = 5, margin: float = 1.0, max
         seed: OpenCV's RNG seed (GrabCut's k-means), for a reproducible result.
     Returns ``(H, W)`` int64 class map.
     """
-    import cv2  # a run-time dependency of this baseline only
-
     w = weak.cpu().numpy() if isinstance(weak, torch.Tensor) else np.asarray(weak)
     img = _grabcut_image(image)
     if img.shape[:2] != w.shape:
