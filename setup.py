@@ -273,7 +273,8 @@ if __name__ == "__main__":
                 "connected-components-3d>=4.1,<5",
             ],
             "harness": ["nibabel>=5", "pandas>=2", "scipy>=1.11", "scikit-image>=0.25", "pyyaml>=6",
-                        "pydantic>=2.7,<3", "matplotlib>=3.7", "tqdm>=4.60", "pillow>=9", "tensorboard>=2.10"],
+                        "pydantic>=2.7,<3", "matplotlib>=3.7", "tqdm>=4.60", "pillow>=9", "tensorboard>=2.10",
+                        "opencv-python-headless>=4.8,<5"],  # the GrabCut pseudo-label baseline
         },
         zip_safe=False,
     )

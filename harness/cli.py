@@ -29,7 +29,8 @@ import sys
 
 #: Modules of the ``[harness]`` extra (setup.py) the commands import -> their pip package.
 HARNESS_EXTRA = {"yaml": "pyyaml", "pydantic": "pydantic", "scipy": "scipy", "pandas": "pandas", "nibabel": "nibabel",
-                 "skimage": "scikit-image", "matplotlib": "matplotlib", "tqdm": "tqdm", "PIL": "pillow"}
+                 "skimage": "scikit-image", "matplotlib": "matplotlib", "tqdm": "tqdm", "PIL": "pillow",
+                 "cv2": "opencv-python-headless"}
 
 
 def missing_extra(modules=HARNESS_EXTRA) -> list[str]:

@@ -21,7 +21,7 @@ from .glas import GlaS
 from .hc18 import HC18
 from .lits import LiTS
 from .generic import ImageMaskFolder, NiftiPairs
-from .weak import WeakLabels, make_weak_labels, read_weak_labels, weak_region
+from .weak import WeakLabels, make_weak_labels, read_weak_labels, strong_indices, weak_region
 from .transforms import BatchAugment, collate, presence_from_mask
 from .wrappers import DatasetWrapper, InMemory, first_sample
 
@@ -32,7 +32,7 @@ __all__ = [
     "DatasetError", "MissingFileError",
     "CaDIS", "cadis_lut", "EndoVis2017", "EndoVis2018", "decode_colour_label", "read_labels_json",
     "BraTS", "brats_regions", "REFUGE", "GlaS", "HC18", "LiTS", "ImageMaskFolder", "NiftiPairs",
-    "WeakLabels", "make_weak_labels", "read_weak_labels", "weak_region",
+    "WeakLabels", "make_weak_labels", "read_weak_labels", "strong_indices", "weak_region",
     "BatchAugment", "collate", "presence_from_mask",
     "DatasetWrapper", "InMemory", "first_sample",
 ]

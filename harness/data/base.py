@@ -111,8 +111,9 @@ def create_dataset(name: str, root, split: str = "train", **options) -> "Segment
 
 @dataclass(frozen=True)
 class ObjectMetrics:
-    """Object-level Dice and Hausdorff (GlaS): predicted objects are the connected components
-    (``connectivity``) of the predicted foreground, compared with ``sample["instances"]``."""
+    """Object-level Dice and Hausdorff (GlaS), against ``sample["instances"]``: the predicted
+    objects are those the method returns with its labels (the recursive method's grown
+    instances), else the connected components (``connectivity``) of the predicted foreground."""
 
     connectivity: int = 8
 

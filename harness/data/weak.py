@@ -27,6 +27,7 @@ instance with id ``i`` comes from ``numpy.random.default_rng([seed, i])``.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,34 @@ def read_weak_labels(path, shape=None, num_classes: int | None = None, ignore_in
     return torch.from_numpy(arr)
 
 
+def strong_indices(n: int, strong_fraction: float = 0.0, strong_count: int | None = None, seed: int = 0) -> set[int]:
+    """The training images that keep their full mask: a deterministic draw (by ``seed``) of
+    ``strong_count`` images, or, without a count, ``round(strong_fraction * n)`` of them
+    (at least one when the fraction is positive).
+
+    The draw is a prefix of one permutation of ``range(n)``, so the SL-only and pseudo-label
+    baselines train on exactly the images the recursive method holds strong. A count above
+    ``n`` (a small or partial copy of the data) makes every image strong, with a warning.
+    """
+    n = int(n)
+    if strong_count is not None:
+        k = int(strong_count)
+        if k < 0:
+            raise ValueError(f"strong_count must be >= 0, got {k}")
+        if k > n:
+            logging.getLogger(__name__).warning(
+                "strong_count %d exceeds the %d training images: every image keeps its full mask", k, n)
+            k = n
+    else:
+        if not 0 <= strong_fraction <= 1:
+            raise ValueError(f"strong_fraction must lie in [0, 1], got {strong_fraction}")
+        k = int(round(strong_fraction * n))
+        if strong_fraction > 0 and n > 0:
+            k = max(k, 1)  # a positive fraction of a small set still keeps one strong image
+    order = np.random.default_rng([int(seed), 7]).permutation(n)
+    return set(order[:k].tolist())
+
+
 class WeakLabels(DatasetWrapper):
     """Wrap a dataset: add ``weak`` and ``weak_instances`` to every sample.
 
@@ -182,19 +211,18 @@ class WeakLabels(DatasetWrapper):
     case ids becomes ``__``); a missing or bad file is an error naming it.
     ``strong_fraction``: this deterministic fraction of samples (by ``seed``) keeps its
     full mask as the weak label too, and is flagged ``sample["strong"] = True``: the
-    method's "strong labels for a small fraction".
+    method's "strong labels for a small fraction"; ``strong_count`` (when given) is the
+    number of such images instead (:func:`strong_indices`).
     """
 
     def __init__(self, dataset, *, shrink_ratio=0.3, jitter=0.3, smoothness=0.15, seed=0,
-                 weak_dir=None, suffix=".png", strong_fraction: float = 0.0):
+                 weak_dir=None, suffix=".png", strong_fraction: float = 0.0, strong_count: int | None = None):
         super().__init__(dataset)
         self.kw = dict(shrink_ratio=shrink_ratio, jitter=jitter, smoothness=smoothness)
         self.seed = int(seed)
         self.weak_dir = None if weak_dir is None else require_folder(Path(weak_dir).expanduser(), "weak label folder")
         self.suffix = suffix
-        n = len(dataset)
-        order = np.random.default_rng([self.seed, 7]).permutation(n)
-        self.strong = set(order[: int(round(strong_fraction * n))].tolist())
+        self.strong = strong_indices(len(dataset), strong_fraction, strong_count, self.seed)
 
     def __getitem__(self, index):
         sample = self.dataset[index]

@@ -43,10 +43,12 @@ def resize_image(image: torch.Tensor, size) -> torch.Tensor:
 @torch.no_grad()
 def predict_batch(model, segment, image: torch.Tensor, batch: dict | None = None, pad_multiple: int = 32,
                   amp_dtype=None, input_size=None) -> torch.Tensor:
-    """Label maps ``(B, *S)`` at the images' own size.
+    """Label maps ``(B, *S)`` at the images' own size (or ``(labels, instances)``, see below).
 
     ``segment(model, image, batch, out_size=None)`` turns the model's output into labels
-    (:meth:`~mtseg_harness.methods.Method.segment`). With ``input_size`` the model sees
+    (:meth:`~mtseg_harness.methods.Method.segment`); a method that finds objects itself
+    (the recursive method's grown instances) returns the pair ``(labels, instances)``,
+    passed through unchanged. With ``input_size`` the model sees
     images resized to it and its logits are resized back; the input is zero-padded to a
     multiple of ``pad_multiple`` and the output cropped.
     """
@@ -77,14 +79,37 @@ class _Cropped(torch.nn.Module):
                             approx=None if out.approx is None else out.approx[c])
 
 
-def _extra_columns(extra_metrics, pred: torch.Tensor, batch: dict, ignore_index) -> list[dict]:
-    """Per-image columns of the dataset's declared extras (one dict per image)."""
+def split_segmentation(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A ``segment`` result -> ``(labels, instances or None)``, both on the CPU.
+
+    ``instances`` (int64 ids, 0 = none) are the objects the method itself found; without
+    them the object metrics use the connected components of the labels.
+    """
+    if isinstance(out, (tuple, list)):
+        labels, instances = out
+        if instances is not None and tuple(instances.shape) != tuple(labels.shape):
+            raise ValueError(f"segment returned instances of shape {tuple(instances.shape)} "
+                             f"for labels of shape {tuple(labels.shape)}")
+        return labels.cpu(), None if instances is None else instances.cpu().long()
+    return out.cpu(), None
+
+
+def _extra_columns(extra_metrics, pred: torch.Tensor, batch: dict, ignore_index,
+                   pred_instances: torch.Tensor | None = None) -> list[dict]:
+    """Per-image columns of the dataset's declared extras (one dict per image).
+
+    ``pred_instances``: the method's own objects (:func:`split_segmentation`); the object
+    metrics use them as they are, else the connected components of ``pred``.
+    """
     rows = [{} for _ in range(len(pred))]
     for spec in extra_metrics:
         if isinstance(spec, ObjectMetrics):
             if "instances" not in batch:
                 continue
-            pred_inst = M.object_instances(pred, spec.connectivity).numpy()
+            if pred_instances is not None:
+                pred_inst = pred_instances.numpy()
+            else:
+                pred_inst = M.object_instances(pred, spec.connectivity).numpy()
             for i, (pi, gi) in enumerate(zip(pred_inst, batch["instances"].numpy())):
                 rows[i]["object_dice"] = M.object_dice(pi, gi)
                 rows[i]["object_hausdorff"] = M.object_hausdorff(pi, gi)
@@ -172,14 +197,15 @@ def evaluate(model, segment, loader, device, *, num_classes: int, ignore_index: 
                 continue
             image = batch["image"].to(device).float()
             target = batch["mask"]
-            pred = predict_batch(model, segment, image, batch, pad_multiple, amp_dtype, input_size).cpu()
+            pred, pred_instances = split_segmentation(
+                predict_batch(model, segment, image, batch, pad_multiple, amp_dtype, input_size))
             cm += M.confusion_matrix(pred, target, num_classes, ignore_index)
             dice, iou = M.dice_iou(pred, target, num_classes, ignore_index)
             surf = None
             if hd:
                 surf = M.surface_distances(pred, target, num_classes, batch.get("spacing"), ignore_index,
                                            classes=measured)
-            extra = _extra_columns(extra_metrics, pred, batch, ignore_index)
+            extra = _extra_columns(extra_metrics, pred, batch, ignore_index, pred_instances)
             ids = batch.get("case_id", [f"{bi}_{i}" for i in range(len(pred))])
             for i in range(len(pred)):
                 row = {"case_id": ids[i]}

@@ -13,7 +13,8 @@ from .hog_mtl import HOGMTL
 from .tdsnet import TDSNet
 from .cmunet import CMUNet
 from .recursive import RecursiveApprox
+from .recursive_baselines import GrabCutPseudo, StrongOnly
 
 __all__ = ["Method", "NoOptions", "SegLoss", "TrainContext", "create_method", "list_methods", "method_class",
            "register_method", "resize_logits", "losses",
-           "Baseline", "HOGMTL", "TDSNet", "CMUNet", "RecursiveApprox"]
+           "Baseline", "HOGMTL", "TDSNet", "CMUNet", "RecursiveApprox", "GrabCutPseudo", "StrongOnly"]

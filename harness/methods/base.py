@@ -171,6 +171,10 @@ class Method:
     def segment(self, model, image: Tensor, batch: dict | None = None, out_size=None) -> Tensor:
         """Label map ``(B, *S)`` for evaluation (the recursive method grows it once more).
 
+        A method that finds the objects itself returns ``(labels, instances)`` instead
+        (both ``(B, *S)``, instances int64 ids, 0 = none): the object metrics (GlaS) then
+        use those instances, not connected components rebuilt from the labels.
+
         ``out_size``: spatial size of the labels when the model ran on a resized image
         (logits are resized bilinearly before the argmax).
         """

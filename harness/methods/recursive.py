@@ -1,7 +1,7 @@
 """Recursive approximation tasks (Ke et al., IEEE TIP 2021).
 
-A fraction ``strong_fraction`` of the training images keeps its full mask ("strong"
-labels); the others only have weak labels: rough regions inside each object
+A fraction ``strong_fraction`` of the training images (or ``strong_count`` of them) keeps
+its full mask ("strong" labels); the others only have weak labels: rough regions inside each object
 (:class:`~mtseg_harness.data.WeakLabels`, generated, or read from ``weak_dir``).
 The model has a second output, the approximation task (``heads={"approx": K}``):
 
@@ -83,8 +83,14 @@ def _instances(classes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def grow(seeds_classes: torch.Tensor, seeds_instances: torch.Tensor | None, seg: torch.Tensor, lam: float) -> torch.Tensor:
-    """Grow class-labelled seeds inside ``seg != 0``; returns the grown class map (int64, on ``seg``'s device)."""
+def grow_objects(seeds_classes: torch.Tensor, seeds_instances: torch.Tensor | None, seg: torch.Tensor,
+                 lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grow class-labelled seeds inside ``seg != 0``: ``(classes, instances)``, int64 on ``seg``'s device.
+
+    ``seeds_instances`` (or, when it is ``None`` or an image has none, the face-connected
+    components of each class of ``seeds_classes``) are the objects; ``instances`` holds
+    their grown regions (every seed voxel keeps its id), ``classes`` their seed's class.
+    """
     device = seg.device
     seeds_classes = seeds_classes.to(device).long()
     inst = seeds_instances.to(device).long() if seeds_instances is not None else None
@@ -92,7 +98,14 @@ def grow(seeds_classes: torch.Tensor, seeds_instances: torch.Tensor | None, seg:
         inst = _instances(seeds_classes)
     inst = torch.where(seeds_classes > 0, inst, torch.zeros_like(inst))
     grown = _on_device(grow_instances, inst, (seg != 0).to(torch.uint8), float(lam), seed_classes=seeds_classes)
-    return torch.where(grown.instances > 0, grown.classes, torch.where(seeds_classes > 0, seeds_classes, 0))
+    classes = torch.where(grown.instances > 0, grown.classes, torch.where(seeds_classes > 0, seeds_classes, 0))
+    instances = torch.where(grown.instances > 0, grown.instances, inst)
+    return classes, instances
+
+
+def grow(seeds_classes: torch.Tensor, seeds_instances: torch.Tensor | None, seg: torch.Tensor, lam: float) -> torch.Tensor:
+    """Grow class-labelled seeds inside ``seg != 0``; returns the grown class map (int64, on ``seg``'s device)."""
+    return grow_objects(seeds_classes, seeds_instances, seg, lam)[0]
 
 
 class ApproxStore:
@@ -185,6 +198,8 @@ class RecursiveApprox(Method):
     @dataclass
     class Options:
         strong_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+        #: the number of strongly labelled images (instead of ``strong_fraction``)
+        strong_count: Optional[NonNegativeInt] = None
         w_seg: NonNegativeFloat = 1.0
         w_approx: NonNegativeFloat = 1.0
         #: steps between label updates; 0 = never
@@ -223,7 +238,7 @@ class RecursiveApprox(Method):
         o = self.options
         return _TrainSamples(WeakLabels(dataset, shrink_ratio=o["shrink_ratio"], jitter=o["jitter"],
                                         smoothness=o["smoothness"], weak_dir=o["weak_dir"],
-                                        strong_fraction=o["strong_fraction"]))
+                                        strong_fraction=o["strong_fraction"], strong_count=o["strong_count"]))
 
     # ------------------------------------------------------------------ approximations
     def _store_path(self, ctx: TrainContext) -> Path:
@@ -336,15 +351,21 @@ class RecursiveApprox(Method):
         return super().segment(model, image, batch, out_size)
 
     def segment(self, model, image, batch=None, out_size=None):
+        """``(labels, instances)`` after the final growth: the instances are the grown
+        objects themselves (what the object metrics measure); an image whose approximation
+        output is empty keeps the plain segmentation, its objects then being that
+        segmentation's face-connected components per class. Without the final growth: the
+        plain labels (the evaluation then takes connected components)."""
         out = model(image)
         seg = resize_logits(out.seg, out_size).argmax(1)
         if not self.options["final_growth"] or out.approx is None:
             return seg
         approx = resize_logits(out.approx, out_size).argmax(1)
-        grown = grow(approx, None, seg, self.options["lam_eval"]).to(seg.device)
-        # images whose approximation output is empty (no seed) keep the plain segmentation
-        seeded = (approx > 0).flatten(1).any(1).view(-1, *([1] * (seg.dim() - 1)))
-        return torch.where(seeded, grown, seg)
+        classes, instances = grow_objects(approx, None, seg, self.options["lam_eval"])
+        seeded = (approx > 0).flatten(1).any(1).view(-1, *([1] * (seg.dim() - 1))).to(seg.device)
+        labels = torch.where(seeded, classes.to(seg.device), seg)
+        instances = torch.where(seeded, instances.to(seg.device), _instances(seg))
+        return labels, instances
 
     def state_dict(self):
         if isinstance(self.current, ApproxStore):

@@ -27,6 +27,8 @@ from .assemble import build_run, load_config
 #: the method (heads, how a prediction is made), the dataset's label definition and the
 #: input resize. ``mtseg eval`` takes these from the checkpoint.
 NETWORK_KEYS = ("model", "method", "data.name", "data.options", "data.input_size")
+#: The means `mtseg eval` prints, overall and per group (a key missing from a summary is left out).
+REPORT_KEYS = ("dice_fg", "iou_fg", "miou", "hd95_fg", "object_dice", "object_hausdorff")
 
 
 def config_from_checkpoint(path, overrides: Iterable[str] = ()) -> dict:
@@ -109,6 +111,9 @@ def run_eval(cfg: dict, checkpoint=None, split_key: str | None = None, out_dir=N
         plot_overlays({cfg["method"]["name"]: examples}, out / "overlays.png",
                       background_classes=ds.background_classes, ignore_index=ds.ignore_index)
     if not quiet:
-        print(f"{split_key}: {summary_line(summary)}")
+        print(f"{split_key}: {summary_line(summary, REPORT_KEYS)}")
+        for key in [k for k in summary if k.startswith("by_")]:  # per group (GlaS part, video)
+            for value, part in summary[key].items():
+                print(f"  {key[3:]} {value}: {summary_line(part, REPORT_KEYS)}")
         print(f"tables in {out}")
     return table, summary, examples

@@ -1,0 +1,1 @@
+"""Fidelity-table tests (a package: their basenames repeat the method test modules')."""
