@@ -28,6 +28,7 @@ propagates.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import random
@@ -123,7 +124,7 @@ def build_optimizer(params, o: dict) -> torch.optim.Optimizer:
 
 
 def build_scheduler(opt, s: dict):
-    """Per-iteration LR schedules (torch's): step, multistep, cosine_restarts, or none."""
+    """Per-iteration LR schedules (torch's): step, multistep, piecewise (given rates), cosine_restarts, or none."""
     name = str(s["name"]).lower()
     if name in ("none", "constant"):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
@@ -131,10 +132,15 @@ def build_scheduler(opt, s: dict):
         return torch.optim.lr_scheduler.StepLR(opt, step_size=int(s["step_size"]), gamma=s["gamma"])
     if name == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(m) for m in s["milestones"]], gamma=s["gamma"])
+    if name == "piecewise":
+        # absolute rates (1e-4 -> 5e-5 -> 2e-5 is no constant gamma), as factors of optim.lr
+        base = float(opt.defaults["lr"])
+        marks, factors = [int(m) for m in s["milestones"]], [float(v) / base for v in s["lr_values"]]
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: ([1.0] + factors)[bisect.bisect_right(marks, step)])
     if name in ("cosine_restarts", "cosine_warm_restarts"):
         return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=int(s["T_0"]), T_mult=int(s["T_mult"]),
                                                                     eta_min=s["eta_min"])
-    raise ValueError(f"sched.name must be none, step, multistep or cosine_restarts; got {s['name']!r}")
+    raise ValueError(f"sched.name must be none, step, multistep, piecewise or cosine_restarts; got {s['name']!r}")
 
 
 def _say(text: str) -> None:
