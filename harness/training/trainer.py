@@ -362,7 +362,7 @@ class Trainer:
                     batch[k] = F.interpolate(v.unsqueeze(1).double(), size=tuple(size), mode="nearest-exact")[:, 0].to(v.dtype)
         if self.augment is not None:
             b = batch["image"].shape[0]
-            params = self.augment.sample_params(b * self.world, batch["image"].shape[2:])
+            params = self.augment.sample_params(b * self.world, batch["image"].shape[2:], batch["image"].shape[1])
             if self.world > 1:
                 params = slice_params(params, self.rank, b)
             batch = self.augment.apply(batch, params)
