@@ -77,8 +77,9 @@ class _Cropped(torch.nn.Module):
                             approx=None if out.approx is None else out.approx[c])
 
 
-def _extra_columns(extra_metrics, pred: torch.Tensor, batch: dict, ignore_index) -> list[dict]:
-    """Per-image columns of the dataset's declared extras (one dict per image)."""
+def _extra_columns(extra_metrics, pred: torch.Tensor, batch: dict, ignore_index, hd: bool = False) -> list[dict]:
+    """Per-image columns of the dataset's declared extras (one dict per image); with ``hd``
+    also the regions' surface distances (``hd95_<region>``, ``hd_<region>``)."""
     rows = [{} for _ in range(len(pred))]
     for spec in extra_metrics:
         if isinstance(spec, ObjectMetrics):
@@ -93,6 +94,13 @@ def _extra_columns(extra_metrics, pred: torch.Tensor, batch: dict, ignore_index)
             for i in range(len(pred)):
                 for k, (name, _) in enumerate(spec.regions):
                     rows[i][f"dice_{name}"] = float(dice[i, k])
+            if hd:
+                surf = M.region_surface_distances(pred, batch["mask"], spec.regions, batch.get("spacing"),
+                                                  ignore_index)
+                for i in range(len(pred)):
+                    for k, (name, _) in enumerate(spec.regions):
+                        rows[i][f"hd95_{name}"] = float(surf["hd95"][i, k])
+                        rows[i][f"hd_{name}"] = float(surf["hd"][i, k])
         elif isinstance(spec, GroupReport):
             values = batch[spec.key]
             for i in range(len(pred)):
@@ -179,7 +187,7 @@ def evaluate(model, segment, loader, device, *, num_classes: int, ignore_index: 
             if hd:
                 surf = M.surface_distances(pred, target, num_classes, batch.get("spacing"), ignore_index,
                                            classes=measured)
-            extra = _extra_columns(extra_metrics, pred, batch, ignore_index)
+            extra = _extra_columns(extra_metrics, pred, batch, ignore_index, hd)
             ids = batch.get("case_id", [f"{bi}_{i}" for i in range(len(pred))])
             for i in range(len(pred)):
                 row = {"case_id": ids[i]}
