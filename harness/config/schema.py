@@ -161,6 +161,10 @@ class Eval(Section):
     #: <train.out_dir>/<checkpoint>.pt (best, last, ...)
     checkpoint: Annotated[str, Field(min_length=1)] = "best"
     pad_multiple: PositiveInt = 32
+    #: sliding-window inference: the window's spatial size (e.g. the training crop), null = whole input at once
+    window: Optional[Annotated[list[PositiveInt], Field(min_length=2, max_length=3)]] = None
+    #: fraction of a window shared with the next along each axis
+    window_overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
 
 
 class Config(Section):

@@ -9,8 +9,8 @@ Layout (official releases; any nesting of the unzipped folders is accepted)::
 
 Masks are 8-bit with 0 = cup, 128 = disc rim, 255 = background; classes: 0 background,
 1 rim (the disc outside the cup), 2 cup. Any other mask value is an error. Evaluation
-reports the optic disc as a region, disc = rim + cup (``dice_disc``, with ``hd=True`` also
-``hd95_disc``), beside the cup (class 2, ``dice_cup``): the challenge's and TDSNet's form.
+reports the regions optic disc = rim + cup (``dice_disc``, with ``hd=True`` also
+``hd95_disc``) and cup (``dice_cup``): the challenge's and TDSNet's form.
 Images and masks are paired by file stem (every ``.bmp`` under a ``Disc_Cup_Masks``
 folder, every ``.jpg``/``.png`` elsewhere).
 
@@ -34,8 +34,9 @@ from .io import (DatasetError, check_same_size, keyed_rows, lut_remap, read_labe
 
 LUT = np.full(256, -1, dtype=np.int64)
 LUT[255], LUT[128], LUT[0] = 0, 1, 2
-#: the optic disc is the rim and the cup together (the cup is class 2 itself)
-REGIONS = (("disc", (1, 2)),)
+#: what REFUGE and TDSNet report: the optic disc (rim and cup together) and the cup (class 2
+#: itself, so its region columns equal the class columns ``dice_cup``, ``hd95_cup``)
+REGIONS = (("disc", (1, 2)), ("cup", (2,)))
 
 
 def _split_of(stem: str) -> str:

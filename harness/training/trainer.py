@@ -468,7 +468,8 @@ class Trainer:
                                  pad_multiple=int(self.cfg["eval"].get("pad_multiple", 32)),
                                  amp_dtype=self.amp_dtype, input_size=self.cfg["data"].get("input_size"),
                                  background_classes=getattr(self.val_set, "background_classes", (0,)),
-                                 gather=self.world > 1)
+                                 gather=self.world > 1, window=self.cfg["eval"].get("window"),
+                                 window_overlap=float(self.cfg["eval"].get("window_overlap", 0.5)))
         if self.is_main:
             score = summary.get("dice_fg", float("nan"))
             row = {"step": self.step, "dice_fg": score, "dice_fg_n_nan": summary.get("dice_fg_n_nan", 0),
