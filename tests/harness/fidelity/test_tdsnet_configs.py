@@ -9,6 +9,7 @@ import pytest
 
 import dataset_writers as W
 from conftest import REPO
+from mtseg_harness.evaluation import SlidingWindow
 from mtseg_harness.runs import build_trainer, load_config, run_eval
 
 WRITERS = {
@@ -20,7 +21,7 @@ CONFIGS = ["endovis18_tdsnet_tdsnet", "endovis18_tdsnet_baseline", "refuge_tdsne
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_trains_through_its_stages_and_reports_in_the_papers_form(name, tmp_path, capsys):
+def test_config_trains_through_its_stages_and_reports_in_the_papers_form(name, tmp_path, capsys, monkeypatch):
     path = REPO / "configs" / f"{name}.yaml"
     data = load_config(path)["data"]["name"]
     root = tmp_path / "data"
@@ -43,12 +44,19 @@ def test_config_trains_through_its_stages_and_reports_in_the_papers_form(name, t
     # the rate after each milestone is the config's value, not a factor of the previous one
     assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(cfg["sched"]["lr_values"][-1])
     capsys.readouterr()
+    windows = []
+    forward = SlidingWindow.forward
+    monkeypatch.setattr(SlidingWindow, "forward", lambda self, x: windows.append((self.window, x.shape)) or forward(self, x))
     table, summary, _ = run_eval(cfg, split_key="test", keep_examples=0)
     out = capsys.readouterr().out
     if data == "brats18":
         assert {"dice_ET", "dice_TC", "dice_WT", "hd95_ET", "hd95_TC", "hd95_WT"} <= set(table.columns)
         assert "test regions: dice_ET" in out and "hd95_WT" in out
+        # the whole volume (D, H, W) = (8, 16, 20) went through 4 x 8 x 8 windows
+        assert windows and all(w == (4, 8, 8) and tuple(s[2:]) == (8, 16, 20) for w, s in windows)
     elif data == "refuge":
         assert {"dice_disc", "dice_cup"} <= set(table.columns)
         assert "test regions: dice_disc" in out and "dice_cup" in out
+    else:
+        assert not windows
     assert len(table) == summary["n_images"] > 0
