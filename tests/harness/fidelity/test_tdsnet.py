@@ -7,16 +7,18 @@ resolves to (with ``base:`` files); each must match.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dataclasses
 import fnmatch
 
 import pytest
 import yaml
 
-from conftest import REPO
 from mtseg_harness.methods import method_class
 from mtseg_harness.runs import load_config
 
+REPO = Path(__file__).resolve().parents[3]
 DOC = REPO / "docs" / "fidelity" / "tdsnet.md"
 COLUMNS = ["element", "paper's value", "place in the paper", "configs", "config key", "project's value"]
 

@@ -5,13 +5,15 @@ Dice and HD95 of ET/TC/WT; REFUGE: disc and cup Dice)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import dataset_writers as W
-from conftest import REPO
 from mtseg_harness.evaluation import SlidingWindow
 from mtseg_harness.runs import build_trainer, load_config, run_eval
 
+REPO = Path(__file__).resolve().parents[3]
 WRITERS = {
     "endovis18": lambda r: W.write_endovis18(r, (1, 2, 3)),
     "refuge": W.write_refuge,
