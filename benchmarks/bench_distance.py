@@ -23,7 +23,7 @@ one call on the whole batch with ``torch.get_num_threads()`` threads. Inputs are
 once per module; the timed functions only compute.
 
 The HC18 masks are the real annotations when the data is found as the tests find it
-(``$MTSEG_SHARED_DATA``, else ``../shared/data`` next to the repository), otherwise
+(the real-data folder, ``$MTSEG_SHARED_DATA``; see docs/testing.md), otherwise
 synthetic ellipses of similar size; each row's ``extra_info["masks"]`` says which.
 
 mtseg on CUDA (skipped, with the reason, without a GPU or without the CUDA kernels): the
@@ -53,8 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def data_root() -> Path | None:
-    """The real-data folder, found as the tests find it: ``$MTSEG_SHARED_DATA``, else
-    ``../shared/data`` next to the repository."""
+    """The real-data folder, found as the tests find it (``tests/conftest.py``)."""
     env = os.environ.get("MTSEG_SHARED_DATA")
     for path in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
         if path.is_dir():

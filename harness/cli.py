@@ -195,7 +195,7 @@ def main(argv=None) -> int:
             print(f"mtseg: config error: {_one_line(exc)}", file=sys.stderr)
             return 2
         if isinstance(exc, runs.CheckpointError):  # a checkpoint that cannot be used: one line naming it
-            print(f"mtseg: {_one_line(exc)}", file=sys.stderr)
+            print(f"mtseg: {_one_line(exc)} (--debug shows the traceback)", file=sys.stderr)
             return 2
         if isinstance(exc, runs.DatasetError):
             print(f"mtseg: data error: {_one_line(exc)} (data.options.on_error=skip leaves bad samples out; "

@@ -58,7 +58,9 @@ def dtype(request) -> torch.dtype:
 
 
 def shared_data_dir() -> Path | None:
-    """``$MTSEG_SHARED_DATA`` or ``../shared/data`` from the project root, if present."""
+    """The real-data folder, if present: ``$MTSEG_SHARED_DATA``, else a ``shared/data``
+    folder beside the checkout (where the project's CI keeps it). Its layout is described
+    in docs/testing.md."""
     env = os.environ.get("MTSEG_SHARED_DATA")
     candidates = [Path(env)] if env else []
     candidates.append(REPO.parent / "shared" / "data")
@@ -73,5 +75,5 @@ def shared_data() -> Path:
     """The shared real-data folder; tests that need it skip with a reason when absent."""
     path = shared_data_dir()
     if path is None:
-        pytest.skip("real data not found: set MTSEG_SHARED_DATA or provide ../shared/data")
+        pytest.skip("real data not found: set MTSEG_SHARED_DATA to a real-data folder (layout: docs/testing.md)")
     return path

@@ -1,5 +1,5 @@
 """Every method end to end: a few training steps and an evaluation, on the embedded HC18
-sample, on the real HC18 copy in shared/data, and on fixture data of every dataset adapter."""
+sample, on the real HC18 images of the real-data folder, and on fixture data of every dataset adapter."""
 
 import math
 
