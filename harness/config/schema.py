@@ -26,7 +26,7 @@ import typing
 from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
-                      PositiveFloat, PositiveInt, TypeAdapter, ValidationError, create_model)
+                      PositiveFloat, PositiveInt, TypeAdapter, ValidationError, create_model, model_validator)
 
 __all__ = ["Config", "check_options", "format_errors", "keyword_fields", "nearest", "plain", "validate"]
 
@@ -115,16 +115,29 @@ class Optim(Section):
 
 
 class Sched(Section):
-    name: _choice("none", "constant", "step", "multistep", "cosine_restarts", "cosine_warm_restarts") = "none"
+    name: _choice("none", "constant", "step", "multistep", "piecewise", "cosine_restarts",
+                  "cosine_warm_restarts") = "none"
     step_size: PositiveInt = 1000
     gamma: PositiveFloat = 0.1
     milestones: list[NonNegativeInt] = []
+    #: piecewise: the learning rate from each of ``milestones`` on (optim.lr before the first)
+    lr_values: list[PositiveFloat] = []
     T_0: PositiveInt = 1000
     T_mult: PositiveInt = 1
     eta_min: NonNegativeFloat = 0.0
     #: what ``step_size``, ``milestones`` and ``T_0`` count: optimiser steps, or epochs
     #: (passes over the training set, converted to steps by the trainer)
     interval: _choice("step", "epoch") = "step"
+
+    @model_validator(mode="after")
+    def _piecewise(self):
+        if self.name == "piecewise":
+            if not self.milestones or len(self.lr_values) != len(self.milestones):
+                raise ValueError(f"piecewise needs one lr_values entry per milestone and at least one; got "
+                                 f"milestones {self.milestones}, lr_values {self.lr_values}")
+            if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+                raise ValueError(f"piecewise milestones must increase, got {self.milestones}")
+        return self
 
 
 class Train(Section):
@@ -160,6 +173,10 @@ class Eval(Section):
     #: <train.out_dir>/<checkpoint>.pt (best, last, ...)
     checkpoint: Annotated[str, Field(min_length=1)] = "best"
     pad_multiple: PositiveInt = 32
+    #: sliding-window inference: the window's spatial size (e.g. the training crop), null = whole input at once
+    window: Optional[Annotated[list[PositiveInt], Field(min_length=2, max_length=3)]] = None
+    #: fraction of a window shared with the next along each axis
+    window_overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
 
 
 class Config(Section):

@@ -30,9 +30,10 @@ EndoVis 2018 layout (official)::
 
 Colours are decoded by exact RGB match with ``labels.json`` (``labels_json=`` path, else
 ``<root>/labels.json``, else ``<root>/seq_N/labels.json``, else the 12-class table the
-challenge published, built in). An unknown colour is an error. ``scene``: the TDSNet
-grouping of sequences {1,2,4,5,7} -> 0, {3,10,11,12,16} -> 1, {6,9,13,14,15} -> 2
-(-1 for a sequence outside it). Splits: ``val`` = ``val_sequences`` (default 2, 5, 9, 15,
+challenge published, built in). An unknown colour is an error. ``scene``: a grouping
+of the sequences into three scenes, {1,2,4,5,7} -> 0, {3,10,11,12,16} -> 1,
+{6,9,13,14,15} -> 2 (-1 for a sequence outside it). The grouping is this project's
+choice: the challenge defines no scenes and the TDSNet paper publishes none. Splits: ``val`` = ``val_sequences`` (default 2, 5, 9, 15,
 the split used since ISINet; the challenge released no validation set), ``train`` = the
 other sequences, ``all`` every sequence.
 """
@@ -163,6 +164,7 @@ LABELS18 = (
     ("suturing-needle", (255, 255, 125), 8), ("suction-instrument", (123, 15, 175), 9),
     ("small-intestine", (124, 155, 5), 10), ("ultrasound-probe", (12, 255, 141), 11),
 )
+#: Scene of each sequence: our choice (see the module docstring), not a published grouping.
 SCENES18 = {**{s: 0 for s in (1, 2, 4, 5, 7)}, **{s: 1 for s in (3, 10, 11, 12, 16)},
             **{s: 2 for s in (6, 9, 13, 14, 15)}}
 VAL18 = (2, 5, 9, 15)

@@ -8,7 +8,9 @@ Layout (official releases; any nesting of the unzipped folders is accepted)::
     Test400/TNNNN.jpg                   REFUGE-Test-GT/Disc_Cup_Masks/TNNNN.bmp
 
 Masks are 8-bit with 0 = cup, 128 = disc rim, 255 = background; classes: 0 background,
-1 disc (rim), 2 cup (so disc = classes 1 and 2). Any other mask value is an error.
+1 rim (the disc outside the cup), 2 cup. Any other mask value is an error. Evaluation
+reports the regions optic disc = rim + cup (``dice_disc``, with ``hd=True`` also
+``hd95_disc``) and cup (``dice_cup``): the challenge's and TDSNet's form.
 Images and masks are paired by file stem (every ``.bmp`` under a ``Disc_Cup_Masks``
 folder, every ``.jpg``/``.png`` elsewhere).
 
@@ -26,12 +28,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .base import SegmentationDataset, file_record, register_dataset
+from .base import RegionMetrics, SegmentationDataset, file_record, register_dataset
 from .io import (DatasetError, check_same_size, keyed_rows, lut_remap, read_label, read_rgb, require_file,
                  walk_files)
 
 LUT = np.full(256, -1, dtype=np.int64)
 LUT[255], LUT[128], LUT[0] = 0, 1, 2
+#: what REFUGE and TDSNet report: the optic disc (rim and cup together) and the cup (class 2
+#: itself, so its region columns equal the class columns ``dice_cup``, ``hd95_cup``)
+REGIONS = (("disc", (1, 2)), ("cup", (2,)))
 
 
 def _split_of(stem: str) -> str:
@@ -65,8 +70,9 @@ class REFUGE(SegmentationDataset):
     name = "refuge"
     splits = ("train", "val", "test", "all")
     num_classes = 3
-    class_names = ("background", "disc", "cup")
+    class_names = ("background", "rim", "cup")
     scene_names = ("normal", "glaucoma")
+    extra_metrics = (RegionMetrics(REGIONS),)
     split_by = "split"
 
     def __init__(self, root, split="train", *, labels_file=None, **kw):

@@ -8,8 +8,8 @@ on, ``(B, C, H, W)`` or ``(B, C, D, H, W)`` images, applying the *same* geometri
 transform to the image and to every label key present (``mask``, ``instances``, ``weak``,
 ``weak_instances``, ``regions``): images are resampled bilinearly, labels by nearest
 neighbour (values are preserved exactly). The order is flips -> 90 degree rotations ->
-rotation by an arbitrary angle and scaling -> random crop -> intensity shift / contrast /
-noise (image only). Parameters are drawn on the CPU from a ``torch.Generator`` (seeded
+rotation by an arbitrary angle and scaling -> random crop -> contrast -> brightness factor
+-> intensity shift -> per-channel (RGB) shift -> noise (image only). Parameters are drawn on the CPU from a ``torch.Generator`` (seeded
 with ``seed``), so a run is reproducible on any device; :meth:`BatchAugment.sample_params`
 and :meth:`BatchAugment.apply` are exposed separately. After augmentation, HOG targets
 can be computed from ``batch["image"]`` on the device, as HOG-MTL requires.
@@ -94,19 +94,32 @@ class BatchAugment:
         scale: ``(low, high)`` zoom factor range (> 1 zooms in); ``(1, 1)`` = off.
         crop: spatial size of a random crop (same for the whole batch), or ``None``.
         brightness: maximum absolute additive shift of the image; contrast: maximum
-            relative change of the multiplicative factor (``1 +- contrast``); noise_std:
-            std of additive Gaussian noise.
+            relative change of the multiplicative factor (``1 +- contrast``) applied about
+            each image's mean; brightness_factor: ``(low, high)`` range of a factor that
+            multiplies the whole image (``(1, 1)`` = off); rgb_shift: maximum absolute
+            additive shift drawn per image *and channel*; noise_std: std of additive
+            Gaussian noise. (TDSNet's ROBOT18 recipe: flips, ``rgb_shift``,
+            ``brightness_factor=(0.9, 1.1)``, ``contrast=0.1``.)
         seed: seeds the parameter generator (``None``: torch's default generator).
     """
 
     def __init__(self, *, flip_prob: float = 0.5, flip_axes: Iterable[int] = (-2, -1), rot90: bool = False,
                  rotate: float = 0.0, scale: tuple[float, float] = (1.0, 1.0), crop: Sequence[int] | None = None,
                  brightness: float = 0.0, contrast: float = 0.0, noise_std: float = 0.0,
+                 brightness_factor: tuple[float, float] = (1.0, 1.0), rgb_shift: float = 0.0,
                  label_keys: Sequence[str] = LABEL_KEYS, ignore_index: int = 255, seed: int | None = None):
         if not 0 <= flip_prob <= 1:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         if scale[0] <= 0 or scale[1] < scale[0]:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
+        if brightness_factor[0] <= 0 or brightness_factor[1] < brightness_factor[0]:
+            raise ValueError(f"brightness_factor must be (low, high) with 0 < low <= high, got {brightness_factor}")
+        for name, v in (("brightness", brightness), ("contrast", contrast), ("rgb_shift", rgb_shift),
+                        ("noise_std", noise_std)):
+            if not v >= 0:
+                raise ValueError(f"{name} must be >= 0, got {v}")
+        self.brightness_factor = (float(brightness_factor[0]), float(brightness_factor[1]))
+        self.rgb_shift = float(rgb_shift)
         self.flip_prob, self.flip_axes = flip_prob, tuple(int(a) for a in flip_axes)
         self.rot90, self.rotate, self.scale = rot90, float(rotate), (float(scale[0]), float(scale[1]))
         self.crop = None if crop is None else tuple(int(c) for c in crop)
@@ -121,7 +134,8 @@ class BatchAugment:
 
     # ------------------------------------------------------------------ parameters
 
-    def sample_params(self, batch_size: int, spatial: Sequence[int]) -> dict:
+    def sample_params(self, batch_size: int, spatial: Sequence[int], channels: int = 3) -> dict:
+        """Random parameters of one batch (``channels``: image channels, read by ``rgb_shift`` only)."""
         g, b = self.generator, batch_size
         nd = len(spatial)
         if nd not in (2, 3):
@@ -147,6 +161,10 @@ class BatchAugment:
             p["shift"] = _rand(g, b, -self.brightness, self.brightness)
         if self.contrast > 0:
             p["gain"] = _rand(g, b, 1 - self.contrast, 1 + self.contrast)
+        if self.brightness_factor != (1.0, 1.0):
+            p["factor"] = _rand(g, b, *self.brightness_factor)
+        if self.rgb_shift > 0:
+            p["channel_shift"] = self.rgb_shift * (2 * torch.rand(b, int(channels), generator=g, dtype=torch.float64) - 1)
         if self.noise_std > 0:
             p["noise_seed"] = int(torch.randint(0, 2**62, (1,), generator=g))
         return p
@@ -155,7 +173,7 @@ class BatchAugment:
         img = batch["image"]
         if img.dim() not in (4, 5):
             raise ValueError(f"image must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(img.shape)}")
-        return self.apply(batch, self.sample_params(img.shape[0], img.shape[2:]))
+        return self.apply(batch, self.sample_params(img.shape[0], img.shape[2:], img.shape[1]))
 
     # ------------------------------------------------------------------ application
 
@@ -181,8 +199,15 @@ class BatchAugment:
         if "gain" in params:
             mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
             x = (x - mean) * params["gain"].to(dev, dt).view(shape) + mean
+        if "factor" in params:
+            x = x * params["factor"].to(dev, dt).view(shape)
         if "shift" in params:
             x = x + params["shift"].to(dev, dt).view(shape)
+        if "channel_shift" in params:
+            cs = params["channel_shift"]
+            if cs.shape[1] != x.shape[1]:
+                raise ValueError(f"rgb_shift was drawn for {cs.shape[1]} channels, the image has {x.shape[1]}")
+            x = x + cs.to(dev, dt).view(cs.shape + (1,) * (x.dim() - 2))
         if "noise_seed" in params:
             g = torch.Generator(device=dev)
             g.manual_seed(params["noise_seed"])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..data import GroupReport, ObjectMetrics, RegionMetrics
 from . import metrics as M
+from .sliding import SlidingWindow
 
 
 def _pad(x: torch.Tensor, multiple: int):
@@ -42,7 +43,7 @@ def resize_image(image: torch.Tensor, size) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_batch(model, segment, image: torch.Tensor, batch: dict | None = None, pad_multiple: int = 32,
-                  amp_dtype=None, input_size=None) -> torch.Tensor:
+                  amp_dtype=None, input_size=None, window=None, window_overlap: float = 0.5) -> torch.Tensor:
     """Label maps ``(B, *S)`` at the images' own size (or ``(labels, instances)``, see below).
 
     ``segment(model, image, batch, out_size=None)`` turns the model's output into labels
@@ -50,8 +51,12 @@ def predict_batch(model, segment, image: torch.Tensor, batch: dict | None = None
     (the recursive method's grown instances) returns the pair ``(labels, instances)``,
     passed through unchanged. With ``input_size`` the model sees
     images resized to it and its logits are resized back; the input is zero-padded to a
-    multiple of ``pad_multiple`` and the output cropped.
+    multiple of ``pad_multiple`` and the output cropped. With ``window`` (a spatial size)
+    the model runs on overlapping windows of that size and their logits are averaged
+    (:class:`~mtseg_harness.evaluation.sliding.SlidingWindow`; ``window_overlap``).
     """
+    if window is not None:
+        model = SlidingWindow(model, window, window_overlap)
     size = tuple(image.shape[2:])
     x = resize_image(image, input_size)
     x, crop = _pad(x, pad_multiple)
@@ -95,8 +100,9 @@ def split_segmentation(out) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _extra_columns(extra_metrics, pred: torch.Tensor, batch: dict, ignore_index,
-                   pred_instances: torch.Tensor | None = None) -> list[dict]:
-    """Per-image columns of the dataset's declared extras (one dict per image).
+                   pred_instances: torch.Tensor | None = None, hd: bool = False) -> list[dict]:
+    """Per-image columns of the dataset's declared extras (one dict per image); with ``hd``
+    also the regions' surface distances (``hd95_<region>``, ``hd_<region>``).
 
     ``pred_instances``: the method's own objects (:func:`split_segmentation`); the object
     metrics use them as they are, else the connected components of ``pred``.
@@ -118,6 +124,13 @@ def _extra_columns(extra_metrics, pred: torch.Tensor, batch: dict, ignore_index,
             for i in range(len(pred)):
                 for k, (name, _) in enumerate(spec.regions):
                     rows[i][f"dice_{name}"] = float(dice[i, k])
+            if hd:
+                surf = M.region_surface_distances(pred, batch["mask"], spec.regions, batch.get("spacing"),
+                                                  ignore_index)
+                for i in range(len(pred)):
+                    for k, (name, _) in enumerate(spec.regions):
+                        rows[i][f"hd95_{name}"] = float(surf["hd95"][i, k])
+                        rows[i][f"hd_{name}"] = float(surf["hd"][i, k])
         elif isinstance(spec, GroupReport):
             values = batch[spec.key]
             for i in range(len(pred)):
@@ -158,7 +171,8 @@ def foreground(names, background_classes) -> list[str]:
 @torch.no_grad()
 def evaluate(model, segment, loader, device, *, num_classes: int, ignore_index: int, class_names=None,
              hd: bool = True, pad_multiple: int = 32, keep_examples: int = 0, max_batches: int | None = None,
-             amp_dtype=None, input_size=None, extra_metrics=(), background_classes=(0,), gather: bool = False):
+             amp_dtype=None, input_size=None, extra_metrics=(), background_classes=(0,), gather: bool = False,
+             window=None, window_overlap: float = 0.5):
     """Per-image metric table and the mean of every column.
 
     ``segment``: see :func:`predict_batch`. ``extra_metrics``: the dataset's declared
@@ -168,7 +182,8 @@ def evaluate(model, segment, loader, device, *, num_classes: int, ignore_index: 
     ``gather``: under ``torch.distributed``, ``loader`` holds this rank's shard
     (:func:`shard_range`); the rows, confusion matrices and examples of every rank are
     gathered in rank order, so every rank returns what one process evaluating the whole
-    set returns (a collective call: every rank must make it).
+    set returns (a collective call: every rank must make it). ``window``,
+    ``window_overlap``: sliding-window inference (:func:`predict_batch`).
 
     Returns ``(table, summary, examples)``: ``table`` a DataFrame with one row per image
     (``case_id``, ``dice_<class>``, ``iou_<class>``, and with ``hd=True`` ``hd95_<class>``,
@@ -198,14 +213,15 @@ def evaluate(model, segment, loader, device, *, num_classes: int, ignore_index: 
             image = batch["image"].to(device).float()
             target = batch["mask"]
             pred, pred_instances = split_segmentation(
-                predict_batch(model, segment, image, batch, pad_multiple, amp_dtype, input_size))
+                predict_batch(model, segment, image, batch, pad_multiple, amp_dtype, input_size, window,
+                              window_overlap))
             cm += M.confusion_matrix(pred, target, num_classes, ignore_index)
             dice, iou = M.dice_iou(pred, target, num_classes, ignore_index)
             surf = None
             if hd:
                 surf = M.surface_distances(pred, target, num_classes, batch.get("spacing"), ignore_index,
                                            classes=measured)
-            extra = _extra_columns(extra_metrics, pred, batch, ignore_index, pred_instances)
+            extra = _extra_columns(extra_metrics, pred, batch, ignore_index, pred_instances, hd)
             ids = batch.get("case_id", [f"{bi}_{i}" for i in range(len(pred))])
             for i in range(len(pred)):
                 row = {"case_id": ids[i]}

@@ -214,3 +214,17 @@ def region_dice(pred: Tensor, target: Tensor, regions, ignore_index: int | None 
     inter = (p & t).sum(dims).double()
     s = p.sum(dims).double() + t.sum(dims).double()
     return torch.where(s == 0, torch.nan, 2 * inter / s.clamp_min(1))
+
+
+def region_surface_distances(pred: Tensor, target: Tensor, regions, spacing=None,
+                             ignore_index: int | None = 255) -> dict[str, Tensor]:
+    """HD, HD95 and ASSD of each region per image (``(B, R)`` float64; BraTS: ET, TC, WT).
+
+    As :func:`surface_distances`, on the region masks (:func:`region_masks`) instead of classes.
+    """
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    p = region_masks(pred.long(), regions) & valid.unsqueeze(1)
+    t = region_masks(target.long(), regions) & valid.unsqueeze(1)
+    sp = None if spacing is None else torch.as_tensor(spacing, dtype=torch.float64).cpu()
+    m = mtseg_kernels.surface_metrics(p, t, sp, 95.0, format="onehot", include_background=True)
+    return {"hd": m.hausdorff.cpu(), "hd95": m.hausdorff_percentile.cpu(), "assd": m.assd.cpu()}

@@ -16,6 +16,7 @@ from typing import Iterable, Mapping
 import torch
 import yaml
 
+from ..data import RegionMetrics
 from ..evaluation import evaluate, summary_line
 from ..evaluation.report import per_class_table, plot_overlays, write_table
 from ..training import distributed, load_checkpoint, resolve_device
@@ -96,7 +97,9 @@ def run_eval(cfg: dict, checkpoint=None, split_key: str | None = None, out_dir=N
                                             class_names=names, hd=bool(cfg["eval"]["hd"]),
                                             pad_multiple=int(cfg["eval"]["pad_multiple"]), keep_examples=keep_examples,
                                             input_size=cfg["data"].get("input_size"), extra_metrics=ds.extra_metrics,
-                                            background_classes=ds.background_classes, gather=world > 1)
+                                            background_classes=ds.background_classes, gather=world > 1,
+                                            window=cfg["eval"].get("window"),
+                                            window_overlap=float(cfg["eval"].get("window_overlap", 0.5)))
     finally:
         if joined:
             distributed.cleanup()
@@ -115,5 +118,9 @@ def run_eval(cfg: dict, checkpoint=None, split_key: str | None = None, out_dir=N
         for key in [k for k in summary if k.startswith("by_")]:  # per group (GlaS part, video)
             for value, part in summary[key].items():
                 print(f"  {key[3:]} {value}: {summary_line(part, REPORT_KEYS)}")
+        regions = [name for spec in ds.extra_metrics if isinstance(spec, RegionMetrics) for name, _ in spec.regions]
+        if regions:  # the form papers report BraTS / REFUGE in: Dice (and HD95) per region
+            keys = tuple(f"{m}_{r}" for m in ("dice", "hd95") for r in regions if f"{m}_{r}" in summary)
+            print(f"{split_key} regions: {summary_line(summary, keys)}")
         print(f"tables in {out}")
     return table, summary, examples

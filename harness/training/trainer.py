@@ -28,6 +28,7 @@ propagates.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import random
@@ -123,7 +124,8 @@ def build_optimizer(params, o: dict) -> torch.optim.Optimizer:
 
 
 def build_scheduler(opt, s: dict, steps_per_epoch: int = 1):
-    """Per-iteration LR schedules (torch's): step, multistep, cosine_restarts, or none.
+    """Per-iteration LR schedules (torch's): step, multistep, piecewise (given rates),
+    cosine_restarts, or none.
 
     With ``interval: epoch`` the periods (``step_size``, ``milestones``, ``T_0``) are given in
     epochs and multiplied by ``steps_per_epoch`` here: the schedule still moves every step
@@ -141,10 +143,15 @@ def build_scheduler(opt, s: dict, steps_per_epoch: int = 1):
         return torch.optim.lr_scheduler.StepLR(opt, step_size=int(s["step_size"]), gamma=s["gamma"])
     if name == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(m) for m in s["milestones"]], gamma=s["gamma"])
+    if name == "piecewise":
+        # absolute rates (1e-4 -> 5e-5 -> 2e-5 is no constant gamma), as factors of optim.lr
+        base = float(opt.defaults["lr"])
+        marks, factors = [int(m) for m in s["milestones"]], [float(v) / base for v in s["lr_values"]]
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: ([1.0] + factors)[bisect.bisect_right(marks, step)])
     if name in ("cosine_restarts", "cosine_warm_restarts"):
         return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=int(s["T_0"]), T_mult=int(s["T_mult"]),
                                                                     eta_min=s["eta_min"])
-    raise ValueError(f"sched.name must be none, step, multistep or cosine_restarts; got {s['name']!r}")
+    raise ValueError(f"sched.name must be none, step, multistep, piecewise or cosine_restarts; got {s['name']!r}")
 
 
 def _say(text: str) -> None:
@@ -371,7 +378,7 @@ class Trainer:
                     batch[k] = F.interpolate(v.unsqueeze(1).double(), size=tuple(size), mode="nearest-exact")[:, 0].to(v.dtype)
         if self.augment is not None:
             b = batch["image"].shape[0]
-            params = self.augment.sample_params(b * self.world, batch["image"].shape[2:])
+            params = self.augment.sample_params(b * self.world, batch["image"].shape[2:], batch["image"].shape[1])
             if self.world > 1:
                 params = slice_params(params, self.rank, b)
             batch = self.augment.apply(batch, params)
@@ -481,7 +488,8 @@ class Trainer:
                                  pad_multiple=int(self.cfg["eval"].get("pad_multiple", 32)),
                                  amp_dtype=self.amp_dtype, input_size=self.cfg["data"].get("input_size"),
                                  background_classes=getattr(self.val_set, "background_classes", (0,)),
-                                 gather=self.world > 1)
+                                 gather=self.world > 1, window=self.cfg["eval"].get("window"),
+                                 window_overlap=float(self.cfg["eval"].get("window_overlap", 0.5)))
         if self.is_main:
             score = summary.get("dice_fg", float("nan"))
             row = {"step": self.step, "dice_fg": score, "dice_fg_n_nan": summary.get("dice_fg_n_nan", 0),

@@ -140,3 +140,27 @@ def test_presence_follows_the_crop():
     params["crop_start"] = torch.tensor([[10, 10], [0, 0]])
     out = aug.apply({"image": torch.zeros(2, 1, 20, 20), "mask": mask, "presence": presence}, params)
     assert out["presence"].tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
+
+
+def test_brightness_factor_contrast_and_rgb_shift_by_hand():
+    """TDSNet's ROBOT18 intensity recipe: out = ((x - mean) * gain + mean) * factor + channel shift."""
+    x = torch.tensor([[[[0.0, 0.2], [0.4, 0.6]], [[1.0, 1.0], [0.0, 0.0]], [[0.3, 0.3], [0.3, 0.3]]]])  # (1, 3, 2, 2)
+    aug = BatchAugment(flip_prob=0.0, contrast=0.1, brightness_factor=(0.9, 1.1), rgb_shift=0.05, seed=0)
+    params = {"flip": {}, "gain": torch.tensor([1.1], dtype=torch.float64),
+              "factor": torch.tensor([0.9], dtype=torch.float64),
+              "channel_shift": torch.tensor([[0.01, -0.02, 0.03]], dtype=torch.float64)}
+    out = aug.apply({"image": x, "mask": torch.zeros(1, 2, 2, dtype=torch.long)}, params)["image"]
+    mean = (0.0 + 0.2 + 0.4 + 0.6 + 1.0 + 1.0 + 0.3 * 4) / 12  # over channels and pixels of the image
+    expected = torch.stack([((x[0, c] - mean) * 1.1 + mean) * 0.9 + s for c, s in enumerate((0.01, -0.02, 0.03))])
+    torch.testing.assert_close(out[0], expected)
+    # sampled: factor in [0.9, 1.1], a shift per image and channel within +-0.05
+    p = aug.sample_params(64, (2, 2), channels=3)
+    assert 0.9 <= p["factor"].min() and p["factor"].max() <= 1.1 and p["factor"].std() > 0.03
+    assert p["channel_shift"].shape == (64, 3) and p["channel_shift"].abs().max() <= 0.05
+    assert (p["channel_shift"][:, 0] != p["channel_shift"][:, 1]).all()
+    with pytest.raises(ValueError, match="brightness_factor"):
+        BatchAugment(brightness_factor=(1.1, 0.9))
+    with pytest.raises(ValueError, match="rgb_shift"):
+        BatchAugment(rgb_shift=-0.1)
+    with pytest.raises(ValueError, match="drawn for 3 channels"):
+        aug.apply({"image": torch.zeros(1, 1, 2, 2)}, aug.sample_params(1, (2, 2), channels=3))

@@ -262,3 +262,13 @@ def test_loaders_of_a_config_do_not_warn_on_a_two_core_machine(monkeypatch, path
 def test_an_explicit_num_workers_is_kept():
     cfg = load_config(None, ["data.num_workers=0"])
     assert train_loader(list(range(16)), cfg).num_workers == 0
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["sched.name=piecewise", "sched.milestones=[10, 20]", "sched.lr_values=[1e-4]"], "one lr_values entry"),
+    (["sched.name=piecewise", "sched.lr_values=[1e-4]"], "one lr_values entry"),
+    (["sched.name=piecewise", "sched.milestones=[20, 10]", "sched.lr_values=[1e-4, 1e-5]"], "must increase"),
+])
+def test_piecewise_schedule_needs_a_rate_per_increasing_milestone(overrides, match):
+    text = _error(overrides)
+    assert text.startswith("sched: ") and match in text

@@ -139,7 +139,7 @@ def test_tdsnet_three_stage_schedule_and_terms():
     torch.testing.assert_close(l1, seg_term + 0.5 * cls)
     import mtseg_kernels
 
-    sync = mtseg_kernels.sync_loss(seg, out.presence, mode="hard", valid_mask=mask != 255)
+    sync = mtseg_kernels.sync_loss(seg, out.presence, mode="argmax", valid_mask=mask != 255)  # the default
     torch.testing.assert_close(l2, l1 + 0.25 * sync)
     scene = torch.nn.functional.cross_entropy(out.scene[:1], torch.tensor([1]), reduction="sum") / 2
     torch.testing.assert_close(l3, l2 + 2.0 * scene)

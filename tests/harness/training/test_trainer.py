@@ -182,6 +182,8 @@ def test_step_sampler_order_is_a_function_of_the_step_and_shards_the_global_batc
     ({"name": "multistep", "milestones": [1, 4], "gamma": 0.1}, [1, 0.1, 0.1, 0.1, 0.01]),
     ({"name": "cosine_restarts", "T_0": 2, "T_mult": 1, "eta_min": 0.0}, [1, 0.5, 1, 0.5, 1]),
     ({"name": "none"}, [1, 1, 1, 1, 1]),
+    # TDSNet's 1e-4 -> 5e-5 -> 2e-5 as rates on a base of 1: given values, not a constant factor
+    ({"name": "piecewise", "milestones": [1, 3], "lr_values": [0.5, 0.2]}, [1, 0.5, 0.5, 0.2, 0.2]),
 ])
 def test_schedules_per_iteration(sched, expected):
     from mtseg_harness.config import DEFAULTS
