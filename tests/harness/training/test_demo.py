@@ -49,6 +49,9 @@ def test_paired_difference_of_a_constant_is_that_constant_with_no_width():
     assert mean == pytest.approx(0.25) and lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
     assert verdict(lo, hi) == "higher" and verdict(-hi, -lo) == "lower" and verdict(-0.1, 0.2) == "within noise"
     assert all(math.isnan(v) for v in paired_difference(np.zeros((0, 3))))
+    # an interval that reaches 0 does not exclude it
+    assert verdict(*paired_difference(np.zeros((3, 5)))[1:]) == "within noise"
+    assert verdict(0.0, 0.1) == verdict(-0.1, 0.0) == "within noise"
 
 
 def test_paired_difference_interval_matches_the_normal_interval_of_a_mean():
