@@ -3,8 +3,9 @@
 # `make bench`: the same set-up, then the benchmarks and their summary table.
 # `make mutation`: the same set-up, then mutation testing (cosmic-ray) of the evaluation, the losses
 # and the CaDIS label tables, one session per mutation/*.toml (hours on 2 cores; not part of CI).
-# `make demo`: the same set-up, then `mtseg demo`: baseline / +HOG / +presence-sync (/ recursive
-# approximation) UNets trained and compared on the embedded HC18 sample, CPU, report in runs/demo.
+# `make demo`: the same set-up, then `mtseg demo`: baseline / +HOG / +presence-sync / recursive
+# approximation UNets (configs/demo_*.yaml, 3 seeds each) trained on tiles of the embedded HC18
+# sample and compared with the baseline, CPU, report in runs/demo (README: tools/demo_readme.py).
 # `make sanitize`: the CPU kernels built with AddressSanitizer + UBSan (own folder), tests/ops
 # (and tests/fuzz) run against that build; any sanitizer report fails it. CI runs it after `make test`.
 # `make fuzz`: the raw-op fuzzers of tests/fuzz (also part of `make test` and `make sanitize`,

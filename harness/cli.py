@@ -5,7 +5,7 @@
     mtseg eval  --config configs/hc18_unet_baseline.yaml [--checkpoint runs/x/best.pt] [--split test]
     mtseg labels --config configs/cadis_task2_u2net_hog.yaml --out labels/ --kind hog presence weak
     mtseg bench [--size 256 256] [--batch 4] [--methods baseline hog_mtl tdsnet cmunet]
-    mtseg demo  [--out runs/demo] [--steps N]
+    mtseg demo  [--out runs/demo] [--steps N] [--seeds N]
     mtseg config --config configs/hc18_unet_hog.yaml --set optim.lr=1e-3   # the resolved, checked config
 
 Overrides: ``--set key.sub=value`` (repeatable, several per flag) or bare ``key=value``
@@ -125,7 +125,8 @@ def cmd_bench(runs, args) -> int:
 
 
 def cmd_demo(runs, args) -> int:
-    runs.run_demo(out=args.out, steps=args.steps, methods=args.methods, threads=args.threads, quick=args.quick)
+    runs.run_demo(out=args.out, steps=args.steps, methods=args.methods, threads=args.threads, quick=args.quick,
+                  seeds=args.seeds, configs=args.configs)
     return 0
 
 
@@ -179,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = add("demo", help="train and compare methods on the embedded HC18 sample (CPU, minutes)")
     d.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
     d.add_argument("--steps", type=int, help="training steps per method (default: the demo's setting)")
-    d.add_argument("--methods", nargs="+", help="subset of the demo's runs")
+    d.add_argument("--methods", nargs="+", help="subset of the demo's runs (the baseline always runs)")
+    d.add_argument("--seeds", type=int, help="seeds per method, 0..N-1 (default 3)")
+    d.add_argument("--configs", help="folder of the demo's configs (default: configs/ of the source tree)")
     d.add_argument("--threads", type=int, help="torch CPU threads")
     d.add_argument("--quick", action="store_true", help="a few steps each, to check the pipeline")
     d.set_defaults(func=cmd_demo)

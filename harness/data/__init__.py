@@ -19,6 +19,7 @@ from .brats import BraTS, brats_regions
 from .refuge import REFUGE
 from .glas import GlaS
 from .hc18 import HC18
+from .hc18_tiles import HC18Tiles, stitch
 from .lits import LiTS
 from .generic import ImageMaskFolder, NiftiPairs
 from .weak import WeakLabels, make_weak_labels, read_weak_labels, strong_indices, weak_region
@@ -31,8 +32,8 @@ __all__ = [
     "resolve_root", "table_split",
     "DatasetError", "MissingFileError",
     "CaDIS", "cadis_lut", "EndoVis2017", "EndoVis2018", "decode_colour_label", "read_labels_json",
-    "BraTS", "brats_regions", "REFUGE", "GlaS", "HC18", "LiTS", "ImageMaskFolder", "NiftiPairs",
-    "WeakLabels", "make_weak_labels", "read_weak_labels", "strong_indices", "weak_region",
+    "BraTS", "brats_regions", "REFUGE", "GlaS", "HC18", "HC18Tiles", "stitch", "LiTS", "ImageMaskFolder",
+    "NiftiPairs", "WeakLabels", "make_weak_labels", "read_weak_labels", "strong_indices", "weak_region",
     "BatchAugment", "collate", "presence_from_mask",
     "DatasetWrapper", "InMemory", "first_sample",
 ]

@@ -68,15 +68,24 @@ def test_bench_prints_a_table(capsys):
     assert "hog_mtl" in out and "vs_baseline" in out
 
 
-def test_demo_quick_writes_the_report(tmp_path, capsys):
-    assert main(["demo", "--quick", "--steps", "2", "--out", str(tmp_path), "--methods", "baseline", "+HOG"]) == 0
+def test_demo_quick_with_seeds_writes_the_report(tmp_path, capsys):
+    assert main(["demo", "--quick", "--steps", "1", "--seeds", "2", "--out", str(tmp_path),
+                 "--methods", "+presence/sync"]) == 0
     out = capsys.readouterr().out
-    assert "baseline" in out and "+HOG" in out
+    assert "within noise" in out or "higher" in out or "lower" in out
     table = pd.read_csv(tmp_path / "comparison.csv")
-    assert table["method"].tolist() == ["baseline", "+HOG"]
-    assert ((table["dice"] >= 0) & (table["dice"] <= 1)).all()
+    assert table["method"].tolist() == ["baseline", "+presence/sync"]  # the baseline always runs
+    per_image = pd.read_csv(tmp_path / "per_image.csv")
+    assert sorted(set(per_image["seed"])) == [0, 1] and per_image.groupby(["method", "seed"]).size().eq(40).all()
+    assert ((per_image["dice"] >= 0) & (per_image["dice"] <= 1)).all()
+    per_tile = pd.read_csv(tmp_path / "per_tile.csv")
+    assert per_tile.groupby(["method", "seed"]).size().eq(240).all()
+    # only the presence run has a presence head
+    assert per_tile[per_tile["method"] == "baseline"]["presence_prob"].isna().all()
+    assert per_tile[per_tile["method"] == "+presence/sync"]["presence_prob"].between(0, 1).all()
     for f in ("report.md", "curves.png", "overlays.png"):
         assert (tmp_path / f).is_file()
+    assert (tmp_path / "presence_sync" / "seed1" / "best.pt").is_file()
 
 
 def _one_line(err: str) -> str:

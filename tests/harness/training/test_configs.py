@@ -59,6 +59,7 @@ FIXTURE_WRITERS = {
     "refuge": W.write_refuge,
     "glas": W.write_glas,
     "hc18": lambda r: W.write_hc18(r, n=4, size=(54, 80)),
+    "hc18_tiles": lambda r: W.write_hc18(r, n=4, size=(160, 240)),  # the demo's: the embedded sample's size
     "lits": lambda r: W.write_lits(r, n_volumes=17),  # CMU-Net's protocol lists volumes 0-16
     "brats18": lambda r: W.write_brats(r, {"HGG": ["Brats18_A_1", "Brats18_A_2"], "LGG": ["Brats18_B_1"]}),
 }
