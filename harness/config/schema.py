@@ -138,6 +138,9 @@ class Train(Section):
     tensorboard: bool = True
     threads: Optional[PositiveInt] = None
     val_max_batches: Optional[PositiveInt] = None
+    #: validation mean that keeps ``best.pt`` (higher is better): ``dice_fg`` (mean foreground
+    #: Dice per image) or ``miou`` (dataset-level mean IoU over every class, background included)
+    select_metric: _choice("dice_fg", "miou") = "dice_fg"
 
 
 class Eval(Section):
