@@ -58,3 +58,54 @@ def test_per_video_miou_and_the_papers_numbers_on_fixture_data(tmp_path):
         paper_comparison(summary, {**paper, "metric": "mIoU"})
     whole = paper_comparison(summary, {"source": "s", "metric": "miou", "group": None, "values": {}})
     assert whole["ours"].tolist() == [summary["miou"]] and whole["group"].tolist() == ["all"]
+
+
+# one config per target, both kinds (every endovis17 config builds in tests/harness/training/test_configs.py)
+NEW_CONFIGS = ["endovis17_binary_unet_hog.yaml", "endovis17_parts_u2net_baseline.yaml", "endovis17_type_u2net_hog.yaml"]
+
+
+@pytest.fixture(scope="module")
+def ev17_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ev17")
+    W.write_endovis17(root, videos=(1, 2, 9, 10), frames=(0, 1), size=(H, W_))  # small frames: no crop
+    return root
+
+
+def _cfg(name, root, out_dir):
+    from mtseg_harness.runs import load_config
+
+    cfg = load_config(REPO / "configs" / name, [
+        f"data.root={root}", f"train.out_dir={out_dir}", "train.progress=false", "train.tensorboard=false",
+        "data.num_workers=0", "device=cpu", "data.batch_size=2", "data.eval_batch_size=2",
+        "data.input_size=[32, 40]", "data.options.val_frames=1", "data.options.crop=false", "train.steps=2", "train.val_every=1",
+        "train.checkpoint_every=0", "eval.hd=false"])
+    # a tiny UNet with the method's heads: the protocol, not the network, is under test here
+    # (U2Net's seven CE terms and six HOG heads: tests/harness/training/test_methods.py)
+    cfg["model"] = {"name": "unet", "options": {"base_channels": 4, "depth": 2}}
+    return cfg
+
+
+@pytest.mark.parametrize("name", NEW_CONFIGS)
+def test_endovis17_configs_train_on_videos_1_to_8_and_report_videos_9_and_10(name, ev17_root, tmp_path, capsys):
+    import pandas as pd
+
+    from mtseg_harness.runs import build_trainer, run_eval
+
+    cfg = _cfg(name, ev17_root, tmp_path)
+    tr = build_trainer(cfg)
+    assert {r["video"] for r in tr.train_set.records} == {1, 2} and len(tr.train_set) == 2  # frame 0 of 1, 2
+    assert [r["case_id"] for r in tr.val_set.records] == ["instrument_dataset_1/frame001",
+                                                          "instrument_dataset_2/frame001"]
+    tr.fit()
+    assert tr.step == 2 and (tmp_path / "best.pt").is_file()
+    val = pd.read_csv(tmp_path / "val_log.csv")
+    assert tr.best == pytest.approx(val["miou"].max(), rel=1e-5)  # the checkpoint is kept on validation mIoU
+    capsys.readouterr()
+    _, summary, _ = run_eval(cfg, keep_examples=0)
+    printed = capsys.readouterr().out
+    assert summary["n_images"] == 4 and sorted(summary["by_video"]) == [9, 10]
+    for v in (9, 10):
+        assert f"  video {v}: miou {summary['by_video'][v]['miou']:.4f}  (paper not known to us)" in printed
+    table = pd.read_csv(tmp_path / "eval_test" / "paper_comparison.csv")
+    assert table["group"].tolist() == ["video 9", "video 10", "all"]
+    assert table["ours"].iloc[2] == pytest.approx((summary["by_video"][9]["miou"] + summary["by_video"][10]["miou"]) / 2)
