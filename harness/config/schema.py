@@ -163,9 +163,29 @@ class Train(Section):
     tensorboard: bool = True
     threads: Optional[PositiveInt] = None
     val_max_batches: Optional[PositiveInt] = None
+    #: validation mean that keeps ``best.pt`` (higher is better): ``dice_fg`` (mean foreground
+    #: Dice per image) or ``miou`` (dataset-level mean IoU over every class, background included)
+    select_metric: _choice("dice_fg", "miou") = "dice_fg"
+
+
+class PaperResult(Section):
+    """The paper's numbers for the results-table row a config reproduces; ``mtseg eval``
+    prints them beside the run's (``values``: ``null`` where the paper's number is not
+    known to us, which is then printed as such)."""
+
+    #: where the numbers are (paper, table, row)
+    source: Annotated[str, Field(min_length=1)]
+    #: the summary mean compared (e.g. ``miou``)
+    metric: Annotated[str, Field(min_length=1)] = "miou"
+    #: a per-group report of the dataset (e.g. ``video``): one number per group; ``null``: the whole split
+    group: Optional[str] = None
+    #: group value (``all`` for the whole split) -> the paper's number
+    values: dict[str, Optional[float]] = {}
 
 
 class Eval(Section):
+    #: the paper's numbers for this config's results-table row (printed beside ours)
+    paper: Optional[PaperResult] = None
     split: _choice("train", "val", "test") = "test"
     hd: bool = True
     #: examples drawn in overlays.png

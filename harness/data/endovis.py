@@ -18,8 +18,12 @@ Targets (``target=``), as in the challenge (and the widely used ternaus preparat
 ``instances``: one id per instrument folder (sorted folder order, 1-based); where two
 masks overlap the later folder wins (for every target). ``crop=True`` (default) takes
 rows 28:1052 and cols 320:1600 (the black border removed, 1024x1280).
-Splits: ``fold`` 0..3 picks the validation videos {1,3}, {2,5}, {4,8}, {6,7}; ``train`` is
-the other videos of 1..8; ``test`` is videos 9 and 10; ``all`` every video found.
+Splits: ``test`` is videos 9 and 10; ``all`` every video found. ``fold`` 0..3 picks the
+validation videos {1,3}, {2,5}, {4,8}, {6,7} and ``train`` is the other videos of 1..8
+(cross-validation). ``fold=None`` is HOG-MTL's protocol (train on videos 1..8, test on 9
+and 10): ``train`` is every video of 1..8 but the last ``val_frames`` frames of each (by
+frame number), which make ``val`` (the checkpoint-selection set; which frames the paper
+validated on is not known to us: a choice, see ``docs/fidelity/hogmtl.md``).
 Samples carry ``video``; evaluation reports each video separately as well.
 
 EndoVis 2018 layout (official)::
@@ -53,6 +57,7 @@ from .io import (DatasetError, check_same_size, check_values, file_error, list_f
 # ----------------------------------------------------------------------------- 2017
 
 FOLDS17 = ((1, 3), (2, 5), (4, 8), (6, 7))
+TRAIN17 = (1, 2, 3, 4, 5, 6, 7, 8)
 TEST17 = (9, 10)
 CROP17 = (slice(28, 1052), slice(320, 1600))
 TYPES17 = (
@@ -66,6 +71,12 @@ TARGETS17 = {
     "type": ("background", "Bipolar Forceps", "Prograsp Forceps", "Large Needle Driver",
              "Vessel Sealer", "Grasping Retractor", "Monopolar Curved Scissors", "Other"),
 }
+
+
+def frame_number(case_id: str) -> int:
+    """``instrument_dataset_K/frameNNN`` -> NNN (frames sort by number, not by name)."""
+    m = re.search(r"(\d+)$", case_id)
+    return int(m.group(1)) if m else -1
 
 
 def instrument_type(folder_name: str, path="<folder>") -> int:
@@ -82,12 +93,16 @@ class EndoVis2017(SegmentationDataset):
     split_by = "video"
     extra_metrics = (GroupReport("video"),)
 
-    def __init__(self, root, split="train", *, target: str = "binary", fold: int = 0, crop: bool = True, **kw):
+    def __init__(self, root, split="train", *, target: str = "binary", fold: int | None = 0, crop: bool = True,
+                 val_frames: int = 25, **kw):
         if target not in TARGETS17:
             raise ValueError(f"target must be one of {tuple(TARGETS17)}, got {target!r}")
-        if fold not in range(4):
-            raise ValueError(f"fold must be 0..3, got {fold!r}")
-        self.target, self.fold, self.crop = target, int(fold), bool(crop)
+        if fold is not None and (isinstance(fold, bool) or fold not in range(4)):
+            raise ValueError(f"fold must be 0..3 or None (train on videos 1..8), got {fold!r}")
+        if isinstance(val_frames, bool) or not isinstance(val_frames, int) or val_frames < 0:
+            raise ValueError(f"val_frames must be an integer >= 0, got {val_frames!r}")
+        self.target, self.fold, self.crop = target, None if fold is None else int(fold), bool(crop)
+        self.val_frames = val_frames
         self.class_names = TARGETS17[target]
         self.num_classes = len(self.class_names)
         super().__init__(root, split, **kw)
@@ -124,7 +139,19 @@ class EndoVis2017(SegmentationDataset):
         return records
 
     def assign_splits(self, records):
+        if self.fold is None:
+            return table_split({r["video"] for r in records}, {"test": TEST17, "train": TRAIN17}, rest="unused")
         return table_split({r["video"] for r in records}, {"test": TEST17, "val": FOLDS17[self.fold]})
+
+    def _select(self, records, split):
+        if self.fold is None and split in ("train", "val"):
+            # HOG-MTL protocol: the last ``val_frames`` frames of each training video validate
+            held = set()
+            for video in TRAIN17:
+                frames = sorted((frame_number(r["case_id"]), r["case_id"]) for r in records if r["video"] == video)
+                held.update(cid for _, cid in frames[len(frames) - min(self.val_frames, len(frames)):])
+            return [r for r in records if r["video"] in TRAIN17 and (r["case_id"] in held) == (split == "val")]
+        return super()._select(records, split)
 
     def _load(self, rec):
         img = read_rgb(rec["image"])

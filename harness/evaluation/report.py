@@ -57,6 +57,54 @@ def write_table(df: pd.DataFrame, path) -> Path:
     return path
 
 
+def paper_comparison(summary: dict, paper: dict | None) -> pd.DataFrame:
+    """This run's numbers beside the paper's (``eval.paper``), one row per group and ``all``.
+
+    ``summary``: of :func:`~.evaluate.evaluate`; ``paper``: ``{source, metric, group, values}``.
+    With a ``group`` (e.g. ``video``) every group of ``summary["by_<group>"]`` gets a row
+    (the metric over that group's images) and ``all`` the mean of those group values (the
+    paper's "mean" column); without, one row ``all`` (the metric over the split). Columns:
+    ``group``, ``metric``, ``ours``, ``paper`` (``nan`` where the paper's number is not known).
+    """
+    if not paper:
+        return pd.DataFrame()
+    metric, group = paper["metric"], paper.get("group")
+    known = {str(k): v for k, v in (paper.get("values") or {}).items()}
+
+    def value(mean: dict) -> float:
+        if metric not in mean:
+            raise KeyError(f"eval.paper.metric {metric!r} is not in the evaluation summary "
+                           f"(known: {sorted(k for k, v in mean.items() if isinstance(v, float))})")
+        return float(mean[metric])
+
+    rows = []
+    if group:
+        parts = summary.get(f"by_{group}")
+        if parts is None:
+            raise KeyError(f"eval.paper.group {group!r}: the dataset reports no such group "
+                           f"(known: {sorted(k[3:] for k in summary if k.startswith('by_'))})")
+        for g in sorted(parts, key=lambda x: (str(type(x)), x)):
+            rows.append({"group": f"{group} {g}", "metric": metric, "ours": value(parts[g]),
+                         "paper": known.get(str(g))})
+        ours = float(np.mean([r["ours"] for r in rows])) if rows else float("nan")
+        rows.append({"group": "all", "metric": f"mean {metric} over {group}s", "ours": ours, "paper": known.get("all")})
+    else:
+        rows.append({"group": "all", "metric": metric, "ours": value(summary), "paper": known.get("all")})
+    df = pd.DataFrame(rows)
+    df["paper"] = df["paper"].astype(float)
+    df["source"] = paper["source"]
+    return df
+
+
+def paper_lines(df: pd.DataFrame) -> list[str]:
+    """Printable lines of :func:`paper_comparison`: ``video 9: miou 0.8123 (paper 0.8000)``."""
+    lines = [f"paper's numbers: {df['source'].iloc[0]}"] if len(df) else []
+    for r in df.itertuples():
+        theirs = "not known to us" if math.isnan(r.paper) else f"{r.paper:.4f}"
+        lines.append(f"  {r.group}: {r.metric} {r.ours:.4f}  (paper {theirs})")
+    return lines
+
+
 #: train_log.csv columns that are not terms of a loss.
 _NOT_LOSS_TERMS = {"step", "loss", "lr", "img_s", "grad_norm", "seg_all", "round", "stage"}
 

@@ -1,12 +1,15 @@
 """HOG-MTL (Bhattarai et al., MICCAI-W 2021 / MedIA 2023): regress the HOG of the input.
 
 Targets are ``mtseg_kernels.hog_pseudo_label`` of the *augmented* image, computed on the
-device inside the step (resize to 128 x 64, 6 orientations, 16 x 16 cells, 2 x 2
-blocks, L2-Hys: 504 values, the op's default; other presets by ``dim``). Loss, summed over all heads:
-``alpha * sum_o CE(o) + beta * sum_h MSE(h, HOG)`` -- UNet: one CE and one HOG head at
-the bottleneck; U2Net: seven CE terms (fused + six side outputs) and six HOG heads (one
-per decoder stage). Paper defaults: alpha = beta = 1; Adam, lr 2e-4, halved every 50k
-of 150k iterations (``config_defaults``, overridden by the user's config).
+device inside the step: resized to 128 x 64, 6 orientations, 2 x 2 blocks, L2-Hys, with
+16 x 16 cells (504 values, the default), 12 x 12 (864) or 8 x 8 (2520) by ``dim``; the
+model's HOG heads are built with the same length (:meth:`HOGMTL.heads`).
+Loss, summed over all heads: ``alpha * sum_o CE(o) + beta * sum_h MSE(h, HOG)`` -- UNet:
+one CE and one HOG head at the bottleneck; U2Net: seven CE terms (fused + six side
+outputs) and six HOG heads (one per decoder stage). Defaults: alpha = beta = 1; Adam, lr
+2e-4, halved every 50k of 150k iterations (``config_defaults``, overridden by the user's
+config). Where each value comes from (paper, the authors' code, or our choice) is listed
+in ``docs/fidelity/hogmtl.md``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ class HOGMTL(Method):
         seg, logs = self.seg_loss(out, batch["mask"], self.options["seg_loss"])
         if not out.hog:
             raise ValueError("hog_mtl: the model has no HOG head (build it with the method's heads())")
+        dim = int(self.options["dim"])
+        for h in out.hog:
+            if h.shape[-1] != dim:
+                raise ValueError(f"hog_mtl: a HOG head predicts {h.shape[-1]} values but method.dim is {dim}; "
+                                 f"the head's length follows method.dim (drop model.heads.hog.dim)")
         hog = sum(losses.mse(h, batch["hog"]) for h in out.hog)
         logs["hog"] = float(hog.detach())
         return self.options["alpha"] * seg + self.options["beta"] * hog, logs

@@ -18,7 +18,7 @@ import yaml
 
 from ..data import RegionMetrics
 from ..evaluation import evaluate, summary_line
-from ..evaluation.report import per_class_table, plot_overlays, write_table
+from ..evaluation.report import paper_comparison, paper_lines, per_class_table, plot_overlays, write_table
 from ..training import distributed, load_checkpoint, resolve_device
 from ..training.checkpoint import config_changes, describe_changes, load_model_state, plain
 from ..training.data import eval_loader
@@ -60,7 +60,8 @@ def network_config(cfg: Mapping, trained: Mapping, source=None) -> dict:
 
 def run_eval(cfg: dict, checkpoint=None, split_key: str | None = None, out_dir=None, keep_examples: int = 4,
              quiet: bool = False):
-    """Evaluate ``cfg``'s run on a split; write per_image.csv, per_class.csv, summary.yaml (and overlays.png).
+    """Evaluate ``cfg``'s run on a split; write per_image.csv, per_class.csv, summary.yaml (and overlays.png;
+    with ``eval.paper``, paper_comparison.csv: the run's numbers beside the paper's, also printed).
 
     ``checkpoint``: default ``<train.out_dir>/<eval.checkpoint>.pt``, else ``last.pt``;
     ``split_key``: default ``eval.split``; ``out_dir``: default ``<train.out_dir>/eval_<split>``.
@@ -113,6 +114,9 @@ def run_eval(cfg: dict, checkpoint=None, split_key: str | None = None, out_dir=N
     if examples:
         plot_overlays({cfg["method"]["name"]: examples}, out / "overlays.png",
                       background_classes=ds.background_classes, ignore_index=ds.ignore_index)
+    paper = paper_comparison(summary, cfg["eval"].get("paper"))
+    if len(paper):
+        write_table(paper, out / "paper_comparison.csv")
     if not quiet:
         print(f"{split_key}: {summary_line(summary, REPORT_KEYS)}")
         for key in [k for k in summary if k.startswith("by_")]:  # per group (GlaS part, video)
@@ -122,5 +126,7 @@ def run_eval(cfg: dict, checkpoint=None, split_key: str | None = None, out_dir=N
         if regions:  # the form papers report BraTS / REFUGE in: Dice (and HD95) per region
             keys = tuple(f"{m}_{r}" for m in ("dice", "hd95") for r in regions if f"{m}_{r}" in summary)
             print(f"{split_key} regions: {summary_line(summary, keys)}")
+        for line in paper_lines(paper):
+            print(line)
         print(f"tables in {out}")
     return table, summary, examples

@@ -491,9 +491,10 @@ class Trainer:
                                  gather=self.world > 1, window=self.cfg["eval"].get("window"),
                                  window_overlap=float(self.cfg["eval"].get("window_overlap", 0.5)))
         if self.is_main:
-            score = summary.get("dice_fg", float("nan"))
-            row = {"step": self.step, "dice_fg": score, "dice_fg_n_nan": summary.get("dice_fg_n_nan", 0),
-                   "miou": summary.get("miou")}
+            select = t.get("select_metric", "dice_fg")
+            score = float(summary.get(select, float("nan")))
+            row = {"step": self.step, "dice_fg": summary.get("dice_fg", float("nan")),
+                   "dice_fg_n_nan": summary.get("dice_fg_n_nan", 0), "miou": summary.get("miou")}
             val_log.write(row)
             tb.write("val", row, self.step)
             self.val_history.append(row)
@@ -502,7 +503,7 @@ class Trainer:
                 self.best, self.best_step = float(score), self.step
                 self.save(self.out_dir / "best.pt")
             line = (f"step {self.step}/{self.total_steps} validation: {summary_line(summary, ('dice_fg', 'miou'))}"
-                    + ("  best so far" if better else f"  (best {self.best:.4f} at step {self.best_step})"))
+                    + (f"  best {select} so far" if better else f"  (best {select} {self.best:.4f} at step {self.best_step})"))
             if self._bar is not None:
                 self._bar.write(line)
             else:

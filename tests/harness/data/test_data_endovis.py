@@ -168,3 +168,26 @@ def test_endovis18_palette_png_labels_decode_by_colour(tmp_path):
     assert pal.mode == "P"
     pal.save(root / "seq_4" / "labels" / "frame000.png")
     assert torch.equal(EndoVis2018(root, split="all")[0]["mask"], torch.from_numpy(ids))
+
+
+def test_endovis17_hogmtl_protocol_trains_on_videos_1_to_8_and_tests_on_9_10(tmp_path):
+    # fold=None: videos 1..8 train, their last val_frames frames (by number) validate; 9, 10 test
+    root = tmp_path / "ev17"
+    write_endovis17(root, videos=(1, 8, 9, 10), frames=(0, 2, 999, 1000), size=(60, 420))
+    ds = lambda split, **kw: EndoVis2017(root, split=split, crop=False, fold=None, **kw)  # noqa: E731
+    # by name frame1000 sorts before frame999: the split must go by frame number
+    val = sorted(r["case_id"] for r in ds("val", val_frames=1).records)
+    assert val == ["instrument_dataset_1/frame1000", "instrument_dataset_8/frame1000"]
+    val = sorted(r["case_id"] for r in ds("val", val_frames=2).records)
+    assert val == ["instrument_dataset_1/frame1000", "instrument_dataset_1/frame999",
+                   "instrument_dataset_8/frame1000", "instrument_dataset_8/frame999"]
+    train = sorted(r["case_id"] for r in ds("train", val_frames=2).records)
+    assert train == ["instrument_dataset_1/frame000", "instrument_dataset_1/frame002",
+                     "instrument_dataset_8/frame000", "instrument_dataset_8/frame002"]
+    assert {r["video"] for r in ds("test").records} == {9, 10} and len(ds("test").records) == 8
+    assert len(ds("train", val_frames=0).records) == 8  # every frame of 1..8 trains
+    assert len(ds("val", val_frames=9).records) == 8 and len(ds("all").records) == 16
+    with pytest.raises(ValueError, match="fold must be 0..3 or None"):
+        EndoVis2017(root, fold=4)
+    with pytest.raises(ValueError, match="val_frames must be an integer >= 0"):
+        EndoVis2017(root, fold=None, val_frames=-1)

@@ -265,3 +265,24 @@ def test_on_error_skip_trains_and_evaluates_when_the_first_sample_is_bad(tmp_pat
     assert table["case_id"].tolist() == ["001_HC", "002_HC", "003_HC", "004_HC", "005_2HC"]
     assert summary["n_images"] == 5
     assert len(pd.read_csv(tmp_path / "eval" / "per_image.csv")) == 5
+
+
+@pytest.mark.parametrize("select", ["miou", "dice_fg"])
+def test_best_checkpoint_follows_the_selection_metric(tmp_path, monkeypatch, select):
+    # HOG-MTL keeps the checkpoint of the best validation mIoU; the default is foreground Dice.
+    # Scripted validation scores whose maxima fall on different steps (miou: step 2, dice_fg: step 3).
+    import mtseg_harness.training.trainer as T
+
+    scores = iter([(0.5, 0.1), (0.9, 0.2), (0.7, 0.8), (0.6, 0.3)])
+
+    def scripted(*args, **kwargs):
+        miou, dice = next(scores)
+        return None, {"miou": miou, "dice_fg": dice, "dice_fg_n_nan": 0, "n_images": 1}, []
+
+    monkeypatch.setattr(T, "evaluate", scripted)
+    cfg = tiny_config(tmp_path, train={"steps": 4, "val_every": 1, "select_metric": select})
+    tr = build_trainer(cfg)
+    tr.fit()
+    want_step, want = {"miou": (2, 0.9), "dice_fg": (3, 0.8)}[select]
+    assert tr.best_step == want_step and tr.best == pytest.approx(want)
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == want_step
