@@ -100,5 +100,7 @@ def test_method_defaults_are_the_tables_values():
 
 def test_every_paper_config_is_in_the_table():
     named = {p.name for r in KEYED for p in config_files(r["configs"])}
-    ours = {p.name for p in (REPO / "configs").glob("*.yaml") if load_config(p)["method"]["name"] in METHODS}
+    # the demo's configs (demo_*.yaml) are our own experiment, not a row of the paper
+    ours = {p.name for p in (REPO / "configs").glob("*.yaml")
+            if not p.name.startswith("demo_") and load_config(p)["method"]["name"] in METHODS}
     assert ours == named
