@@ -13,8 +13,10 @@ against float32, uint8 against uint8 (skimage promotes it to float64).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,7 @@ from skimage.filters import gaussian
 
 import mtseg_kernels as mk
 from mtseg_kernels.ops.hog import HOG_MTL_PRESETS
-from mtseg_kernels.reference.hog import hog_cells_reference, hog_reference
+from mtseg_kernels.reference.hog import hog_cells_reference, hog_reference, orientation_bins
 
 NORMS = ["L1", "L1-sqrt", "L2", "L2-Hys"]
 # (orientations, pixels_per_cell, cells_per_block): skimage's default, the HOG-MTL
@@ -393,6 +395,20 @@ def test_hog_equals_blocks_of_cells(dtype):
 # --------------------------------------------------------------------------------------
 # The pure-torch reference agrees (values and gradients)
 # --------------------------------------------------------------------------------------
+def test_reference_drops_a_pixel_at_180_degrees_like_skimage():
+    """A gradient (-1e-20, 1) has theta = -5.7e-19 degrees, which mod 180 rounds to exactly
+    180: skimage's histogram puts it in no bin, and so must the reference."""
+    image = np.zeros((1, 8, 8))
+    image[0, 3, 4] = 1e-20  # g_row = 0 - 1e-20 at (4, 4)
+    image[0, 4, 5] = 1.0    # g_col = 1 - 0 at (4, 4)
+    bins = orientation_bins(torch.tensor([-1e-20, 1e-20]), torch.tensor([1.0, 1.0]), 6)
+    assert bins.tolist() == [6, 0]  # no bin; bin 0
+    expected = skimage_hog(image, 6, (4, 4), (1, 1), "L1", False)
+    got = hog_reference(torch.from_numpy(image)[None], 6, (4, 4), (1, 1), "L1")[0].numpy()
+    assert np.abs(expected).sum() > 0  # (3, 4) and (4, 3), (4, 5), (5, 4) still vote
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_matches_reference(norm):
     images = torch.rand(3, 2, 45, 38, dtype=torch.float64)
@@ -783,47 +799,48 @@ def test_exact_path_counts_on_real_images():
 # --------------------------------------------------------------------------------------
 # scikit-image's own HOG tests, run in place against mtseg_kernels.hog
 # --------------------------------------------------------------------------------------
+# Where `make test` unpacks scikit-image 0.25.2's test_hog.py (the 0.26 wheel ships no
+# tests): a folder inside the virtual environment (Makefile, rule skimage-tests).
+SKIMAGE_TESTS_DIR = Path(sys.prefix) / "skimage-tests"
+SKIMAGE_TEST_FILE = Path("skimage") / "feature" / "tests" / "test_hog.py"
+
+
 def _skimage_test_file() -> Path | None:
-    """scikit-image's test_hog.py: installed with the package (wheels before 0.25 ship it
-    as skimage/feature/tests/test_hog.py) or in $SKIMAGE_TESTS_DIR (e.g. an unpacked
-    scikit-image sdist's tests folder)."""
+    """scikit-image's test_hog.py: unpacked by `make test` into the venv, installed with
+    scikit-image (wheels before 0.26), or in $SKIMAGE_TESTS_DIR (a folder holding
+    skimage/feature/tests/test_hog.py, or an unpacked sdist's tests folder)."""
     import skimage
 
-    candidates = [Path(skimage.__file__).parent / "feature" / "tests" / "test_hog.py"]
+    candidates = [SKIMAGE_TESTS_DIR / SKIMAGE_TEST_FILE, Path(skimage.__file__).parent / "feature" / "tests" / "test_hog.py"]
     if os.environ.get("SKIMAGE_TESTS_DIR"):
         root = Path(os.environ["SKIMAGE_TESTS_DIR"])
-        candidates += [root / "test_hog.py", *root.glob("**/feature/test_hog.py"), *root.glob("**/tests/test_hog.py")]
+        candidates += [root / SKIMAGE_TEST_FILE, root / "test_hog.py", *root.glob("**/feature/**/test_hog.py")]
     return next((p for p in candidates if p.is_file()), None)
 
 
-def mtseg_as_skimage_hog(image, orientations=9, pixels_per_cell=(8, 8), cells_per_block=(3, 3), block_norm="L2-Hys",
-                         visualize=False, transform_sqrt=False, feature_vector=True, *, channel_axis=None):
-    """skimage.feature.hog's signature on top of mtseg_kernels.hog (no visualisation)."""
-    if visualize:
-        pytest.skip("mtseg_kernels.hog has no visualize=True")
-    image = np.atleast_2d(np.asarray(image))
-    if image.ndim - (channel_axis is not None) != 2:
-        raise ValueError(f"only images with two spatial dimensions are supported, got shape {image.shape} "
-                         f"with channel_axis={channel_axis}")
-    chw = image[None] if channel_axis is None else np.moveaxis(image, channel_axis, 0)
-    out = mk.hog(torch.from_numpy(np.ascontiguousarray(chw)), orientations, tuple(pixels_per_cell),
-                 tuple(cells_per_block), block_norm, transform_sqrt, feature_vector=False)[0].numpy()
-    return out.ravel() if feature_vector else out
-
-
-def test_scikit_image_suite_against_mtseg():
-    """Runs scikit-image's test_hog.py in its own place with `feature.hog` swapped for
-    the adapter above; the cases needing visualize=True skip, and the one that matches
-    skimage's wording "image is too small given" is left out (ours is a ValueError
-    naming the sizes in other words; test_too_small_image_raises_like_skimage)."""
+def test_scikit_image_suite_against_mtseg(tmp_path):
+    """Runs scikit-image's own test_hog.py in its own place with `feature.hog` swapped
+    for skimage_hog_adapter.mtseg_as_skimage_hog. Cases needing visualize=True skip (the
+    adapter says why), so do those needing reference arrays from the network (skimage's
+    `fetch` skips them itself); test_hog_small_image is left out: it matches skimage's
+    wording "image is too small given", ours is a ValueError naming the sizes in other
+    words (test_too_small_image_raises_like_skimage)."""
     path = _skimage_test_file()
     if path is None:
-        pytest.skip("scikit-image's test_hog.py is not installed (the 0.26 wheel ships no tests); "
-                    "set SKIMAGE_TESTS_DIR to an unpacked scikit-image sdist's tests to run it")
-    conftest = Path(__file__).with_name("skimage_hog_adapter.py")
+        pytest.skip("scikit-image's test_hog.py is absent: `make test` unpacks it from the scikit-image 0.25.2 "
+                    f"wheel into {SKIMAGE_TESTS_DIR} (needs PyPI), or set SKIMAGE_TESTS_DIR")
+    plugin_dir = Path(__file__).parent
+    ini = tmp_path / "pytest.ini"
+    ini.write_text("[pytest]\n")  # not this repository's settings
     result = subprocess.run(
-        [os.sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "skimage_hog_adapter",
-         str(path), "-k", "not visuali and not small_image"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(conftest.parent)},
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-c", str(ini), "--rootdir", str(tmp_path),
+         "--import-mode=importlib", "-p", "no:cacheprovider", "-p", "skimage_hog_adapter", str(path),
+         "-k", "not test_hog_small_image"],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])},
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = int(re.search(r"(\d+) passed", summary).group(1))
+    # 0.25.2's file: the 12 cases without visualize=True, downloaded arrays or skimage's wording
+    assert passed >= 12, result.stdout[-4000:]
