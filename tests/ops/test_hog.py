@@ -12,6 +12,7 @@ against float32, uint8 against uint8 (skimage promotes it to float64).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -220,6 +221,101 @@ def test_sixty_degree_case_from_the_issue():
     assert exact_bin(*g[0], 6) == 1  # [30, 60): the double 1.7320508075688772 is below sqrt(3)
     cells = mk.hog_cells(torch.from_numpy(_gradient_images(g, np.float64)), 6, (3, 3))[0, 0, 0].numpy()
     assert int(np.argmax(cells)) == exact_bin(*g[0], 6)
+
+
+# --------------------------------------------------------------------------------------
+# The two CPU passes: fused AVX-512 (float32/uint8, no sqrt) and the row loops
+# --------------------------------------------------------------------------------------
+def _fused_pass_available() -> bool:
+    os.environ.pop("MTSEG_HOG_SIMD", None)
+    mk._C.hog_fallback_counts(True)
+    mk.hog_cells(torch.zeros(1, 1, 4, 4), 4, (2, 2))
+    return mk._C.hog_fallback_counts(True)[2] > 0
+
+
+FUSED = _fused_pass_available()
+PASSES = [pytest.param("fused", marks=pytest.mark.skipif(not FUSED, reason="this CPU has no AVX-512")), "rows"]
+
+
+@contextlib.contextmanager
+def cpu_pass(kind):
+    """Runs the block with the CPU cells pass `kind` ("fused" or "rows", MTSEG_HOG_SIMD=0)
+    and checks afterwards that the fused pass ran, or did not."""
+    saved = os.environ.get("MTSEG_HOG_SIMD")
+    if kind == "rows":
+        os.environ["MTSEG_HOG_SIMD"] = "0"
+    else:
+        os.environ.pop("MTSEG_HOG_SIMD", None)
+    mk._C.hog_fallback_counts(True)
+    try:
+        yield
+        fused_rows = mk._C.hog_fallback_counts(True)[2]
+        assert (fused_rows > 0) == (kind == "fused"), (kind, fused_rows)
+    finally:
+        os.environ.pop("MTSEG_HOG_SIMD", None)
+        if saved is not None:
+            os.environ["MTSEG_HOG_SIMD"] = saved
+
+
+def _mixed_image(shape, dtype, seed):
+    """A real photograph crop, a grey patch (equal channels: exact ties), a patch of
+    small integers (gradients on 0/45/90/135 degrees) and, for float32, a patch of
+    uniform noise; uint8, or float32 = uint8 / 255 (near ties between channels)."""
+    channels, height, width = shape
+    rng = np.random.default_rng(seed)
+    photo = skimage_image("astronaut")
+    top, left = rng.integers(0, 512 - height), rng.integers(0, 512 - width)
+    image = photo[np.arange(channels) % 3, top : top + height, left : left + width].copy()
+    image[:, : height // 3, : width // 3] = image[0, : height // 3, : width // 3]
+    image[:, height // 3 :, : width // 4] = rng.integers(0, 3, size=(channels, height - height // 3, width // 4))
+    if dtype == np.uint8:
+        return image
+    out = image.astype(np.float32) / np.float32(255)
+    out[:, height // 2 :, width // 2 :] = rng.random((channels, height - height // 2, width - width // 2))
+    return out
+
+
+FUSED_CASES = [((3, 128, 64), 6, (16, 16)), ((3, 37, 53), 7, (5, 7)), ((1, 40, 41), 9, (8, 8)),
+               ((4, 19, 34), 12, (3, 3)), ((2, 3, 18), 4, (1, 1)), ((3, 50, 17), 28, (6, 17)),
+               ((3, 24, 47), 1, (4, 16))]
+
+
+@pytest.mark.skipif(not FUSED, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("dname", ["float32", "uint8"])
+@pytest.mark.parametrize("shape, n, ppc", FUSED_CASES)
+def test_fused_pass_equals_row_loops(dname, shape, n, ppc):
+    """Same float operations in the same order: the two passes give identical cells
+    (widths that are not a multiple of 16, columns and rows no cell covers, one channel
+    and four, n from 1 to 28)."""
+    image = torch.from_numpy(_mixed_image(shape, DTYPES[dname], seed=n))[None].repeat(2, 1, 1, 1)
+    with cpu_pass("fused"):
+        fused = mk.hog_cells(image, n, ppc)
+    with cpu_pass("rows"):
+        rows = mk.hog_cells(image, n, ppc)
+    assert torch.equal(fused, rows)
+
+
+@pytest.mark.parametrize("kind", PASSES)
+@pytest.mark.parametrize("dname", ["float32", "uint8"])
+@pytest.mark.parametrize("norm", ["L1", "L2-Hys"])
+def test_both_passes_match_skimage(kind, dname, norm, record_property):
+    image = _mixed_image((3, 61, 77), DTYPES[dname], seed=3)
+    with cpu_pass(kind):
+        for orientations, ppc, cpb in [(6, (16, 16), (2, 2)), (9, (5, 7), (2, 3))]:
+            check_parity(image, orientations, ppc, cpb, False, norms=[norm], record=record_property)
+
+
+@pytest.mark.parametrize("kind", PASSES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [(0, 0, 0), (2, 0, 5), (1, 8, 0), (2, 16, 9), (0, 31, 63), (1, 32, 40),
+                                   (0, 10, 64), (2, 33, 66)])
+def test_each_non_finite_pixel_raises(kind, bad, where):
+    """A NaN/Inf anywhere (corners, first/last row and column, the row just below the
+    cells, columns no cell covers) raises in both passes."""
+    images = torch.rand(2, 3, 34, 67, generator=torch.Generator().manual_seed(0))
+    images[1][where] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"), cpu_pass(kind):
+        mk.hog_cells(images, 6, (8, 16))
 
 
 # --------------------------------------------------------------------------------------
@@ -789,10 +885,10 @@ def test_exact_path_counts_on_real_images():
     mk._C.hog_fallback_counts(True)
     image = torch.from_numpy(skimage_image("astronaut"))
     mk.hog(image, 6, 16, 2)
-    scalar, exact = mk._C.hog_fallback_counts(True)
+    scalar, exact, _ = mk._C.hog_fallback_counts(True)
     assert exact == 0
     mk.hog(image, 6, 16, 2, transform_sqrt=True)
-    scalar_sqrt, exact_sqrt = mk._C.hog_fallback_counts(True)
+    scalar_sqrt, exact_sqrt, _ = mk._C.hog_fallback_counts(True)
     assert 0 < exact_sqrt <= scalar_sqrt < 0.01 * 512 * 512
 
 
