@@ -27,21 +27,24 @@ PyObject* py_compiled_backends(PyObject*, PyObject*) {
   return list;
 }
 
-// (scalar, exact): HOG pixels whose bin left the CPU vector test, and those of them
-// that needed hog.h's exact integer test, since the last call with reset=True.
+// (scalar, exact, fused_rows): HOG pixels whose bin left the CPU vector test, those of
+// them that needed hog.h's exact integer test, and the cell rows of the fused AVX-512
+// pass, since the last call with reset=True.
 PyObject* py_hog_fallback_counts(PyObject*, PyObject* args) {
   int reset = 0;
   if (!PyArg_ParseTuple(args, "|p", &reset)) return nullptr;
   const auto counts = mtseg::hog::cpu_fallback_counts(reset != 0);
-  return Py_BuildValue("(LL)", static_cast<long long>(counts[0]), static_cast<long long>(counts[1]));
+  return Py_BuildValue("(LLL)", static_cast<long long>(counts[0]), static_cast<long long>(counts[1]),
+                       static_cast<long long>(counts[2]));
 }
 
 PyMethodDef methods[] = {
     {"compiled_backends", py_compiled_backends, METH_NOARGS,
      "Backends this build of mtseg_kernels._C has kernels for, e.g. ['cpu', 'cuda']."},
     {"hog_fallback_counts", py_hog_fallback_counts, METH_VARARGS,
-     "hog_fallback_counts(reset=False) -> (scalar, exact): CPU HOG pixels whose orientation bin the vector test "
-     "left to the scalar rule, and those that took the exact integer test, since the last reset."},
+     "hog_fallback_counts(reset=False) -> (scalar, exact, fused_rows): CPU HOG pixels whose orientation bin the "
+     "vector test left to the scalar rule, those that took the exact integer test, and the cell rows the fused "
+     "AVX-512 pass computed, since the last reset."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "Compiled kernels of mtseg_kernels (torch.ops.mtseg).", -1,

@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
+#include <limits>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -15,6 +17,10 @@
 #include "mtseg/cpu.h"
 #include "mtseg/hog.h"
 #include "mtseg/hog_host.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace mtseg {
 namespace hog {
@@ -283,6 +289,8 @@ MTSEG_DEFINE_ROW_KERNELS(double)
 // those of them that needed the integer test), for benchmarks/README.md; see
 // hog_fallback_counts().
 std::atomic<int64_t> g_scalar_bins{0}, g_exact_bins{0};
+// Cell rows that took the fused AVX-512 pass (tests check which pass ran).
+std::atomic<int64_t> g_fused_rows{0};
 
 // Per-thread state of the cells loops: row buffers, per-column scratch, and the
 // orientation edges (with scratch for hog.h's exact test).
@@ -297,7 +305,7 @@ struct RowScratch {
   const std::vector<Edge>& edges;
   const EdgeLanes<T>& lanes;
   std::vector<uint32_t> exact_scratch;
-  int64_t scalar_bins = 0, exact_bins = 0;
+  int64_t scalar_bins = 0, exact_bins = 0, fused_rows = 0;
   RowScratch(int64_t channels, int64_t buf_rows, int64_t row_stride, int64_t n_cols, int64_t n,
              const std::vector<Edge>& edges_, const EdgeLanes<T>& lanes_)
       : rows(channels * buf_rows * row_stride), g_row(n_cols), g_col(n_cols), best_sq(n_cols), ambiguous(n_cols),
@@ -307,6 +315,7 @@ struct RowScratch {
   ~RowScratch() {
     if (scalar_bins) g_scalar_bins += scalar_bins;
     if (exact_bins) g_exact_bins += exact_bins;
+    if (fused_rows) g_fused_rows += fused_rows;
   }
 };
 
@@ -409,6 +418,260 @@ void orient_pixel_row(RowScratch<T>& t, const T* mid, int64_t channels, int64_t 
   if (column_sums != nullptr) histogram_row(t.mag.data(), t.bin.data(), n_cols, n, column_sums);
 }
 
+// ---------------------------------------------------------------------------------
+// Fused AVX-512 cells pass (float32 and uint8 images, no transform_sqrt, unit column
+// stride): one pass over the image per cell row, 16 columns at a time, with the pixel
+// rows of the cell row as the inner loop, so that the per-bin sums of the 16 columns
+// stay in registers. Per 16 pixels: the differences of every channel straight from
+// the image (no row copy; the first/last row and column get 0 by masks), the channel
+// choice by float squares, the magnitude, the certified float edge tests of
+// bin_row_impl, and the histogram. The same rules as the loops above, in the same
+// float operations (no FMA), so both give the very same cells; lanes the float tests
+// cannot decide (channels within rounding of a tie, a bin within rounding of an edge,
+// squares outside the accurate range) are redone with the scalar rules, as above.
+// MTSEG_HOG_SIMD=0 in the environment turns this pass off (tests compare both).
+// ---------------------------------------------------------------------------------
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MTSEG_HOG_FUSED 1
+#define MTSEG_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+bool fused_pass_enabled() {
+  static const bool cpu_ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  const char* env = std::getenv("MTSEG_HOG_SIMD");
+  return cpu_ok && !(env != nullptr && env[0] == '0');
+}
+
+MTSEG_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+MTSEG_AVX512 inline __m512 load16(const uint8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+MTSEG_AVX512 inline __m512 abs16(__m512 v) { return _mm512_abs_ps(v); }
+
+// Edges as the fused pass reads them: the inexact ones (float test with a margin) and
+// the exact ones (45/90/135 degrees, plain sign test, `inclusive` on the edge).
+struct FusedEdges {
+  std::vector<float> cos_phi, sin_phi;  // edge i + 1 of n, rounded to float
+  std::vector<int> exact, inclusive;    // as in hog.h's Edge
+  explicit FusedEdges(const std::vector<Edge>& edges) {
+    for (const Edge& e : edges) {
+      cos_phi.push_back(static_cast<float>(e.cos_phi));
+      sin_phi.push_back(static_cast<float>(e.sin_phi));
+      exact.push_back(e.exact);
+      inclusive.push_back(e.inclusive);
+    }
+  }
+};
+
+// skimage's channel key for float32 gradients, hog.h's selection_key(float, magnitude):
+// float(sqrt(double sum of the squares)), in double lanes, bit for bit the scalar rule.
+MTSEG_AVX512 inline __m512 float_key16(__m512 gr, __m512 gc) {
+  const __m512d r0 = _mm512_cvtps_pd(_mm512_castps512_ps256(gr)), r1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(gr, 1));
+  const __m512d c0 = _mm512_cvtps_pd(_mm512_castps512_ps256(gc)), c1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(gc, 1));
+  const __m256 k0 = _mm512_cvtpd_ps(_mm512_sqrt_pd(_mm512_add_pd(_mm512_mul_pd(r0, r0), _mm512_mul_pd(c0, c0))));
+  const __m256 k1 = _mm512_cvtpd_ps(_mm512_sqrt_pd(_mm512_add_pd(_mm512_mul_pd(r1, r1), _mm512_mul_pd(c1, c1))));
+  return _mm512_insertf32x8(_mm512_castps256_ps512(k0), k1, 1);
+}
+
+// Exact channel choice of one pixel straight from the image: pixel_gradient's rule
+// (hog.h's magnitude and selection_key in grad_t, lowest channel on ties) on the values
+// the fused pass differentiates.
+template <typename scalar_t, typename grad_t>
+void redo_channel_choice_direct(const scalar_t* img, int64_t channels, int64_t stride_c, int64_t stride_h,
+                                int64_t height, int64_t width, int64_t y, int64_t x, float& g_row, float& g_col) {
+  const bool row_inside = y > 0 && y < height - 1, col_inside = x > 0 && x < width - 1;
+  grad_t best_key = grad_t(-1);
+  for (int64_t k = 0; k < channels; ++k) {
+    const scalar_t* p = img + k * stride_c + y * stride_h + x;
+    const float gr = row_inside ? static_cast<float>(p[stride_h]) - static_cast<float>(p[-stride_h]) : 0.0f;
+    const float gc = col_inside ? static_cast<float>(p[1]) - static_cast<float>(p[-1]) : 0.0f;
+    const grad_t key = selection_key(static_cast<grad_t>(gr), magnitude(static_cast<grad_t>(gr), static_cast<grad_t>(gc)));
+    if (key > best_key) {
+      best_key = key;
+      g_row = gr;
+      g_col = gc;
+    }
+  }
+}
+
+// One cell row (image rows y0 .. y0 + cell_rows - 1) of one image: `column_sums` (n x
+// n_cols) receives the per-column, per-bin sums of the magnitudes. Returns false if a
+// value read is not finite (float input).
+// N: the number of bins when known at compile time (the per-bin sums then live in
+// registers), 0 for any n (sums in `acc`, 16 n floats).
+template <typename scalar_t, typename grad_t, int N>
+MTSEG_AVX512 bool fused_cell_row(const scalar_t* img, int64_t channels, int64_t stride_c, int64_t stride_h,
+                                 int64_t height, int64_t width, int64_t y0, int64_t cell_rows, int64_t n_cols,
+                                 int64_t n, const FusedEdges& E, const std::vector<Edge>& edges, float* acc,
+                                 uint32_t* exact_scratch, int64_t exact_capacity, float* column_sums,
+                                 int64_t& scalar_bins, int64_t& exact_bins) {
+  constexpr bool kCheckFinite = std::is_same_v<scalar_t, float>;
+  using SM = SelectMargins<float>;
+  using B = EdgeBound<float>;
+  const __m512 zero = _mm512_setzero_ps(), lo = _mm512_set1_ps(SM::lo), hi = _mm512_set1_ps(SM::hi),
+               tiny_sq = _mm512_set1_ps(SM::tiny), coef = _mm512_set1_ps(B::coef), tiny = _mm512_set1_ps(B::tiny),
+               sq_lo = _mm512_set1_ps(B::sq_lo), sq_hi = _mm512_set1_ps(B::sq_hi),
+               inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __m512i one = _mm512_set1_epi32(1), lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t nn = N > 0 ? N : n;
+  __m512 acc_reg[N > 0 ? N : 1];
+  __mmask16 bad = 0;
+  alignas(64) float s_row[16], s_col[16], s_mag[16];
+  alignas(64) int32_t s_bin[16];
+  for (int64_t x0 = 0; x0 < n_cols; x0 += 16) {
+    // Lanes x = x0 + l: covered (x < n_cols), and with a column difference (0 < x < W - 1).
+    const __m512i xs = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(x0)), lane);
+    const __mmask16 m_valid = _mm512_cmplt_epi32_mask(xs, _mm512_set1_epi32(static_cast<int32_t>(n_cols)));
+    const __mmask16 m_col = m_valid & _mm512_cmpgt_epi32_mask(xs, _mm512_setzero_si512()) &
+                            _mm512_cmplt_epi32_mask(xs, _mm512_set1_epi32(static_cast<int32_t>(width - 1)));
+    if constexpr (N > 0) {
+#pragma GCC unroll 16
+      for (int o = 0; o < N; ++o) acc_reg[o] = zero;
+    } else {
+      for (int64_t o = 0; o < n; ++o) _mm512_storeu_ps(acc + 16 * o, zero);
+    }
+    for (int64_t y = y0; y < y0 + cell_rows; ++y) {
+      const bool row_inside = y > 0 && y < height - 1;
+      const __mmask16 m_row = row_inside ? m_valid : __mmask16(0);
+      __m512 best = zero, br = zero, bc = zero;
+      __mmask16 ambiguous = 0;
+      for (int64_t k = 0; k < channels; ++k) {
+        const scalar_t* mid = img + k * stride_c + y * stride_h + x0;
+        const __m512 up = load16(mid + stride_h, m_row), down = load16(mid - stride_h, m_row);
+        const __m512 right = load16(mid + 1, m_col), left = load16(mid - 1, m_col);
+        if (kCheckFinite) {
+          const __m512 v = load16(mid, m_valid);
+          bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_NEQ_UQ);
+        }
+        const __m512 gr = _mm512_sub_ps(up, down), gc = _mm512_sub_ps(right, left);
+        const __m512 sq = _mm512_add_ps(_mm512_mul_ps(gr, gr), _mm512_mul_ps(gc, gc));
+        if (k == 0) {
+          best = sq, br = gr, bc = gc;
+          continue;
+        }
+        // select_channel_row_impl's rule: exact ties (same components up to sign and
+        // order) keep the lower channel; otherwise squares within rounding are flagged.
+        const __m512 agr = abs16(gr), agc = abs16(gc), abr = abs16(br), abc = abs16(bc);
+        const __mmask16 identical =
+            (_mm512_cmp_ps_mask(agr, abr, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(agc, abc, _CMP_EQ_OQ)) |
+            (_mm512_cmp_ps_mask(agr, abc, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(agc, abr, _CMP_EQ_OQ));
+        const __mmask16 apart = _mm512_cmp_ps_mask(sq, _mm512_mul_ps(best, lo), _CMP_LT_OQ) |
+                                _mm512_cmp_ps_mask(sq, _mm512_mul_ps(best, hi), _CMP_GT_OQ);
+        const __mmask16 both_tiny =
+            _mm512_cmp_ps_mask(sq, tiny_sq, _CMP_LT_OQ) & _mm512_cmp_ps_mask(best, tiny_sq, _CMP_LT_OQ);
+        ambiguous |= static_cast<__mmask16>(~identical & (~apart | both_tiny));
+        const __mmask16 take = _mm512_cmp_ps_mask(sq, best, _CMP_GT_OQ);
+        best = _mm512_mask_mov_ps(best, take, sq);
+        br = _mm512_mask_mov_ps(br, take, gr);
+        bc = _mm512_mask_mov_ps(bc, take, gc);
+      }
+      if constexpr (std::is_same_v<grad_t, float>) {
+        if (ambiguous != 0) {  // skimage's own key for every channel of these 16 pixels
+          __m512 best_key = zero;
+          for (int64_t k = 0; k < channels; ++k) {
+            const scalar_t* mid = img + k * stride_c + y * stride_h + x0;
+            const __m512 gr = _mm512_sub_ps(load16(mid + stride_h, m_row), load16(mid - stride_h, m_row));
+            const __m512 gc = _mm512_sub_ps(load16(mid + 1, m_col), load16(mid - 1, m_col));
+            const __m512 key = float_key16(gr, gc);
+            // strict: the lowest channel keeps a tie; channel 0 always starts
+            const __mmask16 take = k == 0 ? __mmask16(0xffff) : _mm512_cmp_ps_mask(key, best_key, _CMP_GT_OQ);
+            best_key = _mm512_mask_mov_ps(best_key, take, key);
+            br = _mm512_mask_mov_ps(br, take & ambiguous, gr);
+            bc = _mm512_mask_mov_ps(bc, take & ambiguous, gc);
+          }
+          best = _mm512_add_ps(_mm512_mul_ps(br, br), _mm512_mul_ps(bc, bc));
+          ambiguous = 0;
+        }
+      }
+      // Magnitude, and lanes whose square is outside float's accurate range (or not finite).
+      __m512 mag = _mm512_sqrt_ps(best);
+      const __mmask16 nonzero = _mm512_cmp_ps_mask(br, zero, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(bc, zero, _CMP_NEQ_UQ);
+      const __mmask16 rescale = static_cast<__mmask16>(
+          ~(_mm512_cmp_ps_mask(best, sq_lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(best, sq_hi, _CMP_LE_OQ)) & nonzero);
+      // Bins: gradient turned into the upper half plane, then one test per edge.
+      const __mmask16 flip = _mm512_cmp_ps_mask(br, zero, _CMP_LT_OQ);
+      const __m512 ur = _mm512_mask_sub_ps(br, flip, zero, br), uc = _mm512_mask_sub_ps(bc, flip, zero, bc);
+      const __m512 ar = abs16(br), ac = abs16(bc);
+      const __m512 err = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(ar, coef), _mm512_mul_ps(ac, coef)), tiny);
+      __m512i bin = _mm512_setzero_si512();
+      __m512 nearest = inf;  // smallest |D_i| over the inexact edges
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < nn - 1; ++i) {
+        const __m512 d = _mm512_sub_ps(_mm512_mul_ps(ur, _mm512_set1_ps(E.cos_phi[i])),
+                                       _mm512_mul_ps(uc, _mm512_set1_ps(E.sin_phi[i])));
+        if (E.exact[i]) {  // 45/90/135 degrees: the sign is exact; on the edge, skimage's side
+          const __mmask16 past =
+              E.inclusive[i] ? _mm512_cmp_ps_mask(d, zero, _CMP_GE_OQ) : _mm512_cmp_ps_mask(d, zero, _CMP_GT_OQ);
+          bin = _mm512_mask_add_epi32(bin, past, bin, one);
+        } else {
+          bin = _mm512_mask_add_epi32(bin, _mm512_cmp_ps_mask(d, zero, _CMP_GT_OQ), bin, one);
+          nearest = _mm512_min_ps(abs16(d), nearest);
+        }
+      }
+      const __mmask16 on_axis = _mm512_cmp_ps_mask(br, zero, _CMP_EQ_OQ);  // theta 0 or 180: bin 0
+      bin = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~on_axis), bin);
+      const __mmask16 undecided = static_cast<__mmask16>(
+          ~on_axis & (_mm512_cmp_ps_mask(nearest, err, _CMP_LE_OQ) |
+                      ~(_mm512_cmp_ps_mask(ar, inf, _CMP_LT_OQ) & _mm512_cmp_ps_mask(ac, inf, _CMP_LT_OQ))));
+      const __mmask16 redo = (ambiguous | rescale | undecided) & m_valid;
+      if (redo != 0 && !(kCheckFinite && bad != 0)) {  // rare: the scalar rules, lane by lane
+        _mm512_store_ps(s_row, br);
+        _mm512_store_ps(s_col, bc);
+        _mm512_store_ps(s_mag, mag);
+        _mm512_store_epi32(s_bin, bin);
+        for (int l = 0; l < 16; ++l) {
+          if (!((redo >> l) & 1)) continue;
+          const int64_t x = x0 + l;
+          if ((ambiguous >> l) & 1)
+            redo_channel_choice_direct<scalar_t, grad_t>(img, channels, stride_c, stride_h, height, width, y, x,
+                                                         s_row[l], s_col[l]);
+          const float r = s_row[l], c = s_col[l];
+          if (std::isnan(r) || std::isnan(c)) {  // a NaN read: the call raises, nothing to decide
+            bad = 1;
+            continue;
+          }
+          const float sq = r * r + c * c;
+          s_mag[l] = std::sqrt(sq);
+          if (!((sq >= B::sq_lo) && (sq <= B::sq_hi)) && (r != 0.0f || c != 0.0f))
+            s_mag[l] = static_cast<float>(magnitude(static_cast<grad_t>(r), static_cast<grad_t>(c)));
+          const auto d = orientation_bin_exact(static_cast<double>(r), static_cast<double>(c), edges.data(), n,
+                                               exact_scratch, exact_capacity);
+          TORCH_INTERNAL_ASSERT(d.path >= 0, "hog: exact orientation test out of scratch");
+          s_bin[l] = d.bin;
+          ++scalar_bins;
+          exact_bins += d.path;
+        }
+        mag = _mm512_load_ps(s_mag);
+        bin = _mm512_load_epi32(s_bin);
+      }
+      mag = _mm512_maskz_mov_ps(m_valid, mag);
+      if constexpr (N > 0) {
+#pragma GCC unroll 16
+        for (int o = 0; o < N; ++o)
+          acc_reg[o] = _mm512_mask_add_ps(acc_reg[o], _mm512_cmpeq_epi32_mask(bin, _mm512_set1_epi32(o)), acc_reg[o], mag);
+      } else {
+        for (int64_t o = 0; o < n; ++o) {
+          const __mmask16 in_bin = _mm512_cmpeq_epi32_mask(bin, _mm512_set1_epi32(static_cast<int32_t>(o)));
+          const __m512 a = _mm512_loadu_ps(acc + 16 * o);
+          _mm512_storeu_ps(acc + 16 * o, _mm512_mask_add_ps(a, in_bin, a, mag));
+        }
+      }
+    }
+    for (int64_t o = 0; o < n; ++o)
+      _mm512_mask_storeu_ps(column_sums + o * n_cols + x0, m_valid, N > 0 ? acc_reg[N > 0 ? o : 0] : _mm512_loadu_ps(acc + 16 * o));
+  }
+  if (kCheckFinite) {  // columns no cell covers, in the rows read as the middle row
+    for (int64_t k = 0; k < channels; ++k)
+      for (int64_t y = y0; y < y0 + cell_rows; ++y)
+        for (int64_t x = n_cols; x < width; ++x) {
+          const float v = static_cast<float>(img[k * stride_c + y * stride_h + x]);
+          if (!(v - v == 0.0f)) bad = 1;
+        }
+  }
+  return bad == 0;
+}
+#endif  // fused pass
+
 // Calls f(scalar_t{}, T{}, grad_t{}, cell_t{}) with the CPU kernels' types for an
 // image dtype: T is the working type of the row buffers (see the comment on top of the
 // cells section), grad_t and cell_t as in dispatch_image_types.
@@ -425,6 +688,35 @@ void dispatch_working_types(at::ScalarType dtype, bool transform_sqrt, F&& f) {
   }
 }
 
+// One cell row of cells from the per-bin column sums (n x n_cols) of its pixel rows.
+template <typename T, typename cell_t>
+void write_cells(const T* column_sums, const CellGeometry& g, int64_t n_cols, cell_t* out) {
+  const int64_t n = g.orientations;
+  for (int64_t cc = 0; cc < g.n_cells_col; ++cc) {
+    for (int64_t o = 0; o < n; ++o) {
+      const T* sums = column_sums + o * n_cols + cc * g.cell_cols;
+      double total = 0.0;  // per-column sums of T (cell_rows pixels each), added in double
+      for (int64_t x = 0; x < g.cell_cols; ++x) total += static_cast<double>(sums[x]);
+      out[cc * n + o] = cell_mean<cell_t>(total, g.area());
+    }
+  }
+}
+
+// Whether cells_kernel takes the fused pass (see above) for these images.
+template <typename scalar_t, typename T>
+bool use_fused_pass(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt) {
+#ifdef MTSEG_HOG_FUSED
+  constexpr bool types_ok =
+      std::is_same_v<T, float> && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, uint8_t>);
+  // Lane column indices are int32.
+  return types_ok && !transform_sqrt && images.stride(3) == 1 && g.width < (int64_t(1) << 30) &&
+         fused_pass_enabled();
+#else
+  (void)images, (void)g, (void)transform_sqrt;
+  return false;
+#endif
+}
+
 // T: working type of the row buffers; grad_t: hog.h's gradient type for this image
 // dtype (the exact rule the flagged pixels are redone with); cell_t: output type.
 template <typename scalar_t, typename T, typename grad_t, typename cell_t>
@@ -434,12 +726,37 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
   const auto edges = orientation_edges(n);
   const EdgeLanes<T> lanes(edges);
   std::atomic<bool> all_valid{true};
+  const bool fused = use_fused_pass<scalar_t, T>(images, g, transform_sqrt);
+#ifdef MTSEG_HOG_FUSED
+  const FusedEdges fused_edges(edges);
+#endif
   at::parallel_for(0, g.batch * g.n_cells_row, grain_for(g.cell_rows * g.width), [&](int64_t begin, int64_t end) {
-    RowScratch<T> t(C, buf_rows, row_stride, n_cols, n, edges, lanes);
+    RowScratch<T> t(fused ? 0 : C, buf_rows, row_stride, n_cols, n, edges, lanes);
+    std::vector<float> acc(fused ? 16 * n : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
       const int64_t y0 = cell_row * g.cell_rows;
       const auto img = image_view<scalar_t>(images, b);
+#ifdef MTSEG_HOG_FUSED
+      if constexpr (std::is_same_v<T, float> && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, uint8_t>)) {
+        if (fused) {
+          // The presets' bin counts with the sums in registers, any other n with them in memory.
+          auto* const row_fn = n == 6   ? &fused_cell_row<scalar_t, grad_t, 6>
+                               : n == 9 ? &fused_cell_row<scalar_t, grad_t, 9>
+                                        : &fused_cell_row<scalar_t, grad_t, 0>;
+          if (!row_fn(img.data, C, img.stride_c, img.stride_h, g.height, g.width, y0, g.cell_rows, n_cols, n,
+                      fused_edges, edges, acc.data(), t.exact_scratch.data(),
+                      static_cast<int64_t>(t.exact_scratch.size()), t.column_sums.data(), t.scalar_bins,
+                      t.exact_bins)) {
+            all_valid = false;
+            continue;
+          }
+          write_cells<T, cell_t>(t.column_sums.data(), g, n_cols, cells + item * g.n_cells_col * n);
+          ++t.fused_rows;
+          continue;
+        }
+      }
+#endif
       if (!load_rows<T>(img, y0, buf_rows, transform_sqrt, t.rows.data())) {
         all_valid = false;
         continue;
@@ -449,15 +766,7 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
         const T* mid = t.rows.data() + (y - y0 + 1) * row_stride + 1;
         orient_pixel_row<T, grad_t>(t, mid, C, buf_rows * row_stride, row_stride, n_cols, n, t.column_sums.data());
       }
-      cell_t* out = cells + item * g.n_cells_col * n;
-      for (int64_t cc = 0; cc < g.n_cells_col; ++cc) {
-        for (int64_t o = 0; o < n; ++o) {
-          const T* sums = t.column_sums.data() + o * n_cols + cc * g.cell_cols;
-          double total = 0.0;  // per-column sums of T (cell_rows pixels each), added in double
-          for (int64_t x = 0; x < g.cell_cols; ++x) total += static_cast<double>(sums[x]);
-          out[cc * n + o] = cell_mean<cell_t>(total, g.area());
-        }
-      }
+      write_cells<T, cell_t>(t.column_sums.data(), g, n_cols, cells + item * g.n_cells_col * n);
     }
   });
   TORCH_CHECK_VALUE(all_valid.load(), "hog_cells: images contain NaN or Inf",
@@ -472,8 +781,9 @@ at::Tensor hog_cells_cpu(const at::Tensor& images, int64_t orientations, at::Int
   auto cells = at::empty({g.batch, g.n_cells_row, g.n_cells_col, g.orientations},
                          images.options().dtype(cell_dtype(images.scalar_type())));
   if (cells.numel() == 0) return cells;
-  // The kernel checks the rows it reads; rows below the last cell row's neighbour are checked here.
-  const int64_t first_unread = g.n_cells_row * g.cell_rows + 1;
+  // The kernel checks the rows it reads as middle rows (the fused pass) or at all; rows below
+  // the last cell row are checked here (the one just below is read, only as a neighbour).
+  const int64_t first_unread = g.n_cells_row * g.cell_rows;
   if (first_unread < g.height)
     check_image_values(images.narrow(2, first_unread, g.height - first_unread), transform_sqrt, "hog_cells");
   dispatch_working_types(images.scalar_type(), transform_sqrt, [&](auto scalar, auto working, auto grad, auto cell) {
@@ -677,9 +987,9 @@ at::Tensor hog_cells_backward_cpu(const at::Tensor& grad_cells_in, const at::Ten
 
 }  // namespace
 
-std::array<int64_t, 2> cpu_fallback_counts(bool reset) {
-  if (reset) return {g_scalar_bins.exchange(0), g_exact_bins.exchange(0)};
-  return {g_scalar_bins.load(), g_exact_bins.load()};
+std::array<int64_t, 3> cpu_fallback_counts(bool reset) {
+  if (reset) return {g_scalar_bins.exchange(0), g_exact_bins.exchange(0), g_fused_rows.exchange(0)};
+  return {g_scalar_bins.load(), g_exact_bins.load(), g_fused_rows.load()};
 }
 
 TORCH_LIBRARY_IMPL(mtseg, CPU, m) {

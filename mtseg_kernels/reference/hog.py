@@ -31,11 +31,18 @@ def _magnitude(g_row: Tensor, g_col: Tensor) -> Tensor:
 
 
 def orientation_bins(g_row: Tensor, g_col: Tensor, orientations: int) -> Tensor:
-    """Bin index of each pixel, by skimage's rule: degrees(atan2) mod 180 against (180/n)*i."""
+    """Bin index of each pixel, by skimage's rule: degrees(atan2) mod 180 against (180/n)*i.
+
+    Same shape as ``g_row``, values in 0..n: ``n`` marks a pixel in no bin. skimage's
+    rounded ``theta mod 180`` is exactly 180 for a tiny negative angle (e.g. gradient
+    (-1e-20, 1)), and its histogram takes bin i only for (180/n)*i <= theta < (180/n)*(i+1),
+    so such a pixel votes nowhere.
+    """
     theta = torch.rad2deg(torch.atan2(g_row, g_col)).remainder(180.0)
     per_bin = 180.0 / orientations
     bounds = torch.tensor([per_bin * i for i in range(1, orientations)], dtype=theta.dtype, device=theta.device)
-    return (theta.unsqueeze(-1) >= bounds).sum(-1)
+    bins = (theta.unsqueeze(-1) >= bounds).sum(-1)
+    return torch.where(theta < 180.0, bins, torch.full_like(bins, orientations))
 
 
 def hog_cells_reference(
@@ -58,7 +65,8 @@ def hog_cells_reference(
     n_row, n_col = height // c_row, width // c_col
     mag = mag[:, : n_row * c_row, : n_col * c_col]
     bins = bins[:, : n_row * c_row, : n_col * c_col]
-    one_hot = torch.nn.functional.one_hot(bins, orientations).to(mag.dtype)  # (B, H', W', n)
+    # (B, H', W', n); the extra class n (pixels in no bin) is dropped
+    one_hot = torch.nn.functional.one_hot(bins, orientations + 1)[..., :orientations].to(mag.dtype)
     votes = one_hot * mag.unsqueeze(-1)
     cells = votes.reshape(batch, n_row, c_row, n_col, c_col, orientations).sum(dim=(2, 4))
     return cells / (c_row * c_col)
@@ -101,17 +109,7 @@ def hog_reference(
     return hog_blocks_reference(cells, cells_per_block, block_norm)
 
 
-def bin_boundary_distance(g_row: Tensor, g_col: Tensor, orientations: int) -> Tensor:
-    """Distance in degrees from each gradient's orientation to the nearest bin boundary
-    (0/180 included); used to tell genuine mismatches from exact-boundary ties."""
-    theta = torch.rad2deg(torch.atan2(g_row, g_col)).remainder(180.0)
-    per_bin = 180.0 / orientations
-    frac = theta / per_bin
-    return (frac - frac.round()).abs() * per_bin
-
-
 __all__ = [
-    "bin_boundary_distance",
     "hog_blocks_reference",
     "hog_cells_reference",
     "hog_reference",

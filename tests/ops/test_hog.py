@@ -12,9 +12,12 @@ against float32, uint8 against uint8 (skimage promotes it to float64).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,7 @@ from skimage.filters import gaussian
 
 import mtseg_kernels as mk
 from mtseg_kernels.ops.hog import HOG_MTL_PRESETS
-from mtseg_kernels.reference.hog import hog_cells_reference, hog_reference
+from mtseg_kernels.reference.hog import hog_cells_reference, hog_reference, orientation_bins
 
 NORMS = ["L1", "L1-sqrt", "L2", "L2-Hys"]
 # (orientations, pixels_per_cell, cells_per_block): skimage's default, the HOG-MTL
@@ -221,6 +224,101 @@ def test_sixty_degree_case_from_the_issue():
 
 
 # --------------------------------------------------------------------------------------
+# The two CPU passes: fused AVX-512 (float32/uint8, no sqrt) and the row loops
+# --------------------------------------------------------------------------------------
+def _fused_pass_available() -> bool:
+    os.environ.pop("MTSEG_HOG_SIMD", None)
+    mk._C.hog_fallback_counts(True)
+    mk.hog_cells(torch.zeros(1, 1, 4, 4), 4, (2, 2))
+    return mk._C.hog_fallback_counts(True)[2] > 0
+
+
+FUSED = _fused_pass_available()
+PASSES = [pytest.param("fused", marks=pytest.mark.skipif(not FUSED, reason="this CPU has no AVX-512")), "rows"]
+
+
+@contextlib.contextmanager
+def cpu_pass(kind):
+    """Runs the block with the CPU cells pass `kind` ("fused" or "rows", MTSEG_HOG_SIMD=0)
+    and checks afterwards that the fused pass ran, or did not."""
+    saved = os.environ.get("MTSEG_HOG_SIMD")
+    if kind == "rows":
+        os.environ["MTSEG_HOG_SIMD"] = "0"
+    else:
+        os.environ.pop("MTSEG_HOG_SIMD", None)
+    mk._C.hog_fallback_counts(True)
+    try:
+        yield
+        fused_rows = mk._C.hog_fallback_counts(True)[2]
+        assert (fused_rows > 0) == (kind == "fused"), (kind, fused_rows)
+    finally:
+        os.environ.pop("MTSEG_HOG_SIMD", None)
+        if saved is not None:
+            os.environ["MTSEG_HOG_SIMD"] = saved
+
+
+def _mixed_image(shape, dtype, seed):
+    """A real photograph crop, a grey patch (equal channels: exact ties), a patch of
+    small integers (gradients on 0/45/90/135 degrees) and, for float32, a patch of
+    uniform noise; uint8, or float32 = uint8 / 255 (near ties between channels)."""
+    channels, height, width = shape
+    rng = np.random.default_rng(seed)
+    photo = skimage_image("astronaut")
+    top, left = rng.integers(0, 512 - height), rng.integers(0, 512 - width)
+    image = photo[np.arange(channels) % 3, top : top + height, left : left + width].copy()
+    image[:, : height // 3, : width // 3] = image[0, : height // 3, : width // 3]
+    image[:, height // 3 :, : width // 4] = rng.integers(0, 3, size=(channels, height - height // 3, width // 4))
+    if dtype == np.uint8:
+        return image
+    out = image.astype(np.float32) / np.float32(255)
+    out[:, height // 2 :, width // 2 :] = rng.random((channels, height - height // 2, width - width // 2))
+    return out
+
+
+FUSED_CASES = [((3, 128, 64), 6, (16, 16)), ((3, 37, 53), 7, (5, 7)), ((1, 40, 41), 9, (8, 8)),
+               ((4, 19, 34), 12, (3, 3)), ((2, 3, 18), 4, (1, 1)), ((3, 50, 17), 28, (6, 17)),
+               ((3, 24, 47), 1, (4, 16))]
+
+
+@pytest.mark.skipif(not FUSED, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("dname", ["float32", "uint8"])
+@pytest.mark.parametrize("shape, n, ppc", FUSED_CASES)
+def test_fused_pass_equals_row_loops(dname, shape, n, ppc):
+    """Same float operations in the same order: the two passes give identical cells
+    (widths that are not a multiple of 16, columns and rows no cell covers, one channel
+    and four, n from 1 to 28)."""
+    image = torch.from_numpy(_mixed_image(shape, DTYPES[dname], seed=n))[None].repeat(2, 1, 1, 1)
+    with cpu_pass("fused"):
+        fused = mk.hog_cells(image, n, ppc)
+    with cpu_pass("rows"):
+        rows = mk.hog_cells(image, n, ppc)
+    assert torch.equal(fused, rows)
+
+
+@pytest.mark.parametrize("kind", PASSES)
+@pytest.mark.parametrize("dname", ["float32", "uint8"])
+@pytest.mark.parametrize("norm", ["L1", "L2-Hys"])
+def test_both_passes_match_skimage(kind, dname, norm, record_property):
+    image = _mixed_image((3, 61, 77), DTYPES[dname], seed=3)
+    with cpu_pass(kind):
+        for orientations, ppc, cpb in [(6, (16, 16), (2, 2)), (9, (5, 7), (2, 3))]:
+            check_parity(image, orientations, ppc, cpb, False, norms=[norm], record=record_property)
+
+
+@pytest.mark.parametrize("kind", PASSES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [(0, 0, 0), (2, 0, 5), (1, 8, 0), (2, 16, 9), (0, 31, 63), (1, 32, 40),
+                                   (0, 10, 64), (2, 33, 66)])
+def test_each_non_finite_pixel_raises(kind, bad, where):
+    """A NaN/Inf anywhere (corners, first/last row and column, the row just below the
+    cells, columns no cell covers) raises in both passes."""
+    images = torch.rand(2, 3, 34, 67, generator=torch.Generator().manual_seed(0))
+    images[1][where] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"), cpu_pass(kind):
+        mk.hog_cells(images, 6, (8, 16))
+
+
+# --------------------------------------------------------------------------------------
 # Property-based: random shapes, parameters and data
 # --------------------------------------------------------------------------------------
 @st.composite
@@ -393,6 +491,20 @@ def test_hog_equals_blocks_of_cells(dtype):
 # --------------------------------------------------------------------------------------
 # The pure-torch reference agrees (values and gradients)
 # --------------------------------------------------------------------------------------
+def test_reference_drops_a_pixel_at_180_degrees_like_skimage():
+    """A gradient (-1e-20, 1) has theta = -5.7e-19 degrees, which mod 180 rounds to exactly
+    180: skimage's histogram puts it in no bin, and so must the reference."""
+    image = np.zeros((1, 8, 8))
+    image[0, 3, 4] = 1e-20  # g_row = 0 - 1e-20 at (4, 4)
+    image[0, 4, 5] = 1.0    # g_col = 1 - 0 at (4, 4)
+    bins = orientation_bins(torch.tensor([-1e-20, 1e-20]), torch.tensor([1.0, 1.0]), 6)
+    assert bins.tolist() == [6, 0]  # no bin; bin 0
+    expected = skimage_hog(image, 6, (4, 4), (1, 1), "L1", False)
+    got = hog_reference(torch.from_numpy(image)[None], 6, (4, 4), (1, 1), "L1")[0].numpy()
+    assert np.abs(expected).sum() > 0  # (3, 4) and (4, 3), (4, 5), (5, 4) still vote
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_matches_reference(norm):
     images = torch.rand(3, 2, 45, 38, dtype=torch.float64)
@@ -774,57 +886,58 @@ def test_exact_path_counts_on_real_images():
     mk._C.hog_fallback_counts(True)
     image = torch.from_numpy(skimage_image("astronaut"))
     mk.hog(image, 6, 16, 2)
-    scalar, exact = mk._C.hog_fallback_counts(True)
+    scalar, exact, _ = mk._C.hog_fallback_counts(True)
     assert exact == 0
     mk.hog(image, 6, 16, 2, transform_sqrt=True)
-    scalar_sqrt, exact_sqrt = mk._C.hog_fallback_counts(True)
+    scalar_sqrt, exact_sqrt, _ = mk._C.hog_fallback_counts(True)
     assert 0 < exact_sqrt <= scalar_sqrt < 0.01 * 512 * 512
 
 
 # --------------------------------------------------------------------------------------
 # scikit-image's own HOG tests, run in place against mtseg_kernels.hog
 # --------------------------------------------------------------------------------------
+# Where `make test` unpacks scikit-image 0.25.2's test_hog.py (the 0.26 wheel ships no
+# tests): a folder inside the virtual environment (Makefile, rule skimage-tests).
+SKIMAGE_TESTS_DIR = Path(sys.prefix) / "skimage-tests"
+SKIMAGE_TEST_FILE = Path("skimage") / "feature" / "tests" / "test_hog.py"
+
+
 def _skimage_test_file() -> Path | None:
-    """scikit-image's test_hog.py: installed with the package (wheels before 0.25 ship it
-    as skimage/feature/tests/test_hog.py) or in $SKIMAGE_TESTS_DIR (e.g. an unpacked
-    scikit-image sdist's tests folder)."""
+    """scikit-image's test_hog.py: unpacked by `make test` into the venv, installed with
+    scikit-image (wheels before 0.26), or in $SKIMAGE_TESTS_DIR (a folder holding
+    skimage/feature/tests/test_hog.py, or an unpacked sdist's tests folder)."""
     import skimage
 
-    candidates = [Path(skimage.__file__).parent / "feature" / "tests" / "test_hog.py"]
+    candidates = [SKIMAGE_TESTS_DIR / SKIMAGE_TEST_FILE, Path(skimage.__file__).parent / "feature" / "tests" / "test_hog.py"]
     if os.environ.get("SKIMAGE_TESTS_DIR"):
         root = Path(os.environ["SKIMAGE_TESTS_DIR"])
-        candidates += [root / "test_hog.py", *root.glob("**/feature/test_hog.py"), *root.glob("**/tests/test_hog.py")]
+        candidates += [root / SKIMAGE_TEST_FILE, root / "test_hog.py", *root.glob("**/feature/**/test_hog.py")]
     return next((p for p in candidates if p.is_file()), None)
 
 
-def mtseg_as_skimage_hog(image, orientations=9, pixels_per_cell=(8, 8), cells_per_block=(3, 3), block_norm="L2-Hys",
-                         visualize=False, transform_sqrt=False, feature_vector=True, *, channel_axis=None):
-    """skimage.feature.hog's signature on top of mtseg_kernels.hog (no visualisation)."""
-    if visualize:
-        pytest.skip("mtseg_kernels.hog has no visualize=True")
-    image = np.atleast_2d(np.asarray(image))
-    if image.ndim - (channel_axis is not None) != 2:
-        raise ValueError(f"only images with two spatial dimensions are supported, got shape {image.shape} "
-                         f"with channel_axis={channel_axis}")
-    chw = image[None] if channel_axis is None else np.moveaxis(image, channel_axis, 0)
-    out = mk.hog(torch.from_numpy(np.ascontiguousarray(chw)), orientations, tuple(pixels_per_cell),
-                 tuple(cells_per_block), block_norm, transform_sqrt, feature_vector=False)[0].numpy()
-    return out.ravel() if feature_vector else out
-
-
-def test_scikit_image_suite_against_mtseg():
-    """Runs scikit-image's test_hog.py in its own place with `feature.hog` swapped for
-    the adapter above; the cases needing visualize=True skip, and the one that matches
-    skimage's wording "image is too small given" is left out (ours is a ValueError
-    naming the sizes in other words; test_too_small_image_raises_like_skimage)."""
+def test_scikit_image_suite_against_mtseg(tmp_path):
+    """Runs scikit-image's own test_hog.py in its own place with `feature.hog` swapped
+    for skimage_hog_adapter.mtseg_as_skimage_hog. Cases needing visualize=True skip (the
+    adapter says why), so do those needing reference arrays from the network (skimage's
+    `fetch` skips them itself); test_hog_small_image is left out: it matches skimage's
+    wording "image is too small given", ours is a ValueError naming the sizes in other
+    words (test_too_small_image_raises_like_skimage)."""
     path = _skimage_test_file()
     if path is None:
-        pytest.skip("scikit-image's test_hog.py is not installed (the 0.26 wheel ships no tests); "
-                    "set SKIMAGE_TESTS_DIR to an unpacked scikit-image sdist's tests to run it")
-    conftest = Path(__file__).with_name("skimage_hog_adapter.py")
+        pytest.skip("scikit-image's test_hog.py is absent: `make test` unpacks it from the scikit-image 0.25.2 "
+                    f"wheel into {SKIMAGE_TESTS_DIR} (needs PyPI), or set SKIMAGE_TESTS_DIR")
+    plugin_dir = Path(__file__).parent
+    ini = tmp_path / "pytest.ini"
+    ini.write_text("[pytest]\n")  # not this repository's settings
     result = subprocess.run(
-        [os.sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "skimage_hog_adapter",
-         str(path), "-k", "not visuali and not small_image"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(conftest.parent)},
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-c", str(ini), "--rootdir", str(tmp_path),
+         "--import-mode=importlib", "-p", "no:cacheprovider", "-p", "skimage_hog_adapter", str(path),
+         "-k", "not test_hog_small_image"],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])},
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = int(re.search(r"(\d+) passed", summary).group(1))
+    # 0.25.2's file: the 12 cases without visualize=True, downloaded arrays or skimage's wording
+    assert passed >= 12, result.stdout[-4000:]

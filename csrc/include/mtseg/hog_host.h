@@ -32,8 +32,9 @@ void check_image_values(const at::Tensor& images, bool transform_sqrt, const cha
 std::vector<Edge> orientation_edges(int64_t orientations);
 
 // Pixels of CPU cells passes since the last reset whose bin the vector test left to
-// hog.h's scalar rule, and those of them that took its exact integer test.
-std::array<int64_t, 2> cpu_fallback_counts(bool reset);
+// hog.h's scalar rule, those of them that took its exact integer test, and the cell rows
+// computed by the fused AVX-512 pass.
+std::array<int64_t, 3> cpu_fallback_counts(bool reset);
 
 // Cells are float32 except for float64 images; the descriptor follows the cells.
 at::ScalarType cell_dtype(at::ScalarType image_dtype);
