@@ -4,6 +4,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdlib>
@@ -96,8 +97,6 @@ Geometry mask_geometry(const at::Tensor& mask, std::optional<at::ArrayRef<double
                       ": the spacing values differ by too much (largest / smallest must be at most 2^500), got ",
                       s);
     for (int i = 0; i < g.spatial; ++i) g.spacing[3 - g.spatial + i] = s[i];
-    g.unit_spacing = true;
-    for (double v : s) g.unit_spacing = g.unit_spacing && v == 1.0;
     if (smallest == largest) {
       // isotropic: the transforms run in voxel units (exact integer arithmetic) and the
       // distances are multiplied by the spacing once at the end
@@ -223,9 +222,12 @@ at::ScalarType edt_dtype(std::optional<at::ScalarType> dtype) {
   return *dtype;
 }
 
-bool needs_double(const Geometry& g, at::ScalarType out_dtype) {
+bool work_in_double(const Geometry& g, at::ScalarType out_dtype) {
   if (out_dtype == at::kDouble) return true;
-  return g.unit_spacing && g.max_squared_extent() >= 16777216.0;
+  if (g.unit_work_spacing) return g.max_squared_extent() >= 16777216.0;
+  double smallest = 1.0;
+  for (int i = 3 - g.spatial; i < 3; ++i) smallest = std::min(smallest, g.work_spacing[i]);
+  return smallest < std::ldexp(1.0, -40);
 }
 
 int connectivity_order(int64_t connectivity, int spatial, const char* op) {

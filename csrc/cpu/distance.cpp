@@ -322,7 +322,9 @@ void edt_batch(const uint8_t* mask, bool invert, const Geometry& g, T* work, O* 
       T fmax = T(0);
       for (int64_t q = c; q < ce; ++q) fmax = std::max(fmax, f[q]);
       int64_t R = W;
-      if (fmax < inf_value<T>()) R = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(fmax)) / sp3)) + 1;
+      // the radius in voxels can exceed int64 (a tiny spacing along x): then it is W
+      const double reach = std::ceil(std::sqrt(static_cast<double>(fmax)) / sp3);
+      if (reach < static_cast<double>(W)) R = static_cast<int64_t>(reach) + 1;
       if (b > 0) R = std::min(R, ce - 1 - l);
       if (e < W) R = std::min(R, rr - c);
       const int64_t clo = std::max(l, c - R), chi = std::min(rr, ce - 1 + R);
@@ -381,17 +383,6 @@ void edt_batch(const uint8_t* mask, bool invert, const Geometry& g, T* work, O* 
   at::parallel_for(0, B * chunks, grain(n0 * kSweepChunk), pass1);
   if (is3d) at::parallel_for(0, B * g.depth * blocks, grain(H * kBlock * 8), pass2);
   at::parallel_for(0, B * rows, grain(W * 8), pass3);
-}
-
-// Whether the transform works in double: for float64 output; for unit spacing once
-// squared distances may exceed 2^24 (float holds integers exactly below it); for spacing
-// so uneven that squared steps would come near float's smallest normal number.
-bool work_in_double(const Geometry& g, at::ScalarType out_dtype) {
-  if (out_dtype == at::kDouble) return true;
-  if (g.unit_work_spacing) return g.max_squared_extent() >= 16777216.0;
-  double smallest = 1.0;
-  for (int i = 3 - g.spatial; i < 3; ++i) smallest = std::min(smallest, g.work_spacing[i]);
-  return smallest < std::ldexp(1.0, -40);
 }
 
 bool used_in_place(const at::Tensor& mask) {
@@ -570,7 +561,7 @@ std::tuple<at::Tensor, at::Tensor> connected_components_cpu(const at::Tensor& ma
 
 // ---------------------------------------------------------------------------------
 // Level-set growth: two squared EDTs (to A, and to the complement of S), then the rule.
-// Unit spacing works in float (exact integer squares); other spacing in double.
+// The transforms work in float unless work_in_double says otherwise (as edt's).
 // ---------------------------------------------------------------------------------
 template <typename T>
 MTSEG_CPU_CLONES void levelset_rule(const uint8_t* __restrict a, const T* __restrict dA2, const T* __restrict dS2,

@@ -22,13 +22,20 @@ pytestmark = pytest.mark.cuda
 
 
 @pytest.mark.parametrize("shape", [(3, 67, 91), (1, 512, 512), (2, 13, 40, 33), (1, 2, 5000)])
-@pytest.mark.parametrize("spacing", [None, "aniso"])
+@pytest.mark.parametrize("spacing", [None, "aniso", "isotropic", "uneven"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_edt_matches_cpu(shape, spacing, dtype):
-    """(1, 2, 5000): lines too long for shared memory (the global-memory workspace)."""
+    """(1, 2, 5000): lines too long for shared memory (the global-memory workspace).
+    Isotropic spacing works in voxel units; "uneven" works in double for float32 too."""
     torch.manual_seed(0)
     mask = torch.rand(shape) < 0.97
-    sp = None if spacing is None else [0.5 + 0.7 * i for i in range(len(shape) - 1)]
+    sp = {
+        None: None,
+        "aniso": [0.5, 1.2, 1.9],
+        "isotropic": [0.069] * 3,
+        "uneven": [1.3, 0.7 * 2.0**-41, 1.1],
+    }[spacing]
+    sp = None if sp is None else sp[: len(shape) - 1]
     for squared in (False, True):
         for signed in (False, True):
             cpu = mk.edt(mask, sp, squared, signed, dtype)
@@ -194,15 +201,33 @@ def test_mixed_devices_raise_clearly():
 
 
 def test_hostile_spacing_and_ids_on_gpu():
-    """Issue 15's grow_instances reproducer (distances overflow) and ids near 2^63: no
-    crash, seeds keep their ids, growth stays inside seeds | S."""
+    """Issue 15's grow_instances reproducer (spacing (1e300, 1), which overflowed) is
+    refused as on the CPU (ratio of spacings above 2^500); up to that ratio the results
+    are the CPU's bitwise. Ids near 2^63: no crash, seeds keep their ids, growth stays
+    inside seeds | S."""
     s = torch.zeros(2, 8, 8, dtype=torch.long)
     s[0, -1, -1] = 10**9
     s[1, 0, 0] = 2**62
     g = torch.ones(2, 8, 8, dtype=torch.bool)
     g[1, :, 3] = False
-    for _ in range(5):
-        got = torch.ops.mtseg.grow_instances(s.cuda(), g.cuda(), 1.0, [1e300, 1.0]).cpu()
-        assert (got[s > 0] == s[s > 0]).all()
-        assert ((got > 0) <= (g | (s > 0))).all()
-        assert set(got.unique().tolist()) <= {0, 10**9, 2**62}
+    mask = torch.rand(2, 9, 11, generator=torch.Generator().manual_seed(0)) < 0.7
+    approx = mask & ~mask.roll(1, 1)
+    for sp in ([1e300, 1.0], [float(np.nextafter(2.0**500, np.inf)), 1.0]):
+        with pytest.raises(ValueError, match="differ by too much"):
+            torch.ops.mtseg.grow_instances(s.cuda(), g.cuda(), 1.0, sp)
+        with pytest.raises(ValueError, match="differ by too much"):
+            mk.edt(mask.cuda(), sp, dtype=torch.float64)
+        with pytest.raises(ValueError, match="differ by too much"):
+            mk.levelset_grow(approx.cuda(), mask.cuda(), 2.0, sp)
+    for sp in ([2.0**500, 1.0], [1e150, 0.7], [3.0, 1e-140]):
+        for _ in range(3):
+            got = torch.ops.mtseg.grow_instances(s.cuda(), g.cuda(), 1.0, sp).cpu()
+            assert torch.equal(got, torch.ops.mtseg.grow_instances(s, g, 1.0, sp))
+            assert (got[s > 0] == s[s > 0]).all()
+            assert ((got > 0) <= (g | (s > 0))).all()
+            assert set(got.unique().tolist()) <= {0, 10**9, 2**62}
+        assert torch.equal(mk.levelset_grow(approx.cuda(), mask.cuda(), 2.0, sp).cpu(),
+                           mk.levelset_grow(approx, mask, 2.0, sp))
+        for squared in (False, True):
+            torch.testing.assert_close(mk.edt(mask.cuda(), sp, squared, dtype=torch.float64).cpu(),
+                                       mk.edt(mask, sp, squared, dtype=torch.float64), rtol=0, atol=0)

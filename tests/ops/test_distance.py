@@ -595,6 +595,18 @@ def test_grow_instances_huge_spacing_reproducer():
     assert wide[0, -1, -1] == 10**9 and wide[1, 0, 0] == 1
 
 
+@pytest.mark.parametrize("spacing", [(1e150, 0.7), (3.0, 1e-140), (2.0**500, 1.0)])
+def test_levelset_with_spacing_ratio_near_the_limit(spacing):
+    """A tiny spacing along x makes the reach of a parabola, in voxels, overflow int64;
+    it used to become negative and cut the envelope short."""
+    approx, seg = growth_case(np.random.default_rng(8), (2, 24, 30))
+    a, s = torch.from_numpy(approx), torch.from_numpy(seg)
+    for lam in (0.5, 2.0):
+        np.testing.assert_array_equal(
+            mk.levelset_grow(a, s, lam, spacing).numpy(), levelset_grow_reference(approx, seg, lam, spacing)
+        )
+
+
 @pytest.mark.parametrize("c", [1e300, 1e160, 1e-160, 1e-300])
 def test_levelset_and_components_with_extreme_equal_spacing(c):
     approx, seg = growth_case(np.random.default_rng(8), (2, 24, 30))

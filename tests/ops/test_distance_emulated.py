@@ -137,11 +137,19 @@ def edt_emulated(mask, spacing=None, squared=False, signed=False, dtype=None, sc
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 70), (2, 9, 13, 40), (1, 1, 1), (2, 1, 50), (1, 45, 1), (1, 3, 1, 7)])
-@pytest.mark.parametrize("spacing", [None, "non-dyadic"])
+@pytest.mark.parametrize("spacing", [None, "non-dyadic", "isotropic", "uneven"])
 def test_edt_bitwise_equal_to_cpu(shape, spacing):
-    """Same roundings as the CPU kernel, also with spacing that is not a power of two."""
+    """Same roundings as the CPU kernel, also with spacing that is not a power of two:
+    isotropic spacing works in voxel units and is applied once at the end; spacing whose
+    smallest step is below 2^-40 of the largest works in double also for float32 output."""
     rng = np.random.default_rng(len(shape) * 7 + shape[-1])
-    sp = None if spacing is None else [0.7, 1.3, 1.9][: len(shape) - 1]
+    sp = {
+        None: None,
+        "non-dyadic": [0.7, 1.3, 1.9],
+        "isotropic": [0.069] * 3,
+        "uneven": [1.3, 0.7 * 2.0**-41, 1.1],
+    }[spacing]
+    sp = None if sp is None else sp[: len(shape) - 1]
     for p in (0.5, 0.9, 0.995):
         mask = torch.from_numpy(rng.random(shape) < p)
         for dtype in (torch.float32, torch.float64):
@@ -198,7 +206,7 @@ def growth_case(rng, shape, n_blobs=5):
     return approx, seg
 
 
-@pytest.mark.parametrize("spacing", [None, (1.5, 0.5), (0.7, 1.3)])
+@pytest.mark.parametrize("spacing", [None, (1.5, 0.5), (0.7, 1.3), (0.069, 0.069), (0.3, 0.3 * 2.0**-41)])
 def test_levelset_equal_to_cpu(spacing):
     rng = np.random.default_rng(8)
     approx, seg = growth_case(rng, (4, 40, 57))
@@ -246,7 +254,7 @@ def test_grow_instances_equal_to_cpu_2d(schedule):
     seeds[2] = 0  # an image without seeds
     s, g = torch.from_numpy(seeds), torch.from_numpy(seg)
     for k, lam in enumerate((0.0, 0.5, 1.0, 2.5, 1e6)):
-        for spacing, conn in ((None, 4), (None, 8), ((0.7, 1.3), 8), ((1.5, 0.5), 4)):
+        for spacing, conn in ((None, 4), (None, 8), ((0.7, 1.3), 8), ((1.5, 0.5), 4), ((0.069, 0.069), 8)):
             cpu = mk.grow_instances(s, g, lam, spacing, conn).instances
             # budget 0: all seeds in one round (as on a GPU here); 1 and 500 voxels: one
             # seed a round, and rounds of several seeds that do not start at task 0
@@ -310,25 +318,60 @@ def test_grow_instances_edge_cases_and_errors():
     assert got[0, 0, 0] == 2**62 and got[0, 5, 5] == 2**40 and set(got.unique().tolist()) == {2**62, 2**40}
 
 
+LIMIT = 2.0**500  # the largest ratio of spacings any distance operator accepts
+
+
+def same_outcome(cpu, emulated):
+    """Runs both; both raise the same ValueError, or both return bitwise-equal tensors."""
+    try:
+        expected = cpu()
+    except ValueError as e:
+        with pytest.raises(ValueError) as got:
+            emulated()
+        assert str(got.value).splitlines()[0] == str(e).splitlines()[0]
+        return None
+    got = emulated()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    return got
+
+
 def test_hostile_spacing_and_layouts():
-    """Issue 15's grow_instances reproducer (distances overflow to inf): no crash, seeds
-    keep their ids, growth stays in seeds | S; edt and levelset_grow give the CPU's
-    values there too; strided inputs are read as their values."""
+    """Spacings whose ratio exceeds 2^500 are refused by every path alike (issue 15's
+    grow_instances reproducer, spacing (1e300, 1), overflowed); up to that ratio the
+    emulated GPU kernels give the CPU's results bitwise. Strided inputs are read as
+    their values."""
     s = torch.zeros(2, 8, 8, dtype=torch.long)
     s[0, -1, -1] = 10**9
     s[1, 0, 0] = 1
     g = torch.ones(2, 8, 8, dtype=torch.bool)
     g[1, :, 3] = False
-    for schedule in SCHEDULES:
-        got = grow_emulated(s, g, 1.0, [1e300, 1.0], schedule=schedule)
-        assert (got[s > 0] == s[s > 0]).all()
-        assert ((got > 0) <= (g | (s > 0))).all()
-        assert set(got.unique().tolist()) <= {0, 1, 10**9}
     mask = torch.rand(2, 9, 11, generator=torch.Generator().manual_seed(0)) < 0.7
-    for sp in ([1e300, 1.0], [1e-300, 3.0]):
-        torch.testing.assert_close(edt_emulated(mask, sp), mk.edt(mask, sp), rtol=0, atol=0, equal_nan=True)
-        assert torch.equal(levelset_emulated(mask & ~mask.roll(1, 1), mask, 2.0, sp),
-                           mk.levelset_grow(mask & ~mask.roll(1, 1), mask, 2.0, sp))
+    approx = mask & ~mask.roll(1, 1)
+    above = float(np.nextafter(LIMIT, np.inf))
+    for sp in ([1e300, 1.0], [1e-300, 3.0], [above, 1.0], [1.0, 1.0 / above]):
+        for call in (
+            lambda: grow_emulated(s, g, 1.0, sp, schedule=2),
+            lambda: mk.grow_instances(s, g, 1.0, sp),
+            lambda: edt_emulated(mask, sp, dtype=torch.float64),
+            lambda: mk.edt(mask, sp, dtype=torch.float64),
+            lambda: levelset_emulated(approx, mask, 2.0, sp),
+            lambda: mk.levelset_grow(approx, mask, 2.0, sp),
+        ):
+            with pytest.raises(ValueError, match="differ by too much"):
+                call()
+    # at and near the limit: the CPU's results (or its range error for float32 edt)
+    for sp in ([LIMIT, 1.0], [1.0, 1.0 / LIMIT], [1e150, 0.7], [3.0, 1e-140], [1e-160, 1e-160 * LIMIT / 3]):
+        for schedule in SCHEDULES:
+            got = same_outcome(lambda: mk.grow_instances(s, g, 1.0, sp).instances,
+                               lambda: grow_emulated(s, g, 1.0, sp, schedule=schedule))
+            assert (got[s > 0] == s[s > 0]).all()
+            assert ((got > 0) <= (g | (s > 0))).all()
+        same_outcome(lambda: mk.levelset_grow(approx, mask, 2.0, sp),
+                     lambda: levelset_emulated(approx, mask, 2.0, sp, schedule=1))
+        for dtype in (torch.float32, torch.float64):
+            for squared, signed in ((False, False), (True, False), (False, True)):
+                same_outcome(lambda: mk.edt(mask, sp, squared, signed, dtype),
+                             lambda: edt_emulated(mask, sp, squared, signed, dtype, schedule=3, seed=1))
     view = (torch.rand(3, 40, 70, generator=torch.Generator().manual_seed(1)) < 0.6).transpose(1, 2)[:, ::2]
     assert torch.equal(cc_emulated(view, 8)[0], mk.connected_components(view.contiguous(), 8)[0])
     assert torch.equal(edt_emulated(view, [0.7, 1.3]), mk.edt(view.contiguous(), [0.7, 1.3]))

@@ -55,45 +55,49 @@ struct Axes {
 
 template <typename Backend, typename Lines, typename T, typename O>
 void envelope_pass(Backend& be, const Lines& lines, int64_t count, int64_t max_n, const T* in, O* out, double s2,
-                   bool take_sqrt, const at::TensorOptions& opts) {
+                   bool take_sqrt, double out_scale, const at::TensorOptions& opts) {
   using K = lines::EnvelopeKernel<Lines, T, O>;
-  be.warps(count, K::workspace_bytes(max_n), K{lines, in, out, s2, take_sqrt, max_n}, opts);
+  be.warps(count, K::workspace_bytes(max_n), K{lines, in, out, s2, take_sqrt, out_scale, max_n}, opts);
 }
 
 // Squared distances (or distances) of a batch of images: the layout of edt_batch on the
 // CPU. `work` (T) holds the passes, `out` (O) the result; they may be the same memory.
+// As on the CPU, the passes run with g.work_spacing (in units of g.work_scale) and the
+// last one multiplies its results by out_scale (work_scale, or its square when squared).
 template <typename Backend, typename T, typename O>
 void edt_dense(Backend& be, const uint8_t* mask, bool invert, const Geometry& g, T* work, O* out, bool take_sqrt,
-               const at::TensorOptions& opts) {
+               double out_scale, const at::TensorOptions& opts) {
   const int64_t total = g.batch * g.voxels();
   if (total == 0) return;
   const Axes ax(g);
   const int a0 = ax.first;
+  const auto& ws = g.work_spacing;
   const DenseLines cols{ax.dims[a0], ax.inner(a0), total / ax.dims[a0]};
-  be.threads(cols.count, lines::SweepKernel<DenseLines, T>{cols, mask, invert, g.spacing[a0], work});
+  be.threads(cols.count, lines::SweepKernel<DenseLines, T>{cols, mask, invert, ws[a0], work});
   if (g.spatial == 3) {
     const DenseLines mid{ax.dims[1], ax.inner(1), total / ax.dims[1]};
-    envelope_pass(be, mid, mid.count, mid.n, static_cast<const T*>(work), work, g.spacing[1] * g.spacing[1], false,
-                  opts);
+    envelope_pass(be, mid, mid.count, mid.n, static_cast<const T*>(work), work, ws[1] * ws[1], false, 1.0, opts);
   }
   const DenseLines rows{ax.dims[2], 1, total / ax.dims[2]};
-  envelope_pass(be, rows, rows.count, rows.n, static_cast<const T*>(work), out, g.spacing[2] * g.spacing[2], take_sqrt,
+  envelope_pass(be, rows, rows.count, rows.n, static_cast<const T*>(work), out, ws[2] * ws[2], take_sqrt, out_scale,
                 opts);
 }
 
-// Squared distances on the boxes of tasks [t0, t1) packed in an arena (as edt_batch on
-// each box, batch 1); `launch[a]` bounds the lines along axis a (exact or an upper bound;
-// lines past the device-side total return at once), `max_n` the box sizes.
+// Squared distances, in units of g.work_scale, on the boxes of tasks [t0, t1) packed in
+// an arena (as edt_batch on each box, batch 1); `launch[a]` bounds the lines along axis a
+// (exact or an upper bound; lines past the device-side total return at once), `max_n`
+// the box sizes.
 template <typename Backend, typename T>
 void edt_boxes(Backend& be, const BoxTask* tasks, const int64_t* prefix, int64_t t0, int64_t t1,
                const int64_t launch[3], const Axes& ax, const Geometry& g, const uint8_t* mask, bool invert, T* work,
                const at::TensorOptions& opts) {
   const int a0 = ax.first;
-  be.threads(launch[a0], lines::SweepKernel<BoxLines, T>{BoxLines{tasks, prefix, t0, t1, a0}, mask, invert,
-                                                           g.spacing[a0], work});
+  const auto& ws = g.work_spacing;
+  be.threads(launch[a0], lines::SweepKernel<BoxLines, T>{BoxLines{tasks, prefix, t0, t1, a0}, mask, invert, ws[a0],
+                                                           work});
   for (int axis = a0 + 1; axis < 3; ++axis) {
     envelope_pass(be, BoxLines{tasks, prefix, t0, t1, axis}, launch[axis], ax.dims[axis], static_cast<const T*>(work),
-                  work, g.spacing[axis] * g.spacing[axis], false, opts);
+                  work, ws[axis] * ws[axis], false, 1.0, opts);
   }
 }
 
@@ -102,16 +106,17 @@ at::Tensor edt_of(Backend& be, const at::Tensor& mask, bool invert, const Geomet
                   bool take_sqrt) {
   auto out = at::empty(mask.sizes(), mask.options().dtype(out_dtype));
   const uint8_t* m = bytes_of(mask);
+  const double out_scale = take_sqrt ? g.work_scale : g.work_scale * g.work_scale;
   if (out_dtype == at::kDouble) {
     double* o = out.data_ptr<double>();
-    edt_dense<Backend, double, double>(be, m, invert, g, o, o, take_sqrt, mask.options());
-  } else if (needs_double(g, out_dtype)) {
+    edt_dense<Backend, double, double>(be, m, invert, g, o, o, take_sqrt, out_scale, mask.options());
+  } else if (work_in_double(g, out_dtype)) {
     auto work = at::empty(mask.sizes(), mask.options().dtype(at::kDouble));
     edt_dense<Backend, double, float>(be, m, invert, g, work.data_ptr<double>(), out.data_ptr<float>(), take_sqrt,
-                                      mask.options());
+                                      out_scale, mask.options());
   } else {
     float* o = out.data_ptr<float>();
-    edt_dense<Backend, float, float>(be, m, invert, g, o, o, take_sqrt, mask.options());
+    edt_dense<Backend, float, float>(be, m, invert, g, o, o, take_sqrt, out_scale, mask.options());
   }
   return out;
 }
@@ -121,6 +126,7 @@ at::Tensor edt(Backend& be, const at::Tensor& mask_in, std::optional<at::ArrayRe
                bool is_signed, std::optional<at::ScalarType> dtype) {
   const auto g = mask_geometry(mask_in, spacing, "edt", "mask");
   const auto out_dtype = edt_dtype(dtype);
+  check_edt_range(g, out_dtype, squared);
   const auto mask = as_bool(mask_in, "edt", "mask");
   if (!is_signed) return edt_of(be, mask, false, g, out_dtype, !squared);
   auto inside = edt_of(be, mask, false, g, out_dtype, !squared);
@@ -235,7 +241,7 @@ at::Tensor levelset_grow(Backend& be, const at::Tensor& approx_in, const at::Ten
   const auto s = as_bool(seg_in, "levelset_grow", "seg");
   auto out = at::zeros(a.sizes(), a.options().dtype(at::kBool));
   if (out.numel() == 0) return out;
-  if (!g.unit_spacing || needs_double(g, at::kFloat)) {
+  if (work_in_double(g, at::kFloat)) {
     levelset_boxes<Backend, double>(be, a, s, g, lam, out);
   } else {
     levelset_boxes<Backend, float>(be, a, s, g, lam, out);
@@ -330,7 +336,7 @@ at::Tensor grow_instances(Backend& be, const at::Tensor& seeds_in, const at::Ten
     const DenseLines l{ax.dims[axis], ax.inner(axis), total / ax.dims[axis]};
     using K = lines::FeatureKernel<DenseLines>;
     be.warps(l.count, K::workspace_bytes(l.n),
-             K{l, work.data_ptr<double>(), feat.data_ptr<int64_t>(), g.spacing[axis] * g.spacing[axis], l.n,
+             K{l, work.data_ptr<double>(), feat.data_ptr<int64_t>(), g.work_spacing[axis] * g.work_spacing[axis], l.n,
                bytes_of(need), V},
              opts);
   }

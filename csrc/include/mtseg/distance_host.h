@@ -16,10 +16,10 @@ namespace distance {
 // A batch of masks (B, H, W) or (B, D, H, W); 2D masks have depth 1. spacing is per
 // axis (D, H, W), 1 for the depth of 2D masks.
 //
-// The CPU kernels compute with work_spacing = spacing / work_scale and multiply the
-// distances by work_scale at the end, so that squared distances stay far from overflow
-// and underflow for any accepted spacing (mask_geometry rejects spacings whose ratio
-// exceeds 2^500). Isotropic spacing: work_scale is the spacing, the transforms run in
+// The kernels (CPU and GPU alike) compute with work_spacing = spacing / work_scale and
+// multiply the distances by work_scale at the end, so that squared distances stay far
+// from overflow and underflow for any accepted spacing (mask_geometry rejects spacings
+// whose ratio exceeds 2^500). Isotropic spacing: work_scale is the spacing, the transforms run in
 // voxel units (exact) and the distances are rounded once when scaled. Otherwise
 // work_scale is the power of two that brings the largest spacing into (0.5, 1]: scaling
 // by it is exact, so the results are those of the unscaled arithmetic.
@@ -27,7 +27,6 @@ struct Geometry {
   int64_t batch = 0, depth = 1, height = 0, width = 0;
   int spatial = 2;
   std::array<double, 3> spacing{1.0, 1.0, 1.0};
-  bool unit_spacing = true;
   std::array<double, 3> work_spacing{1.0, 1.0, 1.0};
   double work_scale = 1.0;
   bool unit_work_spacing = true;
@@ -81,9 +80,12 @@ void check_same_shape(const at::Tensor& mask, const at::Tensor& other, const cha
 // The output dtype of edt: float32 unless float64 is asked for.
 at::ScalarType edt_dtype(std::optional<at::ScalarType> dtype);
 
-// Exact working type for float32 output: float holds the squared distances of unit
-// spacing exactly while they stay below 2^24; otherwise double.
-bool needs_double(const Geometry& g, at::ScalarType out_dtype);
+// Whether a transform of this geometry works in double rather than float (the CPU and
+// the GPU kernels both ask this, so that they round alike): for float64 output; for
+// unit work spacing once squared distances may reach 2^24 (float holds integers exactly
+// below it); for work spacing so uneven that squared steps would come near float's
+// smallest normal number.
+bool work_in_double(const Geometry& g, at::ScalarType out_dtype);
 
 // Validates connectivity for the mask's number of spatial axes (2D: 4 or 8; 3D: 6, 18 or
 // 26) and returns the largest number of non-zero offsets of a neighbour (1, 2 or 3).

@@ -159,7 +159,8 @@ struct EnvelopeKernel {
   O* out;
   double s2;
   bool take_sqrt;
-  int64_t max_n;  // the longest line: the workspace is cut for it
+  double out_scale;  // the results are multiplied by it (as envelope_line's out_scale)
+  int64_t max_n;     // the longest line: the workspace is cut for it
 
   MTSEG_HOST_DEVICE static int64_t workspace_bytes(int64_t n) {
     launch::Carve c{nullptr};
@@ -174,10 +175,9 @@ struct EnvelopeKernel {
     launch::Carve c{workspace};
     T* f;
     O* o;
-    int64_t* v;
     double *zn, *zd;
     T* fv;
-    carve(c, max_n, &f, &o, &v, &zn, &zd, &fv);
+    carve(c, max_n, &f, &o, &zn, &zd, &fv);
     const int64_t n = r.n;
     const T* src = in + r.base;
     w.each([&](int lane) {
@@ -213,7 +213,7 @@ struct EnvelopeKernel {
             dst = f;
           }
           envelope_line<T, O>(f + l, 1, rr - l + 1, s2, EnvelopeScratch<T>{zn + l, zd + l, fv + l}, dst + l, 1,
-                              take_sqrt);
+                              take_sqrt, out_scale);
         });
         runs += launch::popcount32(starts);
         w.sync();
@@ -232,19 +232,17 @@ struct EnvelopeKernel {
   }
 
  private:
+  // The line, the separate output (when O is not T), and envelope_line's scratch.
   MTSEG_HOST_DEVICE static void carve(launch::Carve& c, int64_t n, T** f = nullptr, O** o = nullptr,
-                                      int64_t** v = nullptr, double** zn = nullptr, double** zd = nullptr,
-                                      T** fv = nullptr) {
+                                      double** zn = nullptr, double** zd = nullptr, T** fv = nullptr) {
     T* pf = c.take<T>(n);
     O* po = kSeparateOut ? c.take<O>(n) : nullptr;
-    int64_t* pv = c.take<int64_t>(n);
     double* pzn = c.take<double>(n);
     double* pzd = c.take<double>(n);
     T* pfv = c.take<T>(n);
     if (f != nullptr) {
       *f = pf;
       *o = po;
-      *v = pv;
       *zn = pzn;
       *zd = pzd;
       *fv = pfv;
@@ -292,8 +290,8 @@ struct FeatureKernel {
     if (!lines.line(wi, r) || need[r.base / voxels] == 0) return;
     launch::Carve c{workspace};
     double *f, *zn, *zd, *fv;
-    int64_t *fi, *v, *arg;
-    carve(c, max_n, &f, &fi, &v, &zn, &zd, &fv, &arg);
+    int64_t *fi, *arg;
+    carve(c, max_n, &f, &fi, &zn, &zd, &fv, &arg);
     const int64_t n = r.n;
     w.each([&](int lane) {
       for (int64_t q = lane; q < n; q += launch::kWarpSize) {
@@ -316,11 +314,10 @@ struct FeatureKernel {
 
  private:
   MTSEG_HOST_DEVICE static void carve(launch::Carve& c, int64_t n, double** f = nullptr, int64_t** fi = nullptr,
-                                      int64_t** v = nullptr, double** zn = nullptr, double** zd = nullptr,
-                                      double** fv = nullptr, int64_t** arg = nullptr) {
+                                      double** zn = nullptr, double** zd = nullptr, double** fv = nullptr,
+                                      int64_t** arg = nullptr) {
     double* pf = c.take<double>(n);
     int64_t* pfi = c.take<int64_t>(n);
-    int64_t* pv = c.take<int64_t>(n);
     double* pzn = c.take<double>(n);
     double* pzd = c.take<double>(n);
     double* pfv = c.take<double>(n);
@@ -328,7 +325,6 @@ struct FeatureKernel {
     if (f != nullptr) {
       *f = pf;
       *fi = pfi;
-      *v = pv;
       *zn = pzn;
       *zd = pzd;
       *fv = pfv;
