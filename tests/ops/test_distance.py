@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from distance_testing import cadis_label_maps, hc18_masks
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
@@ -271,6 +271,7 @@ def growth_case(rng, shape, n_blobs=6):
 
 @FAST
 @given(seed=st.integers(0, 2**31 - 1), lam=st.sampled_from([0.0, 0.3, 0.5, 1.0, 1.5, 2.0, 7.0]))
+@example(seed=311, lam=1.5)  # a voxel with d_A = 2, d_S = 1 joined A through the old query path
 def test_levelset_matches_formula(seed, lam):
     approx, seg = growth_case(np.random.default_rng(seed), (2, 40, 50))
     got = mk.levelset_grow(torch.from_numpy(approx), torch.from_numpy(seg), lam).numpy()
