@@ -42,7 +42,9 @@ MTSEG_ALWAYS_INLINE float exp(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float xc = x < -87.33654f ? -87.33654f : (x > 88.3762626f ? 88.3762626f : x);
+  // NaN goes down the path of 0 (a float -> int conversion of NaN is undefined) and is
+  // returned as it came.
+  const float xc = x < -87.33654f ? -87.33654f : (x > 88.3762626f ? 88.3762626f : (x == x ? x : 0.0f));
   const float n = (xc * kLog2e + kRound) - kRound;
   const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.9875691500e-4f;
@@ -54,7 +56,7 @@ MTSEG_ALWAYS_INLINE float exp(float x) {
   p = p * (r * r) + r + 1.0f;
   const float scale = bits_as_float((static_cast<int32_t>(n) + 127) << 23);
   const float y = p * scale;
-  return x < -87.33654f ? 0.0f : (x > 88.3762626f ? std::numeric_limits<float>::infinity() : y);
+  return x < -87.33654f ? 0.0f : (x > 88.3762626f ? std::numeric_limits<float>::infinity() : (x == x ? y : x));
 }
 
 MTSEG_ALWAYS_INLINE float log(float x) {
