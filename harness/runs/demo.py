@@ -41,7 +41,7 @@ import yaml
 
 from ..data import stitch
 from ..evaluation import metrics as M
-from ..evaluation.evaluate import predict_batch
+from ..evaluation.evaluate import predict_batch, split_segmentation
 from ..evaluation.report import format_table, plot_curves, plot_overlays
 from ..training import load_checkpoint
 from ..training.checkpoint import load_model_state
@@ -125,7 +125,9 @@ def evaluate_tiles(cfg: dict, split_key: str = "test", keep_examples: int = 0):
     tile_rows = []
     for batch in eval_loader(run.dataset, cfg):
         x = batch["image"].float()
-        pred = predict_batch(model, run.method.segment, x, batch, int(cfg["eval"]["pad_multiple"]))
+        # labels only: the recursive method also returns its grown instances, which the
+        # demo's per-image Dice / HD95 do not use
+        pred, _ = split_segmentation(predict_batch(model, run.method.segment, x, batch, int(cfg["eval"]["pad_multiple"])))
         prob = torch.sigmoid(model(x).presence[:, 1].float()) if has_presence else None
         for i, image_id in enumerate(batch["image_id"]):
             parts.setdefault(image_id, []).append((batch["tile_origin"][i].tolist(), batch["image"][i], batch["mask"][i],

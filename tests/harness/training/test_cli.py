@@ -145,3 +145,13 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(bad)]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith(f"mtseg: checkpoint {bad}") and "corrupted" in line
+
+
+def test_demo_recursive_run_evaluates_its_tiles(tmp_path):
+    """The recursive method's segment returns (labels, instances); the demo's tile
+    evaluation takes the labels (it indexed the pair as a batch and crashed)."""
+    assert main(["demo", "--quick", "--steps", "1", "--seeds", "1", "--out", str(tmp_path),
+                 "--methods", "recursive approx. (10% strong)"]) == 0
+    per_image = pd.read_csv(tmp_path / "per_image.csv")
+    assert per_image.groupby("method").size().eq(40).all() and len(set(per_image["method"])) == 2
+    assert ((per_image["dice"] >= 0) & (per_image["dice"] <= 1)).all()
