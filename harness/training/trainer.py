@@ -459,6 +459,11 @@ class Trainer:
             self.save(self.out_dir / "last.pt")
             raise
         finally:
+            # The (infinite) iterator's workers are shut down here, by this process: left to this
+            # frame, a reference cycle through it (a callee that kept a caught exception) would
+            # hand the iterator to the garbage collector, which may run in a worker forked by the
+            # next loader and fail there with "can only test a child process".
+            del it
             if bar is not None:
                 bar.close()
             self._bar = None

@@ -243,6 +243,58 @@ def test_loader_workers_and_memory_cache_do_not_change_the_result(tmp_path):
     assert len(c.train_set.cache) > 0
 
 
+#: A run whose step hook keeps a caught exception in a reference cycle (as plotting code
+#: may), then a loader whose worker runs a full garbage collection: the training iterator
+#: must not be left to that collection (the demo printed "can only test a child process").
+_WORKER_GC_SCRIPT = """
+import gc, sys
+from torch.utils.data import DataLoader, Dataset
+from mtseg_harness.runs import build_trainer, load_config
+
+cfg = load_config(None, [], base={
+    "seed": 0, "device": "cpu",
+    "data": {"name": "hc18", "root": sys.argv[1], "batch_size": 4, "input_size": [32, 48], "num_workers": 1},
+    "model": {"name": "unet", "options": {"base_channels": 4, "depth": 2}},
+    "train": {"steps": 2, "val_every": 0, "checkpoint_every": 0, "progress": False, "out_dir": sys.argv[2],
+              "tensorboard": False}})
+trainer = build_trainer(cfg)
+
+def keeps_a_cycle(ctx):
+    try:
+        raise RuntimeError("kept")
+    except RuntimeError as e:
+        kept = e  # exception -> traceback -> this frame -> kept: a cycle that holds the caller frames
+
+trainer.method.after_step = keeps_a_cycle
+gc.collect()
+gc.disable()  # the parent does not collect before the next loader forks its worker
+trainer.fit()
+
+class Collects(Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        gc.collect()
+        return i
+
+print("items", sum(1 for _ in DataLoader(Collects(), num_workers=1)))
+"""
+
+
+def test_the_training_loader_is_shut_down_by_fit_not_by_a_later_worker(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import SAMPLE
+
+    done = subprocess.run([sys.executable, "-c", _WORKER_GC_SCRIPT, str(SAMPLE), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "items 2" in done.stdout
+    assert "can only test a child process" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
 def test_on_error_skip_trains_and_evaluates_when_the_first_sample_is_bad(tmp_path):
     """A bad file at index 0 with on_error=skip: the model's channels come from the first
     sample that reads, training and evaluation pass over the bad sample (it used to crash)."""
