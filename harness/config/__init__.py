@@ -2,7 +2,7 @@
 
 A config is a nested mapping with the sections below; a file may start from other
 files with ``base: other.yaml`` (or a list; paths relative to the file), deep-merged
-in order, the file's own keys last. Overrides ``a.b.c=value`` (value parsed as YAML:
+in order, the file's own keys last (no cycles; at most 32 files nested). Overrides ``a.b.c=value`` (value parsed as YAML:
 ``optim.lr=1e-3``, ``train.amp=false``, ``data.augment.crop=[128,128]``) apply on top.
 The final config is ``DEFAULTS`` <- presets (the method's paper defaults,
 ``Method.config_defaults``, e.g. HOG-MTL's Adam 2e-4 halved every 50k of 150k steps)
@@ -121,14 +121,22 @@ def apply_overrides(cfg: Mapping, overrides: Iterable[str]) -> dict:
     return out
 
 
+#: the most files one ``base:`` chain may hold (a config and its bases, nested)
+MAX_BASE_DEPTH = 32
+
+
 def read_yaml(path, _chain: tuple = ()) -> dict:
     """The mapping in ``path`` with its ``base:`` files merged under it (``_chain``: the files
-    that include this one, to refuse a cycle)."""
+    that include this one, to refuse a cycle and a chain longer than :data:`MAX_BASE_DEPTH`)."""
     path = Path(path)
     here = path.resolve()
     if here in _chain:
         cycle = " -> ".join(str(p) for p in _chain[_chain.index(here):] + (here,))
         raise ConfigError(f"config {path}: its base: files include it again ({cycle}); remove that base: entry")
+    if len(_chain) >= MAX_BASE_DEPTH:
+        chain = " -> ".join(p.name for p in _chain + (here,))
+        raise ConfigError(f"config {_chain[0]}: its base: chain is longer than {MAX_BASE_DEPTH} files ({chain}); "
+                          "merge some of those files")
     try:
         data = yaml_load(path.read_text())
     except OSError as exc:

@@ -181,6 +181,25 @@ def test_a_base_cycle_through_other_files_is_refused(tmp_path):
     assert "a.yaml -> " in text and "b.yaml -> " in text and "c.yaml -> " in text
 
 
+def _base_chain(folder, files: int):
+    """``c0.yaml`` with base ``c1.yaml`` ... with base ``c{files-1}.yaml`` (which sets train.steps)."""
+    for i in range(files - 1):
+        (folder / f"c{i}.yaml").write_text(f"base: c{i + 1}.yaml\n")
+    (folder / f"c{files - 1}.yaml").write_text("train: {steps: 7}\n")
+    return folder / "c0.yaml"
+
+
+def test_a_base_chain_is_bounded_and_the_error_names_it(tmp_path):
+    from mtseg_harness.config import MAX_BASE_DEPTH
+
+    assert MAX_BASE_DEPTH == 32
+    assert load_config(_base_chain(tmp_path, 32))["train"]["steps"] == 7  # the longest chain allowed
+    (tmp_path / "long").mkdir()
+    text = _error([], _base_chain(tmp_path / "long", 2000))  # today: RecursionError
+    assert "longer than 32 files" in text and str(tmp_path / "long" / "c0.yaml") in text
+    assert "(c0.yaml -> c1.yaml -> " in text and "c31.yaml -> c32.yaml)" in text
+
+
 def test_a_base_shared_by_two_files_is_not_a_cycle(tmp_path):
     (tmp_path / "common.yaml").write_text("train: {steps: 3}\n")
     (tmp_path / "x.yaml").write_text("base: common.yaml\noptim: {lr: 0.5}\n")
