@@ -25,9 +25,23 @@ def _central_differences(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _magnitude(g_row: Tensor, g_col: Tensor) -> Tensor:
-    # hypot, with a zero (not NaN) gradient where the magnitude is 0
-    sq = g_row * g_row + g_col * g_col
-    return torch.where(sq > 0, sq.clamp_min(1e-300).sqrt(), torch.zeros_like(sq))
+    """``sqrt(g_row**2 + g_col**2)`` without overflow or underflow, zero gradient where it is 0.
+
+    Both components are divided by the larger magnitude first (a constant for autograd),
+    so nothing squared exceeds 2: squaring in float64 directly gives inf for |g| > 1e154
+    and flushes |g| < 1e-162 to 0. An infinite component gives inf; NaN gives 0 (as before).
+    """
+    scale = torch.maximum(g_row.abs(), g_col.abs()).detach()
+    nonzero, finite = scale > 0, torch.isfinite(scale)
+    ok = nonzero & finite
+    # where the scaled branch is not taken its inputs are 0 and 1, so the gradient that
+    # torch.where sends there (zero) stays zero, not 0 * inf
+    zero, one = torch.zeros_like(scale), torch.ones_like(scale)
+    s = torch.where(ok, scale, one)
+    r, c = torch.where(ok, g_row, zero) / s, torch.where(ok, g_col, zero) / s
+    inner = torch.where(ok, r * r + c * c, one)
+    mag = torch.where(finite, s * inner.sqrt(), scale)
+    return torch.where(nonzero, mag, zero)
 
 
 def orientation_bins(g_row: Tensor, g_col: Tensor, orientations: int) -> Tensor:
