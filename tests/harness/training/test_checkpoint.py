@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, tiny_config
+from .helpers import REPO, tiny_config
 from mtseg_harness.runs import build_trainer
 from mtseg_harness.training.checkpoint import (TRAINER_KEYS, CheckpointError, load_checkpoint, load_model_state,
                                                model_weights, payload_checksum, remove_partial_writes, rng_state,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, SAMPLE
+from .helpers import REPO, SAMPLE
 from mtseg_harness.cli import main
 
 TINY = ["model.options={base_channels: 4, depth: 2}", "data.input_size=[32,48]", "train.progress=false",

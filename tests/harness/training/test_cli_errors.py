@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE
+from .helpers import REPO, SAMPLE
 from mtseg_harness import runs
 from mtseg_harness.cli import main
 from mtseg_harness.config import ConfigError

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import dataset_writers as W
-from conftest import REPO, SAMPLE
+from .helpers import REPO, SAMPLE
 from mtseg_harness.cli import main
 from mtseg_harness.config import ConfigError
 from mtseg_harness.data import DatasetError, LiTS

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from .helpers import REPO
 from mtseg_harness.cli import main
 from mtseg_harness.config import DEFAULTS, ConfigError, dump, yaml_load
 from mtseg_harness.runs import build_run, load_config

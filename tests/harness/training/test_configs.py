@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL
+from .helpers import REPO, TINY_MODEL
 from mtseg_harness.config import ConfigError, apply_overrides, parse_override
 from mtseg_harness.methods import method_class
 from mtseg_harness.runs import build_run, build_trainer, load_config

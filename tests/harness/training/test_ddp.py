@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE, tiny_config
+from .helpers import REPO, SAMPLE, tiny_config
 from mtseg_harness.runs import build_trainer, load_config
 from mtseg_harness.training.checkpoint import load_checkpoint
 

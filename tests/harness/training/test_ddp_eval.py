@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import REPO, SAMPLE, tiny_config
+from .helpers import REPO, SAMPLE, tiny_config
 from mtseg_harness.data import GroupReport, collate
 from mtseg_harness.evaluation import evaluate, shard_range
 from mtseg_harness.runs import build_trainer, load_config, run_eval

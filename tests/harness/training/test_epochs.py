@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import tiny_config
+from .helpers import tiny_config
 from mtseg_harness.runs import build_trainer
 from mtseg_harness.training import build_scheduler
 

@@ -16,7 +16,7 @@ import torch
 from scipy import ndimage
 from scipy.spatial.distance import directed_hausdorff
 
-from conftest import tiny_config
+from .helpers import tiny_config
 from dataset_writers import write_nifti
 from mtseg_harness.data import CaDIS, GroupReport
 from mtseg_harness.evaluation import evaluate, foreground, metrics as M, summarize

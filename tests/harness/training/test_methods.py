@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import SAMPLE, tiny_config
+from .helpers import SAMPLE, tiny_config
 from mtseg_harness.methods import create_method, losses
 from mtseg_harness.models import ModelOutput
 from mtseg_harness.runs import build_trainer, run_eval

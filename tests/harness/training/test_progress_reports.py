@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config
+from .helpers import tiny_config
 from mtseg_harness.data import WeakLabels, create_dataset
 from mtseg_harness.evaluation.report import label_palette, overlay_figure, plot_curves
 from mtseg_harness.runs import build_trainer, precompute_labels

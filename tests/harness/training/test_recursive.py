@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import tiny_config
+from .helpers import tiny_config
 from mtseg_harness.methods import create_method
 from mtseg_harness.methods.recursive import ApproxStore, grow, load_round
 from mtseg_harness.models import ApproxHeadSpec, Heads

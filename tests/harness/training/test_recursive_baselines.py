@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from .helpers import REPO
 from mtseg_harness.data import WeakLabels, strong_indices
 from mtseg_harness.data.base import create_dataset
 from mtseg_harness.evaluation import evaluate

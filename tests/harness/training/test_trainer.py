@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_config
+from .helpers import tiny_config
 from mtseg_harness.runs import build_trainer, load_config
 from mtseg_harness.training import StepBatchSampler, build_scheduler, save_atomic
 from mtseg_harness.training.checkpoint import load_checkpoint
@@ -286,7 +286,7 @@ def test_the_training_loader_is_shut_down_by_fit_not_by_a_later_worker(tmp_path)
     import subprocess
     import sys
 
-    from conftest import SAMPLE
+    from .helpers import SAMPLE
 
     done = subprocess.run([sys.executable, "-c", _WORKER_GC_SCRIPT, str(SAMPLE), str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=600)
