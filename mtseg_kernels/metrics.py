@@ -71,7 +71,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .ops.distance import _check_spacing
+from .ops.distance import _INTEGER_DTYPES, _MASK_DTYPES, _check_spacing
 
 __all__ = [
     "SurfaceDistance",
@@ -84,18 +84,6 @@ __all__ = [
 
 FORMATS = ("auto", "mask", "labels", "onehot")
 REDUCTIONS = ("none", "mean", "sum", "mean_batch", "sum_batch", "mean_channel", "sum_channel")
-
-_INTEGER_DTYPES = (
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.uint16,
-    torch.uint32,
-    torch.uint64,
-)
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class SurfaceMetrics(NamedTuple):
@@ -112,7 +100,7 @@ class SurfaceMetrics(NamedTuple):
 def _check_tensor(op: str, name: str, x: Tensor) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.bool and x.dtype not in _INTEGER_DTYPES and x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in _MASK_DTYPES:
         raise TypeError(f"{op}: {name} must be bool, an integer or a floating dtype, got {x.dtype}")
 
 

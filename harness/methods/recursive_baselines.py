@@ -158,15 +158,27 @@ class _GrabCutMasks(DatasetWrapper):
         return sample
 
 
-@register_method("sl_only")
-class StrongOnly(Method):
-    """Supervised learning on the strong images alone (the paper's "SL only" comparison)."""
+@dataclass
+class _StrongSplitOptions:
+    """The options both baselines share: which images are strong (as in ``recursive_approx``) and the loss."""
 
-    @dataclass
-    class Options:
-        strong_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
-        strong_count: Optional[NonNegativeInt] = None
-        loss: SegLoss = "ce"
+    strong_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+    strong_count: Optional[NonNegativeInt] = None
+    loss: SegLoss = "ce"
+
+
+class _StrongSplitBaseline(Method):
+    """A segmentation loss on ``batch["mask"]`` (strong masks, or what a baseline puts in their place)."""
+
+    Options = _StrongSplitOptions
+
+    def loss(self, out, batch, step, total_steps):
+        return self.seg_loss(out, batch["mask"], self.options["loss"])
+
+
+@register_method("sl_only")
+class StrongOnly(_StrongSplitBaseline):
+    """Supervised learning on the strong images alone (the paper's "SL only" comparison)."""
 
     def wrap_dataset(self, dataset, split):
         if split != "train":
@@ -174,19 +186,13 @@ class StrongOnly(Method):
         return _StrongOnly(dataset, strong_indices(len(dataset), self.options["strong_fraction"],
                                                    self.options["strong_count"]))
 
-    def loss(self, out, batch, step, total_steps):
-        return self.seg_loss(out, batch["mask"], self.options["loss"])
-
 
 @register_method("grabcut_pseudo")
-class GrabCutPseudo(Method):
+class GrabCutPseudo(_StrongSplitBaseline):
     """Strong masks + GrabCut pseudo-labels of the weak images (a pseudo-label baseline)."""
 
     @dataclass
-    class Options:
-        strong_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
-        strong_count: Optional[NonNegativeInt] = None
-        loss: SegLoss = "ce"
+    class Options(_StrongSplitOptions):
         grabcut_iterations: PositiveInt = 5
         grabcut_margin: NonNegativeFloat = 1.0
         #: GrabCut runs on a copy with this longer side (0 = full size)
@@ -203,6 +209,3 @@ class GrabCutPseudo(Method):
         weak = WeakLabels(dataset, shrink_ratio=o["shrink_ratio"], jitter=o["jitter"], smoothness=o["smoothness"],
                           weak_dir=o["weak_dir"], strong_fraction=o["strong_fraction"], strong_count=o["strong_count"])
         return _GrabCutMasks(weak, o["grabcut_iterations"], o["grabcut_margin"], o["grabcut_max_side"] or None)
-
-    def loss(self, out, batch, step, total_steps):
-        return self.seg_loss(out, batch["mask"], self.options["loss"])

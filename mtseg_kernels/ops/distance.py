@@ -57,8 +57,7 @@ __all__ = [
     "signed_edt",
 ]
 
-_MASK_DTYPES = (
-    torch.bool,
+_INTEGER_DTYPES = (
     torch.uint8,
     torch.int8,
     torch.int16,
@@ -67,11 +66,9 @@ _MASK_DTYPES = (
     torch.uint16,
     torch.uint32,
     torch.uint64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
 )
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MASK_DTYPES = (torch.bool, *_INTEGER_DTYPES, *_FLOAT_DTYPES)
 _CONNECTIVITY = {2: (4, 8), 3: (6, 18, 26)}
 _MAX_SPACING_RATIO_LOG2 = 500
 

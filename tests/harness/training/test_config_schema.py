@@ -28,6 +28,13 @@ def _error(overrides, path=None) -> str:
     return text
 
 
+def _suggests(overrides, unknown: str, suggestion: str) -> str:
+    """The one-line error of ``overrides``, checked to name ``unknown`` and suggest ``suggestion``."""
+    text = _error(overrides)
+    assert unknown in text and f"did you mean {suggestion}?" in text, text
+    return text
+
+
 # --------------------------------------------------------------------------- unknown keys
 
 
@@ -44,9 +51,7 @@ def _error(overrides, path=None) -> str:
     ("data.InputSize=[8,8]", "data.InputSize", "data.input_size"),
 ])
 def test_an_unknown_key_in_any_section_names_the_nearest_valid_one(override, typo, suggestion):
-    text = _error([override])
-    assert f"unknown {'config section' if '.' not in typo else 'key'} '{typo}'" in text
-    assert f"did you mean {suggestion}?" in text
+    text = _suggests([override], f"unknown {'config section' if '.' not in typo else 'key'} '{typo}'", suggestion)
     assert "--set" in text  # what to do
 
 
@@ -60,8 +65,7 @@ def test_an_unknown_key_in_any_section_names_the_nearest_valid_one(override, typ
     (["model.heads.presense=true"], "model.heads.presense", "model.heads.presence"),
 ])
 def test_an_unknown_option_of_a_method_model_dataset_or_augmentation_names_the_nearest(overrides, typo, suggestion):
-    text = _error(overrides)
-    assert f"unknown key '{typo}'" in text and f"did you mean {suggestion}?" in text
+    _suggests(overrides, f"unknown key '{typo}'", suggestion)
 
 
 def test_options_a_component_does_not_take_are_refused_not_ignored():
@@ -80,9 +84,7 @@ def test_options_a_component_does_not_take_are_refused_not_ignored():
     ("data.name=cadsi", "'cadsi'", "cadis"),
 ])
 def test_an_unknown_method_model_or_dataset_name_names_the_nearest(name, typo, suggestion):
-    text = _error([name])
-    assert f"unknown {name.split('.')[0].replace('data', 'dataset')} {typo}" in text
-    assert f"did you mean {suggestion}?" in text
+    _suggests([name], f"unknown {name.split('.')[0].replace('data', 'dataset')} {typo}", suggestion)
 
 
 # --------------------------------------------------------------------------- values
