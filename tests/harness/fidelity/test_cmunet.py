@@ -7,7 +7,7 @@ import pytest
 
 from mtseg_harness.methods import method_class
 
-from .fidelity_table import CONFIGS, config_key, doc_path, fidelity_rows, keyed_rows, lookup, resolved, targets, value
+from .fidelity_table import CONFIGS, REPO, config_key, doc_path, fidelity_rows, keyed_rows, lookup, resolved, targets, value
 
 DOC = doc_path("cmunet")
 
@@ -45,3 +45,17 @@ def test_no_guess_is_given_a_place_in_the_paper():
     for r in fidelity_rows(DOC):
         place = r["place in the paper"].lower()
         assert not any(w in place for w in ("section", "sec.", "eq.", "equation", "table ", "fig")), r["element"]
+
+
+def test_a_cmunet_config_outside_the_papers_lits_experiments_is_marked_our_choice():
+    """CMU-Net is a 2D method on LiTS: a config of its method on other data is our extension,
+    every row of it says **choice**, and its own comment says so."""
+    ours = {n for n in CONFIGS if not n.startswith("lits_") and not n.startswith("demo_")
+            and resolved(n)["method"]["name"] == "cmunet"}
+    assert ours == {"brats18_unet3d_aniso_cmunet.yaml"}
+    rows = [r for r in checked_rows() if set(targets(r)) & ours]
+    assert {n for r in rows for n in targets(r)} == ours
+    assert len(rows) >= 5 and all("**choice**" in r["paper's value"] for r in rows), [r["element"] for r in rows]
+    for name in ours:
+        text = (REPO / "configs" / name).read_text()
+        assert "Our own experiment, not one of CMU-Net's" in text.split("\n", 1)[0], name
