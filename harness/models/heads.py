@@ -9,8 +9,8 @@ one list of heads, the fields of :class:`Heads`.
 ``hog``
     HOG regression unit of HOG-MTL (Bhattarai et al.): two stages of 3x3 conv + ReLU +
     2x2 max-pool, adaptive average pooling to a fixed grid (so any input size works),
-    flatten, one linear layer to the HOG descriptor length (504 for the paper's default
-    preset, 864 and 2520 its other sizes; see ``mtseg_kernels.HOG_MTL_PRESETS``). 2D
+    flatten, one linear layer to the HOG descriptor length (504 by default, 864 and 2520
+    the other HOG-MTL presets; see ``mtseg_kernels.HOG_MTL_PRESETS``). 2D
     only. See :class:`HOGHead` for what comes from where.
 ``presence``
     Class-presence head (TDSNet's class head, CMU-Net's encoder classifier): global
@@ -59,8 +59,10 @@ __all__ = [
 ]
 
 #: Length of the HOG-MTL default descriptor: the default of ``mtseg_kernels.hog_pseudo_label``
-#: (128x64 image, 6 orientations, 16x16 cells, 2x2 blocks: 7 * 3 * 2 * 2 * 6 = 504). The
-#: paper's other sizes: 864 (12x12 cells, 9 * 4 blocks) and 2520 (8x8 cells, 15 * 7 blocks).
+#: (128x64 image, 6 orientations, 16x16 cells, 2x2 blocks: 7 * 3 * 2 * 2 * 6 = 504). The other
+#: presets: 864 (12x12 cells, 9 * 4 blocks) and 2520 (8x8 cells, 15 * 7 blocks). Those three
+#: sizes are HOG-MTL's as the project's issue 12 lists them, not checked against the paper
+#: (its full text was not available; docs/fidelity/hogmtl.md, row "HOG length").
 DEFAULT_HOG_DIM: int = inspect.signature(mtseg_kernels.hog_pseudo_label).parameters["dim"].default
 
 
@@ -112,7 +114,7 @@ class HOGHead(nn.Module):
 
     Args:
         in_channels: channels C of the feature map it reads.
-        dim: HOG descriptor length (504, 864 or 2520 for the paper's presets).
+        dim: HOG descriptor length (504, 864 or 2520 for the HOG-MTL presets).
         hidden: widths ``(h1, h2)`` of the two convs; ``None``: ``(C // 2, C // 4)``, at least 1.
         pool_size: grid of the adaptive average pooling before the linear layer (4: 4 x 4).
 
