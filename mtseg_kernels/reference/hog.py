@@ -34,13 +34,12 @@ def _magnitude(g_row: Tensor, g_col: Tensor) -> Tensor:
     scale = torch.maximum(g_row.abs(), g_col.abs()).detach()
     nonzero, finite = scale > 0, torch.isfinite(scale)
     ok = nonzero & finite
-    # where the scaled branch is not taken its inputs are 0 and 1, so the gradient that
-    # torch.where sends there (zero) stays zero, not 0 * inf
+    # where the scaled branch is not taken it reads 0 / 1: its gradient there (0 * inf at
+    # sqrt(0)) stops at the torch.where on g_row / g_col, which passes zero
     zero, one = torch.zeros_like(scale), torch.ones_like(scale)
     s = torch.where(ok, scale, one)
     r, c = torch.where(ok, g_row, zero) / s, torch.where(ok, g_col, zero) / s
-    inner = torch.where(ok, r * r + c * c, one)
-    mag = torch.where(finite, s * inner.sqrt(), scale)
+    mag = torch.where(finite, s * (r * r + c * c).sqrt(), scale)
     return torch.where(nonzero, mag, zero)
 
 
