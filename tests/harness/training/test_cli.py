@@ -32,7 +32,7 @@ def test_train_then_eval_from_a_config_file(tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--set", "train.steps=2", *TINY]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert saved["train"]["steps"] == 2 and saved["optim"]["lr"] == 2e-4  # HOG-MTL's paper default
+    assert saved["train"]["steps"] == 2 and saved["optim"]["lr"] == 2e-4  # the hog_mtl method default (the authors' code: lr_seg_net 0.0002)
     assert main(["eval", "--config", str(cfg), *TINY, "--split", "val"]) == 0
     table = pd.read_csv(tmp_path / "run" / "eval_val" / "per_image.csv")
     assert len(table) == 20 and {"dice_head", "iou_head"} <= set(table.columns)

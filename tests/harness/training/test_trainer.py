@@ -208,7 +208,7 @@ def test_bf16_autocast_and_gradient_clipping_on_cpu(tmp_path):
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())
 
 
-def test_hog_mtl_paper_defaults_apply_unless_overridden(tmp_path):
+def test_hog_mtl_method_defaults_apply_unless_overridden(tmp_path):
     cfg = load_config(None, ["method.name=hog_mtl"])
     assert cfg["optim"]["name"] == "adam" and cfg["optim"]["lr"] == 2e-4
     assert cfg["sched"] == {**cfg["sched"], "name": "step", "step_size": 50_000, "gamma": 0.5}
