@@ -791,6 +791,84 @@ MTSEG_AVX512 bool fused_cell_row(const scalar_t* img, FusedContext& c, int64_t y
   }
   return bad == 0;
 }
+// Lanes 8 h .. 8 h + 7 of v in double.
+MTSEG_AVX512 inline __m512d half_to_double(__m512 v, int h) {
+  return _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(v) : _mm512_extractf32x8_ps(v, 1));
+}
+
+// Pass 1 of the cells backward (see cells_backward_kernel) for one cell row, from the
+// pixels of fused_pixels16: per covered pixel, G = grad_cells[cell, bin] / area and
+// hog.h's stencil_gradient, (G g_row / mag, G g_col / mag) and the winning channel, in
+// the same double operations as the row loops (so both give the same bits), 8 lanes at
+// a time. `grad_cells` is the cell row's (n_cells_col, n) slice, `cell_base[x]` =
+// (x / cell_cols) n; d_row, d_col, channel point at the image's (H, W) planes.
+template <typename scalar_t, typename grad_t, int N>
+MTSEG_AVX512 bool fused_backward_cell_row(const scalar_t* img, FusedContext& c, int64_t y0, int64_t cell_rows,
+                                          const int32_t* cell_base, const float* grad_cells, int64_t area,
+                                          float* d_row, float* d_col, int32_t* channel) {
+  // Dividing by a power of two and multiplying by its exact inverse round alike.
+  const bool area_pow2 = (area & (area - 1)) == 0;
+  const __m512d area_d = _mm512_set1_pd(static_cast<double>(area)), inv_area = _mm512_set1_pd(1.0 / static_cast<double>(area));
+  const __m512d zero_d = _mm512_setzero_pd();
+  __mmask16 bad = check_unread(img, c, y0, cell_rows);
+  for (int64_t x0 = 0; x0 < c.n_cols; x0 += 16) {
+    __mmask16 m_valid, m_col;
+    column_masks(x0, c.n_cols, c.width, m_valid, m_col);
+    const __m512i base = _mm512_maskz_loadu_epi32(m_valid, cell_base + x0);
+    for (int64_t y = y0; y < y0 + cell_rows; ++y) {
+      const Pixels16 px = fused_pixels16<scalar_t, grad_t, N, true>(img, c, y, x0, m_valid, m_col, bad);
+      const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m_valid, _mm512_add_epi32(base, px.bin),
+                                                grad_cells, 4);
+      __m256 out_r[2], out_c[2];
+      for (int h = 0; h < 2; ++h) {
+        auto half = [h](__m512 v) { return half_to_double(v, h); };
+        __m512d gd = half(g);
+        gd = area_pow2 ? _mm512_mul_pd(gd, inv_area) : _mm512_div_pd(gd, area_d);
+        const __m512d md = half(px.mag);
+        // stencil_gradient: 0 unless mag > 0 and G != 0 (a NaN G passes, as there)
+        const __mmask8 keep = _mm512_cmp_pd_mask(md, zero_d, _CMP_GT_OQ) & _mm512_cmp_pd_mask(gd, zero_d, _CMP_NEQ_UQ);
+        out_r[h] = _mm512_cvtpd_ps(_mm512_maskz_div_pd(keep, _mm512_mul_pd(gd, half(px.g_row)), md));
+        out_c[h] = _mm512_cvtpd_ps(_mm512_maskz_div_pd(keep, _mm512_mul_pd(gd, half(px.g_col)), md));
+      }
+      const int64_t at = y * c.width + x0;
+      _mm512_mask_storeu_ps(d_row + at, m_valid, _mm512_insertf32x8(_mm512_castps256_ps512(out_r[0]), out_r[1], 1));
+      _mm512_mask_storeu_ps(d_col + at, m_valid, _mm512_insertf32x8(_mm512_castps256_ps512(out_c[0]), out_c[1], 1));
+      _mm512_mask_storeu_epi32(channel + at, m_valid, px.winner);
+    }
+  }
+  return bad == 0;
+}
+// transpose_stencil_row for float gradients, 16 columns at a time with lane masks for
+// the borders and the last partial vector (no scalar remainder): the same adds in the
+// same order, so the same bits.
+MTSEG_AVX512 void transpose_stencil_row16(const float* d_row, const float* d_col, const int32_t* channel, int64_t H,
+                                          int64_t W, int32_t k, int64_t y, float* out) {
+  const float* du = d_row + (y > 0 ? y - 1 : y) * W;
+  const int32_t* cu = channel + (y > 0 ? y - 1 : y) * W;
+  const float* dd = d_row + (y + 1 < H ? y + 1 : y) * W;
+  const int32_t* cd = channel + (y + 1 < H ? y + 1 : y) * W;
+  const float* dc = d_col + y * W;
+  const int32_t* cc = channel + y * W;
+  const __m512i kk = _mm512_set1_epi32(k), k_above = _mm512_set1_epi32(y > 0 ? k : -1),
+                k_below = _mm512_set1_epi32(y + 1 < H ? k : -1);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t x0 = 0; x0 < W; x0 += 16) {
+    const __m512i xs = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(x0)), lane);
+    const __mmask16 m = _mm512_cmplt_epi32_mask(xs, _mm512_set1_epi32(static_cast<int32_t>(W)));
+    const __mmask16 m_left = m & _mm512_cmpgt_epi32_mask(xs, _mm512_setzero_si512());
+    const __mmask16 m_right = _mm512_cmplt_epi32_mask(xs, _mm512_set1_epi32(static_cast<int32_t>(W - 1)));
+    __m512 v = _mm512_setzero_ps();
+    const __mmask16 a = _mm512_mask_cmpeq_epi32_mask(m, _mm512_maskz_loadu_epi32(m, cu + x0), k_above);
+    v = _mm512_mask_add_ps(v, a, v, _mm512_maskz_loadu_ps(a, du + x0));
+    const __mmask16 b = _mm512_mask_cmpeq_epi32_mask(m, _mm512_maskz_loadu_epi32(m, cd + x0), k_below);
+    v = _mm512_mask_sub_ps(v, b, v, _mm512_maskz_loadu_ps(b, dd + x0));
+    const __mmask16 l = _mm512_mask_cmpeq_epi32_mask(m_left, _mm512_maskz_loadu_epi32(m_left, cc + x0 - 1), kk);
+    v = _mm512_mask_add_ps(v, l, v, _mm512_maskz_loadu_ps(l, dc + x0 - 1));
+    const __mmask16 r = _mm512_mask_cmpeq_epi32_mask(m_right, _mm512_maskz_loadu_epi32(m_right, cc + x0 + 1), kk);
+    v = _mm512_mask_sub_ps(v, r, v, _mm512_maskz_loadu_ps(r, dc + x0 + 1));
+    _mm512_mask_storeu_ps(out + x0, m, v);
+  }
+}
 #endif  // fused pass
 
 // Calls f(scalar_t{}, T{}, grad_t{}, cell_t{}) with the CPU kernels' types for an
@@ -990,40 +1068,43 @@ at::Tensor hog_blocks_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
   return grad_cells;
 }
 
-// hog.h's input_gradient for a whole row (y, x = 0..W-1) of channel k, as four
-// branch-free loops the compiler vectorises, in the gradient's own type (one vector
-// width per loop).
+// hog.h's input_gradient for a whole row (y, x = 0..W-1) of channel k in the gradient's
+// own type: one branch-free loop over the inner columns that the compiler vectorises,
+// adding the four neighbours' terms in input_gradient's order (above, below, left,
+// right). A missing row above or below contributes through a row whose channel never
+// matches (-1): adding +0 changes nothing, as the sum is never -0.
 template <typename acc_t>
 MTSEG_ALWAYS_INLINE void transpose_stencil_row_impl(const acc_t* __restrict d_row, const acc_t* __restrict d_col,
                                                     const int32_t* __restrict channel, int64_t H, int64_t W,
                                                     int32_t k, int64_t y, acc_t* __restrict out) {
-  for (int64_t x = 0; x < W; ++x) out[x] = acc_t(0);
-  if (y > 0) {  // +d_row of the pixel above
-    const acc_t* d = d_row + (y - 1) * W;
-    const int32_t* ch = channel + (y - 1) * W;
-    for (int64_t x = 0; x < W; ++x) {
-      const acc_t v = d[x];  // loaded unconditionally, so the select vectorises
-      out[x] += ch[x] == k ? v : acc_t(0);
-    }
+  const int64_t above = y > 0 ? y - 1 : y, below = y + 1 < H ? y + 1 : y;
+  const int32_t k_above = y > 0 ? k : -1, k_below = y + 1 < H ? k : -1;
+  const acc_t* __restrict du = d_row + above * W;  // +d_row of the pixel above
+  const int32_t* __restrict cu = channel + above * W;
+  const acc_t* __restrict dd = d_row + below * W;  // -d_row of the pixel below
+  const int32_t* __restrict cd = channel + below * W;
+  const acc_t* __restrict dc = d_col + y * W;  // +d_col of the pixel to the left, -d_col of the one to the right
+  const int32_t* __restrict cc = channel + y * W;
+  auto vertical = [&](int64_t x) {
+    acc_t v = acc_t(0);
+    v += cu[x] == k_above ? du[x] : acc_t(0);  // loaded unconditionally, so the selects vectorise
+    v += cd[x] == k_below ? -dd[x] : acc_t(0);
+    return v;
+  };
+  for (int64_t x = 1; x < W - 1; ++x) {
+    acc_t v = vertical(x);
+    v += cc[x - 1] == k ? dc[x - 1] : acc_t(0);
+    v += cc[x + 1] == k ? -dc[x + 1] : acc_t(0);
+    out[x] = v;
   }
-  if (y + 1 < H) {  // -d_row of the pixel below
-    const acc_t* d = d_row + (y + 1) * W;
-    const int32_t* ch = channel + (y + 1) * W;
-    for (int64_t x = 0; x < W; ++x) {
-      const acc_t v = d[x];
-      out[x] += ch[x] == k ? -v : acc_t(0);  // (written as an add so the select vectorises)
-    }
+  acc_t first = vertical(0);
+  if (W > 1) {
+    first += cc[1] == k ? -dc[1] : acc_t(0);
+    acc_t last = vertical(W - 1);
+    last += cc[W - 2] == k ? dc[W - 2] : acc_t(0);
+    out[W - 1] = last;
   }
-  const acc_t* d = d_col + y * W;
-  const int32_t* ch = channel + y * W;
-  for (int64_t x = 1; x < W; ++x) {  // +d_col of the pixel to the left
-    const acc_t v = d[x - 1];
-    out[x] += ch[x - 1] == k ? v : acc_t(0);
-  }
-  for (int64_t x = 0; x < W - 1; ++x) {  // -d_col of the pixel to the right
-    const acc_t v = d[x + 1];
-    out[x] += ch[x + 1] == k ? -v : acc_t(0);
-  }
+  out[0] = first;
 }
 MTSEG_CPU_CLONES void transpose_stencil_row(const float* __restrict d_row, const float* __restrict d_col,
                                             const int32_t* __restrict channel, int64_t H, int64_t W, int32_t k,
@@ -1049,11 +1130,48 @@ void cells_backward_kernel(const at::Tensor& images, const CellGeometry& g, bool
   const auto edges = orientation_edges(n);
   const EdgeLanes<T> lanes(edges);
   std::atomic<bool> all_valid{true};
+  // (The gather of pass 1 takes int32 indices into a cell row.)
+  const bool fused = use_fused_pass<scalar_t, T>(images, g, transform_sqrt) && g.n_cells_col * n < (int64_t(1) << 30);
+#ifdef MTSEG_HOG_FUSED
+  const FusedEdges fused_edges(edges);
+  std::vector<int32_t> cell_base(fused ? n_cols + 16 : 0);  // (x / cell_cols) n, padded for 16-lane loads
+  for (int64_t x = 0; x < static_cast<int64_t>(cell_base.size()) && x < n_cols; ++x)
+    cell_base[x] = static_cast<int32_t>((x / g.cell_cols) * n);
+#endif
   at::parallel_for(0, g.batch * g.n_cells_row, grain_for(g.cell_rows * W), [&](int64_t begin, int64_t end) {
-    RowScratch<T> t(C, buf_rows, row_stride, n_cols, n, edges, lanes);
+    RowScratch<T> t(fused ? 0 : C, buf_rows, row_stride, n_cols, n, edges, lanes);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
       const int64_t y0 = cell_row * g.cell_rows;
+#ifdef MTSEG_HOG_FUSED
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float> &&
+                    (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, uint8_t>)) {
+        if (fused) {
+          const auto img = image_view<scalar_t>(images, b);
+          FusedContext ctx{C,
+                           img.stride_c,
+                           img.stride_h,
+                           g.height,
+                           g.width,
+                           n_cols,
+                           n,
+                           (g.cell_rows + 1) * img.stride_h * static_cast<int64_t>(sizeof(scalar_t)),
+                           fused_edges,
+                           edges,
+                           t.exact_scratch.data(),
+                           static_cast<int64_t>(t.exact_scratch.size()), t.scalar_bins, t.exact_bins};
+          auto* const row_fn = n == 6   ? &fused_backward_cell_row<scalar_t, grad_t, 6>
+                               : n == 9 ? &fused_backward_cell_row<scalar_t, grad_t, 9>
+                                        : &fused_backward_cell_row<scalar_t, grad_t, 0>;
+          const int64_t plane = b * H * W;
+          if (!row_fn(img.data, ctx, y0, g.cell_rows, cell_base.data(), grad_cells + item * g.n_cells_col * n,
+                      g.area(), d_row + plane, d_col + plane, channel + plane))
+            all_valid = false;
+          ++t.fused_rows;
+          continue;
+        }
+      }
+#endif
       if (!load_rows<T>(image_view<scalar_t>(images, b), y0, buf_rows, transform_sqrt, t.rows.data())) {
         all_valid = false;
         continue;
@@ -1077,19 +1195,29 @@ void cells_backward_kernel(const at::Tensor& images, const CellGeometry& g, bool
   });
   TORCH_CHECK_VALUE(all_valid.load(), "hog_cells_backward: images contain NaN or Inf",
                     transform_sqrt ? " or negative values (transform_sqrt needs images >= 0)" : "");
-  at::parallel_for(0, g.batch * C * H, grain_for(W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> out(W);
+  // Items in (image, row, channel) order, so the channels of a row reuse its d rows from L1.
+  at::parallel_for(0, g.batch * H * C, grain_for(W), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (C * H), k = (item / H) % C, y = item % H;
+      const int64_t b = item / (H * C), y = (item / C) % H, k = item % C;
       const int64_t plane = b * H * W;
-      transpose_stencil_row(d_row + plane, d_col + plane, channel + plane, H, W, static_cast<int32_t>(k), y,
-                            out.data());
+      acc_t* out = grad_images + ((b * C + k) * H + y) * W;
+#ifdef MTSEG_HOG_FUSED
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (fused) {
+          transpose_stencil_row16(d_row + plane, d_col + plane, channel + plane, H, W, static_cast<int32_t>(k), y, out);
+        } else {
+          transpose_stencil_row(d_row + plane, d_col + plane, channel + plane, H, W, static_cast<int32_t>(k), y, out);
+        }
+      } else
+#endif
+      {
+        transpose_stencil_row(d_row + plane, d_col + plane, channel + plane, H, W, static_cast<int32_t>(k), y, out);
+      }
       if (transform_sqrt) {
         const auto img = image_view<scalar_t>(images, b);
         for (int64_t x = 0; x < W; ++x)
           out[x] = static_cast<acc_t>(sqrt_chain(out[x], img.template load<double>(k, y, x, false)));
       }
-      std::copy(out.begin(), out.end(), grad_images + item * W);
     }
   });
 }
@@ -1106,10 +1234,15 @@ at::Tensor hog_cells_backward_cpu(const at::Tensor& grad_cells_in, const at::Ten
   auto grad_images = at::empty(images.sizes(), images.options().dtype(acc_dtype));
   if (grad_images.numel() == 0) return grad_images;
   const auto opts = images.options().dtype(acc_dtype);
-  // Zero outside the cells (rows and columns no cell covers), written by pass 1 inside.
-  auto d_row = at::zeros({g.batch, g.height, g.width}, opts);
-  auto d_col = at::zeros({g.batch, g.height, g.width}, opts);
-  auto channel = at::zeros({g.batch, g.height, g.width}, opts.dtype(at::kInt));
+  // Pass 1 writes every covered pixel; only the rows and columns no cell covers are zeroed.
+  auto d_row = at::empty({g.batch, g.height, g.width}, opts);
+  auto d_col = at::empty({g.batch, g.height, g.width}, opts);
+  auto channel = at::empty({g.batch, g.height, g.width}, opts.dtype(at::kInt));
+  const int64_t rows_covered = g.n_cells_row * g.cell_rows, cols_covered = g.n_cells_col * g.cell_cols;
+  for (at::Tensor* plane : {&d_row, &d_col, &channel}) {
+    if (rows_covered < g.height) plane->narrow(1, rows_covered, g.height - rows_covered).zero_();
+    if (cols_covered < g.width) plane->narrow(2, cols_covered, g.width - cols_covered).zero_();
+  }
   // Same working types as the forward, so the backward sees the forward's winners and bins.
   dispatch_working_types(images.scalar_type(), transform_sqrt, [&](auto scalar, auto working, auto grad, auto acc) {
     using acc_t = decltype(acc);
