@@ -429,7 +429,9 @@ void orient_pixel_row(RowScratch<T>& t, const T* mid, int64_t channels, int64_t 
 // float operations (no FMA), so both give the very same cells; lanes the float tests
 // cannot decide (channels within rounding of a tie, a bin within rounding of an edge,
 // squares outside the accurate range) are redone with the scalar rules, as above.
-// MTSEG_HOG_SIMD=0 in the environment turns this pass off (tests compare both).
+// The cells backward takes the same per-pixel routine (fused_pixels16) for its pass 1.
+// MTSEG_HOG_SIMD=0 in the environment turns this pass off (tests compare both, forward
+// and backward).
 // ---------------------------------------------------------------------------------
 #if defined(__x86_64__) && defined(__GNUC__)
 #define MTSEG_HOG_FUSED 1
