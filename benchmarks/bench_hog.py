@@ -7,6 +7,16 @@ Cases (each is one pytest-benchmark group, so its contestants are reported toget
 * ``hog-mtl-504-fwd+bwd``: the same, forward and backward (gradient w.r.t. the images).
 * ``hog-large-512``: 8 RGB 512x512 images, 9 orientations, 8x8 cells, 3x3 blocks
   (skimage's defaults) -> 311364 values per image.
+* ``hog-large-512-fwd+bwd``: the same, forward and backward.
+* ``memory-copy-1GiB``: ``torch.Tensor.copy_`` of 1 GiB, a STREAM-like copy that gives
+  this machine's memory bandwidth (2 GiB moved per call), to set the bytes each HOG
+  case moves against (``benchmarks/README.md``).
+
+Thread counts: ``--bench-threads N`` (conftest.py) sets torch's and OpenCV's. On a
+loaded machine, 1-thread runs are best timed in CPU time,
+``--benchmark-timer=time.process_time`` (it adds the CPU time of all threads, so use
+wall time, the default, for runs with more threads); the timer is in the JSON's
+``options``.
 
 Contestants: mtseg on CPU (one call on the whole batch), mtseg on CUDA (skipped without
 a GPU), ``skimage.feature.hog`` in a Python loop over the images (the semantics mtseg
@@ -149,14 +159,6 @@ def hog_mtl_inputs() -> Inputs:
     return _inputs(HOG_MTL)
 
 
-@pytest.fixture(scope="module")
-def hog_mtl_cotangent() -> torch.Tensor:
-    """A fixed upstream gradient for the backward benchmarks (not all ones, so the
-    block-normalisation backward does real work)."""
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(HOG_MTL.batch, HOG_MTL.descriptor_dim, generator=gen)
-
-
 def _cuda_skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)"
@@ -277,9 +279,26 @@ def test_eager_torch_reference(benchmark, runtime_info, inputs: Inputs) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Forward + backward on the HOG-MTL preset
+# Forward + backward: one group per case
 # --------------------------------------------------------------------------------------
 BACKWARD_GROUP = f"{HOG_MTL.group}-fwd+bwd"
+
+
+def _backward_group(case: HogCase) -> str:
+    return f"{case.group}-fwd+bwd"
+
+
+@functools.cache
+def _cotangent(case: HogCase) -> torch.Tensor:
+    """A fixed upstream gradient for the backward benchmarks (not all ones, so the
+    block-normalisation backward does real work)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(case.batch, case.descriptor_dim, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def hog_mtl_cotangent() -> torch.Tensor:
+    return _cotangent(HOG_MTL)
 
 
 def _fwd_bwd(fn, images: torch.Tensor, cotangent: torch.Tensor):
@@ -293,25 +312,25 @@ def _fwd_bwd(fn, images: torch.Tensor, cotangent: torch.Tensor):
     return run
 
 
-def test_mtseg_cpu_backward(benchmark, runtime_info, hog_mtl_inputs: Inputs, hog_mtl_cotangent) -> None:
-    case = hog_mtl_inputs.case
-    images = hog_mtl_inputs.images.clone().requires_grad_()
+def test_mtseg_cpu_backward(benchmark, runtime_info, inputs: Inputs) -> None:
+    case = inputs.case
+    images = inputs.images.clone().requires_grad_()
     _describe(benchmark, runtime_info, case, contestant="mtseg (CPU, fwd+bwd)", role="mtseg",
-              device="cpu", input_dtype=str(images.dtype), group=BACKWARD_GROUP)
-    run = _fwd_bwd(lambda x: mtseg_kernels.hog(x, **case.hog_kwargs), images, hog_mtl_cotangent)
+              device="cpu", input_dtype=str(images.dtype), group=_backward_group(case))
+    run = _fwd_bwd(lambda x: mtseg_kernels.hog(x, **case.hog_kwargs), images, _cotangent(case))
     assert run().shape == images.shape
     benchmark(run)
 
 
 @pytest.mark.cuda
 @requires_cuda
-def test_mtseg_cuda_backward(benchmark, runtime_info, hog_mtl_inputs: Inputs, hog_mtl_cotangent) -> None:
-    case = hog_mtl_inputs.case
-    images = hog_mtl_inputs.images.to("cuda").requires_grad_()
-    cotangent = hog_mtl_cotangent.to("cuda")
+def test_mtseg_cuda_backward(benchmark, runtime_info, inputs: Inputs) -> None:
+    case = inputs.case
+    images = inputs.images.to("cuda").requires_grad_()
+    cotangent = _cotangent(case).to("cuda")
     _describe(benchmark, runtime_info, case, contestant="mtseg (CUDA, fwd+bwd)", role="mtseg",
               device=f"cuda ({torch.cuda.get_device_name()})", input_dtype=str(images.dtype),
-              group=BACKWARD_GROUP)
+              group=_backward_group(case))
     grad_fn = _fwd_bwd(lambda x: mtseg_kernels.hog(x, **case.hog_kwargs), images, cotangent)
 
     def run() -> torch.Tensor:
@@ -332,3 +351,20 @@ def test_eager_torch_reference_backward(benchmark, runtime_info, hog_mtl_inputs:
     run = _fwd_bwd(lambda x: hog_reference(x, **case.hog_kwargs).flatten(1), images, hog_mtl_cotangent)
     out = benchmark.pedantic(run, rounds=SLOW_ROUNDS, iterations=1, warmup_rounds=0)
     assert out.shape == images.shape
+
+
+# --------------------------------------------------------------------------------------
+# Memory bandwidth of this machine, the physical limit of the cases above
+# --------------------------------------------------------------------------------------
+COPY_BYTES = 1 << 30
+
+
+def test_memory_copy_bandwidth(benchmark, runtime_info) -> None:
+    src = torch.ones(COPY_BYTES // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # both buffers paged in before timing
+    benchmark.group = "memory-copy-1GiB"
+    benchmark.extra_info.update(runtime_info)
+    benchmark.extra_info.update(contestant="torch copy_ (1 GiB read + 1 GiB written)", role="peer", device="cpu",
+                                bytes_moved=2 * COPY_BYTES)
+    benchmark.pedantic(dst.copy_, args=(src,), rounds=SLOW_ROUNDS, iterations=1, warmup_rounds=0)

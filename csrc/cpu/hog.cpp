@@ -429,7 +429,9 @@ void orient_pixel_row(RowScratch<T>& t, const T* mid, int64_t channels, int64_t 
 // float operations (no FMA), so both give the very same cells; lanes the float tests
 // cannot decide (channels within rounding of a tie, a bin within rounding of an edge,
 // squares outside the accurate range) are redone with the scalar rules, as above.
-// MTSEG_HOG_SIMD=0 in the environment turns this pass off (tests compare both).
+// The cells backward takes the same per-pixel routine (fused_pixels16) for its pass 1.
+// MTSEG_HOG_SIMD=0 in the environment turns this pass off (tests compare both, forward
+// and backward).
 // ---------------------------------------------------------------------------------
 #if defined(__x86_64__) && defined(__GNUC__)
 #define MTSEG_HOG_FUSED 1
@@ -463,24 +465,15 @@ struct FusedEdges {
   }
 };
 
-// skimage's channel key for float32 gradients, hog.h's selection_key(float, magnitude):
-// float(sqrt(double sum of the squares)), in double lanes, bit for bit the scalar rule.
-MTSEG_AVX512 inline __m512 float_key16(__m512 gr, __m512 gc) {
-  const __m512d r0 = _mm512_cvtps_pd(_mm512_castps512_ps256(gr)), r1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(gr, 1));
-  const __m512d c0 = _mm512_cvtps_pd(_mm512_castps512_ps256(gc)), c1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(gc, 1));
-  const __m256 k0 = _mm512_cvtpd_ps(_mm512_sqrt_pd(_mm512_add_pd(_mm512_mul_pd(r0, r0), _mm512_mul_pd(c0, c0))));
-  const __m256 k1 = _mm512_cvtpd_ps(_mm512_sqrt_pd(_mm512_add_pd(_mm512_mul_pd(r1, r1), _mm512_mul_pd(c1, c1))));
-  return _mm512_insertf32x8(_mm512_castps256_ps512(k0), k1, 1);
-}
-
 // Exact channel choice of one pixel straight from the image: pixel_gradient's rule
 // (hog.h's magnitude and selection_key in grad_t, lowest channel on ties) on the values
-// the fused pass differentiates.
+// the fused pass differentiates. Returns the winning channel.
 template <typename scalar_t, typename grad_t>
-void redo_channel_choice_direct(const scalar_t* img, int64_t channels, int64_t stride_c, int64_t stride_h,
-                                int64_t height, int64_t width, int64_t y, int64_t x, float& g_row, float& g_col) {
+int32_t redo_channel_choice_direct(const scalar_t* img, int64_t channels, int64_t stride_c, int64_t stride_h,
+                                   int64_t height, int64_t width, int64_t y, int64_t x, float& g_row, float& g_col) {
   const bool row_inside = y > 0 && y < height - 1, col_inside = x > 0 && x < width - 1;
   grad_t best_key = grad_t(-1);
+  int32_t winner = 0;
   for (int64_t k = 0; k < channels; ++k) {
     const scalar_t* p = img + k * stride_c + y * stride_h + x;
     const float gr = row_inside ? static_cast<float>(p[stride_h]) - static_cast<float>(p[-stride_h]) : 0.0f;
@@ -490,185 +483,393 @@ void redo_channel_choice_direct(const scalar_t* img, int64_t channels, int64_t s
       best_key = key;
       g_row = gr;
       g_col = gc;
+      winner = static_cast<int32_t>(k);
     }
   }
+  return winner;
+}
+
+// skimage's channel key for float32 gradients, hog.h's selection_key(float, magnitude):
+// float(sqrt(double sum of the squares)), in double lanes, bit for bit the scalar rule;
+// only in the 8-lane halves that hold a lane of `lanes` (the double roots are the cost).
+MTSEG_AVX512 inline __m512 float_key16(__m512 gr, __m512 gc, __mmask16 lanes) {
+  __m256 k0 = _mm256_setzero_ps(), k1 = _mm256_setzero_ps();
+  if (lanes & 0x00ff) {
+    const __m512d r = _mm512_cvtps_pd(_mm512_castps512_ps256(gr)), c = _mm512_cvtps_pd(_mm512_castps512_ps256(gc));
+    k0 = _mm512_cvtpd_ps(_mm512_sqrt_pd(_mm512_add_pd(_mm512_mul_pd(r, r), _mm512_mul_pd(c, c))));
+  }
+  if (lanes & 0xff00) {
+    const __m512d r = _mm512_cvtps_pd(_mm512_extractf32x8_ps(gr, 1)), c = _mm512_cvtps_pd(_mm512_extractf32x8_ps(gc, 1));
+    k1 = _mm512_cvtpd_ps(_mm512_sqrt_pd(_mm512_add_pd(_mm512_mul_pd(r, r), _mm512_mul_pd(c, c))));
+  }
+  return _mm512_insertf32x8(_mm512_castps256_ps512(k0), k1, 1);
+}
+
+// What the fused pass needs of one call: the image layout, the edges, scratch for the
+// exact test, and the per-thread counters of hog_fallback_counts().
+struct FusedContext {
+  int64_t channels, stride_c, stride_h, height, width, n_cols, n;
+  int64_t prefetch_offset;  // bytes from a pixel to the one a cell row plus one row below
+  const FusedEdges& E;
+  const std::vector<Edge>& edges;
+  uint32_t* exact_scratch;
+  int64_t exact_capacity;
+  int64_t& scalar_bins;
+  int64_t& exact_bins;
+};
+
+// Float squares within this many ulps of each other count as a near tie: 64 ulps are a
+// relative 2^-18 at least, beyond the rounding of two squares (3 x 2^-24 each) plus the
+// step at which float(sqrt) keys can still tie (2^-22 of the square).
+constexpr int32_t kNearTieUlps = 64;
+
+// The 16 pixels (y, x0 .. x0 + 15) of one pixel row.
+struct Pixels16 {
+  __m512 g_row, g_col;  // the winning channel's differences
+  __m512 mag;           // its magnitude, 0 in lanes outside m_valid
+  __m512i bin;          // exact orientation bin
+  __m512i winner;       // winning channel (only computed with kWinner)
+};
+
+// One pixel row of 16 columns: channel choice, magnitude and exact bin, with the rules
+// of select_channel_row_impl / bin_row_impl in the same float operations, so that both
+// passes agree bit for bit. `bad` collects the lanes of non-finite values read (float
+// input: every value of row y + 1 in m_valid, the row the caller has not seen yet).
+// N: the number of bins when known at compile time; 6 and 9 fold the half plane (below).
+template <typename scalar_t, typename grad_t, int N, bool kWinner>
+MTSEG_AVX512 MTSEG_ALWAYS_INLINE Pixels16 fused_pixels16(const scalar_t* img, FusedContext& c, int64_t y,
+                                                         int64_t x0, __mmask16 m_valid, __mmask16 m_col,
+                                                         __mmask16& bad) {
+  constexpr bool kFloatInput = std::is_same_v<scalar_t, float>;
+  using B = EdgeBound<float>;
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i one = _mm512_set1_epi32(1);
+  const bool row_inside = y > 0 && y < c.height - 1;
+  const __mmask16 m_row = row_inside ? m_valid : __mmask16(0);
+  const __mmask16 m_below = y + 1 < c.height ? m_valid : __mmask16(0);  // read (and checked) whenever it exists
+  __m512 best = zero, br = zero, bc = zero;
+  __m512i win = _mm512_setzero_si512();
+  __mmask16 ambiguous = 0, differs = 0;
+  for (int64_t k = 0; k < c.channels; ++k) {
+    const scalar_t* mid = img + k * c.stride_c + y * c.stride_h + x0;
+    const __m512 up = load16(mid + c.stride_h, m_below), down = load16(mid - c.stride_h, m_row);
+    const __m512 right = load16(mid + 1, m_col), left = load16(mid - 1, m_col);
+    if constexpr (kFloatInput) bad |= _mm512_fpclass_ps_mask(up, 0x99);  // NaN, +Inf, -Inf
+    // The same columns of the next cell row, which the caller reads next: fetched into
+    // L2 now, so that its first loads do not wait on memory. (A prefetch never faults,
+    // so the address may lie past the image; it is formed as an integer.)
+    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(mid) + c.prefetch_offset), _MM_HINT_T1);
+    const __m512 gr = _mm512_maskz_sub_ps(m_row, up, down), gc = _mm512_sub_ps(right, left);
+    const __m512 sq = _mm512_add_ps(_mm512_mul_ps(gr, gr), _mm512_mul_ps(gc, gc));
+    if (k == 0) {
+      best = sq, br = gr, bc = gc;
+      continue;
+    }
+    // The same components as the running best up to sign and order: an exact tie (the
+    // same magnitude in any rounding), which the lower channel keeps. Otherwise squares
+    // within rounding of each other are flagged (conservatively: a channel near the final
+    // winner is near the running best when the later of the two is compared).
+    __mmask16 same, near;
+    if constexpr (kFloatInput) {
+      const __m512 agr = abs16(gr), agc = abs16(gc), abr = abs16(br), abc = abs16(bc);
+      same = (_mm512_cmp_ps_mask(agr, abr, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(agc, abc, _CMP_EQ_OQ)) |
+             (_mm512_cmp_ps_mask(agr, abc, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(agc, abr, _CMP_EQ_OQ));
+      const __m512i ulps = _mm512_abs_epi32(_mm512_sub_epi32(_mm512_castps_si512(sq), _mm512_castps_si512(best)));
+      near = _mm512_cmple_epi32_mask(ulps, _mm512_set1_epi32(kNearTieUlps));
+      differs |= static_cast<__mmask16>(~same);
+    } else {
+      // uint8: exact integers, so only equal squares are near, and equal squares with
+      // equal |g_row g_col| have the same components up to sign and order.
+      near = _mm512_cmp_ps_mask(sq, best, _CMP_EQ_OQ);
+      same = _mm512_cmp_ps_mask(abs16(_mm512_mul_ps(gr, gc)), abs16(_mm512_mul_ps(br, bc)), _CMP_EQ_OQ);
+    }
+    ambiguous |= static_cast<__mmask16>(near & ~same);
+    const __mmask16 take = _mm512_cmp_ps_mask(sq, best, _CMP_GT_OQ);  // strict: the lowest channel keeps a tie
+    best = _mm512_mask_mov_ps(best, take, sq);
+    br = _mm512_mask_mov_ps(br, take, gr);
+    bc = _mm512_mask_mov_ps(bc, take, gc);
+    if constexpr (kWinner) win = _mm512_mask_mov_epi32(win, take, _mm512_set1_epi32(static_cast<int32_t>(k)));
+  }
+  if constexpr (kFloatInput) {
+    // Squares below 1e-30 (or underflowed to 0) carry no relative accuracy: any two
+    // different channels are a near tie there (best is the largest square).
+    ambiguous |= static_cast<__mmask16>(differs & _mm512_cmp_ps_mask(best, _mm512_set1_ps(SelectMargins<float>::tiny), _CMP_LT_OQ));
+  }
+  ambiguous &= m_valid;
+  if constexpr (std::is_same_v<grad_t, float>) {
+    if (ambiguous != 0) {  // skimage's own key for every channel of these lanes
+      __m512 best_key = zero;
+      for (int64_t k = 0; k < c.channels; ++k) {
+        const scalar_t* mid = img + k * c.stride_c + y * c.stride_h + x0;
+        const __m512 gr = _mm512_sub_ps(load16(mid + c.stride_h, m_row), load16(mid - c.stride_h, m_row));
+        const __m512 gc = _mm512_sub_ps(load16(mid + 1, m_col), load16(mid - 1, m_col));
+        const __m512 key = float_key16(gr, gc, ambiguous);
+        // strict: the lowest channel keeps a tie; channel 0 always starts
+        const __mmask16 take = k == 0 ? __mmask16(0xffff) : _mm512_cmp_ps_mask(key, best_key, _CMP_GT_OQ);
+        best_key = _mm512_mask_mov_ps(best_key, take, key);
+        br = _mm512_mask_mov_ps(br, take & ambiguous, gr);
+        bc = _mm512_mask_mov_ps(bc, take & ambiguous, gc);
+        if constexpr (kWinner)
+          win = _mm512_mask_mov_epi32(win, take & ambiguous, _mm512_set1_epi32(static_cast<int32_t>(k)));
+      }
+      best = _mm512_add_ps(_mm512_mul_ps(br, br), _mm512_mul_ps(bc, bc));
+      ambiguous = 0;
+    }
+  }
+  // Magnitude, and (float input) lanes whose square is outside float's accurate range.
+  __m512 mag = _mm512_sqrt_ps(best);
+  __mmask16 rescale = 0;
+  if constexpr (kFloatInput) {  // uint8 squares are 0 or integers in [1, 2 x 255^2]
+    const __mmask16 nonzero = _mm512_cmp_ps_mask(br, zero, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(bc, zero, _CMP_NEQ_UQ);
+    rescale = static_cast<__mmask16>(~(_mm512_cmp_ps_mask(best, _mm512_set1_ps(B::sq_lo), _CMP_GE_OQ) &
+                                       _mm512_cmp_ps_mask(best, _mm512_set1_ps(B::sq_hi), _CMP_LE_OQ)) &
+                                     nonzero);
+  }
+  // Bins of the gradient turned into the upper half plane, (|g_row|, +-g_col).
+  const __m512 ar = abs16(br), ac = abs16(bc);
+  // bin_row_impl's margin, with |g_row| + |g_col| rounded once more (2^-24 relative,
+  // far inside the factor 5 of the bound).
+  const __m512 err = _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(ar, ac), _mm512_set1_ps(B::coef)), _mm512_set1_ps(B::tiny));
+  __m512i bin = _mm512_setzero_si512();
+  __m512 nearest = _mm512_set1_ps(std::numeric_limits<float>::infinity());  // smallest |D_i| of the inexact edges
+  if constexpr (N > 0) {
+    // N = 6, 9 (no edge at 45 or 135 degrees): fold the angle into [0, 90] degrees,
+    // theta' = atan2(|g_row|, |g_col|), and test only the edges below 90; a gradient with
+    // g_row, g_col of opposite signs has theta = 180 - theta', which is past edge N - i
+    // exactly when theta' is not past edge i (equality is impossible there: irrational).
+    // The same certified test with the same rounded cos/sin, so the same exact bins.
+    static_assert(N % 4 != 0, "the fold needs the 45 and 135 degree edges absent");
+    constexpr int kBelow90 = (N - 1) / 2;
+#pragma GCC unroll 8
+    for (int i = 0; i < kBelow90; ++i) {
+      const __m512 d = _mm512_sub_ps(_mm512_mul_ps(ar, _mm512_set1_ps(c.E.cos_phi[i])),
+                                     _mm512_mul_ps(ac, _mm512_set1_ps(c.E.sin_phi[i])));
+      bin = _mm512_mask_add_epi32(bin, _mm512_cmp_ps_mask(d, zero, _CMP_GT_OQ), bin, one);
+      nearest = _mm512_min_ps(abs16(d), nearest);
+    }
+    // theta = 90 exactly (g_col = 0): bin N / 2 for even N if skimage's 90 degree edge
+    // is inclusive (as bin_row_impl's exact edge), bin (N - 1) / 2 for odd N either way.
+    const __mmask16 col_zero = _mm512_cmp_ps_mask(bc, zero, _CMP_EQ_OQ);
+    const __mmask16 incl90 = (N % 2 == 0 && c.E.inclusive[N / 2 - 1]) ? __mmask16(0xffff) : __mmask16(0);
+    const __mmask16 mirror = static_cast<__mmask16>(
+        (_mm512_movepi32_mask(_mm512_castps_si512(_mm512_xor_ps(br, bc))) & ~col_zero) | (col_zero & incl90));
+    bin = _mm512_mask_sub_epi32(bin, mirror, _mm512_set1_epi32(N - 1), bin);
+  } else {
+    const __mmask16 flip = _mm512_cmp_ps_mask(br, zero, _CMP_LT_OQ);
+    const __m512 uc = _mm512_mask_sub_ps(bc, flip, zero, bc);
+    for (int64_t i = 0; i < c.n - 1; ++i) {
+      const __m512 d = _mm512_sub_ps(_mm512_mul_ps(ar, _mm512_set1_ps(c.E.cos_phi[i])),
+                                     _mm512_mul_ps(uc, _mm512_set1_ps(c.E.sin_phi[i])));
+      if (c.E.exact[i]) {  // 45/90/135 degrees: the sign is exact; on the edge, skimage's side
+        const __mmask16 past =
+            c.E.inclusive[i] ? _mm512_cmp_ps_mask(d, zero, _CMP_GE_OQ) : _mm512_cmp_ps_mask(d, zero, _CMP_GT_OQ);
+        bin = _mm512_mask_add_epi32(bin, past, bin, one);
+      } else {
+        bin = _mm512_mask_add_epi32(bin, _mm512_cmp_ps_mask(d, zero, _CMP_GT_OQ), bin, one);
+        nearest = _mm512_min_ps(abs16(d), nearest);
+      }
+    }
+  }
+  const __mmask16 on_axis = _mm512_cmp_ps_mask(br, zero, _CMP_EQ_OQ);  // theta 0 or 180: bin 0
+  bin = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~on_axis), bin);
+  // Undecided: within the margin of an edge, or an infinite difference (then err is
+  // infinite; nearest never is NaN: min returns its second operand for a NaN).
+  const __mmask16 undecided = static_cast<__mmask16>(~on_axis & _mm512_cmp_ps_mask(nearest, err, _CMP_LE_OQ));
+  const __mmask16 redo = (ambiguous | rescale | undecided) & m_valid;
+  if (redo != 0 && !(kFloatInput && bad != 0)) {  // rare: the scalar rules, lane by lane
+    alignas(64) float s_row[16], s_col[16], s_mag[16];
+    alignas(64) int32_t s_bin[16], s_win[16];
+    _mm512_store_ps(s_row, br);
+    _mm512_store_ps(s_col, bc);
+    _mm512_store_ps(s_mag, mag);
+    _mm512_store_epi32(s_bin, bin);
+    _mm512_store_epi32(s_win, win);
+    for (int l = 0; l < 16; ++l) {
+      if (!((redo >> l) & 1)) continue;
+      const int64_t x = x0 + l;
+      if ((ambiguous >> l) & 1)
+        s_win[l] = redo_channel_choice_direct<scalar_t, grad_t>(img, c.channels, c.stride_c, c.stride_h, c.height,
+                                                                c.width, y, x, s_row[l], s_col[l]);
+      const float r = s_row[l], cc = s_col[l];
+      if (std::isnan(r) || std::isnan(cc)) {  // a NaN read: the call raises, nothing to decide
+        bad = 1;
+        continue;
+      }
+      const float sq = r * r + cc * cc;
+      s_mag[l] = std::sqrt(sq);
+      if (!((sq >= B::sq_lo) && (sq <= B::sq_hi)) && (r != 0.0f || cc != 0.0f))
+        s_mag[l] = static_cast<float>(magnitude(static_cast<grad_t>(r), static_cast<grad_t>(cc)));
+      const auto d = orientation_bin_exact(static_cast<double>(r), static_cast<double>(cc), c.edges.data(), c.n,
+                                           c.exact_scratch, c.exact_capacity);
+      TORCH_INTERNAL_ASSERT(d.path >= 0, "hog: exact orientation test out of scratch");
+      s_bin[l] = d.bin;
+      ++c.scalar_bins;
+      c.exact_bins += d.path;
+    }
+    br = _mm512_load_ps(s_row);
+    bc = _mm512_load_ps(s_col);
+    mag = _mm512_load_ps(s_mag);
+    bin = _mm512_load_epi32(s_bin);
+    win = _mm512_load_epi32(s_win);
+  }
+  return Pixels16{br, bc, _mm512_maskz_mov_ps(m_valid, mag), bin, win};
+}
+
+// Lane masks of the 16 columns x0 .. x0 + 15: covered (x < n_cols), and with a column
+// difference (0 < x < W - 1).
+MTSEG_AVX512 inline void column_masks(int64_t x0, int64_t n_cols, int64_t width, __mmask16& m_valid, __mmask16& m_col) {
+  const __m512i xs = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(x0)),
+                                      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  m_valid = _mm512_cmplt_epi32_mask(xs, _mm512_set1_epi32(static_cast<int32_t>(n_cols)));
+  m_col = m_valid & _mm512_cmpgt_epi32_mask(xs, _mm512_setzero_si512()) &
+          _mm512_cmplt_epi32_mask(xs, _mm512_set1_epi32(static_cast<int32_t>(width - 1)));
+}
+
+// Non-finite values (float input) among those of rows y0 .. y0 + rows - 1 that
+// fused_pixels16 does not check: row 0 (never a row below), and the columns no cell covers.
+template <typename scalar_t>
+MTSEG_AVX512 __mmask16 check_unread(const scalar_t* img, const FusedContext& c, int64_t y0, int64_t rows) {
+  __mmask16 bad = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int64_t k = 0; k < c.channels; ++k) {
+      if (y0 == 0)
+        for (int64_t x0 = 0; x0 < c.n_cols; x0 += 16) {
+          const __mmask16 m = _mm512_cmplt_epi32_mask(
+              _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(x0)),
+                               _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
+              _mm512_set1_epi32(static_cast<int32_t>(c.n_cols)));
+          bad |= _mm512_fpclass_ps_mask(load16(img + k * c.stride_c + x0, m), 0x99);
+        }
+      for (int64_t y = y0; y < y0 + rows; ++y)
+        for (int64_t x = c.n_cols; x < c.width; ++x) {
+          const float v = static_cast<float>(img[k * c.stride_c + y * c.stride_h + x]);
+          if (!(v - v == 0.0f)) bad = 1;
+        }
+    }
+  }
+  return bad;
 }
 
 // One cell row (image rows y0 .. y0 + cell_rows - 1) of one image: `column_sums` (n x
-// n_cols) receives the per-column, per-bin sums of the magnitudes. Returns false if a
-// value read is not finite (float input).
-// N: the number of bins when known at compile time (the per-bin sums then live in
-// registers), 0 for any n (sums in `acc`, 16 n floats).
+// n_cols) receives the per-column, per-bin sums of the magnitudes, 16 columns at a time
+// with the pixel rows as the inner loop, so that the sums stay in registers (N = 6, 9;
+// in `acc`, 16 n floats, for other n). Returns false if a value read is not finite.
 template <typename scalar_t, typename grad_t, int N>
-MTSEG_AVX512 bool fused_cell_row(const scalar_t* img, int64_t channels, int64_t stride_c, int64_t stride_h,
-                                 int64_t height, int64_t width, int64_t y0, int64_t cell_rows, int64_t n_cols,
-                                 int64_t n, const FusedEdges& E, const std::vector<Edge>& edges, float* acc,
-                                 uint32_t* exact_scratch, int64_t exact_capacity, float* column_sums,
-                                 int64_t& scalar_bins, int64_t& exact_bins) {
-  constexpr bool kCheckFinite = std::is_same_v<scalar_t, float>;
-  using SM = SelectMargins<float>;
-  using B = EdgeBound<float>;
-  const __m512 zero = _mm512_setzero_ps(), lo = _mm512_set1_ps(SM::lo), hi = _mm512_set1_ps(SM::hi),
-               tiny_sq = _mm512_set1_ps(SM::tiny), coef = _mm512_set1_ps(B::coef), tiny = _mm512_set1_ps(B::tiny),
-               sq_lo = _mm512_set1_ps(B::sq_lo), sq_hi = _mm512_set1_ps(B::sq_hi),
-               inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  const __m512i one = _mm512_set1_epi32(1), lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const int64_t nn = N > 0 ? N : n;
+MTSEG_AVX512 bool fused_cell_row(const scalar_t* img, FusedContext& c, int64_t y0, int64_t cell_rows, float* acc,
+                                 float* column_sums) {
   __m512 acc_reg[N > 0 ? N : 1];
-  __mmask16 bad = 0;
-  alignas(64) float s_row[16], s_col[16], s_mag[16];
-  alignas(64) int32_t s_bin[16];
-  for (int64_t x0 = 0; x0 < n_cols; x0 += 16) {
-    // Lanes x = x0 + l: covered (x < n_cols), and with a column difference (0 < x < W - 1).
-    const __m512i xs = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(x0)), lane);
-    const __mmask16 m_valid = _mm512_cmplt_epi32_mask(xs, _mm512_set1_epi32(static_cast<int32_t>(n_cols)));
-    const __mmask16 m_col = m_valid & _mm512_cmpgt_epi32_mask(xs, _mm512_setzero_si512()) &
-                            _mm512_cmplt_epi32_mask(xs, _mm512_set1_epi32(static_cast<int32_t>(width - 1)));
+  __mmask16 bad = check_unread(img, c, y0, cell_rows);
+  for (int64_t x0 = 0; x0 < c.n_cols; x0 += 16) {
+    __mmask16 m_valid, m_col;
+    column_masks(x0, c.n_cols, c.width, m_valid, m_col);
     if constexpr (N > 0) {
 #pragma GCC unroll 16
-      for (int o = 0; o < N; ++o) acc_reg[o] = zero;
+      for (int o = 0; o < N; ++o) acc_reg[o] = _mm512_setzero_ps();
     } else {
-      for (int64_t o = 0; o < n; ++o) _mm512_storeu_ps(acc + 16 * o, zero);
+      for (int64_t o = 0; o < c.n; ++o) _mm512_storeu_ps(acc + 16 * o, _mm512_setzero_ps());
     }
     for (int64_t y = y0; y < y0 + cell_rows; ++y) {
-      const bool row_inside = y > 0 && y < height - 1;
-      const __mmask16 m_row = row_inside ? m_valid : __mmask16(0);
-      __m512 best = zero, br = zero, bc = zero;
-      __mmask16 ambiguous = 0;
-      for (int64_t k = 0; k < channels; ++k) {
-        const scalar_t* mid = img + k * stride_c + y * stride_h + x0;
-        const __m512 up = load16(mid + stride_h, m_row), down = load16(mid - stride_h, m_row);
-        const __m512 right = load16(mid + 1, m_col), left = load16(mid - 1, m_col);
-        if (kCheckFinite) {
-          const __m512 v = load16(mid, m_valid);
-          bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_NEQ_UQ);
-        }
-        const __m512 gr = _mm512_sub_ps(up, down), gc = _mm512_sub_ps(right, left);
-        const __m512 sq = _mm512_add_ps(_mm512_mul_ps(gr, gr), _mm512_mul_ps(gc, gc));
-        if (k == 0) {
-          best = sq, br = gr, bc = gc;
-          continue;
-        }
-        // select_channel_row_impl's rule: exact ties (same components up to sign and
-        // order) keep the lower channel; otherwise squares within rounding are flagged.
-        const __m512 agr = abs16(gr), agc = abs16(gc), abr = abs16(br), abc = abs16(bc);
-        const __mmask16 identical =
-            (_mm512_cmp_ps_mask(agr, abr, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(agc, abc, _CMP_EQ_OQ)) |
-            (_mm512_cmp_ps_mask(agr, abc, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(agc, abr, _CMP_EQ_OQ));
-        const __mmask16 apart = _mm512_cmp_ps_mask(sq, _mm512_mul_ps(best, lo), _CMP_LT_OQ) |
-                                _mm512_cmp_ps_mask(sq, _mm512_mul_ps(best, hi), _CMP_GT_OQ);
-        const __mmask16 both_tiny =
-            _mm512_cmp_ps_mask(sq, tiny_sq, _CMP_LT_OQ) & _mm512_cmp_ps_mask(best, tiny_sq, _CMP_LT_OQ);
-        ambiguous |= static_cast<__mmask16>(~identical & (~apart | both_tiny));
-        const __mmask16 take = _mm512_cmp_ps_mask(sq, best, _CMP_GT_OQ);
-        best = _mm512_mask_mov_ps(best, take, sq);
-        br = _mm512_mask_mov_ps(br, take, gr);
-        bc = _mm512_mask_mov_ps(bc, take, gc);
-      }
-      if constexpr (std::is_same_v<grad_t, float>) {
-        if (ambiguous != 0) {  // skimage's own key for every channel of these 16 pixels
-          __m512 best_key = zero;
-          for (int64_t k = 0; k < channels; ++k) {
-            const scalar_t* mid = img + k * stride_c + y * stride_h + x0;
-            const __m512 gr = _mm512_sub_ps(load16(mid + stride_h, m_row), load16(mid - stride_h, m_row));
-            const __m512 gc = _mm512_sub_ps(load16(mid + 1, m_col), load16(mid - 1, m_col));
-            const __m512 key = float_key16(gr, gc);
-            // strict: the lowest channel keeps a tie; channel 0 always starts
-            const __mmask16 take = k == 0 ? __mmask16(0xffff) : _mm512_cmp_ps_mask(key, best_key, _CMP_GT_OQ);
-            best_key = _mm512_mask_mov_ps(best_key, take, key);
-            br = _mm512_mask_mov_ps(br, take & ambiguous, gr);
-            bc = _mm512_mask_mov_ps(bc, take & ambiguous, gc);
-          }
-          best = _mm512_add_ps(_mm512_mul_ps(br, br), _mm512_mul_ps(bc, bc));
-          ambiguous = 0;
-        }
-      }
-      // Magnitude, and lanes whose square is outside float's accurate range (or not finite).
-      __m512 mag = _mm512_sqrt_ps(best);
-      const __mmask16 nonzero = _mm512_cmp_ps_mask(br, zero, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(bc, zero, _CMP_NEQ_UQ);
-      const __mmask16 rescale = static_cast<__mmask16>(
-          ~(_mm512_cmp_ps_mask(best, sq_lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(best, sq_hi, _CMP_LE_OQ)) & nonzero);
-      // Bins: gradient turned into the upper half plane, then one test per edge.
-      const __mmask16 flip = _mm512_cmp_ps_mask(br, zero, _CMP_LT_OQ);
-      const __m512 ur = _mm512_mask_sub_ps(br, flip, zero, br), uc = _mm512_mask_sub_ps(bc, flip, zero, bc);
-      const __m512 ar = abs16(br), ac = abs16(bc);
-      const __m512 err = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(ar, coef), _mm512_mul_ps(ac, coef)), tiny);
-      __m512i bin = _mm512_setzero_si512();
-      __m512 nearest = inf;  // smallest |D_i| over the inexact edges
-#pragma GCC unroll 16
-      for (int64_t i = 0; i < nn - 1; ++i) {
-        const __m512 d = _mm512_sub_ps(_mm512_mul_ps(ur, _mm512_set1_ps(E.cos_phi[i])),
-                                       _mm512_mul_ps(uc, _mm512_set1_ps(E.sin_phi[i])));
-        if (E.exact[i]) {  // 45/90/135 degrees: the sign is exact; on the edge, skimage's side
-          const __mmask16 past =
-              E.inclusive[i] ? _mm512_cmp_ps_mask(d, zero, _CMP_GE_OQ) : _mm512_cmp_ps_mask(d, zero, _CMP_GT_OQ);
-          bin = _mm512_mask_add_epi32(bin, past, bin, one);
-        } else {
-          bin = _mm512_mask_add_epi32(bin, _mm512_cmp_ps_mask(d, zero, _CMP_GT_OQ), bin, one);
-          nearest = _mm512_min_ps(abs16(d), nearest);
-        }
-      }
-      const __mmask16 on_axis = _mm512_cmp_ps_mask(br, zero, _CMP_EQ_OQ);  // theta 0 or 180: bin 0
-      bin = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~on_axis), bin);
-      const __mmask16 undecided = static_cast<__mmask16>(
-          ~on_axis & (_mm512_cmp_ps_mask(nearest, err, _CMP_LE_OQ) |
-                      ~(_mm512_cmp_ps_mask(ar, inf, _CMP_LT_OQ) & _mm512_cmp_ps_mask(ac, inf, _CMP_LT_OQ))));
-      const __mmask16 redo = (ambiguous | rescale | undecided) & m_valid;
-      if (redo != 0 && !(kCheckFinite && bad != 0)) {  // rare: the scalar rules, lane by lane
-        _mm512_store_ps(s_row, br);
-        _mm512_store_ps(s_col, bc);
-        _mm512_store_ps(s_mag, mag);
-        _mm512_store_epi32(s_bin, bin);
-        for (int l = 0; l < 16; ++l) {
-          if (!((redo >> l) & 1)) continue;
-          const int64_t x = x0 + l;
-          if ((ambiguous >> l) & 1)
-            redo_channel_choice_direct<scalar_t, grad_t>(img, channels, stride_c, stride_h, height, width, y, x,
-                                                         s_row[l], s_col[l]);
-          const float r = s_row[l], c = s_col[l];
-          if (std::isnan(r) || std::isnan(c)) {  // a NaN read: the call raises, nothing to decide
-            bad = 1;
-            continue;
-          }
-          const float sq = r * r + c * c;
-          s_mag[l] = std::sqrt(sq);
-          if (!((sq >= B::sq_lo) && (sq <= B::sq_hi)) && (r != 0.0f || c != 0.0f))
-            s_mag[l] = static_cast<float>(magnitude(static_cast<grad_t>(r), static_cast<grad_t>(c)));
-          const auto d = orientation_bin_exact(static_cast<double>(r), static_cast<double>(c), edges.data(), n,
-                                               exact_scratch, exact_capacity);
-          TORCH_INTERNAL_ASSERT(d.path >= 0, "hog: exact orientation test out of scratch");
-          s_bin[l] = d.bin;
-          ++scalar_bins;
-          exact_bins += d.path;
-        }
-        mag = _mm512_load_ps(s_mag);
-        bin = _mm512_load_epi32(s_bin);
-      }
-      mag = _mm512_maskz_mov_ps(m_valid, mag);
+      const Pixels16 px = fused_pixels16<scalar_t, grad_t, N, false>(img, c, y, x0, m_valid, m_col, bad);
       if constexpr (N > 0) {
 #pragma GCC unroll 16
         for (int o = 0; o < N; ++o)
-          acc_reg[o] = _mm512_mask_add_ps(acc_reg[o], _mm512_cmpeq_epi32_mask(bin, _mm512_set1_epi32(o)), acc_reg[o], mag);
+          acc_reg[o] = _mm512_mask_add_ps(acc_reg[o], _mm512_cmpeq_epi32_mask(px.bin, _mm512_set1_epi32(o)),
+                                          acc_reg[o], px.mag);
       } else {
-        for (int64_t o = 0; o < n; ++o) {
-          const __mmask16 in_bin = _mm512_cmpeq_epi32_mask(bin, _mm512_set1_epi32(static_cast<int32_t>(o)));
+        for (int64_t o = 0; o < c.n; ++o) {
+          const __mmask16 in_bin = _mm512_cmpeq_epi32_mask(px.bin, _mm512_set1_epi32(static_cast<int32_t>(o)));
           const __m512 a = _mm512_loadu_ps(acc + 16 * o);
-          _mm512_storeu_ps(acc + 16 * o, _mm512_mask_add_ps(a, in_bin, a, mag));
+          _mm512_storeu_ps(acc + 16 * o, _mm512_mask_add_ps(a, in_bin, a, px.mag));
         }
       }
     }
-    for (int64_t o = 0; o < n; ++o)
-      _mm512_mask_storeu_ps(column_sums + o * n_cols + x0, m_valid, N > 0 ? acc_reg[N > 0 ? o : 0] : _mm512_loadu_ps(acc + 16 * o));
-  }
-  if (kCheckFinite) {  // columns no cell covers, in the rows read as the middle row
-    for (int64_t k = 0; k < channels; ++k)
-      for (int64_t y = y0; y < y0 + cell_rows; ++y)
-        for (int64_t x = n_cols; x < width; ++x) {
-          const float v = static_cast<float>(img[k * stride_c + y * stride_h + x]);
-          if (!(v - v == 0.0f)) bad = 1;
-        }
+    if constexpr (N > 0) {
+#pragma GCC unroll 16
+      for (int o = 0; o < N; ++o) _mm512_mask_storeu_ps(column_sums + o * c.n_cols + x0, m_valid, acc_reg[o]);
+    } else {
+      for (int64_t o = 0; o < c.n; ++o)
+        _mm512_mask_storeu_ps(column_sums + o * c.n_cols + x0, m_valid, _mm512_loadu_ps(acc + 16 * o));
+    }
   }
   return bad == 0;
+}
+// Lanes 8 h .. 8 h + 7 of v in double.
+MTSEG_AVX512 inline __m512d half_to_double(__m512 v, int h) {
+  return _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(v) : _mm512_extractf32x8_ps(v, 1));
+}
+
+// Pass 1 of the cells backward (see cells_backward_kernel) for one cell row, from the
+// pixels of fused_pixels16: per covered pixel, G = grad_cells[cell, bin] / area and
+// hog.h's stencil_gradient, (G g_row / mag, G g_col / mag) and the winning channel, in
+// the same double operations as the row loops (so both give the same bits), 8 lanes at
+// a time. `grad_cells` is the cell row's (n_cells_col, n) slice, `cell_base[x]` =
+// (x / cell_cols) n; d_row, d_col, channel point at the image's (H, W) planes.
+template <typename scalar_t, typename grad_t, int N>
+MTSEG_AVX512 bool fused_backward_cell_row(const scalar_t* img, FusedContext& c, int64_t y0, int64_t cell_rows,
+                                          const int32_t* cell_base, const float* grad_cells, int64_t area,
+                                          float* d_row, float* d_col, int32_t* channel) {
+  // Dividing by a power of two and multiplying by its exact inverse round alike.
+  const bool area_pow2 = (area & (area - 1)) == 0;
+  const __m512d area_d = _mm512_set1_pd(static_cast<double>(area)), inv_area = _mm512_set1_pd(1.0 / static_cast<double>(area));
+  const __m512d zero_d = _mm512_setzero_pd();
+  __mmask16 bad = check_unread(img, c, y0, cell_rows);
+  for (int64_t x0 = 0; x0 < c.n_cols; x0 += 16) {
+    __mmask16 m_valid, m_col;
+    column_masks(x0, c.n_cols, c.width, m_valid, m_col);
+    const __m512i base = _mm512_maskz_loadu_epi32(m_valid, cell_base + x0);
+    for (int64_t y = y0; y < y0 + cell_rows; ++y) {
+      const Pixels16 px = fused_pixels16<scalar_t, grad_t, N, true>(img, c, y, x0, m_valid, m_col, bad);
+      const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m_valid, _mm512_add_epi32(base, px.bin),
+                                                grad_cells, 4);
+      __m256 out_r[2], out_c[2];
+      for (int h = 0; h < 2; ++h) {
+        auto half = [h](__m512 v) { return half_to_double(v, h); };
+        __m512d gd = half(g);
+        gd = area_pow2 ? _mm512_mul_pd(gd, inv_area) : _mm512_div_pd(gd, area_d);
+        const __m512d md = half(px.mag);
+        // stencil_gradient: 0 unless mag > 0 and G != 0 (a NaN G passes, as there)
+        const __mmask8 keep = _mm512_cmp_pd_mask(md, zero_d, _CMP_GT_OQ) & _mm512_cmp_pd_mask(gd, zero_d, _CMP_NEQ_UQ);
+        out_r[h] = _mm512_cvtpd_ps(_mm512_maskz_div_pd(keep, _mm512_mul_pd(gd, half(px.g_row)), md));
+        out_c[h] = _mm512_cvtpd_ps(_mm512_maskz_div_pd(keep, _mm512_mul_pd(gd, half(px.g_col)), md));
+      }
+      const int64_t at = y * c.width + x0;
+      _mm512_mask_storeu_ps(d_row + at, m_valid, _mm512_insertf32x8(_mm512_castps256_ps512(out_r[0]), out_r[1], 1));
+      _mm512_mask_storeu_ps(d_col + at, m_valid, _mm512_insertf32x8(_mm512_castps256_ps512(out_c[0]), out_c[1], 1));
+      _mm512_mask_storeu_epi32(channel + at, m_valid, px.winner);
+    }
+  }
+  return bad == 0;
+}
+// transpose_stencil_row for float gradients, 16 columns at a time with lane masks for
+// the borders and the last partial vector (no scalar remainder): the same adds in the
+// same order, so the same bits.
+MTSEG_AVX512 void transpose_stencil_row16(const float* d_row, const float* d_col, const int32_t* channel, int64_t H,
+                                          int64_t W, int32_t k, int64_t y, float* out) {
+  const float* du = d_row + (y > 0 ? y - 1 : y) * W;
+  const int32_t* cu = channel + (y > 0 ? y - 1 : y) * W;
+  const float* dd = d_row + (y + 1 < H ? y + 1 : y) * W;
+  const int32_t* cd = channel + (y + 1 < H ? y + 1 : y) * W;
+  const float* dc = d_col + y * W;
+  const int32_t* cc = channel + y * W;
+  const __m512i kk = _mm512_set1_epi32(k), k_above = _mm512_set1_epi32(y > 0 ? k : -1),
+                k_below = _mm512_set1_epi32(y + 1 < H ? k : -1);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t x0 = 0; x0 < W; x0 += 16) {
+    const __m512i xs = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(x0)), lane);
+    const __mmask16 m = _mm512_cmplt_epi32_mask(xs, _mm512_set1_epi32(static_cast<int32_t>(W)));
+    const __mmask16 m_left = m & _mm512_cmpgt_epi32_mask(xs, _mm512_setzero_si512());
+    const __mmask16 m_right = _mm512_cmplt_epi32_mask(xs, _mm512_set1_epi32(static_cast<int32_t>(W - 1)));
+    __m512 v = _mm512_setzero_ps();
+    const __mmask16 a = _mm512_mask_cmpeq_epi32_mask(m, _mm512_maskz_loadu_epi32(m, cu + x0), k_above);
+    v = _mm512_mask_add_ps(v, a, v, _mm512_maskz_loadu_ps(a, du + x0));
+    const __mmask16 b = _mm512_mask_cmpeq_epi32_mask(m, _mm512_maskz_loadu_epi32(m, cd + x0), k_below);
+    v = _mm512_mask_sub_ps(v, b, v, _mm512_maskz_loadu_ps(b, dd + x0));
+    const __mmask16 l = _mm512_mask_cmpeq_epi32_mask(m_left, _mm512_maskz_loadu_epi32(m_left, cc + x0 - 1), kk);
+    v = _mm512_mask_add_ps(v, l, v, _mm512_maskz_loadu_ps(l, dc + x0 - 1));
+    const __mmask16 r = _mm512_mask_cmpeq_epi32_mask(m_right, _mm512_maskz_loadu_epi32(m_right, cc + x0 + 1), kk);
+    v = _mm512_mask_sub_ps(v, r, v, _mm512_maskz_loadu_ps(r, dc + x0 + 1));
+    _mm512_mask_storeu_ps(out + x0, m, v);
+  }
 }
 #endif  // fused pass
 
@@ -689,17 +890,21 @@ void dispatch_working_types(at::ScalarType dtype, bool transform_sqrt, F&& f) {
 }
 
 // One cell row of cells from the per-bin column sums (n x n_cols) of its pixel rows.
+// Each cell adds its columns' sums in double, in column order; the loop runs the n x
+// n_cells_col sums side by side (`totals`, one per cell and bin), so that they are
+// independent adds rather than one chain of cell_cols dependent ones per cell.
 template <typename T, typename cell_t>
-void write_cells(const T* column_sums, const CellGeometry& g, int64_t n_cols, cell_t* out) {
-  const int64_t n = g.orientations;
-  for (int64_t cc = 0; cc < g.n_cells_col; ++cc) {
+void write_cells(const T* column_sums, const CellGeometry& g, int64_t n_cols, double* totals, cell_t* out) {
+  const int64_t n = g.orientations, n_cells = g.n_cells_col;
+  std::fill(totals, totals + n * n_cells, 0.0);
+  for (int64_t x = 0; x < g.cell_cols; ++x)
     for (int64_t o = 0; o < n; ++o) {
-      const T* sums = column_sums + o * n_cols + cc * g.cell_cols;
-      double total = 0.0;  // per-column sums of T (cell_rows pixels each), added in double
-      for (int64_t x = 0; x < g.cell_cols; ++x) total += static_cast<double>(sums[x]);
-      out[cc * n + o] = cell_mean<cell_t>(total, g.area());
+      const T* sums = column_sums + o * n_cols + x;
+      double* tot = totals + o * n_cells;
+      for (int64_t cc = 0; cc < n_cells; ++cc) tot[cc] += static_cast<double>(sums[cc * g.cell_cols]);
     }
-  }
+  for (int64_t cc = 0; cc < n_cells; ++cc)
+    for (int64_t o = 0; o < n; ++o) out[cc * n + o] = cell_mean<cell_t>(totals[o * n_cells + cc], g.area());
 }
 
 // Whether cells_kernel takes the fused pass (see above) for these images.
@@ -733,6 +938,7 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
   at::parallel_for(0, g.batch * g.n_cells_row, grain_for(g.cell_rows * g.width), [&](int64_t begin, int64_t end) {
     RowScratch<T> t(fused ? 0 : C, buf_rows, row_stride, n_cols, n, edges, lanes);
     std::vector<float> acc(fused ? 16 * n : 0);
+    std::vector<double> totals(n * g.n_cells_col);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
       const int64_t y0 = cell_row * g.cell_rows;
@@ -744,14 +950,23 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
           auto* const row_fn = n == 6   ? &fused_cell_row<scalar_t, grad_t, 6>
                                : n == 9 ? &fused_cell_row<scalar_t, grad_t, 9>
                                         : &fused_cell_row<scalar_t, grad_t, 0>;
-          if (!row_fn(img.data, C, img.stride_c, img.stride_h, g.height, g.width, y0, g.cell_rows, n_cols, n,
-                      fused_edges, edges, acc.data(), t.exact_scratch.data(),
-                      static_cast<int64_t>(t.exact_scratch.size()), t.column_sums.data(), t.scalar_bins,
-                      t.exact_bins)) {
+          FusedContext ctx{C,
+                           img.stride_c,
+                           img.stride_h,
+                           g.height,
+                           g.width,
+                           n_cols,
+                           n,
+                           (g.cell_rows + 1) * img.stride_h * static_cast<int64_t>(sizeof(scalar_t)),
+                           fused_edges,
+                           edges,
+                           t.exact_scratch.data(),
+                           static_cast<int64_t>(t.exact_scratch.size()), t.scalar_bins, t.exact_bins};
+          if (!row_fn(img.data, ctx, y0, g.cell_rows, acc.data(), t.column_sums.data())) {
             all_valid = false;
             continue;
           }
-          write_cells<T, cell_t>(t.column_sums.data(), g, n_cols, cells + item * g.n_cells_col * n);
+          write_cells<T, cell_t>(t.column_sums.data(), g, n_cols, totals.data(), cells + item * g.n_cells_col * n);
           ++t.fused_rows;
           continue;
         }
@@ -766,7 +981,7 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
         const T* mid = t.rows.data() + (y - y0 + 1) * row_stride + 1;
         orient_pixel_row<T, grad_t>(t, mid, C, buf_rows * row_stride, row_stride, n_cols, n, t.column_sums.data());
       }
-      write_cells<T, cell_t>(t.column_sums.data(), g, n_cols, cells + item * g.n_cells_col * n);
+      write_cells<T, cell_t>(t.column_sums.data(), g, n_cols, totals.data(), cells + item * g.n_cells_col * n);
     }
   });
   TORCH_CHECK_VALUE(all_valid.load(), "hog_cells: images contain NaN or Inf",
@@ -855,40 +1070,43 @@ at::Tensor hog_blocks_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
   return grad_cells;
 }
 
-// hog.h's input_gradient for a whole row (y, x = 0..W-1) of channel k, as four
-// branch-free loops the compiler vectorises, in the gradient's own type (one vector
-// width per loop).
+// hog.h's input_gradient for a whole row (y, x = 0..W-1) of channel k in the gradient's
+// own type: one branch-free loop over the inner columns that the compiler vectorises,
+// adding the four neighbours' terms in input_gradient's order (above, below, left,
+// right). A missing row above or below contributes through a row whose channel never
+// matches (-1): adding +0 changes nothing, as the sum is never -0.
 template <typename acc_t>
 MTSEG_ALWAYS_INLINE void transpose_stencil_row_impl(const acc_t* __restrict d_row, const acc_t* __restrict d_col,
                                                     const int32_t* __restrict channel, int64_t H, int64_t W,
                                                     int32_t k, int64_t y, acc_t* __restrict out) {
-  for (int64_t x = 0; x < W; ++x) out[x] = acc_t(0);
-  if (y > 0) {  // +d_row of the pixel above
-    const acc_t* d = d_row + (y - 1) * W;
-    const int32_t* ch = channel + (y - 1) * W;
-    for (int64_t x = 0; x < W; ++x) {
-      const acc_t v = d[x];  // loaded unconditionally, so the select vectorises
-      out[x] += ch[x] == k ? v : acc_t(0);
-    }
+  const int64_t above = y > 0 ? y - 1 : y, below = y + 1 < H ? y + 1 : y;
+  const int32_t k_above = y > 0 ? k : -1, k_below = y + 1 < H ? k : -1;
+  const acc_t* __restrict du = d_row + above * W;  // +d_row of the pixel above
+  const int32_t* __restrict cu = channel + above * W;
+  const acc_t* __restrict dd = d_row + below * W;  // -d_row of the pixel below
+  const int32_t* __restrict cd = channel + below * W;
+  const acc_t* __restrict dc = d_col + y * W;  // +d_col of the pixel to the left, -d_col of the one to the right
+  const int32_t* __restrict cc = channel + y * W;
+  auto vertical = [&](int64_t x) {
+    acc_t v = acc_t(0);
+    v += cu[x] == k_above ? du[x] : acc_t(0);  // loaded unconditionally, so the selects vectorise
+    v += cd[x] == k_below ? -dd[x] : acc_t(0);
+    return v;
+  };
+  for (int64_t x = 1; x < W - 1; ++x) {
+    acc_t v = vertical(x);
+    v += cc[x - 1] == k ? dc[x - 1] : acc_t(0);
+    v += cc[x + 1] == k ? -dc[x + 1] : acc_t(0);
+    out[x] = v;
   }
-  if (y + 1 < H) {  // -d_row of the pixel below
-    const acc_t* d = d_row + (y + 1) * W;
-    const int32_t* ch = channel + (y + 1) * W;
-    for (int64_t x = 0; x < W; ++x) {
-      const acc_t v = d[x];
-      out[x] += ch[x] == k ? -v : acc_t(0);  // (written as an add so the select vectorises)
-    }
+  acc_t first = vertical(0);
+  if (W > 1) {
+    first += cc[1] == k ? -dc[1] : acc_t(0);
+    acc_t last = vertical(W - 1);
+    last += cc[W - 2] == k ? dc[W - 2] : acc_t(0);
+    out[W - 1] = last;
   }
-  const acc_t* d = d_col + y * W;
-  const int32_t* ch = channel + y * W;
-  for (int64_t x = 1; x < W; ++x) {  // +d_col of the pixel to the left
-    const acc_t v = d[x - 1];
-    out[x] += ch[x - 1] == k ? v : acc_t(0);
-  }
-  for (int64_t x = 0; x < W - 1; ++x) {  // -d_col of the pixel to the right
-    const acc_t v = d[x + 1];
-    out[x] += ch[x + 1] == k ? -v : acc_t(0);
-  }
+  out[0] = first;
 }
 MTSEG_CPU_CLONES void transpose_stencil_row(const float* __restrict d_row, const float* __restrict d_col,
                                             const int32_t* __restrict channel, int64_t H, int64_t W, int32_t k,
@@ -914,11 +1132,48 @@ void cells_backward_kernel(const at::Tensor& images, const CellGeometry& g, bool
   const auto edges = orientation_edges(n);
   const EdgeLanes<T> lanes(edges);
   std::atomic<bool> all_valid{true};
+  // (The gather of pass 1 takes int32 indices into a cell row.)
+  const bool fused = use_fused_pass<scalar_t, T>(images, g, transform_sqrt) && g.n_cells_col * n < (int64_t(1) << 30);
+#ifdef MTSEG_HOG_FUSED
+  const FusedEdges fused_edges(edges);
+  std::vector<int32_t> cell_base(fused ? n_cols + 16 : 0);  // (x / cell_cols) n, padded for 16-lane loads
+  for (int64_t x = 0; x < static_cast<int64_t>(cell_base.size()) && x < n_cols; ++x)
+    cell_base[x] = static_cast<int32_t>((x / g.cell_cols) * n);
+#endif
   at::parallel_for(0, g.batch * g.n_cells_row, grain_for(g.cell_rows * W), [&](int64_t begin, int64_t end) {
-    RowScratch<T> t(C, buf_rows, row_stride, n_cols, n, edges, lanes);
+    RowScratch<T> t(fused ? 0 : C, buf_rows, row_stride, n_cols, n, edges, lanes);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
       const int64_t y0 = cell_row * g.cell_rows;
+#ifdef MTSEG_HOG_FUSED
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float> &&
+                    (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, uint8_t>)) {
+        if (fused) {
+          const auto img = image_view<scalar_t>(images, b);
+          FusedContext ctx{C,
+                           img.stride_c,
+                           img.stride_h,
+                           g.height,
+                           g.width,
+                           n_cols,
+                           n,
+                           (g.cell_rows + 1) * img.stride_h * static_cast<int64_t>(sizeof(scalar_t)),
+                           fused_edges,
+                           edges,
+                           t.exact_scratch.data(),
+                           static_cast<int64_t>(t.exact_scratch.size()), t.scalar_bins, t.exact_bins};
+          auto* const row_fn = n == 6   ? &fused_backward_cell_row<scalar_t, grad_t, 6>
+                               : n == 9 ? &fused_backward_cell_row<scalar_t, grad_t, 9>
+                                        : &fused_backward_cell_row<scalar_t, grad_t, 0>;
+          const int64_t plane = b * H * W;
+          if (!row_fn(img.data, ctx, y0, g.cell_rows, cell_base.data(), grad_cells + item * g.n_cells_col * n,
+                      g.area(), d_row + plane, d_col + plane, channel + plane))
+            all_valid = false;
+          ++t.fused_rows;
+          continue;
+        }
+      }
+#endif
       if (!load_rows<T>(image_view<scalar_t>(images, b), y0, buf_rows, transform_sqrt, t.rows.data())) {
         all_valid = false;
         continue;
@@ -942,19 +1197,29 @@ void cells_backward_kernel(const at::Tensor& images, const CellGeometry& g, bool
   });
   TORCH_CHECK_VALUE(all_valid.load(), "hog_cells_backward: images contain NaN or Inf",
                     transform_sqrt ? " or negative values (transform_sqrt needs images >= 0)" : "");
-  at::parallel_for(0, g.batch * C * H, grain_for(W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> out(W);
+  // Items in (image, row, channel) order, so the channels of a row reuse its d rows from L1.
+  at::parallel_for(0, g.batch * H * C, grain_for(W), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (C * H), k = (item / H) % C, y = item % H;
+      const int64_t b = item / (H * C), y = (item / C) % H, k = item % C;
       const int64_t plane = b * H * W;
-      transpose_stencil_row(d_row + plane, d_col + plane, channel + plane, H, W, static_cast<int32_t>(k), y,
-                            out.data());
+      acc_t* out = grad_images + ((b * C + k) * H + y) * W;
+#ifdef MTSEG_HOG_FUSED
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (fused) {
+          transpose_stencil_row16(d_row + plane, d_col + plane, channel + plane, H, W, static_cast<int32_t>(k), y, out);
+        } else {
+          transpose_stencil_row(d_row + plane, d_col + plane, channel + plane, H, W, static_cast<int32_t>(k), y, out);
+        }
+      } else
+#endif
+      {
+        transpose_stencil_row(d_row + plane, d_col + plane, channel + plane, H, W, static_cast<int32_t>(k), y, out);
+      }
       if (transform_sqrt) {
         const auto img = image_view<scalar_t>(images, b);
         for (int64_t x = 0; x < W; ++x)
           out[x] = static_cast<acc_t>(sqrt_chain(out[x], img.template load<double>(k, y, x, false)));
       }
-      std::copy(out.begin(), out.end(), grad_images + item * W);
     }
   });
 }
@@ -971,10 +1236,15 @@ at::Tensor hog_cells_backward_cpu(const at::Tensor& grad_cells_in, const at::Ten
   auto grad_images = at::empty(images.sizes(), images.options().dtype(acc_dtype));
   if (grad_images.numel() == 0) return grad_images;
   const auto opts = images.options().dtype(acc_dtype);
-  // Zero outside the cells (rows and columns no cell covers), written by pass 1 inside.
-  auto d_row = at::zeros({g.batch, g.height, g.width}, opts);
-  auto d_col = at::zeros({g.batch, g.height, g.width}, opts);
-  auto channel = at::zeros({g.batch, g.height, g.width}, opts.dtype(at::kInt));
+  // Pass 1 writes every covered pixel; only the rows and columns no cell covers are zeroed.
+  auto d_row = at::empty({g.batch, g.height, g.width}, opts);
+  auto d_col = at::empty({g.batch, g.height, g.width}, opts);
+  auto channel = at::empty({g.batch, g.height, g.width}, opts.dtype(at::kInt));
+  const int64_t rows_covered = g.n_cells_row * g.cell_rows, cols_covered = g.n_cells_col * g.cell_cols;
+  for (at::Tensor* plane : {&d_row, &d_col, &channel}) {
+    if (rows_covered < g.height) plane->narrow(1, rows_covered, g.height - rows_covered).zero_();
+    if (cols_covered < g.width) plane->narrow(2, cols_covered, g.width - cols_covered).zero_();
+  }
   // Same working types as the forward, so the backward sees the forward's winners and bins.
   dispatch_working_types(images.scalar_type(), transform_sqrt, [&](auto scalar, auto working, auto grad, auto acc) {
     using acc_t = decltype(acc);

@@ -295,6 +295,26 @@ def test_fused_pass_equals_row_loops(dname, shape, n, ppc):
     assert torch.equal(fused, rows)
 
 
+@pytest.mark.skipif(not FUSED, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("dname", ["float32", "uint8"])
+@pytest.mark.parametrize("shape, n, ppc", FUSED_CASES)
+def test_fused_backward_equals_row_loops(dname, shape, n, ppc):
+    """The cells backward through the fused pass (winning channel, bin and stencil
+    gradient per pixel) gives the row loops' bits, for cell areas that are powers of two
+    and not, an upstream gradient with zeros, and the same awkward shapes as above."""
+    image = torch.from_numpy(_mixed_image(shape, DTYPES[dname], seed=n))[None].repeat(2, 1, 1, 1)
+    image[1] = image[1].flip(-1)  # the two images differ, so a mixed-up image index shows
+    cells_shape = (2, shape[1] // ppc[0], shape[2] // ppc[1], n)
+    grad = torch.randn(cells_shape, generator=torch.Generator().manual_seed(n))
+    grad[grad.abs() < 0.3] = 0.0
+    with cpu_pass("fused"):
+        fused = torch.ops.mtseg.hog_cells_backward(grad, image, n, list(ppc), False)
+    with cpu_pass("rows"):
+        rows = torch.ops.mtseg.hog_cells_backward(grad, image, n, list(ppc), False)
+    assert fused.abs().sum() > 0
+    assert torch.equal(fused, rows)
+
+
 @pytest.mark.parametrize("kind", PASSES)
 @pytest.mark.parametrize("dname", ["float32", "uint8"])
 @pytest.mark.parametrize("norm", ["L1", "L2-Hys"])
