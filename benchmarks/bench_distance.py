@@ -149,6 +149,13 @@ def _bench_cuda(benchmark, fn, *args, **pedantic):
     return out
 
 
+def _bench_mtseg_cuda(benchmark, runtime_info, group, op_name, n_images, size, fn, *args, **extra):
+    """The row of an mtseg op on the device: described, timed by _bench_cuda; returns its output."""
+    _describe(benchmark, runtime_info, group, f"{op_name} (CUDA, batched)", "mtseg", n_images, size,
+              device=_cuda_device(), **extra)
+    return _bench_cuda(benchmark, fn, *args)
+
+
 # --------------------------------------------------------------------------------------
 # EDT
 # --------------------------------------------------------------------------------------
@@ -182,10 +189,9 @@ def test_edt_mtseg(benchmark, runtime_info, edt_case):
 @requires_cuda
 def test_edt_mtseg_cuda(benchmark, runtime_info, edt_case):
     group, masks, spacing = edt_case
-    _describe(benchmark, runtime_info, group, "mtseg.edt (CUDA, batched)", "mtseg", len(masks), _size(masks),
-              device=_cuda_device())
     t = torch.from_numpy(masks)
-    out = _bench_cuda(benchmark, mk.edt, t.cuda(), spacing)
+    out = _bench_mtseg_cuda(benchmark, runtime_info, group, "mtseg.edt", len(masks), _size(masks), mk.edt, t.cuda(),
+                            spacing)
     assert torch.equal(out.cpu(), mk.edt(t, spacing))
 
 
@@ -290,22 +296,23 @@ def update_inputs():
     return _update_masks()
 
 
-def scipy_update(approx, seg):
+def _update_with(edt_fn, approx, seg):
+    """The level-set update of each image from two EDTs computed by ``edt_fn``."""
     out = np.empty_like(approx)
     for i, (a, s) in enumerate(zip(approx, seg)):
-        phi = ndi.distance_transform_edt(~a) - LAM * ndi.distance_transform_edt(s)
+        phi = edt_fn(~a) - LAM * edt_fn(s)
         out[i] = a | (phi <= 0)
     return out
+
+
+def scipy_update(approx, seg):
+    return _update_with(ndi.distance_transform_edt, approx, seg)
 
 
 def edt_pkg_update(approx, seg):
     import edt as edt_pkg
 
-    out = np.empty_like(approx)
-    for i, (a, s) in enumerate(zip(approx, seg)):
-        phi = edt_pkg.edt(~a, parallel=2) - LAM * edt_pkg.edt(s, parallel=2)
-        out[i] = a | (phi <= 0)
-    return out
+    return _update_with(functools.partial(edt_pkg.edt, parallel=2), approx, seg)
 
 
 def test_update_mtseg(benchmark, runtime_info, update_inputs):
@@ -321,10 +328,9 @@ def test_update_mtseg(benchmark, runtime_info, update_inputs):
 @requires_cuda
 def test_update_mtseg_cuda(benchmark, runtime_info, update_inputs):
     approx, seg = update_inputs
-    _describe(benchmark, runtime_info, "levelset-hc18-200", "mtseg.levelset_grow (CUDA, batched)", "mtseg", N_UPDATE,
-              "540x800", device=_cuda_device(), lam=LAM)
-    a, s = torch.from_numpy(approx), torch.from_numpy(seg)
-    out = _bench_cuda(benchmark, mk.levelset_grow, a.cuda(), s.cuda(), LAM)
+    a, s = torch.from_numpy(approx).cuda(), torch.from_numpy(seg).cuda()
+    out = _bench_mtseg_cuda(benchmark, runtime_info, "levelset-hc18-200", "mtseg.levelset_grow", N_UPDATE, "540x800",
+                            mk.levelset_grow, a, s, LAM, lam=LAM)
     np.testing.assert_array_equal(out[:4].cpu().numpy(), scipy_update(approx[:4], seg[:4]))
 
 
@@ -368,7 +374,6 @@ def test_grow_mtseg(benchmark, runtime_info, grow_inputs):
 @requires_cuda
 def test_grow_mtseg_cuda(benchmark, runtime_info, grow_inputs):
     seeds, seg = grow_inputs
-    _describe(benchmark, runtime_info, "grow-hc18-32", "mtseg.grow_instances (CUDA, batched)", "mtseg", N_GROW,
-              "540x800", device=_cuda_device(), lam=LAM)
-    out = _bench_cuda(benchmark, mk.grow_instances, seeds.cuda(), seg.cuda(), LAM)
+    out = _bench_mtseg_cuda(benchmark, runtime_info, "grow-hc18-32", "mtseg.grow_instances", N_GROW, "540x800",
+                            mk.grow_instances, seeds.cuda(), seg.cuda(), LAM, lam=LAM)
     assert torch.equal(out.instances.cpu(), mk.grow_instances(seeds, seg, LAM).instances)

@@ -278,6 +278,49 @@ def test_levelset_matches_formula(seed, lam):
     np.testing.assert_array_equal(got, levelset_grow_reference(approx, seg, lam))
 
 
+# The query path of the CPU EDT (what levelset_grow runs): exact squared distances on the
+# queried voxels, upper bounds elsewhere. Cases that stress it: long runs along the last
+# axis (blobs), sparse queried voxels (many clusters per run, whose stretches of
+# parabolas reach back over each other), a short spacing along the last axis (wide
+# stretches), float32 and float64 work.
+def query_cases(rng, spatial, count):
+    for _ in range(count):
+        dims = [int(rng.integers(2, 9))] if spatial == 3 else []
+        dims += [int(rng.integers(8, 48)), int(rng.integers(8, 64))]
+        shape = (int(rng.integers(1, 3)), *dims)
+        mask = ndi.binary_dilation(rng.random(shape) < 0.02, iterations=int(rng.integers(1, 6)))
+        if rng.random() < 0.4:  # scattered zeros: neighbouring columns of very different depth
+            mask = rng.random(shape) < rng.choice([0.9, 0.97, 0.99])
+        query = rng.random(shape) < rng.choice([0.03, 0.15, 0.3, 0.7])
+        spacing = None
+        if rng.random() < 0.6:
+            spacing = [float(x) for x in rng.choice([0.25, 0.5, 0.9375, 1.0, 1.5, 3.0], size=spatial)]
+        yield mask, query, spacing, bool(rng.random() < 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spatial", [2, 3])
+def test_edt_query_path_matches_scipy(spatial, dtype):
+    rng = np.random.default_rng(100 * spatial + (dtype == torch.float64))
+    rtol = 1e-6 if dtype == torch.float32 else 1e-12
+    for mask, query, spacing, invert in query_cases(rng, spatial, 60):
+        got = torch.ops.mtseg._edt_query(torch.from_numpy(mask), torch.from_numpy(query), spacing, invert, dtype)
+        got = got.double().numpy()
+        ref = edt_reference(mask, spacing) ** 2
+        wanted = query != invert
+        np.testing.assert_allclose(got[wanted], ref[wanted], rtol=rtol, atol=1e-9,
+                                   err_msg=f"queried voxels, shape {mask.shape}, spacing {spacing}")
+        assert (got >= ref * (1 - rtol) - 1e-9).all(), f"below the distance, shape {mask.shape}, spacing {spacing}"
+
+
+def test_edt_query_path_checks_its_arguments():
+    mask = torch.ones(1, 4, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="same shape"):
+        torch.ops.mtseg._edt_query(mask, torch.ones(1, 4, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        torch.ops.mtseg._edt_query(mask, mask, None, False, torch.int32)
+
+
 def test_levelset_with_spacing_and_3d():
     rng = np.random.default_rng(7)
     approx, seg = growth_case(rng, (2, 12, 30, 28))

@@ -220,14 +220,13 @@ void levelset_boxes(Backend& be, const at::Tensor& a, const at::Tensor& s, const
   auto s_ar = at::empty({cap}, opts.dtype(at::kByte));
   auto dA2 = at::empty({cap}, opts.dtype(c10::CppTypeToScalarType<T>::value));
   auto dS2 = at::empty({cap}, opts.dtype(c10::CppTypeToScalarType<T>::value));
-  be.threads(cap, lines::ImageArenaKernel{tk, pre, 0, B, bytes_of(a), bytes_of(s), bytes_of(a_ar), bytes_of(s_ar),
-                                          g.height, g.width, V});
+  const lines::ArenaIndex arena{tk, pre, 0, B, g.height, g.width, V};
+  be.threads(cap, lines::ImageArenaKernel{arena, bytes_of(a), bytes_of(s), bytes_of(a_ar), bytes_of(s_ar)});
   const int64_t launch[3] = {cap / ax.dims[0], cap / ax.dims[1], cap / ax.dims[2]};
   edt_boxes<Backend, T>(be, tk, pre, 0, B, launch, ax, g, bytes_of(a_ar), true, dA2.template data_ptr<T>(), opts);
   edt_boxes<Backend, T>(be, tk, pre, 0, B, launch, ax, g, bytes_of(s_ar), false, dS2.template data_ptr<T>(), opts);
-  be.threads(cap, lines::LevelsetRuleKernel<T>{tk, pre, 0, B, bytes_of(a_ar), dA2.template data_ptr<T>(),
-                                               dS2.template data_ptr<T>(), lam, out.data_ptr<bool>(), g.height,
-                                               g.width, V});
+  be.threads(cap, lines::LevelsetRuleKernel<T>{arena, bytes_of(a_ar), dA2.template data_ptr<T>(),
+                                               dS2.template data_ptr<T>(), lam, out.data_ptr<bool>()});
 }
 
 template <typename Backend>
@@ -379,14 +378,13 @@ at::Tensor grow_instances(Backend& be, const at::Tensor& seeds_in, const at::Ten
     auto s_ar = at::empty({voxels}, opts.dtype(at::kByte));
     auto dA2 = at::empty({voxels}, opts.dtype(at::kDouble));
     auto dS2 = at::empty({voxels}, opts.dtype(at::kDouble));
-    be.threads(voxels, lines::SeedArenaKernel{tk, pre, t0, t1, sd, owner.data_ptr<int64_t>(), bytes_of(a_ar),
-                                              bytes_of(s_ar), g.height, g.width, V});
+    const lines::ArenaIndex arena{tk, pre, t0, t1, g.height, g.width, V};
+    be.threads(voxels, lines::SeedArenaKernel{arena, sd, owner.data_ptr<int64_t>(), bytes_of(a_ar), bytes_of(s_ar)});
     edt_boxes<Backend, double>(be, tk, pre, t0, t1, launch, ax, g, bytes_of(a_ar), true, dA2.data_ptr<double>(), opts);
     edt_boxes<Backend, double>(be, tk, pre, t0, t1, launch, ax, g, bytes_of(s_ar), false, dS2.data_ptr<double>(),
                                opts);
-    be.threads(voxels, lines::SeedGrowKernel{tk, pre, t0, t1, bytes_of(a_ar), bytes_of(s_ar), dA2.data_ptr<double>(),
-                                             dS2.data_ptr<double>(), lam, out.data_ptr<int64_t>(), g.height, g.width,
-                                             V});
+    be.threads(voxels, lines::SeedGrowKernel{arena, bytes_of(a_ar), bytes_of(s_ar), dA2.data_ptr<double>(),
+                                             dS2.data_ptr<double>(), lam, out.data_ptr<int64_t>()});
     t0 = t1;
   }
   return out;

@@ -117,6 +117,23 @@ MTSEG_HOST_DEVICE bool box_voxel(const BoxTask* tasks, const int64_t* prefix, in
   return true;
 }
 
+// The arena of tasks [t0, t1) seen from its voxels: what the per-voxel kernels of
+// levelset_grow and grow_instances share.
+struct ArenaIndex {
+  const BoxTask* tasks;
+  const int64_t* prefix;
+  int64_t t0, t1;
+  int64_t height, width, voxels;  // of one image
+  // Arena voxel j: its task and its flat index in the batch; false past the last box.
+  MTSEG_HOST_DEVICE bool at(int64_t j, int64_t& task, int64_t& index) const {
+    BoxVoxel bv;
+    if (!box_voxel(tasks, prefix, t0, t1, j, height, width, bv)) return false;
+    task = bv.task;
+    index = tasks[bv.task].image * voxels + bv.image_index;
+    return true;
+  }
+};
+
 // ---------------------------------------------------------------------------------
 // EDT passes
 // ---------------------------------------------------------------------------------
@@ -552,44 +569,35 @@ struct SeedBoxFinishKernel {
 
 // Arena masks of tasks [t0, t1): a = the seed's voxels, s = its part of S.
 struct SeedArenaKernel {
-  const BoxTask* tasks;
-  const int64_t* prefix;
-  int64_t t0, t1;
+  ArenaIndex arena;
   const int64_t* seeds;
   const int64_t* owner;
   uint8_t* a;
   uint8_t* s;
-  int64_t height, width, voxels;
   MTSEG_HOST_DEVICE void operator()(int64_t j) const {
-    BoxVoxel bv;
-    if (!box_voxel(tasks, prefix, t0, t1, j, height, width, bv)) return;
-    const BoxTask& t = tasks[bv.task];
-    const int64_t i = t.image * voxels + bv.image_index;
-    a[j] = seeds[i] == t.id;
-    s[j] = owner[i] == t.id;
+    int64_t t, i;
+    if (!arena.at(j, t, i)) return;
+    const int64_t id = arena.tasks[t].id;
+    a[j] = seeds[i] == id;
+    s[j] = owner[i] == id;
   }
 };
 
 // Growth of each seed inside its part (levelset_inside, as on the CPU); parts and seeds
 // are disjoint between tasks, so the writes never collide.
 struct SeedGrowKernel {
-  const BoxTask* tasks;
-  const int64_t* prefix;
-  int64_t t0, t1;
+  ArenaIndex arena;
   const uint8_t* a;
   const uint8_t* s;
   const double* dA2;
   const double* dS2;
   double lam;
   int64_t* out;
-  int64_t height, width, voxels;
   MTSEG_HOST_DEVICE void operator()(int64_t j) const {
-    BoxVoxel bv;
-    if (!box_voxel(tasks, prefix, t0, t1, j, height, width, bv)) return;
+    int64_t t, i;
+    if (!arena.at(j, t, i)) return;
     if (a[j] == 0 && s[j] == 0) return;
-    if (!levelset_inside(a[j] != 0, dA2[j], dS2[j], lam)) return;
-    const BoxTask& t = tasks[bv.task];
-    out[t.image * voxels + bv.image_index] = t.id;
+    if (levelset_inside(a[j] != 0, dA2[j], dS2[j], lam)) out[i] = arena.tasks[t].id;
   }
 };
 
@@ -617,18 +625,14 @@ struct ImageBoxKernel {
 };
 
 struct ImageArenaKernel {
-  const BoxTask* tasks;
-  const int64_t* prefix;
-  int64_t t0, t1;
+  ArenaIndex arena;
   const uint8_t* approx;
   const uint8_t* seg;
   uint8_t* a;
   uint8_t* s;
-  int64_t height, width, voxels;
   MTSEG_HOST_DEVICE void operator()(int64_t j) const {
-    BoxVoxel bv;
-    if (!box_voxel(tasks, prefix, t0, t1, j, height, width, bv)) return;
-    const int64_t i = tasks[bv.task].image * voxels + bv.image_index;
+    int64_t t, i;
+    if (!arena.at(j, t, i)) return;
     a[j] = approx[i] != 0;
     s[j] = seg[i] != 0;
   }
@@ -636,20 +640,16 @@ struct ImageArenaKernel {
 
 template <typename T>
 struct LevelsetRuleKernel {
-  const BoxTask* tasks;
-  const int64_t* prefix;
-  int64_t t0, t1;
+  ArenaIndex arena;
   const uint8_t* a;
   const T* dA2;
   const T* dS2;
   double lam;
   bool* out;
-  int64_t height, width, voxels;
   MTSEG_HOST_DEVICE void operator()(int64_t j) const {
-    BoxVoxel bv;
-    if (!box_voxel(tasks, prefix, t0, t1, j, height, width, bv)) return;
-    out[tasks[bv.task].image * voxels + bv.image_index] =
-        levelset_inside(a[j] != 0, static_cast<double>(dA2[j]), static_cast<double>(dS2[j]), lam);
+    int64_t t, i;
+    if (!arena.at(j, t, i)) return;
+    out[i] = levelset_inside(a[j] != 0, static_cast<double>(dA2[j]), static_cast<double>(dS2[j]), lam);
   }
 };
 
