@@ -31,6 +31,10 @@
 #include "mtseg/distance.h"
 #include "mtseg/distance_host.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace mtseg {
 namespace distance {
 namespace {
@@ -439,9 +443,10 @@ at::Tensor edt_cpu(const at::Tensor& mask_in, std::optional<at::ArrayRef<double>
 }
 
 // ---------------------------------------------------------------------------------
-// Connected components: union-find over the runs of each row (label_runs), linking every
-// root to the smaller index, so that the root of a component is its first run in raster
-// order; a second scan numbers the roots 1..n in that order. Parallel over images.
+// Connected components: union-find over the runs of foreground voxels of each row
+// (label_runs), linking every root to the smaller run index, so that the root of a
+// component is its first run in raster order; one more scan numbers the roots 1..n in
+// that order. Parallel over images.
 // ---------------------------------------------------------------------------------
 template <typename I>
 inline I find_root(I* parent, I p) {
@@ -461,17 +466,9 @@ inline void unite(I* parent, I a, I b) {
   parent[a] = b;
 }
 
-// Run-based labelling of one image (what connected_components uses): union-find over
-// the runs of foreground voxels of each row rather than over voxels. A run is joined with
-// the runs of the already-scanned neighbour rows it overlaps (extended by one voxel where
-// the connectivity allows a diagonal step along x). Runs are numbered in raster order and
-// every root is the smallest run of its set, so numbering roots in run order gives labels
-// 1..n in raster order of first appearance.
-struct RunScratch {
-  std::vector<int64_t> row_begin;
-  std::vector<int32_t> x0, x1, parent, label;
-};
-
+// The already-scanned rows whose runs a run of row (z, y) touches, relative to it; `ext`
+// = 1 where the connectivity allows a diagonal step along x (the touching range of a run
+// [x0, x1) is then [x0 - 1, x1 + 1)). The left neighbour is inside the row's own run.
 struct RowOffset {
   int dz, dy, ext;
 };
@@ -489,54 +486,185 @@ std::vector<RowOffset> row_offsets(int spatial, int order) {
   return o;
 }
 
-int64_t label_runs(const uint8_t* m, const Geometry& g, const std::vector<RowOffset>& offsets, RunScratch& r,
-                   int32_t* labels) {
-  const int64_t D = g.depth, H = g.height, W = g.width, rows = D * H;
-  r.row_begin.resize(rows + 1);
-  r.x0.clear();
-  r.x1.clear();
-  for (int64_t row = 0; row < rows; ++row) {
-    r.row_begin[row] = static_cast<int64_t>(r.x0.size());
-    const uint8_t* line = m + row * W;
-    for (int64_t x = next_set(line, 0, W); x < W; x = next_set(line, x, W)) {
-      const int64_t stop = next_clear(line, x + 1, W);
-      r.x0.push_back(static_cast<int32_t>(x));
-      r.x1.push_back(static_cast<int32_t>(stop));
-      x = stop;
+// A row as bits (bit x % 64 of word x / 64 = voxel x is foreground), 64 voxels a word,
+// with one zero word past the end so that "bit x + 1" is always readable. `start` flags
+// the first voxel of each run; `base[w]` is the image-wide index of the first run that
+// starts in word w, so the run holding foreground voxel x is
+// base[x / 64] + (starts at or below x in its word) - 1.
+struct BitRow {
+  uint64_t* fg;
+  uint64_t* start;
+  int32_t* base;
+};
+
+// Rows kept while scanning, the current one and the neighbours it can touch: in 2D the
+// previous row (slot y % 2), in 3D the previous plane (slot (z % 2) * H + y). Grown, never
+// shrunk, so a thread's scratch allocates only for its first (or a larger) image.
+struct RunScratch {
+  std::vector<uint64_t> words;
+  std::vector<int32_t> bases;
+  std::vector<int32_t> runs;    // runs of each kept row
+  std::vector<int32_t> first;   // index of the first run of each row of the image, then the total
+  std::vector<int32_t> parent;  // union-find over runs, then (in place) their labels
+  int64_t stride = 0;
+  BitRow slot(int64_t s) {
+    return BitRow{words.data() + 2 * s * stride, words.data() + (2 * s + 1) * stride, bases.data() + s * stride};
+  }
+};
+
+inline uint64_t low_bits_through(int b) { return (uint64_t{2} << b) - 1; }  // bits 0..b (b = 63: all)
+
+// Bits of 64 bytes (any non-zero byte is foreground).
+MTSEG_ALWAYS_INLINE uint64_t bits_of_64(const uint8_t* p) {
+#if defined(__SSE2__)
+  const __m128i zero = _mm_setzero_si128();
+  uint64_t word = 0;
+  for (int k = 0; k < 4; ++k) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * k));
+    const auto zeros = static_cast<uint32_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(v, zero)));
+    word |= static_cast<uint64_t>(~zeros & 0xFFFFu) << (16 * k);
+  }
+  return word;
+#else
+  uint64_t word = 0;
+  for (int k = 0; k < 64; ++k) word |= static_cast<uint64_t>(p[k] != 0) << k;
+  return word;
+#endif
+}
+
+// fg bits of the W bytes of `line` into words[0 .. nw], the last (padding) word zero;
+// returns whether the row has foreground.
+MTSEG_ALWAYS_INLINE bool row_to_bits(const uint8_t* line, int64_t W, uint64_t* words) {
+  const int64_t full = W / 64, nw = (W + 63) / 64;
+  uint64_t any = 0;
+  for (int64_t w = 0; w < full; ++w) any |= words[w] = bits_of_64(line + 64 * w);
+  if (nw > full) {
+    uint8_t tail[64] = {};  // the partial last word, zero-padded
+    std::memcpy(tail, line + 64 * full, static_cast<size_t>(W - 64 * full));
+    any |= words[full] = bits_of_64(tail);
+  }
+  words[nw] = 0;
+  return any != 0;
+}
+
+// Unions of the runs of row `a` with the runs of the earlier row `b` they touch, each
+// touching pair once (from the voxel where it first touches): with ext = 0, a pair
+// (i, k) overlaps from max(i0, k0), which is the start of i or of k; with ext = 1 it
+// touches from max(i0, k0 - 1): the start of i (touching the run through x, or if x is
+// clear the runs through x - 1 and x + 1) or the voxel just before the start of k.
+MTSEG_ALWAYS_INLINE void unite_rows(const BitRow& a, const BitRow& b, int ext, int64_t nw, int32_t* parent) {
+  auto run_at = [](const BitRow& r, int64_t x) {
+    const int64_t w = x >> 6;
+    return r.base[w] + static_cast<int32_t>(__builtin_popcountll(r.start[w] & low_bits_through(x & 63))) - 1;
+  };
+  auto bit = [](const uint64_t* words, int64_t x) { return (words[x >> 6] >> (x & 63)) & 1u; };
+  for (int64_t w = 0; w < nw; ++w) {
+    const uint64_t fa = a.fg[w], fb = b.fg[w];
+    if (fa == 0) continue;
+    const uint64_t sa = a.start[w], sb = b.start[w];
+    const int64_t x0 = 64 * w;
+    if (ext == 0) {
+      for (uint64_t e = fa & fb & (sa | sb); e != 0; e &= e - 1) {
+        const int64_t x = x0 + __builtin_ctzll(e);
+        unite(parent, run_at(a, x), run_at(b, x));
+      }
+      continue;
+    }
+    const uint64_t prev = w > 0 ? b.fg[w - 1] >> 63 : 0, next = b.fg[w + 1] << 63;
+    const uint64_t near = fb | (fb << 1) | prev | (fb >> 1) | next;       // b set at x - 1, x or x + 1
+    const uint64_t enters = (sb >> 1) | (b.start[w + 1] << 63);          // a run of b starts at x + 1
+    for (uint64_t e = sa & near; e != 0; e &= e - 1) {
+      const int64_t x = x0 + __builtin_ctzll(e);
+      const int32_t i = run_at(a, x);
+      if (bit(b.fg, x)) {
+        unite(parent, i, run_at(b, x));
+        continue;
+      }
+      if (x > 0 && bit(b.fg, x - 1)) unite(parent, i, run_at(b, x - 1));
+      if (bit(b.fg, x + 1)) unite(parent, i, run_at(b, x + 1));
+    }
+    for (uint64_t e = fa & ~sa & enters; e != 0; e &= e - 1) {
+      const int64_t x = x0 + __builtin_ctzll(e);
+      unite(parent, run_at(a, x), run_at(b, x + 1));
     }
   }
-  r.row_begin[rows] = static_cast<int64_t>(r.x0.size());
-  const int64_t n_runs = r.row_begin[rows];
-  r.parent.resize(n_runs);
-  for (int64_t i = 0; i < n_runs; ++i) r.parent[i] = static_cast<int32_t>(i);
-  int32_t* parent = r.parent.data();
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t z = row / H, y = row % H;
-    const int64_t b = r.row_begin[row], e = r.row_begin[row + 1];
-    if (b == e) continue;
-    for (const auto& off : offsets) {
-      const int64_t zz = z + off.dz, yy = y + off.dy;
-      if (zz < 0 || yy < 0 || yy >= H) continue;
-      const int64_t nrow = zz * H + yy;
-      int64_t j = r.row_begin[nrow];
-      const int64_t je = r.row_begin[nrow + 1];
-      for (int64_t i = b; i < e && j < je; ++i) {
-        const int32_t lo = r.x0[i] - off.ext, hi = r.x1[i] + off.ext;  // [lo, hi)
-        while (j < je && r.x1[j] <= lo) ++j;
-        for (int64_t k = j; k < je && r.x0[k] < hi; ++k)
-          unite<int32_t>(parent, static_cast<int32_t>(i), static_cast<int32_t>(k));
+}
+
+// Upper bound of a RunScratch's memory for one image of `g`: at most one run per two
+// voxels (plus one), a run index per row, and the kept rows' bits and bases.
+double run_scratch_bytes(const Geometry& g) {
+  const double kept = g.spatial == 3 ? 2.0 * static_cast<double>(g.height) : 2.0;
+  const double stride = static_cast<double>((g.width + 63) / 64 + 1);
+  return 4.0 * (static_cast<double>(g.voxels()) / 2.0 + 1.0) + 4.0 * static_cast<double>(g.depth * g.height + 1) +
+         kept * stride * 20.0;
+}
+
+// Labels one image (labels are zero on entry: only the runs are written); returns the
+// number of components. Two scans of the rows: the first finds the runs (as bits) and
+// unites them with the runs they touch in the kept neighbour rows; the second numbers the
+// runs in raster order, where a root (parent[i] == i) opens label n + 1 and any other run
+// takes the label already stored at its parent (parent[i] < i was numbered before it).
+// Cloned per ISA for the popcnt instruction (the baseline x86-64 calls libgcc for it).
+MTSEG_CPU_CLONES int64_t label_runs(const uint8_t* m, const Geometry& g, const std::vector<RowOffset>& offsets, RunScratch& r,
+                   int32_t* labels) {
+  const int64_t D = g.depth, H = g.height, W = g.width, rows = D * H;
+  const int64_t nw = (W + 63) / 64;
+  r.stride = nw + 1;
+  const int64_t slots = g.spatial == 3 ? 2 * H : 2;
+  if (static_cast<int64_t>(r.words.size()) < 2 * slots * r.stride) r.words.resize(2 * slots * r.stride);
+  if (static_cast<int64_t>(r.bases.size()) < slots * r.stride) r.bases.resize(slots * r.stride);
+  r.runs.assign(slots, 0);
+  r.first.resize(rows + 1);
+  auto slot_of = [&](int64_t z, int64_t y) { return g.spatial == 3 ? (z & 1) * H + y : (y & 1); };
+  auto& parent = r.parent;
+  parent.clear();
+  int32_t n_runs = 0;
+  for (int64_t z = 0; z < D; ++z) {
+    for (int64_t y = 0; y < H; ++y) {
+      const int64_t s = slot_of(z, y);
+      BitRow a = r.slot(s);
+      r.first[z * H + y] = n_runs;
+      if (!row_to_bits(m + (z * H + y) * W, W, a.fg)) {
+        r.runs[s] = 0;
+        continue;
+      }
+      int32_t count = n_runs;
+      uint64_t carry = 0;  // bit 63 of the previous word
+      for (int64_t w = 0; w < nw; ++w) {
+        const uint64_t f = a.fg[w];
+        a.start[w] = f & ~((f << 1) | carry);
+        carry = f >> 63;
+        a.base[w] = count;
+        count += static_cast<int32_t>(__builtin_popcountll(a.start[w]));
+      }
+      a.start[nw] = 0;
+      r.runs[s] = count - n_runs;
+      if (count == n_runs) continue;
+      parent.resize(count);
+      for (int32_t i = n_runs; i < count; ++i) parent[i] = i;
+      n_runs = count;
+      for (const auto& off : offsets) {
+        const int64_t zz = z + off.dz, yy = y + off.dy;
+        if (zz < 0 || yy < 0 || yy >= H) continue;
+        const int64_t ns = slot_of(zz, yy);
+        if (r.runs[ns] != 0) unite_rows(a, r.slot(ns), off.ext, nw, parent.data());
       }
     }
   }
-  // labels are zero on entry: only the runs are written
-  r.label.resize(n_runs);
+  r.first[rows] = n_runs;
+  int32_t* p = parent.data();
   int32_t n = 0;
   for (int64_t row = 0; row < rows; ++row) {
-    for (int64_t i = r.row_begin[row]; i < r.row_begin[row + 1]; ++i) {
-      const int32_t root = find_root<int32_t>(parent, static_cast<int32_t>(i));
-      const int32_t l = root == i ? ++n : r.label[root];
-      r.label[i] = l;
-      std::fill(labels + row * W + r.x0[i], labels + row * W + r.x1[i], l);
+    const uint8_t* line = m + row * W;
+    int32_t* out = labels + row * W;
+    int64_t x = 0;
+    for (int32_t i = r.first[row]; i < r.first[row + 1]; ++i) {
+      x = next_set(line, x, W);
+      const int64_t stop = next_clear(line, x + 1, W);
+      const int32_t l = p[i] == i ? ++n : p[p[i]];
+      p[i] = l;
+      std::fill(out + x, out + stop, l);
+      x = stop;
     }
   }
   return n;
@@ -548,7 +676,9 @@ std::tuple<at::Tensor, at::Tensor> connected_components_cpu(const at::Tensor& ma
   const int order = connectivity_order(connectivity, g.spatial, op);
   TORCH_CHECK_VALUE(g.voxels() < (int64_t{1} << 31), op, ": an image of ", g.voxels(),
                     " voxels does not fit int32 labels (at most 2^31 - 1 voxels per image)");
-  check_memory(static_cast<double>(mask_in.numel()) * (4.0 + (used_in_place(mask_in) ? 0.0 : 1.0)), mask_in, op);
+  check_memory(static_cast<double>(mask_in.numel()) * (4.0 + (used_in_place(mask_in) ? 0.0 : 1.0)) +
+                   static_cast<double>(std::min<int64_t>(g.batch, at::get_num_threads())) * run_scratch_bytes(g),
+               mask_in, op);
   const auto mask = foreground_bytes(mask_in, op, "mask");
   auto labels = zeroed_cpu(mask.sizes(), at::kInt, op);
   auto counts = at::zeros({g.batch}, mask.options().dtype(at::kLong));
