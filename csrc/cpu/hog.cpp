@@ -797,7 +797,8 @@ at::Tensor hog_cells_cpu(const at::Tensor& images, int64_t orientations, at::Int
 // ---------------------------------------------------------------------------------
 // Blocks. Pass 1 computes every cell's norm part once (hog.h's cell_norm_part); pass 2
 // normalises a row of blocks at a time, each block's norm summed from the cached parts
-// in hog.h's order, so the bits equal hog.h's normalize_block (the CUDA kernels').
+// in hog.h's order and its values copied contiguously (BlockView::flat), so the bits
+// equal hog.h's normalize_block (the CUDA kernels').
 // ---------------------------------------------------------------------------------
 template <typename cell_t>
 void cell_norm_parts(const cell_t* cells, const BlockGeometry& g, BlockNorm norm, double* parts) {
@@ -807,13 +808,7 @@ void cell_norm_parts(const cell_t* cells, const BlockGeometry& g, BlockNorm norm
   });
 }
 
-// The block's view and 1 / norm, for block (r, c) of the image whose cells and parts
-// start at `cells` and `parts`.
-template <typename cell_t>
-MTSEG_ALWAYS_INLINE BlockView<cell_t> block_at(const cell_t* cells, const BlockGeometry& g, int64_t r, int64_t c) {
-  return {cells + (r * g.n_cells_col + c) * g.orientations, g.n_cells_col * g.orientations, g.b_row, g.b_col,
-          g.orientations};
-}
+// 1 / norm of block (r, c) of the image whose parts start at `parts`.
 MTSEG_ALWAYS_INLINE double cached_inv_norm(const double* parts, const BlockGeometry& g, BlockNorm norm, int64_t r,
                                            int64_t c) {
   const double* p = parts + r * g.n_cells_col + c;
@@ -821,39 +816,73 @@ MTSEG_ALWAYS_INLINE double cached_inv_norm(const double* parts, const BlockGeome
                         norm);
 }
 
+// Scratch of one thread for a row of blocks: the block's cell rows as doubles (float
+// cells only) and one block copied contiguously, so that every pass over a block is one
+// flat loop (BlockView::flat) instead of b_row short ones.
+struct BlockScratch {
+  std::vector<double> rows, block;
+  BlockScratch(const BlockGeometry& g, bool convert)
+      : rows(convert ? g.b_row * g.n_cells_col * g.orientations : 0), block(g.block_len()) {}
+};
+
+// Calls f(c, flat view of block (r, c)) for every block of row r of one image (cells:
+// the image's). `rows`: b_row * n_cells_col * n doubles of scratch for float cells.
+template <typename cell_t, typename F>
+MTSEG_ALWAYS_INLINE void for_each_flat_block(const cell_t* cells, const BlockGeometry& g, int64_t r, double* rows,
+                                             double* block, F&& f) {
+  const int64_t row_len = g.n_cells_col * g.orientations, per_row = g.b_col * g.orientations;
+  const cell_t* first = cells + r * row_len;
+  const double* src;
+  if constexpr (std::is_same_v<cell_t, double>) {
+    src = first;
+  } else {
+    for (int64_t k = 0; k < g.b_row * row_len; ++k) rows[k] = static_cast<double>(first[k]);
+    src = rows;
+  }
+  const BlockView<double> flat{block, g.block_len(), 1, 1, g.block_len()};
+  for (int64_t c = 0; c < g.n_blocks_col; ++c) {
+    for (int64_t i = 0; i < g.b_row; ++i)
+      std::memcpy(block + i * per_row, src + i * row_len + c * g.orientations, per_row * sizeof(double));
+    f(c, flat);
+  }
+}
+
 // Row r of blocks of one image (cells, parts: the image's); out: that row's blocks.
 template <typename cell_t>
 MTSEG_ALWAYS_INLINE void blocks_row_impl(const cell_t* cells, const double* parts, const BlockGeometry& g,
-                                         BlockNorm norm, int64_t r, cell_t* out) {
-  for (int64_t c = 0; c < g.n_blocks_col; ++c)
-    normalize_block_scaled(block_at(cells, g, r, c), norm, cached_inv_norm(parts, g, norm, r, c),
-                           out + c * g.block_len());
+                                         BlockNorm norm, int64_t r, double* rows, double* block, cell_t* out) {
+  for_each_flat_block(cells, g, r, rows, block, [&](int64_t c, const BlockView<double>& v) {
+    normalize_block_scaled(v, norm, cached_inv_norm(parts, g, norm, r, c), out + c * g.block_len());
+  });
 }
 MTSEG_CPU_CLONES void blocks_row(const float* cells, const double* parts, const BlockGeometry& g, BlockNorm norm,
-                                 int64_t r, float* out) {
-  blocks_row_impl(cells, parts, g, norm, r, out);
+                                 int64_t r, double* rows, double* block, float* out) {
+  blocks_row_impl(cells, parts, g, norm, r, rows, block, out);
 }
 MTSEG_CPU_CLONES void blocks_row(const double* cells, const double* parts, const BlockGeometry& g, BlockNorm norm,
-                                 int64_t r, double* out) {
-  blocks_row_impl(cells, parts, g, norm, r, out);
+                                 int64_t r, double* rows, double* block, double* out) {
+  blocks_row_impl(cells, parts, g, norm, r, rows, block, out);
 }
 
 // Vector-Jacobian products of row r of blocks (grad_out, grad_blocks: that row's).
 template <typename cell_t>
 MTSEG_ALWAYS_INLINE void blocks_backward_row_impl(const cell_t* cells, const double* parts, const BlockGeometry& g,
-                                                  BlockNorm norm, int64_t r, const cell_t* grad_out,
-                                                  cell_t* grad_blocks) {
-  for (int64_t c = 0; c < g.n_blocks_col; ++c)
-    normalize_block_backward_scaled(block_at(cells, g, r, c), norm, cached_inv_norm(parts, g, norm, r, c),
-                                    grad_out + c * g.block_len(), grad_blocks + c * g.block_len());
+                                                  BlockNorm norm, int64_t r, double* rows, double* block,
+                                                  const cell_t* grad_out, cell_t* grad_blocks) {
+  for_each_flat_block(cells, g, r, rows, block, [&](int64_t c, const BlockView<double>& v) {
+    normalize_block_backward_scaled(v, norm, cached_inv_norm(parts, g, norm, r, c), grad_out + c * g.block_len(),
+                                    grad_blocks + c * g.block_len());
+  });
 }
 MTSEG_CPU_CLONES void blocks_backward_row(const float* cells, const double* parts, const BlockGeometry& g,
-                                          BlockNorm norm, int64_t r, const float* grad_out, float* grad_blocks) {
-  blocks_backward_row_impl(cells, parts, g, norm, r, grad_out, grad_blocks);
+                                          BlockNorm norm, int64_t r, double* rows, double* block,
+                                          const float* grad_out, float* grad_blocks) {
+  blocks_backward_row_impl(cells, parts, g, norm, r, rows, block, grad_out, grad_blocks);
 }
 MTSEG_CPU_CLONES void blocks_backward_row(const double* cells, const double* parts, const BlockGeometry& g,
-                                          BlockNorm norm, int64_t r, const double* grad_out, double* grad_blocks) {
-  blocks_backward_row_impl(cells, parts, g, norm, r, grad_out, grad_blocks);
+                                          BlockNorm norm, int64_t r, double* rows, double* block,
+                                          const double* grad_out, double* grad_blocks) {
+  blocks_backward_row_impl(cells, parts, g, norm, r, rows, block, grad_out, grad_blocks);
 }
 
 // Row r of one image's cell gradients from its block gradients (n_blocks_row, n_blocks_col,
@@ -901,9 +930,11 @@ at::Tensor hog_blocks_cpu(const at::Tensor& cells_in, at::IntArrayRef cells_per_
     scalar_t* o = out.data_ptr<scalar_t>();
     cell_norm_parts(c, g, norm, parts.data_ptr<double>());
     at::parallel_for(0, g.batch * g.n_blocks_row, grain_for(row_len), [&](int64_t begin, int64_t end) {
+      BlockScratch t(g, std::is_same_v<scalar_t, float>);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / g.n_blocks_row, r = item % g.n_blocks_row;
-        blocks_row(c + b * image_cells * g.orientations, p + b * image_cells, g, norm, r, o + item * row_len);
+        blocks_row(c + b * image_cells * g.orientations, p + b * image_cells, g, norm, r, t.rows.data(),
+                   t.block.data(), o + item * row_len);
       }
     });
   });
@@ -932,10 +963,11 @@ at::Tensor hog_blocks_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
     scalar_t* gb = grad_blocks.data_ptr<scalar_t>();
     cell_norm_parts(c, g, norm, parts.data_ptr<double>());
     at::parallel_for(0, g.batch * g.n_blocks_row, grain_for(row_len), [&](int64_t begin, int64_t end) {
+      BlockScratch t(g, std::is_same_v<scalar_t, float>);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / g.n_blocks_row, r = item % g.n_blocks_row;
-        blocks_backward_row(c + b * image_cells * g.orientations, p + b * image_cells, g, norm, r,
-                            go + item * row_len, gb + item * row_len);
+        blocks_backward_row(c + b * image_cells * g.orientations, p + b * image_cells, g, norm, r, t.rows.data(),
+                            t.block.data(), go + item * row_len, gb + item * row_len);
       }
     });
     scalar_t* gc = grad_cells.data_ptr<scalar_t>();

@@ -407,9 +407,11 @@ MTSEG_HOST_DEVICE PixelGradient<grad_t> pixel_gradient(const ImageView<scalar_t>
 //    A part is the same in every block holding the cell, so the CPU computes it once
 //    per cell and each of the (up to b_row*b_col) blocks reuses it; CUDA recomputes it.
 //  * the other sums over a block (L2-Hys's clipped norm, the backward's dot products)
-//    are lane sums: element j of each block row goes to partial sum j % kBlockLanes,
-//    rows in order, and the partials are added pairwise at the end. Each partial is a
-//    plain sequential sum, so a vector unit computes exactly what the scalar loop does.
+//    are lane sums: element k of the block (C order) goes to partial sum
+//    k % kBlockLanes, in order of k, and the partials are added pairwise at the end.
+//    Each partial is a plain sequential sum, so a vector unit working on a contiguous
+//    copy of the block (the CPU's BlockView::flat) computes exactly what CUDA's scalar
+//    loop does on the strided block.
 // One reciprocal per block replaces the per-element divisions (each value is within a
 // few ulp of skimage's quotient).
 // ---------------------------------------------------------------------------------
@@ -473,18 +475,21 @@ struct BlockView {
   template <typename F>
   MTSEG_BLOCK_INLINE double lane_sum(F&& f) const {
     double acc[kBlockLanes] = {};
-    const int64_t len = per_row();
-    for (int64_t i = 0; i < b_row; ++i) {
-      const cell_t* row = data + i * row_stride;
-      const int64_t k0 = i * len;
-      int64_t j = 0;
-      for (; j + kBlockLanes <= len; j += kBlockLanes)
-        for (int l = 0; l < kBlockLanes; ++l) acc[l] += f(k0 + j + l, static_cast<double>(row[j + l]));
-      for (int l = 0; l < kBlockLanes; ++l)
-        if (j + l < len) acc[l] += f(k0 + j + l, static_cast<double>(row[j + l]));
+    if (b_row == 1) {  // one contiguous row: whole chunks of kBlockLanes, which vector units take at once
+      const int64_t len = per_row();
+      int64_t k = 0;
+      for (; k + kBlockLanes <= len; k += kBlockLanes)
+        for (int l = 0; l < kBlockLanes; ++l) acc[l] += f(k + l, static_cast<double>(data[k + l]));
+      for (int l = 0; k + l < len; ++l) acc[l] += f(k + l, static_cast<double>(data[k + l]));
+    } else {
+      for_each([&](int64_t k, double x) { acc[k % kBlockLanes] += f(k, x); });
     }
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   }
+  // The same block as one contiguous row (b_row = b_col = 1, n = size) over `values`,
+  // which hold the block's values in C order: the same lane sums and outputs (its
+  // norm_sum is not the block's: take the norm from this view or the cached parts).
+  MTSEG_BLOCK_INLINE BlockView<double> flat(const double* values) const { return {values, size(), 1, 1, size()}; }
   // s of the block, its cells' parts computed here.
   MTSEG_BLOCK_INLINE double norm_sum(BlockNorm norm) const {
     return block_norm_sum(b_row, b_col,
