@@ -1009,21 +1009,147 @@ at::Tensor hog_cells_cpu(const at::Tensor& images, int64_t orientations, at::Int
   return cells;
 }
 
+// ---------------------------------------------------------------------------------
+// Blocks. Pass 1 computes every cell's norm part once (hog.h's cell_norm_part); pass 2
+// normalises a row of blocks at a time, each block's norm summed from the cached parts
+// in hog.h's order and its values copied contiguously (BlockView::flat), so the bits
+// equal hog.h's normalize_block (the CUDA kernels').
+// ---------------------------------------------------------------------------------
+template <typename cell_t>
+void cell_norm_parts(const cell_t* cells, const BlockGeometry& g, BlockNorm norm, double* parts) {
+  const int64_t n = g.orientations;
+  at::parallel_for(0, g.batch * g.n_cells_row * g.n_cells_col, grain_for(n), [&](int64_t begin, int64_t end) {
+    for (int64_t cell = begin; cell < end; ++cell) parts[cell] = cell_norm_part(cells + cell * n, n, norm);
+  });
+}
+
+// 1 / norm of block (r, c) of the image whose parts start at `parts`.
+MTSEG_ALWAYS_INLINE double cached_inv_norm(const double* parts, const BlockGeometry& g, BlockNorm norm, int64_t r,
+                                           int64_t c) {
+  const double* p = parts + r * g.n_cells_col + c;
+  return block_inv_norm(block_norm_sum(g.b_row, g.b_col, [&](int64_t i, int64_t j) { return p[i * g.n_cells_col + j]; }),
+                        norm);
+}
+
+// Scratch of one thread for a row of blocks: the block's cell rows as doubles (float
+// cells only) and one block copied contiguously, so that every pass over a block is one
+// flat loop (BlockView::flat) instead of b_row short ones.
+struct BlockScratch {
+  std::vector<double> rows, block;
+  BlockScratch(const BlockGeometry& g, bool convert)
+      : rows(convert ? g.b_row * g.n_cells_col * g.orientations : 0), block(g.block_len()) {}
+};
+
+// Calls f(c, flat view of block (r, c)) for every block of row r of one image (cells:
+// the image's). `rows`: b_row * n_cells_col * n doubles of scratch for float cells.
+template <typename cell_t, typename F>
+MTSEG_ALWAYS_INLINE void for_each_flat_block(const cell_t* cells, const BlockGeometry& g, int64_t r, double* rows,
+                                             double* block, F&& f) {
+  const int64_t row_len = g.n_cells_col * g.orientations, per_row = g.b_col * g.orientations;
+  const cell_t* first = cells + r * row_len;
+  const double* src;
+  if constexpr (std::is_same_v<cell_t, double>) {
+    src = first;
+  } else {
+    for (int64_t k = 0; k < g.b_row * row_len; ++k) rows[k] = static_cast<double>(first[k]);
+    src = rows;
+  }
+  const BlockView<double> flat{block, g.block_len(), 1, 1, g.block_len()};
+  for (int64_t c = 0; c < g.n_blocks_col; ++c) {
+    for (int64_t i = 0; i < g.b_row; ++i)
+      std::memcpy(block + i * per_row, src + i * row_len + c * g.orientations, per_row * sizeof(double));
+    f(c, flat);
+  }
+}
+
+// Row r of blocks of one image (cells, parts: the image's); out: that row's blocks.
+template <typename cell_t>
+MTSEG_ALWAYS_INLINE void blocks_row_impl(const cell_t* cells, const double* parts, const BlockGeometry& g,
+                                         BlockNorm norm, int64_t r, double* rows, double* block, cell_t* out) {
+  for_each_flat_block(cells, g, r, rows, block, [&](int64_t c, const BlockView<double>& v) {
+    normalize_block_scaled(v, norm, cached_inv_norm(parts, g, norm, r, c), out + c * g.block_len());
+  });
+}
+MTSEG_CPU_CLONES void blocks_row(const float* cells, const double* parts, const BlockGeometry& g, BlockNorm norm,
+                                 int64_t r, double* rows, double* block, float* out) {
+  blocks_row_impl(cells, parts, g, norm, r, rows, block, out);
+}
+MTSEG_CPU_CLONES void blocks_row(const double* cells, const double* parts, const BlockGeometry& g, BlockNorm norm,
+                                 int64_t r, double* rows, double* block, double* out) {
+  blocks_row_impl(cells, parts, g, norm, r, rows, block, out);
+}
+
+// Vector-Jacobian products of row r of blocks (grad_out, grad_blocks: that row's).
+template <typename cell_t>
+MTSEG_ALWAYS_INLINE void blocks_backward_row_impl(const cell_t* cells, const double* parts, const BlockGeometry& g,
+                                                  BlockNorm norm, int64_t r, double* rows, double* block,
+                                                  const cell_t* grad_out, cell_t* grad_blocks) {
+  for_each_flat_block(cells, g, r, rows, block, [&](int64_t c, const BlockView<double>& v) {
+    normalize_block_backward_scaled(v, norm, cached_inv_norm(parts, g, norm, r, c), grad_out + c * g.block_len(),
+                                    grad_blocks + c * g.block_len());
+  });
+}
+MTSEG_CPU_CLONES void blocks_backward_row(const float* cells, const double* parts, const BlockGeometry& g,
+                                          BlockNorm norm, int64_t r, double* rows, double* block,
+                                          const float* grad_out, float* grad_blocks) {
+  blocks_backward_row_impl(cells, parts, g, norm, r, rows, block, grad_out, grad_blocks);
+}
+MTSEG_CPU_CLONES void blocks_backward_row(const double* cells, const double* parts, const BlockGeometry& g,
+                                          BlockNorm norm, int64_t r, double* rows, double* block,
+                                          const double* grad_out, double* grad_blocks) {
+  blocks_backward_row_impl(cells, parts, g, norm, r, rows, block, grad_out, grad_blocks);
+}
+
+// Row r of one image's cell gradients from its block gradients (n_blocks_row, n_blocks_col,
+// b_row, b_col, n): hog.h's gather_cell_gradient for every (c, o) of the row, the same
+// additions in the same order (block (r - i, c - j) for i, then j, ascending), vectorised
+// over the row. acc: n_cells_col * n doubles of scratch.
+template <typename cell_t>
+MTSEG_ALWAYS_INLINE void gather_cells_row_impl(const cell_t* grad_blocks, const BlockGeometry& g, int64_t r,
+                                               double* acc, cell_t* grad_cells) {
+  const int64_t n = g.orientations, len = g.block_len(), row_len = g.n_cells_col * n;
+  for (int64_t k = 0; k < row_len; ++k) acc[k] = 0.0;
+  for (int64_t i = 0; i < g.b_row; ++i) {
+    const int64_t br = r - i;
+    if (br < 0 || br >= g.n_blocks_row) continue;
+    for (int64_t j = 0; j < g.b_col; ++j) {
+      // Cells c = bc + j for the blocks bc of row br: c in [j, j + n_blocks_col).
+      const cell_t* src = grad_blocks + br * g.n_blocks_col * len + (i * g.b_col + j) * n;
+      double* dst = acc + j * n;
+      for (int64_t bc = 0; bc < g.n_blocks_col; ++bc)
+        for (int64_t o = 0; o < n; ++o) dst[bc * n + o] += static_cast<double>(src[bc * len + o]);
+    }
+  }
+  for (int64_t k = 0; k < row_len; ++k) grad_cells[k] = static_cast<cell_t>(acc[k]);
+}
+MTSEG_CPU_CLONES void gather_cells_row(const float* grad_blocks, const BlockGeometry& g, int64_t r, double* acc,
+                                       float* grad_cells) {
+  gather_cells_row_impl(grad_blocks, g, r, acc, grad_cells);
+}
+MTSEG_CPU_CLONES void gather_cells_row(const double* grad_blocks, const BlockGeometry& g, int64_t r, double* acc,
+                                       double* grad_cells) {
+  gather_cells_row_impl(grad_blocks, g, r, acc, grad_cells);
+}
+
 at::Tensor hog_blocks_cpu(const at::Tensor& cells_in, at::IntArrayRef cells_per_block, c10::string_view block_norm) {
   const auto g = block_geometry(cells_in, cells_per_block, "hog_blocks");
   const auto norm = parse_block_norm(block_norm);
   const auto cells = cells_in.contiguous();
   auto out = at::empty({g.batch, g.n_blocks_row, g.n_blocks_col, g.b_row, g.b_col, g.orientations}, cells.options());
-  const int64_t n_blocks = g.n_blocks_row * g.n_blocks_col;
+  if (out.numel() == 0) return out;
+  auto parts = at::empty({g.batch, g.n_cells_row, g.n_cells_col}, cells.options().dtype(at::kDouble));
+  const int64_t image_cells = g.n_cells_row * g.n_cells_col, row_len = g.n_blocks_col * g.block_len();
   AT_DISPATCH_FLOATING_TYPES(cells.scalar_type(), "hog_blocks_cpu", [&] {
     const scalar_t* c = cells.data_ptr<scalar_t>();
+    const double* p = parts.data_ptr<double>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, g.batch * n_blocks, grain_for(g.block_len()), [&](int64_t begin, int64_t end) {
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / n_blocks, r = (idx % n_blocks) / g.n_blocks_col, col = idx % g.n_blocks_col;
-        const BlockView<scalar_t> v{c + ((b * g.n_cells_row + r) * g.n_cells_col + col) * g.orientations,
-                                    g.n_cells_col * g.orientations, g.b_row, g.b_col, g.orientations};
-        normalize_block(v, norm, o + idx * g.block_len());
+    cell_norm_parts(c, g, norm, parts.data_ptr<double>());
+    at::parallel_for(0, g.batch * g.n_blocks_row, grain_for(row_len), [&](int64_t begin, int64_t end) {
+      BlockScratch t(g, std::is_same_v<scalar_t, float>);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / g.n_blocks_row, r = item % g.n_blocks_row;
+        blocks_row(c + b * image_cells * g.orientations, p + b * image_cells, g, norm, r, t.rows.data(),
+                   t.block.data(), o + item * row_len);
       }
     });
   });
@@ -1039,33 +1165,36 @@ at::Tensor hog_blocks_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
                     "hog_blocks_backward: grad has shape ", grad_in.sizes(), ", which does not match the blocks");
   const auto cells = cells_in.contiguous();
   const auto grad = grad_in.to(cells.scalar_type()).contiguous();
-  auto grad_blocks = at::empty_like(grad);
   auto grad_cells = at::empty_like(cells);
-  const int64_t n_blocks = g.n_blocks_row * g.n_blocks_col;
+  if (grad.numel() == 0) return grad_cells.zero_();
+  auto grad_blocks = at::empty_like(grad);
+  auto parts = at::empty({g.batch, g.n_cells_row, g.n_cells_col}, cells.options().dtype(at::kDouble));
+  const int64_t image_cells = g.n_cells_row * g.n_cells_col, row_len = g.n_blocks_col * g.block_len();
+  const int64_t cells_row_len = g.n_cells_col * g.orientations;
   AT_DISPATCH_FLOATING_TYPES(cells.scalar_type(), "hog_blocks_backward_cpu", [&] {
     const scalar_t* c = cells.data_ptr<scalar_t>();
+    const double* p = parts.data_ptr<double>();
     const scalar_t* go = grad.data_ptr<scalar_t>();
     scalar_t* gb = grad_blocks.data_ptr<scalar_t>();
-    at::parallel_for(0, g.batch * n_blocks, grain_for(g.block_len()), [&](int64_t begin, int64_t end) {
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / n_blocks, r = (idx % n_blocks) / g.n_blocks_col, col = idx % g.n_blocks_col;
-        const BlockView<scalar_t> v{c + ((b * g.n_cells_row + r) * g.n_cells_col + col) * g.orientations,
-                                    g.n_cells_col * g.orientations, g.b_row, g.b_col, g.orientations};
-        normalize_block_backward(v, norm, go + idx * g.block_len(), gb + idx * g.block_len());
+    cell_norm_parts(c, g, norm, parts.data_ptr<double>());
+    at::parallel_for(0, g.batch * g.n_blocks_row, grain_for(row_len), [&](int64_t begin, int64_t end) {
+      BlockScratch t(g, std::is_same_v<scalar_t, float>);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / g.n_blocks_row, r = item % g.n_blocks_row;
+        blocks_backward_row(c + b * image_cells * g.orientations, p + b * image_cells, g, norm, r, t.rows.data(),
+                            t.block.data(), go + item * row_len, gb + item * row_len);
       }
     });
     scalar_t* gc = grad_cells.data_ptr<scalar_t>();
-    const int64_t row_len = g.n_cells_col * g.orientations;
-    at::parallel_for(0, g.batch * g.n_cells_row, grain_for(row_len * g.b_row * g.b_col), [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / g.n_cells_row, r = item % g.n_cells_row;
-        const scalar_t* gb_b = gb + b * n_blocks * g.block_len();
-        for (int64_t col = 0; col < g.n_cells_col; ++col)
-          for (int64_t o = 0; o < g.orientations; ++o)
-            gc[item * row_len + col * g.orientations + o] = static_cast<scalar_t>(gather_cell_gradient(
-                gb_b, g.n_blocks_row, g.n_blocks_col, g.b_row, g.b_col, g.orientations, r, col, o));
-      }
-    });
+    const int64_t image_blocks_len = g.n_blocks_row * row_len;
+    at::parallel_for(0, g.batch * g.n_cells_row, grain_for(cells_row_len * g.b_row * g.b_col),
+                     [&](int64_t begin, int64_t end) {
+                       std::vector<double> acc(cells_row_len);
+                       for (int64_t item = begin; item < end; ++item) {
+                         const int64_t b = item / g.n_cells_row, r = item % g.n_cells_row;
+                         gather_cells_row(gb + b * image_blocks_len, g, r, acc.data(), gc + item * cells_row_len);
+                       }
+                     });
   });
   return grad_cells;
 }

@@ -399,132 +399,209 @@ MTSEG_HOST_DEVICE PixelGradient<grad_t> pixel_gradient(const ImageView<scalar_t>
 // Block normalisation. `block` points at cell (r, c, 0) of a (n_cells_row, n_cells_col,
 // n) array whose rows are `row_stride` elements apart; the block spans b_row x b_col
 // cells. `out` receives the b_row*b_col*n normalised values, C order.
+//
+// Every sum has one fixed order, so the result has the same bits at any thread count,
+// with or without SIMD, on CPU and CUDA:
+//  * the norm's sum s adds the block's cells' "parts" in C order (cell_norm_part: the
+//    sum over the cell's bins, in bin order, of |v| for L1/L1-sqrt, v^2 for L2/L2-Hys).
+//    A part is the same in every block holding the cell, so the CPU computes it once
+//    per cell and each of the (up to b_row*b_col) blocks reuses it; CUDA recomputes it.
+//  * the other sums over a block (L2-Hys's clipped norm, the backward's dot products)
+//    are lane sums: element k of the block (C order) goes to partial sum
+//    k % kBlockLanes, in order of k, and the partials are added pairwise at the end.
+//    Each partial is a plain sequential sum, so a vector unit working on a contiguous
+//    copy of the block (the CPU's BlockView::flat) computes exactly what CUDA's scalar
+//    loop does on the strided block.
+// One reciprocal per block replaces the per-element divisions (each value is within a
+// few ulp of skimage's quotient).
 // ---------------------------------------------------------------------------------
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MTSEG_BLOCK_INLINE __host__ __device__ __forceinline__
+#else
+// Forced so that the CPU's multi-versioned block loops (csrc/cpu/hog.cpp) get these
+// loops inlined and vectorised for their own instruction set.
+#define MTSEG_BLOCK_INLINE inline __attribute__((always_inline))
+#endif
+
+constexpr int kBlockLanes = 8;
+
+MTSEG_BLOCK_INLINE bool is_l1(BlockNorm norm) { return norm == BlockNorm::L1 || norm == BlockNorm::L1Sqrt; }
+
+template <typename cell_t>
+MTSEG_BLOCK_INLINE double cell_norm_part(const cell_t* cell, int64_t n, BlockNorm norm) {
+  double s = 0.0;
+  if (is_l1(norm)) {
+    for (int64_t o = 0; o < n; ++o) s += ::fabs(static_cast<double>(cell[o]));
+  } else {
+    for (int64_t o = 0; o < n; ++o) {
+      const double x = static_cast<double>(cell[o]);
+      s += x * x;
+    }
+  }
+  return s;
+}
+
+// s of a block from its cells' parts, part(i, j) for cell (i, j) of the block.
+template <typename F>
+MTSEG_BLOCK_INLINE double block_norm_sum(int64_t b_row, int64_t b_col, F&& part) {
+  double s = 0.0;
+  for (int64_t i = 0; i < b_row; ++i)
+    for (int64_t j = 0; j < b_col; ++j) s += part(i, j);
+  return s;
+}
+
+// 1 / the block's norm: 1 / (s + eps) for L1 and L1-sqrt, 1 / sqrt(s + eps^2) for L2 and L2-Hys.
+MTSEG_BLOCK_INLINE double block_inv_norm(double s, BlockNorm norm) {
+  return is_l1(norm) ? 1.0 / (s + kNormEps) : 1.0 / ::sqrt(s + kNormEps * kNormEps);
+}
+
 template <typename cell_t>
 struct BlockView {
   const cell_t* data;
   int64_t row_stride, b_row, b_col, n;
-  MTSEG_HOST_DEVICE int64_t size() const { return b_row * b_col * n; }
-  // f(k, value) for every element in C order (k = 0 .. size-1), without divisions.
+  MTSEG_BLOCK_INLINE int64_t size() const { return b_row * b_col * n; }
+  MTSEG_BLOCK_INLINE int64_t per_row() const { return b_col * n; }
+  // f(k, value) for every element in C order (k = 0 .. size-1); rows are contiguous.
   template <typename F>
-  MTSEG_HOST_DEVICE void for_each(F&& f) const {
-    const int64_t per_row = b_col * n;
-    for (int64_t i = 0, k = 0; i < b_row; ++i) {
+  MTSEG_BLOCK_INLINE void for_each(F&& f) const {
+    const int64_t len = per_row();
+    for (int64_t i = 0; i < b_row; ++i) {
       const cell_t* row = data + i * row_stride;
-      for (int64_t j = 0; j < per_row; ++j, ++k) f(k, static_cast<double>(row[j]));
+      const int64_t k0 = i * len;
+      for (int64_t j = 0; j < len; ++j) f(k0 + j, static_cast<double>(row[j]));
     }
   }
+  // The lane sum of f(k, value) over the block (see above).
+  template <typename F>
+  MTSEG_BLOCK_INLINE double lane_sum(F&& f) const {
+    double acc[kBlockLanes] = {};
+    if (b_row == 1) {  // one contiguous row: whole chunks of kBlockLanes, which vector units take at once
+      const int64_t len = per_row();
+      int64_t k = 0;
+      for (; k + kBlockLanes <= len; k += kBlockLanes)
+        for (int l = 0; l < kBlockLanes; ++l) acc[l] += f(k + l, static_cast<double>(data[k + l]));
+      for (int l = 0; k + l < len; ++l) acc[l] += f(k + l, static_cast<double>(data[k + l]));
+    } else {
+      for_each([&](int64_t k, double x) { acc[k % kBlockLanes] += f(k, x); });
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  }
+  // The same block as one contiguous row (b_row = b_col = 1, n = size) over `values`,
+  // which hold the block's values in C order: the same lane sums and outputs (its
+  // norm_sum is not the block's: take the norm from this view or the cached parts).
+  MTSEG_BLOCK_INLINE BlockView<double> flat(const double* values) const { return {values, size(), 1, 1, size()}; }
+  // s of the block, its cells' parts computed here.
+  MTSEG_BLOCK_INLINE double norm_sum(BlockNorm norm) const {
+    return block_norm_sum(b_row, b_col,
+                          [&](int64_t i, int64_t j) { return cell_norm_part(data + i * row_stride + j * n, n, norm); });
+  }
 };
+static_assert(kBlockLanes == 8, "BlockView::lane_sum adds eight partials");
 
-template <typename cell_t>
-MTSEG_HOST_DEVICE double block_sum_abs(const BlockView<cell_t>& v) {
-  double s = 0.0;
-  v.for_each([&](int64_t, double x) { s += ::fabs(x); });
-  return s;
-}
-template <typename cell_t>
-MTSEG_HOST_DEVICE double block_l2(const BlockView<cell_t>& v) {
-  double s = 0.0;
-  v.for_each([&](int64_t, double x) { s += x * x; });
-  return ::sqrt(s + kNormEps * kNormEps);
-}
-// L2-Hys: clipped L2-normalised value, and the norm of the clipped block.
-// A NaN cell stays NaN, as in skimage's np.minimum (fmin would return the clip).
-MTSEG_HOST_DEVICE double hys_clip(double v, double l2) {
-  const double o = v / l2;
+// L2-Hys's clip of v / |v| (inv_l2 = 1 / |v|). A NaN cell stays NaN, as in skimage's
+// np.minimum (fmin would return the clip).
+MTSEG_BLOCK_INLINE double hys_clip(double v, double inv_l2) {
+  const double o = v * inv_l2;
   return o > kHysClip ? kHysClip : o;
 }
+// 1 / the norm of the clipped block.
 template <typename cell_t>
-MTSEG_HOST_DEVICE double block_hys_l2(const BlockView<cell_t>& v, double l2) {
-  double s = 0.0;
-  v.for_each([&](int64_t, double x) {
-    const double o = hys_clip(x, l2);
-    s += o * o;
+MTSEG_BLOCK_INLINE double block_hys_inv_norm(const BlockView<cell_t>& v, double inv_l2) {
+  const double s = v.lane_sum([&](int64_t, double x) {
+    const double o = hys_clip(x, inv_l2);
+    return o * o;
   });
-  return ::sqrt(s + kNormEps * kNormEps);
+  return 1.0 / ::sqrt(s + kNormEps * kNormEps);
+}
+
+// The block normalised, given inv = block_inv_norm of its norm_sum (the CPU passes the
+// sum of cached parts, normalize_block computes them).
+template <typename cell_t, typename out_t>
+MTSEG_BLOCK_INLINE void normalize_block_scaled(const BlockView<cell_t>& v, BlockNorm norm, double inv, out_t* out) {
+  switch (norm) {
+    case BlockNorm::L1:
+    case BlockNorm::L2:
+      v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(x * inv); });
+      break;
+    case BlockNorm::L1Sqrt:
+      v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(::sqrt(x * inv)); });
+      break;
+    case BlockNorm::L2Hys: {
+      const double inv2 = block_hys_inv_norm(v, inv);
+      v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(hys_clip(x, inv) * inv2); });
+      break;
+    }
+  }
 }
 
 template <typename cell_t, typename out_t>
 MTSEG_HOST_DEVICE void normalize_block(const BlockView<cell_t>& v, BlockNorm norm, out_t* out) {
+  normalize_block_scaled(v, norm, block_inv_norm(v.norm_sum(norm), norm), out);
+}
+
+// Vector-Jacobian product of normalize_block: grad_in[k] = sum_j grad_out[j] d out[j] / d v[k],
+// given inv as normalize_block_scaled. Cells are non-negative, so |v| has derivative 1
+// where v > 0 (and we take 0 at 0).
+template <typename cell_t, typename grad_t>
+MTSEG_BLOCK_INLINE void normalize_block_backward_scaled(const BlockView<cell_t>& v, BlockNorm norm, double inv,
+                                                        const grad_t* grad_out, grad_t* grad_in) {
   switch (norm) {
     case BlockNorm::L1: {
-      const double d = block_sum_abs(v) + kNormEps;
-      v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(x / d); });
+      // out = v / d, d = |v|_1 + eps = 1 / inv.
+      const double q = v.lane_sum([&](int64_t k, double x) { return static_cast<double>(grad_out[k]) * x; });
+      const double c = q * inv * inv;
+      v.for_each([&](int64_t k, double x) {
+        const double sign = x > 0.0 ? 1.0 : (x < 0.0 ? -1.0 : 0.0);
+        grad_in[k] = static_cast<grad_t>(static_cast<double>(grad_out[k]) * inv - sign * c);
+      });
       break;
     }
     case BlockNorm::L1Sqrt: {
-      const double d = block_sum_abs(v) + kNormEps;
-      v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(::sqrt(x / d)); });
+      // out = sqrt(u), u = v / d: d sqrt(u) = 1 / (2 sqrt(u)), 0 where u = 0.
+      auto grad_u = [&](int64_t k, double x) -> double {
+        const double o = ::sqrt(x * inv);
+        return o > 0.0 ? static_cast<double>(grad_out[k]) * 0.5 / o : 0.0;
+      };
+      const double q = v.lane_sum([&](int64_t k, double x) { return grad_u(k, x) * x; });
+      const double c = q * inv * inv;
+      v.for_each([&](int64_t k, double x) {
+        const double sign = x > 0.0 ? 1.0 : (x < 0.0 ? -1.0 : 0.0);
+        grad_in[k] = static_cast<grad_t>(grad_u(k, x) * inv - sign * c);
+      });
       break;
     }
     case BlockNorm::L2: {
-      const double l2 = block_l2(v);
-      v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(x / l2); });
+      // out = v / n, n = |v|_eps = 1 / inv.
+      const double q = v.lane_sum([&](int64_t k, double x) { return static_cast<double>(grad_out[k]) * x; });
+      const double c = q * inv * inv * inv;
+      v.for_each([&](int64_t k, double x) {
+        grad_in[k] = static_cast<grad_t>(static_cast<double>(grad_out[k]) * inv - x * c);
+      });
       break;
     }
     case BlockNorm::L2Hys: {
-      const double l2 = block_l2(v);
-      const double l2_clipped = block_hys_l2(v, l2);
-      v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(hys_clip(x, l2) / l2_clipped); });
+      // out = o2 / n2, o2 = min(v / n1, 0.2), n1 = |v|_eps = 1 / inv, n2 = |o2|_eps.
+      const double inv2 = block_hys_inv_norm(v, inv);
+      const double q2 =
+          v.lane_sum([&](int64_t k, double x) { return static_cast<double>(grad_out[k]) * hys_clip(x, inv); });
+      const double c2 = q2 * inv2 * inv2 * inv2;
+      // Gradient with respect to o1 = v / n1; the clip passes it where v / n1 <= 0.2.
+      auto grad_o1 = [&](int64_t k, double x) -> double {
+        const double o1 = x * inv;
+        return o1 > kHysClip ? 0.0 : static_cast<double>(grad_out[k]) * inv2 - o1 * c2;
+      };
+      const double q1 = v.lane_sum([&](int64_t k, double x) { return grad_o1(k, x) * x; });
+      const double c1 = q1 * inv * inv * inv;
+      v.for_each([&](int64_t k, double x) { grad_in[k] = static_cast<grad_t>(grad_o1(k, x) * inv - x * c1); });
       break;
     }
   }
 }
 
-// Vector-Jacobian product of normalize_block: grad_in[k] = sum_j grad_out[j] d out[j] / d v[k].
-// Cells are non-negative, so |v| has derivative 1 where v > 0 (and we take 0 at 0).
 template <typename cell_t, typename grad_t>
 MTSEG_HOST_DEVICE void normalize_block_backward(const BlockView<cell_t>& v, BlockNorm norm, const grad_t* grad_out,
                                                 grad_t* grad_in) {
-  switch (norm) {
-    case BlockNorm::L1:
-    case BlockNorm::L1Sqrt: {
-      const double d = block_sum_abs(v) + kNormEps;
-      // For L1-sqrt, out = sqrt(u) with u = v / d: chain through d sqrt(u) = 1 / (2 sqrt(u)).
-      auto grad_u = [&](int64_t k, double x) -> double {
-        const double g = static_cast<double>(grad_out[k]);
-        if (norm == BlockNorm::L1) return g;
-        const double o = ::sqrt(x / d);
-        return o > 0.0 ? g * 0.5 / o : 0.0;
-      };
-      double q = 0.0;
-      v.for_each([&](int64_t k, double x) { q += grad_u(k, x) * x; });
-      v.for_each([&](int64_t k, double x) {
-        const double sign = x > 0.0 ? 1.0 : (x < 0.0 ? -1.0 : 0.0);
-        grad_in[k] = static_cast<grad_t>(grad_u(k, x) / d - sign * q / (d * d));
-      });
-      break;
-    }
-    case BlockNorm::L2: {
-      const double l2 = block_l2(v);
-      double q = 0.0;
-      v.for_each([&](int64_t k, double x) { q += static_cast<double>(grad_out[k]) * x; });
-      const double l2_cubed = l2 * l2 * l2;
-      v.for_each([&](int64_t k, double x) {
-        grad_in[k] = static_cast<grad_t>(static_cast<double>(grad_out[k]) / l2 - x * q / l2_cubed);
-      });
-      break;
-    }
-    case BlockNorm::L2Hys: {
-      // out = o2 / n2, o2 = min(v / n1, 0.2), n1 = |v|_eps, n2 = |o2|_eps.
-      const double n1 = block_l2(v);
-      const double n2 = block_hys_l2(v, n1);
-      double q2 = 0.0;
-      v.for_each([&](int64_t k, double x) { q2 += static_cast<double>(grad_out[k]) * hys_clip(x, n1); });
-      const double n2_cubed = n2 * n2 * n2;
-      // Gradient with respect to o1 = v / n1; the clip passes it where v / n1 <= 0.2.
-      auto grad_o1 = [&](int64_t k, double x) -> double {
-        const double o1 = x / n1;
-        if (o1 > kHysClip) return 0.0;
-        return static_cast<double>(grad_out[k]) / n2 - o1 * q2 / n2_cubed;
-      };
-      double q1 = 0.0;
-      v.for_each([&](int64_t k, double x) { q1 += grad_o1(k, x) * x; });
-      const double n1_cubed = n1 * n1 * n1;
-      v.for_each([&](int64_t k, double x) { grad_in[k] = static_cast<grad_t>(grad_o1(k, x) / n1 - x * q1 / n1_cubed); });
-      break;
-    }
-  }
+  normalize_block_backward_scaled(v, norm, block_inv_norm(v.norm_sum(norm), norm), grad_out, grad_in);
 }
 
 // Gradient of one cell entry (r, c, o) from the per-block input gradients
