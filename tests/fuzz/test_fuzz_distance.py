@@ -1,5 +1,5 @@
 """Raw-op fuzzers of the distance ops (edt, connected_components, levelset_grow,
-grow_instances) and of their CPU emulations of the CUDA launches (``_*_emulated``).
+grow_instances, the test-only ``_edt_query``) and of their CPU emulations of the CUDA launches (``_*_emulated``).
 
 A result is checked against scipy (``mtseg_kernels/reference/distance.py``,
 ``scipy.ndimage.label``) or, for ``grow_instances`` with several seeds, against the
@@ -88,6 +88,41 @@ def test_edt(args):
 @given(edt_args(), SCHEDULES, SEEDS)
 def test_edt_emulated(args, schedule, seed):
     check_edt(call("_edt_emulated", *args, schedule, seed), *args)
+
+
+@st.composite
+def edt_query_args(draw):
+    shape = draw(mask_shapes())
+    mask = draw(tensors(shape=shape))
+    # mostly a query of the same shape, sometimes any other tensor
+    query = draw(mostly(tensors(shape=shape), tensors(shape=draw(mask_shapes())), 0.1))
+    spacing = draw(spacings(spatial_of(shape)))
+    dtype = draw(mostly(st.sampled_from([None, torch.float32, torch.float64]), st.sampled_from([torch.float16, torch.int64])))
+    return mask, query, spacing, draw(st.booleans()), dtype
+
+
+def check_edt_query(out, mask, query, spacing, query_invert, dtype):
+    """Exact squared distances on the queried voxels, upper bounds elsewhere."""
+    if out is None:
+        return
+    assert mask.dim() in (3, 4) and query.shape == mask.shape, "_edt_query accepted mismatched or bad shapes"
+    assert out.shape == mask.shape and out.dtype == (dtype or torch.float64)
+    if not usable(spacing, mask.dim() - 1):
+        assert not out.isnan().any(), "_edt_query returned NaN"
+        return
+    want = edt_reference(foreground(mask), spacing) ** 2
+    got = out.double().numpy()
+    asked = foreground(query) != query_invert
+    rtol = 1e-12 if out.dtype == torch.float64 else 2e-6
+    np.testing.assert_allclose(got[asked], want[asked], rtol=rtol, atol=0, err_msg="queried voxels differ from scipy")
+    assert (got[~asked] >= want[~asked] * (1 - rtol)).all(), "a voxel outside the query is below its distance"
+
+
+@fuzz_settings
+@given(edt_query_args())
+def test_edt_query(args):
+    # test-only op: no fake kernel, torch.compile never sees it
+    check_edt_query(call("_edt_query", *args, meta=False), *args)
 
 
 @st.composite
