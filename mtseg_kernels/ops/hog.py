@@ -61,8 +61,9 @@ class HOGPreset(NamedTuple):
 
 
 #: HOG-MTL configurations by descriptor length, all computed on images resized to
-#: 128 x 64 (H x W). The paper's: 504 (its default), 864 and 2520 (6 orientations with
-#: 16, 12 and 8 pixel cells); 3780, 1680 and 756 are extra sizes of ours.
+#: 128 x 64 (H x W). 504 (the default), 864 and 2520 (6 orientations with 16, 12 and 8
+#: pixel cells) are the sizes this project uses for HOG-MTL (not checked against the
+#: paper's text, see docs/fidelity/hogmtl.md); 3780, 1680 and 756 are extra sizes of ours.
 HOG_MTL_PRESETS: dict[int, HOGPreset] = {
     504: HOGPreset(6, (16, 16), (2, 2)),
     864: HOGPreset(6, (12, 12), (2, 2)),
@@ -348,7 +349,7 @@ def hog_pseudo_label(images: Tensor, dim: int = 504, size: tuple[int, int] = HOG
         images: ``(B, C, H, W)`` (or ``(C, H, W)``), on any device; uint8 images are
             scaled to [0, 1]. Call it inside the training step, after augmentation.
         dim: descriptor length, one of :data:`HOG_MTL_PRESETS` (504, 864, 2520; extras 3780, 1680, 756).
-        size: resize target ``(H, W)``; the paper's is 128 x 64.
+        size: resize target ``(H, W)``; 128 x 64 by default (HOG-MTL's input size).
 
     Returns:
         ``(B, dim)`` float32 targets (float64 for float64 images), without gradient.
