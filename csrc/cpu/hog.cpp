@@ -518,6 +518,16 @@ struct FusedContext {
   int64_t& exact_bins;
 };
 
+// The context of one image for the forward and the backward fused passes.
+template <typename scalar_t, typename T>
+FusedContext fused_context(const ImageView<scalar_t>& img, const CellGeometry& g, int64_t channels, int64_t n_cols,
+                           int64_t n, const FusedEdges& E, const std::vector<Edge>& edges, RowScratch<T>& t) {
+  return {channels, img.stride_c, img.stride_h, g.height, g.width, n_cols, n,
+          (g.cell_rows + 1) * img.stride_h * static_cast<int64_t>(sizeof(scalar_t)),
+          E, edges, t.exact_scratch.data(), static_cast<int64_t>(t.exact_scratch.size()), t.scalar_bins,
+          t.exact_bins};
+}
+
 // Float squares within this many ulps of each other count as a near tie: 64 ulps are a
 // relative 2^-18 at least, beyond the rounding of two squares (3 x 2^-24 each) plus the
 // step at which float(sqrt) keys can still tie (2^-22 of the square).
@@ -950,18 +960,7 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
           auto* const row_fn = n == 6   ? &fused_cell_row<scalar_t, grad_t, 6>
                                : n == 9 ? &fused_cell_row<scalar_t, grad_t, 9>
                                         : &fused_cell_row<scalar_t, grad_t, 0>;
-          FusedContext ctx{C,
-                           img.stride_c,
-                           img.stride_h,
-                           g.height,
-                           g.width,
-                           n_cols,
-                           n,
-                           (g.cell_rows + 1) * img.stride_h * static_cast<int64_t>(sizeof(scalar_t)),
-                           fused_edges,
-                           edges,
-                           t.exact_scratch.data(),
-                           static_cast<int64_t>(t.exact_scratch.size()), t.scalar_bins, t.exact_bins};
+          FusedContext ctx = fused_context(img, g, C, n_cols, n, fused_edges, edges, t);
           if (!row_fn(img.data, ctx, y0, g.cell_rows, acc.data(), t.column_sums.data())) {
             all_valid = false;
             continue;
@@ -1279,18 +1278,7 @@ void cells_backward_kernel(const at::Tensor& images, const CellGeometry& g, bool
                     (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, uint8_t>)) {
         if (fused) {
           const auto img = image_view<scalar_t>(images, b);
-          FusedContext ctx{C,
-                           img.stride_c,
-                           img.stride_h,
-                           g.height,
-                           g.width,
-                           n_cols,
-                           n,
-                           (g.cell_rows + 1) * img.stride_h * static_cast<int64_t>(sizeof(scalar_t)),
-                           fused_edges,
-                           edges,
-                           t.exact_scratch.data(),
-                           static_cast<int64_t>(t.exact_scratch.size()), t.scalar_bins, t.exact_bins};
+          FusedContext ctx = fused_context(img, g, C, n_cols, n, fused_edges, edges, t);
           auto* const row_fn = n == 6   ? &fused_backward_cell_row<scalar_t, grad_t, 6>
                                : n == 9 ? &fused_backward_cell_row<scalar_t, grad_t, 9>
                                         : &fused_backward_cell_row<scalar_t, grad_t, 0>;

@@ -14,6 +14,9 @@ skimage; parity tests exempt exactly the blocks holding such a pixel, and report
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -278,3 +281,19 @@ def assert_hog_parity(ours: np.ndarray, image_chw: np.ndarray, orientations, ppc
         "proved misbinned by skimage"
     )
     return ParityReport(int(exempt.sum()), int(exempt.size), len(proof.misbinned), proof.checked)
+
+
+def compile_header_probe(source: Path, out_dir: Path, *flags: str) -> Path:
+    """A C++ probe of csrc/include (no torch), compiled with -O1 and no FMA contraction.
+
+    Skips the calling test when no C++ compiler is on PATH.
+    """
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip(f"no C++ compiler on PATH to build {source.name}")
+    exe = out_dir / "probe"
+    include = Path(__file__).resolve().parents[2] / "csrc" / "include"
+    subprocess.run([cxx, "-std=c++17", "-O1", *flags, "-ffp-contract=off", f"-I{include}", str(source), "-o", str(exe)],
+                   check=True)
+    return exe
+

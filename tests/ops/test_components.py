@@ -171,7 +171,7 @@ def test_real_3d_masks(shared_data):
     nib = pytest.importorskip("nibabel")
     files = sorted((shared_data / "brats18").glob("*/*/*_seg.nii.gz"))
     if not files:
-        pytest.skip(f"expected a BraTS segmentation under {shared_data / 'brats18'}")
+        pytest.skip(f"real data not found: no BraTS segmentation (*_seg.nii.gz) under {shared_data / 'brats18'}")
     seg = np.asarray(nib.load(files[0]).dataobj)
     # the tumour's bounding box plus 3 voxels (the references are slow on the whole volume)
     box = tuple(slice(max(int(i.min()) - 3, 0), int(i.max()) + 4) for i in np.nonzero(seg))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hog_testing import (
-    NEAR_EDGE_DEG,
+    compile_header_probe,
     assert_hog_parity,
     exact_bin,
     hc18_images,
@@ -838,14 +837,7 @@ PROBE_SOURCE = Path(__file__).with_name("hog_header_probe.cpp")
 @pytest.fixture(scope="module")
 def header_probe(tmp_path_factory) -> Path:
     """hog_header_probe.cpp compiled against csrc/include (no torch needed)."""
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on PATH to build the hog.h probe")
-    exe = tmp_path_factory.mktemp("hog_probe") / "probe"
-    include = Path(__file__).resolve().parents[2] / "csrc" / "include"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", f"-I{include}", str(PROBE_SOURCE), "-o", str(exe)],
-                   check=True)
-    return exe
+    return compile_header_probe(PROBE_SOURCE, tmp_path_factory.mktemp("hog_probe"))
 
 
 def _probe(exe: Path, text: str) -> list[str]:

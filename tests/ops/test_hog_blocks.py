@@ -14,8 +14,6 @@ Oracles, none of which shares code with the kernels:
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from decimal import Decimal, localcontext
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hog_testing import compile_header_probe
 from skimage.feature._hog import _hog_normalize_block
 
 import mtseg_kernels as mk
@@ -190,14 +189,7 @@ PROBE_SOURCE = Path(__file__).with_name("hog_blocks_probe.cpp")
 @pytest.fixture(scope="module")
 def blocks_probe(tmp_path_factory) -> Path:
     """hog_blocks_probe.cpp compiled without vectorisation against csrc/include."""
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on PATH to build the hog.h blocks probe")
-    exe = tmp_path_factory.mktemp("hog_blocks_probe") / "probe"
-    include = Path(__file__).resolve().parents[2] / "csrc" / "include"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-fno-tree-vectorize", "-ffp-contract=off", f"-I{include}",
-                    str(PROBE_SOURCE), "-o", str(exe)], check=True)
-    return exe
+    return compile_header_probe(PROBE_SOURCE, tmp_path_factory.mktemp("hog_blocks_probe"), "-fno-tree-vectorize")
 
 
 def _probe(exe: Path, direction: str, cells: torch.Tensor, cpb, norm: str, grad=None) -> np.ndarray:
