@@ -904,7 +904,8 @@ void dispatch_working_types(at::ScalarType dtype, bool transform_sqrt, F&& f) {
 // n_cells_col sums side by side (`totals`, one per cell and bin), so that they are
 // independent adds rather than one chain of cell_cols dependent ones per cell.
 template <typename T, typename cell_t>
-void write_cells(const T* column_sums, const CellGeometry& g, int64_t n_cols, double* totals, cell_t* out) {
+MTSEG_ALWAYS_INLINE void write_cells_impl(const T* column_sums, const CellGeometry& g, int64_t n_cols, double* totals,
+                                          cell_t* out) {
   const int64_t n = g.orientations, n_cells = g.n_cells_col;
   std::fill(totals, totals + n * n_cells, 0.0);
   for (int64_t x = 0; x < g.cell_cols; ++x)
@@ -915,6 +916,18 @@ void write_cells(const T* column_sums, const CellGeometry& g, int64_t n_cols, do
     }
   for (int64_t cc = 0; cc < n_cells; ++cc)
     for (int64_t o = 0; o < n; ++o) out[cc * n + o] = cell_mean<cell_t>(totals[o * n_cells + cc], g.area());
+}
+MTSEG_CPU_CLONES void write_cells(const float* column_sums, const CellGeometry& g, int64_t n_cols, double* totals,
+                                  float* out) {
+  write_cells_impl(column_sums, g, n_cols, totals, out);
+}
+MTSEG_CPU_CLONES void write_cells(const double* column_sums, const CellGeometry& g, int64_t n_cols, double* totals,
+                                  float* out) {
+  write_cells_impl(column_sums, g, n_cols, totals, out);
+}
+MTSEG_CPU_CLONES void write_cells(const double* column_sums, const CellGeometry& g, int64_t n_cols, double* totals,
+                                  double* out) {
+  write_cells_impl(column_sums, g, n_cols, totals, out);
 }
 
 // Whether cells_kernel takes the fused pass (see above) for these images.
@@ -965,7 +978,7 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
             all_valid = false;
             continue;
           }
-          write_cells<T, cell_t>(t.column_sums.data(), g, n_cols, totals.data(), cells + item * g.n_cells_col * n);
+          write_cells(t.column_sums.data(), g, n_cols, totals.data(), cells + item * g.n_cells_col * n);
           ++t.fused_rows;
           continue;
         }
@@ -980,7 +993,7 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
         const T* mid = t.rows.data() + (y - y0 + 1) * row_stride + 1;
         orient_pixel_row<T, grad_t>(t, mid, C, buf_rows * row_stride, row_stride, n_cols, n, t.column_sums.data());
       }
-      write_cells<T, cell_t>(t.column_sums.data(), g, n_cols, totals.data(), cells + item * g.n_cells_col * n);
+      write_cells(t.column_sums.data(), g, n_cols, totals.data(), cells + item * g.n_cells_col * n);
     }
   });
   TORCH_CHECK_VALUE(all_valid.load(), "hog_cells: images contain NaN or Inf",
@@ -1065,7 +1078,7 @@ MTSEG_ALWAYS_INLINE void for_each_flat_block(const cell_t* cells, const BlockGeo
 template <typename cell_t>
 MTSEG_ALWAYS_INLINE void blocks_row_impl(const cell_t* cells, const double* parts, const BlockGeometry& g,
                                          BlockNorm norm, int64_t r, double* rows, double* block, cell_t* out) {
-  for_each_flat_block(cells, g, r, rows, block, [&](int64_t c, const BlockView<double>& v) {
+  for_each_flat_block(cells, g, r, rows, block, [&](int64_t c, const BlockView<double>& v) MTSEG_LAMBDA_INLINE {
     normalize_block_scaled(v, norm, cached_inv_norm(parts, g, norm, r, c), out + c * g.block_len());
   });
 }
@@ -1083,7 +1096,7 @@ template <typename cell_t>
 MTSEG_ALWAYS_INLINE void blocks_backward_row_impl(const cell_t* cells, const double* parts, const BlockGeometry& g,
                                                   BlockNorm norm, int64_t r, double* rows, double* block,
                                                   const cell_t* grad_out, cell_t* grad_blocks) {
-  for_each_flat_block(cells, g, r, rows, block, [&](int64_t c, const BlockView<double>& v) {
+  for_each_flat_block(cells, g, r, rows, block, [&](int64_t c, const BlockView<double>& v) MTSEG_LAMBDA_INLINE {
     normalize_block_backward_scaled(v, norm, cached_inv_norm(parts, g, norm, r, c), grad_out + c * g.block_len(),
                                     grad_blocks + c * g.block_len());
   });

@@ -14,6 +14,14 @@
 #define MTSEG_CPU_CLONES
 #endif
 #define MTSEG_ALWAYS_INLINE inline __attribute__((always_inline))
+// For a lambda handed to an inlined helper inside a MTSEG_CPU_CLONES loop: a lambda the
+// compiler does not inline is a function of its own, compiled for the baseline ISA only
+// (SSE2), whichever clone calls it.
+#if defined(__GNUC__)
+#define MTSEG_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define MTSEG_LAMBDA_INLINE
+#endif
 
 namespace mtseg {
 namespace cpu {
