@@ -489,20 +489,34 @@ int32_t redo_channel_choice_direct(const scalar_t* img, int64_t channels, int64_
   return winner;
 }
 
-// skimage's channel key for float32 gradients, hog.h's selection_key(float, magnitude):
-// float(sqrt(double sum of the squares)), in double lanes, bit for bit the scalar rule;
-// only in the 8-lane halves that hold a lane of `lanes` (the double roots are the cost).
-MTSEG_AVX512 inline __m512 float_key16(__m512 gr, __m512 gc, __mmask16 lanes) {
-  __m256 k0 = _mm256_setzero_ps(), k1 = _mm256_setzero_ps();
-  if (lanes & 0x00ff) {
-    const __m512d r = _mm512_cvtps_pd(_mm512_castps512_ps256(gr)), c = _mm512_cvtps_pd(_mm512_castps512_ps256(gc));
-    k0 = _mm512_cvtpd_ps(_mm512_sqrt_pd(_mm512_add_pd(_mm512_mul_pd(r, r), _mm512_mul_pd(c, c))));
+// Lanes 8 h .. 8 h + 7 of v in double.
+MTSEG_AVX512 inline __m512d half_to_double(__m512 v, int h) {
+  return _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(v) : _mm512_extractf32x8_ps(v, 1));
+}
+
+// The comparison of skimage's channel keys for float32 gradients (hog.h's
+// selection_key(float, magnitude): float(sqrt(r^2 + c^2)), the sum in double) of a new
+// channel (r, c) against the running best (br, bc), in the 8 double lanes of half h:
+// the lanes where the new key is larger. Float keys are monotone in the double sum s,
+// and two sums more than a relative 2^-22 apart have different keys (a float spans at
+// most a relative 2^-23 of its root; 2^-40 absorbs the double roundings): there the
+// sums decide. Closer sums, and sums whose keys leave the normal float range, take the
+// keys themselves (two double roots).
+MTSEG_AVX512 inline __mmask8 key_greater8(__m512 r, __m512 c, __m512 br, __m512 bc, int h) {
+  const __m512d nr = half_to_double(r, h), nc = half_to_double(c, h), pr = half_to_double(br, h),
+                pc = half_to_double(bc, h);
+  const __m512d s_new = _mm512_add_pd(_mm512_mul_pd(nr, nr), _mm512_mul_pd(nc, nc));
+  const __m512d s_best = _mm512_add_pd(_mm512_mul_pd(pr, pr), _mm512_mul_pd(pc, pc));
+  const __m512d lo = _mm512_min_pd(s_new, s_best), hi = _mm512_max_pd(s_new, s_best);
+  const __mmask8 apart = _mm512_cmp_pd_mask(hi, _mm512_mul_pd(lo, _mm512_set1_pd(1.0 + 0x1p-22 + 0x1p-40)), _CMP_GT_OQ) &
+                         _mm512_cmp_pd_mask(lo, _mm512_set1_pd(0x1p-250), _CMP_GE_OQ) &
+                         _mm512_cmp_pd_mask(hi, _mm512_set1_pd(0x1p254), _CMP_LT_OQ);
+  __mmask8 greater = _mm512_cmp_pd_mask(s_new, s_best, _CMP_GT_OQ) & apart;
+  if (apart != 0xff) {
+    const __m256 k_new = _mm512_cvtpd_ps(_mm512_sqrt_pd(s_new)), k_best = _mm512_cvtpd_ps(_mm512_sqrt_pd(s_best));
+    greater |= static_cast<__mmask8>(_mm256_cmp_ps_mask(k_new, k_best, _CMP_GT_OQ) & ~apart);
   }
-  if (lanes & 0xff00) {
-    const __m512d r = _mm512_cvtps_pd(_mm512_extractf32x8_ps(gr, 1)), c = _mm512_cvtps_pd(_mm512_extractf32x8_ps(gc, 1));
-    k1 = _mm512_cvtpd_ps(_mm512_sqrt_pd(_mm512_add_pd(_mm512_mul_pd(r, r), _mm512_mul_pd(c, c))));
-  }
-  return _mm512_insertf32x8(_mm512_castps256_ps512(k0), k1, 1);
+  return greater;
 }
 
 // What the fused pass needs of one call: the image layout, the edges, scratch for the
@@ -528,10 +542,15 @@ FusedContext fused_context(const ImageView<scalar_t>& img, const CellGeometry& g
           t.exact_bins};
 }
 
-// Float squares within this many ulps of each other count as a near tie: 64 ulps are a
-// relative 2^-18 at least, beyond the rounding of two squares (3 x 2^-24 each) plus the
-// step at which float(sqrt) keys can still tie (2^-22 of the square).
-constexpr int32_t kNearTieUlps = 64;
+// Where the float squares of two channels decide skimage's channel choice (the float32
+// input of the fused pass). A float square is within 1.5 of its own ulps of the double
+// sum s (two rounded products and a rounded sum), so two squares more than 16 ulps apart
+// have sums more than 13 ulps apart: a relative 13 x 2^-24 for normal squares, 13 x
+// 2^-149 against at most 2^23 of those for denormal ones; either way more than the 2^-22
+// beyond which keys differ (see key_greater8), in the same order. Squares that overflow
+// are inf, within 1 ulp of the largest float; sums so small that their keys are denormal
+// floats (below 2^-252) round to square 0: both are near ties.
+constexpr int32_t kNearTieUlps = 16;
 
 // The 16 pixels (y, x0 .. x0 + 15) of one pixel row.
 struct Pixels16 {
@@ -559,7 +578,7 @@ MTSEG_AVX512 MTSEG_ALWAYS_INLINE Pixels16 fused_pixels16(const scalar_t* img, Fu
   const __mmask16 m_below = y + 1 < c.height ? m_valid : __mmask16(0);  // read (and checked) whenever it exists
   __m512 best = zero, br = zero, bc = zero;
   __m512i win = _mm512_setzero_si512();
-  __mmask16 ambiguous = 0, differs = 0;
+  __mmask16 ambiguous = 0;  // uint8 lanes whose channel choice is redone
   for (int64_t k = 0; k < c.channels; ++k) {
     const scalar_t* mid = img + k * c.stride_c + y * c.stride_h + x0;
     const __m512 up = load16(mid + c.stride_h, m_below), down = load16(mid - c.stride_h, m_row);
@@ -576,56 +595,37 @@ MTSEG_AVX512 MTSEG_ALWAYS_INLINE Pixels16 fused_pixels16(const scalar_t* img, Fu
       continue;
     }
     // The same components as the running best up to sign and order: an exact tie (the
-    // same magnitude in any rounding), which the lower channel keeps. Otherwise squares
-    // within rounding of each other are flagged (conservatively: a channel near the final
-    // winner is near the running best when the later of the two is compared).
-    __mmask16 same, near;
+    // same magnitude in any rounding), which the lower channel keeps.
+    __mmask16 take = _mm512_cmp_ps_mask(sq, best, _CMP_GT_OQ);  // strict: the lowest channel keeps a tie
     if constexpr (kFloatInput) {
+      // Squares within 16 ulps: skimage's keys decide, from the double sums (and the
+      // roots where even those are too close).
       const __m512 agr = abs16(gr), agc = abs16(gc), abr = abs16(br), abc = abs16(bc);
-      same = (_mm512_cmp_ps_mask(agr, abr, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(agc, abc, _CMP_EQ_OQ)) |
-             (_mm512_cmp_ps_mask(agr, abc, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(agc, abr, _CMP_EQ_OQ));
+      const __mmask16 same = (_mm512_cmp_ps_mask(agr, abr, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(agc, abc, _CMP_EQ_OQ)) |
+                             (_mm512_cmp_ps_mask(agr, abc, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(agc, abr, _CMP_EQ_OQ));
       const __m512i ulps = _mm512_abs_epi32(_mm512_sub_epi32(_mm512_castps_si512(sq), _mm512_castps_si512(best)));
-      near = _mm512_cmple_epi32_mask(ulps, _mm512_set1_epi32(kNearTieUlps));
-      differs |= static_cast<__mmask16>(~same);
+      const __mmask16 flagged =
+          static_cast<__mmask16>(_mm512_cmple_epi32_mask(ulps, _mm512_set1_epi32(kNearTieUlps)) & ~same & m_valid);
+      if (flagged != 0) {
+        __mmask16 greater = 0;
+        if (flagged & 0x00ff) greater |= key_greater8(gr, gc, br, bc, 0);
+        if (flagged & 0xff00) greater |= static_cast<__mmask16>(key_greater8(gr, gc, br, bc, 1)) << 8;
+        take = static_cast<__mmask16>((take & ~flagged) | (greater & flagged));
+      }
     } else {
       // uint8: exact integers, so only equal squares are near, and equal squares with
-      // equal |g_row g_col| have the same components up to sign and order.
-      near = _mm512_cmp_ps_mask(sq, best, _CMP_EQ_OQ);
-      same = _mm512_cmp_ps_mask(abs16(_mm512_mul_ps(gr, gc)), abs16(_mm512_mul_ps(br, bc)), _CMP_EQ_OQ);
+      // equal |g_row g_col| have the same components up to sign and order: the rest
+      // (different components, the same magnitude) are redone with skimage's hypot.
+      const __mmask16 same =
+          _mm512_cmp_ps_mask(abs16(_mm512_mul_ps(gr, gc)), abs16(_mm512_mul_ps(br, bc)), _CMP_EQ_OQ);
+      ambiguous |= static_cast<__mmask16>(_mm512_cmp_ps_mask(sq, best, _CMP_EQ_OQ) & ~same);
     }
-    ambiguous |= static_cast<__mmask16>(near & ~same);
-    const __mmask16 take = _mm512_cmp_ps_mask(sq, best, _CMP_GT_OQ);  // strict: the lowest channel keeps a tie
     best = _mm512_mask_mov_ps(best, take, sq);
     br = _mm512_mask_mov_ps(br, take, gr);
     bc = _mm512_mask_mov_ps(bc, take, gc);
     if constexpr (kWinner) win = _mm512_mask_mov_epi32(win, take, _mm512_set1_epi32(static_cast<int32_t>(k)));
   }
-  if constexpr (kFloatInput) {
-    // Squares below 1e-30 (or underflowed to 0) carry no relative accuracy: any two
-    // different channels are a near tie there (best is the largest square).
-    ambiguous |= static_cast<__mmask16>(differs & _mm512_cmp_ps_mask(best, _mm512_set1_ps(SelectMargins<float>::tiny), _CMP_LT_OQ));
-  }
   ambiguous &= m_valid;
-  if constexpr (std::is_same_v<grad_t, float>) {
-    if (ambiguous != 0) {  // skimage's own key for every channel of these lanes
-      __m512 best_key = zero;
-      for (int64_t k = 0; k < c.channels; ++k) {
-        const scalar_t* mid = img + k * c.stride_c + y * c.stride_h + x0;
-        const __m512 gr = _mm512_sub_ps(load16(mid + c.stride_h, m_row), load16(mid - c.stride_h, m_row));
-        const __m512 gc = _mm512_sub_ps(load16(mid + 1, m_col), load16(mid - 1, m_col));
-        const __m512 key = float_key16(gr, gc, ambiguous);
-        // strict: the lowest channel keeps a tie; channel 0 always starts
-        const __mmask16 take = k == 0 ? __mmask16(0xffff) : _mm512_cmp_ps_mask(key, best_key, _CMP_GT_OQ);
-        best_key = _mm512_mask_mov_ps(best_key, take, key);
-        br = _mm512_mask_mov_ps(br, take & ambiguous, gr);
-        bc = _mm512_mask_mov_ps(bc, take & ambiguous, gc);
-        if constexpr (kWinner)
-          win = _mm512_mask_mov_epi32(win, take & ambiguous, _mm512_set1_epi32(static_cast<int32_t>(k)));
-      }
-      best = _mm512_add_ps(_mm512_mul_ps(br, br), _mm512_mul_ps(bc, bc));
-      ambiguous = 0;
-    }
-  }
   // Magnitude, and (float input) lanes whose square is outside float's accurate range.
   __m512 mag = _mm512_sqrt_ps(best);
   __mmask16 rescale = 0;
@@ -803,10 +803,6 @@ MTSEG_AVX512 bool fused_cell_row(const scalar_t* img, FusedContext& c, int64_t y
   }
   return bad == 0;
 }
-// Lanes 8 h .. 8 h + 7 of v in double.
-MTSEG_AVX512 inline __m512d half_to_double(__m512 v, int h) {
-  return _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(v) : _mm512_extractf32x8_ps(v, 1));
-}
 
 // Pass 1 of the cells backward (see cells_backward_kernel) for one cell row, from the
 // pixels of fused_pixels16: per covered pixel, G = grad_cells[cell, bin] / area and
@@ -833,14 +829,13 @@ MTSEG_AVX512 bool fused_backward_cell_row(const scalar_t* img, FusedContext& c, 
                                                 grad_cells, 4);
       __m256 out_r[2], out_c[2];
       for (int h = 0; h < 2; ++h) {
-        auto half = [h](__m512 v) { return half_to_double(v, h); };
-        __m512d gd = half(g);
+        __m512d gd = half_to_double(g, h);
         gd = area_pow2 ? _mm512_mul_pd(gd, inv_area) : _mm512_div_pd(gd, area_d);
-        const __m512d md = half(px.mag);
+        const __m512d md = half_to_double(px.mag, h);
         // stencil_gradient: 0 unless mag > 0 and G != 0 (a NaN G passes, as there)
         const __mmask8 keep = _mm512_cmp_pd_mask(md, zero_d, _CMP_GT_OQ) & _mm512_cmp_pd_mask(gd, zero_d, _CMP_NEQ_UQ);
-        out_r[h] = _mm512_cvtpd_ps(_mm512_maskz_div_pd(keep, _mm512_mul_pd(gd, half(px.g_row)), md));
-        out_c[h] = _mm512_cvtpd_ps(_mm512_maskz_div_pd(keep, _mm512_mul_pd(gd, half(px.g_col)), md));
+        out_r[h] = _mm512_cvtpd_ps(_mm512_maskz_div_pd(keep, _mm512_mul_pd(gd, half_to_double(px.g_row, h)), md));
+        out_c[h] = _mm512_cvtpd_ps(_mm512_maskz_div_pd(keep, _mm512_mul_pd(gd, half_to_double(px.g_col, h)), md));
       }
       const int64_t at = y * c.width + x0;
       _mm512_mask_storeu_ps(d_row + at, m_valid, _mm512_insertf32x8(_mm512_castps256_ps512(out_r[0]), out_r[1], 1));

@@ -295,6 +295,27 @@ def test_fused_pass_equals_row_loops(dname, shape, n, ppc):
 
 
 @pytest.mark.skipif(not FUSED, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("scale", [2.0**-70, 2.0**-60, 2.0**58, 2.0**64], ids=["2^-70", "2^-60", "2^58", "2^64"])
+def test_fused_pass_equals_row_loops_at_extreme_scales(scale):
+    """Float32 images scaled by powers of two keep their near ties between channels, but
+    move the squares out of float's normal range: denormal or zero (2^-70, 2^-60), near
+    and past overflow (2^58, 2^64), where the fused pass's ulp test between channels and
+    its magnitudes meet their edge cases; both passes must agree bit for bit, forward and
+    backward."""
+    image = torch.from_numpy(_mixed_image((3, 48, 40), np.float32, seed=5) * np.float32(scale))[None]
+    assert torch.isfinite(image).all()
+    grad = torch.randn((1, 6, 5, 6), generator=torch.Generator().manual_seed(5))
+    results = {}
+    for kind in ("fused", "rows"):
+        with cpu_pass(kind):
+            results[kind] = (mk.hog_cells(image, 6, (8, 8)),
+                             torch.ops.mtseg.hog_cells_backward(grad, image, 6, [8, 8], False))
+    assert results["fused"][0].abs().sum() > 0
+    assert torch.equal(results["fused"][0], results["rows"][0])
+    assert torch.equal(results["fused"][1], results["rows"][1])
+
+
+@pytest.mark.skipif(not FUSED, reason="this CPU has no AVX-512")
 @pytest.mark.parametrize("dname", ["float32", "uint8"])
 @pytest.mark.parametrize("shape, n, ppc", FUSED_CASES)
 def test_fused_backward_equals_row_loops(dname, shape, n, ppc):
