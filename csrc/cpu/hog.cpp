@@ -760,6 +760,29 @@ MTSEG_AVX512 __mmask16 check_unread(const scalar_t* img, const FusedContext& c, 
   return bad;
 }
 
+// write_cells for the fused pass, the same double sums in the same order, eight at a
+// time: `column_sums` (n x n_cols, n_cols = n_cells_col x cell_cols) is read as a
+// (n n_cells_col) x cell_cols matrix whose row j = o n_cells_col + c holds the columns
+// of cell c, bin o; lane l of a vector sums row j0 + l along its columns (a gather per
+// column), then divides by the area as cell_mean does. `means`: n n_cells_col floats.
+// Needs n x n_cols < 2^31 (int32 gather indices).
+MTSEG_AVX512 void write_cells_fused(const float* column_sums, const CellGeometry& g, float* means, float* out) {
+  const int64_t n = g.orientations, n_cells = g.n_cells_col, rows = n * n_cells, cols = g.cell_cols;
+  const __m512d area = _mm512_set1_pd(static_cast<double>(g.area()));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t j0 = 0; j0 < rows; j0 += 8) {
+    const __mmask8 m = rows - j0 >= 8 ? __mmask8(0xff) : static_cast<__mmask8>((1u << (rows - j0)) - 1);
+    __m256i at = _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(j0)), lane),
+                                    _mm256_set1_epi32(static_cast<int32_t>(cols)));
+    __m512d total = _mm512_setzero_pd();
+    for (int64_t x = 0; x < cols; ++x, at = _mm256_add_epi32(at, _mm256_set1_epi32(1)))
+      total = _mm512_add_pd(total, _mm512_cvtps_pd(_mm256_mmask_i32gather_ps(_mm256_setzero_ps(), m, at, column_sums, 4)));
+    _mm256_mask_storeu_ps(means + j0, m, _mm512_cvtpd_ps(_mm512_div_pd(total, area)));
+  }
+  for (int64_t c = 0; c < n_cells; ++c)
+    for (int64_t o = 0; o < n; ++o) out[c * n + o] = means[o * n_cells + c];
+}
+
 // One cell row (image rows y0 .. y0 + cell_rows - 1) of one image: `column_sums` (n x
 // n_cols) receives the per-column, per-bin sums of the magnitudes, 16 columns at a time
 // with the pixel rows as the inner loop, so that the sums stay in registers (N = 6, 9;
@@ -957,6 +980,7 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
     RowScratch<T> t(fused ? 0 : C, buf_rows, row_stride, n_cols, n, edges, lanes);
     std::vector<float> acc(fused ? 16 * n : 0);
     std::vector<double> totals(n * g.n_cells_col);
+    std::vector<float> means(fused ? n * g.n_cells_col : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.n_cells_row, cell_row = item % g.n_cells_row;
       const int64_t y0 = cell_row * g.cell_rows;
@@ -973,7 +997,15 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
             all_valid = false;
             continue;
           }
-          write_cells(t.column_sums.data(), g, n_cols, totals.data(), cells + item * g.n_cells_col * n);
+          if constexpr (std::is_same_v<cell_t, float>) {
+            if (n * n_cols < (int64_t(1) << 31)) {
+              write_cells_fused(t.column_sums.data(), g, means.data(), cells + item * g.n_cells_col * n);
+            } else {
+              write_cells(t.column_sums.data(), g, n_cols, totals.data(), cells + item * g.n_cells_col * n);
+            }
+          } else {
+            write_cells(t.column_sums.data(), g, n_cols, totals.data(), cells + item * g.n_cells_col * n);
+          }
           ++t.fused_rows;
           continue;
         }
