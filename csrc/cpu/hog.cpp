@@ -1070,52 +1070,78 @@ MTSEG_ALWAYS_INLINE double cached_inv_norm(const double* parts, const BlockGeome
                         norm);
 }
 
-// Scratch of one thread for a row of blocks: the block's cell rows as doubles (float
-// cells only) and one block copied contiguously, so that every pass over a block is one
-// flat loop (BlockView::flat) instead of b_row short ones.
+// Scratch of one thread for a row of blocks: the blocks' cell rows as doubles (float
+// cells only); one block copied contiguously (the backward), or the whole row of blocks
+// so copied with their two inverse norms (the forward), so that every pass over a block
+// is one flat loop (BlockView::flat) instead of b_row short ones.
 struct BlockScratch {
-  std::vector<double> rows, block;
-  BlockScratch(const BlockGeometry& g, bool convert)
-      : rows(convert ? g.b_row * g.n_cells_col * g.orientations : 0), block(g.block_len()) {}
+  std::vector<double> rows, blocks, inv, inv2;
+  BlockScratch(const BlockGeometry& g, bool convert, bool whole_row)
+      : rows(convert ? g.b_row * g.n_cells_col * g.orientations : 0),
+        blocks((whole_row ? g.n_blocks_col : 1) * g.block_len()),
+        inv(whole_row ? g.n_blocks_col : 0),
+        inv2(whole_row ? g.n_blocks_col : 0) {}
 };
 
+// The b_row cell rows from row r of one image (cells: the image's) as doubles: `rows`
+// (b_row * n_cells_col * n of scratch) for float cells, the cells themselves for double.
+template <typename cell_t>
+MTSEG_ALWAYS_INLINE const double* block_rows_as_double(const cell_t* cells, const BlockGeometry& g, int64_t r,
+                                                       double* rows) {
+  const int64_t row_len = g.n_cells_col * g.orientations;
+  const cell_t* first = cells + r * row_len;
+  if constexpr (std::is_same_v<cell_t, double>) {
+    return first;
+  } else {
+    for (int64_t k = 0; k < g.b_row * row_len; ++k) rows[k] = static_cast<double>(first[k]);
+    return rows;
+  }
+}
+
+// Block c of a row, copied contiguously in C order from the row's cells as doubles.
+MTSEG_ALWAYS_INLINE void copy_block(const double* src, const BlockGeometry& g, int64_t c, double* block) {
+  const int64_t row_len = g.n_cells_col * g.orientations, per_row = g.b_col * g.orientations;
+  for (int64_t i = 0; i < g.b_row; ++i)
+    std::memcpy(block + i * per_row, src + i * row_len + c * g.orientations, per_row * sizeof(double));
+}
+
 // Calls f(c, flat view of block (r, c)) for every block of row r of one image (cells:
-// the image's). `rows`: b_row * n_cells_col * n doubles of scratch for float cells.
+// the image's), each block copied into `block` in turn.
 template <typename cell_t, typename F>
 MTSEG_ALWAYS_INLINE void for_each_flat_block(const cell_t* cells, const BlockGeometry& g, int64_t r, double* rows,
                                              double* block, F&& f) {
-  const int64_t row_len = g.n_cells_col * g.orientations, per_row = g.b_col * g.orientations;
-  const cell_t* first = cells + r * row_len;
-  const double* src;
-  if constexpr (std::is_same_v<cell_t, double>) {
-    src = first;
-  } else {
-    for (int64_t k = 0; k < g.b_row * row_len; ++k) rows[k] = static_cast<double>(first[k]);
-    src = rows;
-  }
+  const double* src = block_rows_as_double(cells, g, r, rows);
   const BlockView<double> flat{block, g.block_len(), 1, 1, g.block_len()};
   for (int64_t c = 0; c < g.n_blocks_col; ++c) {
-    for (int64_t i = 0; i < g.b_row; ++i)
-      std::memcpy(block + i * per_row, src + i * row_len + c * g.orientations, per_row * sizeof(double));
+    copy_block(src, g, c, block);
     f(c, flat);
   }
 }
 
-// Row r of blocks of one image (cells, parts: the image's); out: that row's blocks.
+// Row r of blocks of one image (cells, parts: the image's); out: that row's blocks. In
+// three passes over the row (copies and first inverse norms, second inverse norms,
+// outputs) rather than block after block: each block's sums, roots and divisions are a
+// chain of dependent operations, and only blocks side by side let them overlap.
 template <typename cell_t>
 MTSEG_ALWAYS_INLINE void blocks_row_impl(const cell_t* cells, const double* parts, const BlockGeometry& g,
-                                         BlockNorm norm, int64_t r, double* rows, double* block, cell_t* out) {
-  for_each_flat_block(cells, g, r, rows, block, [&](int64_t c, const BlockView<double>& v) MTSEG_LAMBDA_INLINE {
-    normalize_block_scaled(v, norm, cached_inv_norm(parts, g, norm, r, c), out + c * g.block_len());
-  });
+                                         BlockNorm norm, int64_t r, BlockScratch& t, cell_t* out) {
+  const int64_t len = g.block_len();
+  const double* src = block_rows_as_double(cells, g, r, t.rows.data());
+  auto flat = [&](int64_t c) MTSEG_LAMBDA_INLINE { return BlockView<double>{t.blocks.data() + c * len, len, 1, 1, len}; };
+  for (int64_t c = 0; c < g.n_blocks_col; ++c) {
+    copy_block(src, g, c, t.blocks.data() + c * len);
+    t.inv[c] = cached_inv_norm(parts, g, norm, r, c);
+  }
+  for (int64_t c = 0; c < g.n_blocks_col; ++c) t.inv2[c] = block_second_inv(flat(c), norm, t.inv[c]);
+  for (int64_t c = 0; c < g.n_blocks_col; ++c) normalize_block_apply(flat(c), norm, t.inv[c], t.inv2[c], out + c * len);
 }
 MTSEG_CPU_CLONES void blocks_row(const float* cells, const double* parts, const BlockGeometry& g, BlockNorm norm,
-                                 int64_t r, double* rows, double* block, float* out) {
-  blocks_row_impl(cells, parts, g, norm, r, rows, block, out);
+                                 int64_t r, BlockScratch& t, float* out) {
+  blocks_row_impl(cells, parts, g, norm, r, t, out);
 }
 MTSEG_CPU_CLONES void blocks_row(const double* cells, const double* parts, const BlockGeometry& g, BlockNorm norm,
-                                 int64_t r, double* rows, double* block, double* out) {
-  blocks_row_impl(cells, parts, g, norm, r, rows, block, out);
+                                 int64_t r, BlockScratch& t, double* out) {
+  blocks_row_impl(cells, parts, g, norm, r, t, out);
 }
 
 // Vector-Jacobian products of row r of blocks (grad_out, grad_blocks: that row's).
@@ -1184,11 +1210,10 @@ at::Tensor hog_blocks_cpu(const at::Tensor& cells_in, at::IntArrayRef cells_per_
     scalar_t* o = out.data_ptr<scalar_t>();
     cell_norm_parts(c, g, norm, parts.data_ptr<double>());
     at::parallel_for(0, g.batch * g.n_blocks_row, grain_for(row_len), [&](int64_t begin, int64_t end) {
-      BlockScratch t(g, std::is_same_v<scalar_t, float>);
+      BlockScratch t(g, std::is_same_v<scalar_t, float>, true);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / g.n_blocks_row, r = item % g.n_blocks_row;
-        blocks_row(c + b * image_cells * g.orientations, p + b * image_cells, g, norm, r, t.rows.data(),
-                   t.block.data(), o + item * row_len);
+        blocks_row(c + b * image_cells * g.orientations, p + b * image_cells, g, norm, r, t, o + item * row_len);
       }
     });
   });
@@ -1217,11 +1242,11 @@ at::Tensor hog_blocks_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
     scalar_t* gb = grad_blocks.data_ptr<scalar_t>();
     cell_norm_parts(c, g, norm, parts.data_ptr<double>());
     at::parallel_for(0, g.batch * g.n_blocks_row, grain_for(row_len), [&](int64_t begin, int64_t end) {
-      BlockScratch t(g, std::is_same_v<scalar_t, float>);
+      BlockScratch t(g, std::is_same_v<scalar_t, float>, false);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / g.n_blocks_row, r = item % g.n_blocks_row;
         blocks_backward_row(c + b * image_cells * g.orientations, p + b * image_cells, g, norm, r, t.rows.data(),
-                            t.block.data(), go + item * row_len, gb + item * row_len);
+                            t.blocks.data(), go + item * row_len, gb + item * row_len);
       }
     });
     scalar_t* gc = grad_cells.data_ptr<scalar_t>();

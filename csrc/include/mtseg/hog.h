@@ -514,10 +514,18 @@ MTSEG_BLOCK_INLINE double block_hys_inv_norm(const BlockView<cell_t>& v, double 
   return 1.0 / ::sqrt(s + kNormEps * kNormEps);
 }
 
-// The block normalised, given inv = block_inv_norm of its norm_sum (the CPU passes the
-// sum of cached parts, normalize_block computes them).
+// The second factor of a block's normalisation, given inv = block_inv_norm of its
+// norm_sum: L2-Hys's 1 / the norm of the clipped block; unused (1) for the other norms.
+template <typename cell_t>
+MTSEG_BLOCK_INLINE double block_second_inv(const BlockView<cell_t>& v, BlockNorm norm, double inv) {
+  return norm == BlockNorm::L2Hys ? block_hys_inv_norm(v, inv) : 1.0;
+}
+
+// The block normalised, given inv and inv2 = block_second_inv (the CPU computes both for
+// a row of blocks before it writes any, so that their sums and roots overlap).
 template <typename cell_t, typename out_t>
-MTSEG_BLOCK_INLINE void normalize_block_scaled(const BlockView<cell_t>& v, BlockNorm norm, double inv, out_t* out) {
+MTSEG_BLOCK_INLINE void normalize_block_apply(const BlockView<cell_t>& v, BlockNorm norm, double inv, double inv2,
+                                              out_t* out) {
   switch (norm) {
     case BlockNorm::L1:
     case BlockNorm::L2:
@@ -526,12 +534,17 @@ MTSEG_BLOCK_INLINE void normalize_block_scaled(const BlockView<cell_t>& v, Block
     case BlockNorm::L1Sqrt:
       v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(::sqrt(x * inv)); });
       break;
-    case BlockNorm::L2Hys: {
-      const double inv2 = block_hys_inv_norm(v, inv);
+    case BlockNorm::L2Hys:
       v.for_each([&](int64_t k, double x) { out[k] = static_cast<out_t>(hys_clip(x, inv) * inv2); });
       break;
-    }
   }
+}
+
+// The block normalised, given inv = block_inv_norm of its norm_sum (normalize_block
+// computes it from the cells, the CPU from cached parts).
+template <typename cell_t, typename out_t>
+MTSEG_BLOCK_INLINE void normalize_block_scaled(const BlockView<cell_t>& v, BlockNorm norm, double inv, out_t* out) {
+  normalize_block_apply(v, norm, inv, block_second_inv(v, norm, inv), out);
 }
 
 template <typename cell_t, typename out_t>
