@@ -445,7 +445,9 @@ bool fused_pass_enabled() {
 }
 
 MTSEG_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-MTSEG_AVX512 inline __m512i load16i(const uint8_t* p, __mmask16 m) { return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)); }
+MTSEG_AVX512 inline __m512i load16i(const uint8_t* p, __mmask16 m) {
+  return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p));
+}
 MTSEG_AVX512 inline __m512 abs16(__m512 v) { return _mm512_abs_ps(v); }
 
 // Edges as the fused pass reads them: the inexact ones (float test with a margin) and
@@ -506,7 +508,8 @@ MTSEG_AVX512 inline __mmask8 key_greater8(__m512 r, __m512 c, __m512 br, __m512 
   const __m512d s_new = _mm512_add_pd(_mm512_mul_pd(nr, nr), _mm512_mul_pd(nc, nc));
   const __m512d s_best = _mm512_add_pd(_mm512_mul_pd(pr, pr), _mm512_mul_pd(pc, pc));
   const __m512d lo = _mm512_min_pd(s_new, s_best), hi = _mm512_max_pd(s_new, s_best);
-  const __mmask8 apart = _mm512_cmp_pd_mask(hi, _mm512_mul_pd(lo, _mm512_set1_pd(1.0 + 0x1p-22 + 0x1p-40)), _CMP_GT_OQ) &
+  const __m512d margin = _mm512_set1_pd(1.0 + 0x1p-22 + 0x1p-40);
+  const __mmask8 apart = _mm512_cmp_pd_mask(hi, _mm512_mul_pd(lo, margin), _CMP_GT_OQ) &
                          _mm512_cmp_pd_mask(lo, _mm512_set1_pd(0x1p-250), _CMP_GE_OQ) &
                          _mm512_cmp_pd_mask(hi, _mm512_set1_pd(0x1p254), _CMP_LT_OQ);
   __mmask8 greater = _mm512_cmp_pd_mask(s_new, s_best, _CMP_GT_OQ) & apart;
@@ -781,7 +784,8 @@ MTSEG_AVX512 void write_cells_fused(const float* column_sums, const CellGeometry
                                     _mm256_set1_epi32(static_cast<int32_t>(cols)));
     __m512d total = _mm512_setzero_pd();
     for (int64_t x = 0; x < cols; ++x, at = _mm256_add_epi32(at, _mm256_set1_epi32(1)))
-      total = _mm512_add_pd(total, _mm512_cvtps_pd(_mm256_mmask_i32gather_ps(_mm256_setzero_ps(), m, at, column_sums, 4)));
+      total = _mm512_add_pd(
+          total, _mm512_cvtps_pd(_mm256_mmask_i32gather_ps(_mm256_setzero_ps(), m, at, column_sums, 4)));
     _mm256_mask_storeu_ps(means + j0, m, _mm512_cvtpd_ps(_mm512_div_pd(total, area)));
   }
   for (int64_t c = 0; c < n_cells; ++c)
@@ -1132,7 +1136,9 @@ MTSEG_ALWAYS_INLINE void blocks_row_impl(const cell_t* cells, const double* part
                                          BlockNorm norm, int64_t r, BlockScratch& t, cell_t* out) {
   const int64_t len = g.block_len();
   const double* src = block_rows_as_double(cells, g, r, t.rows.data());
-  auto flat = [&](int64_t c) MTSEG_LAMBDA_INLINE { return BlockView<double>{t.blocks.data() + c * len, len, 1, 1, len}; };
+  auto flat = [&](int64_t c) MTSEG_LAMBDA_INLINE {
+    return BlockView<double>{t.blocks.data() + c * len, len, 1, 1, len};
+  };
   for (int64_t c = 0; c < g.n_blocks_col; ++c) {
     copy_block(src, g, c, t.blocks.data() + c * len);
     t.inv[c] = cached_inv_norm(parts, g, norm, r, c);
