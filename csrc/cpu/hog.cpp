@@ -1079,50 +1079,36 @@ MTSEG_ALWAYS_INLINE double cached_inv_norm(const double* parts, const BlockGeome
                         norm);
 }
 
-// Scratch of one thread for a row of blocks: the blocks' cell rows as doubles (float
-// cells only); one block copied contiguously (the backward), or the whole row of blocks
-// so copied with their two inverse norms (the forward), so that every pass over a block
-// is one flat loop (BlockView::flat) instead of b_row short ones.
+// Scratch of one thread for a row of blocks: one block copied contiguously as doubles
+// (the backward), or the whole row of blocks so copied with their two inverse norms (the
+// forward), so that every pass over a block is one flat loop (BlockView::flat) instead
+// of b_row short ones.
 struct BlockScratch {
-  std::vector<double> rows, blocks, inv, inv2;
-  BlockScratch(const BlockGeometry& g, bool convert, bool whole_row)
-      : rows(convert ? g.b_row * g.n_cells_col * g.orientations : 0),
-        blocks((whole_row ? g.n_blocks_col : 1) * g.block_len()),
+  std::vector<double> blocks, inv, inv2;
+  BlockScratch(const BlockGeometry& g, bool whole_row)
+      : blocks((whole_row ? g.n_blocks_col : 1) * g.block_len()),
         inv(whole_row ? g.n_blocks_col : 0),
         inv2(whole_row ? g.n_blocks_col : 0) {}
 };
 
-// The b_row cell rows from row r of one image (cells: the image's) as doubles: `rows`
-// (b_row * n_cells_col * n of scratch) for float cells, the cells themselves for double.
+// Block (r, c) of one image (cells: the image's) copied contiguously in C order, as doubles.
 template <typename cell_t>
-MTSEG_ALWAYS_INLINE const double* block_rows_as_double(const cell_t* cells, const BlockGeometry& g, int64_t r,
-                                                       double* rows) {
-  const int64_t row_len = g.n_cells_col * g.orientations;
-  const cell_t* first = cells + r * row_len;
-  if constexpr (std::is_same_v<cell_t, double>) {
-    return first;
-  } else {
-    for (int64_t k = 0; k < g.b_row * row_len; ++k) rows[k] = static_cast<double>(first[k]);
-    return rows;
-  }
-}
-
-// Block c of a row, copied contiguously in C order from the row's cells as doubles.
-MTSEG_ALWAYS_INLINE void copy_block(const double* src, const BlockGeometry& g, int64_t c, double* block) {
+MTSEG_ALWAYS_INLINE void copy_block(const cell_t* cells, const BlockGeometry& g, int64_t r, int64_t c,
+                                    double* block) {
   const int64_t row_len = g.n_cells_col * g.orientations, per_row = g.b_col * g.orientations;
+  const cell_t* first = cells + r * row_len + c * g.orientations;
   for (int64_t i = 0; i < g.b_row; ++i)
-    std::memcpy(block + i * per_row, src + i * row_len + c * g.orientations, per_row * sizeof(double));
+    for (int64_t k = 0; k < per_row; ++k) block[i * per_row + k] = static_cast<double>(first[i * row_len + k]);
 }
 
 // Calls f(c, flat view of block (r, c)) for every block of row r of one image (cells:
 // the image's), each block copied into `block` in turn.
 template <typename cell_t, typename F>
-MTSEG_ALWAYS_INLINE void for_each_flat_block(const cell_t* cells, const BlockGeometry& g, int64_t r, double* rows,
-                                             double* block, F&& f) {
-  const double* src = block_rows_as_double(cells, g, r, rows);
+MTSEG_ALWAYS_INLINE void for_each_flat_block(const cell_t* cells, const BlockGeometry& g, int64_t r, double* block,
+                                             F&& f) {
   const BlockView<double> flat{block, g.block_len(), 1, 1, g.block_len()};
   for (int64_t c = 0; c < g.n_blocks_col; ++c) {
-    copy_block(src, g, c, block);
+    copy_block(cells, g, r, c, block);
     f(c, flat);
   }
 }
@@ -1135,12 +1121,11 @@ template <typename cell_t>
 MTSEG_ALWAYS_INLINE void blocks_row_impl(const cell_t* cells, const double* parts, const BlockGeometry& g,
                                          BlockNorm norm, int64_t r, BlockScratch& t, cell_t* out) {
   const int64_t len = g.block_len();
-  const double* src = block_rows_as_double(cells, g, r, t.rows.data());
   auto flat = [&](int64_t c) MTSEG_LAMBDA_INLINE {
     return BlockView<double>{t.blocks.data() + c * len, len, 1, 1, len};
   };
   for (int64_t c = 0; c < g.n_blocks_col; ++c) {
-    copy_block(src, g, c, t.blocks.data() + c * len);
+    copy_block(cells, g, r, c, t.blocks.data() + c * len);
     t.inv[c] = cached_inv_norm(parts, g, norm, r, c);
   }
   for (int64_t c = 0; c < g.n_blocks_col; ++c) t.inv2[c] = block_second_inv(flat(c), norm, t.inv[c]);
@@ -1158,22 +1143,22 @@ MTSEG_CPU_CLONES void blocks_row(const double* cells, const double* parts, const
 // Vector-Jacobian products of row r of blocks (grad_out, grad_blocks: that row's).
 template <typename cell_t>
 MTSEG_ALWAYS_INLINE void blocks_backward_row_impl(const cell_t* cells, const double* parts, const BlockGeometry& g,
-                                                  BlockNorm norm, int64_t r, double* rows, double* block,
+                                                  BlockNorm norm, int64_t r, double* block,
                                                   const cell_t* grad_out, cell_t* grad_blocks) {
-  for_each_flat_block(cells, g, r, rows, block, [&](int64_t c, const BlockView<double>& v) MTSEG_LAMBDA_INLINE {
+  for_each_flat_block(cells, g, r, block, [&](int64_t c, const BlockView<double>& v) MTSEG_LAMBDA_INLINE {
     normalize_block_backward_scaled(v, norm, cached_inv_norm(parts, g, norm, r, c), grad_out + c * g.block_len(),
                                     grad_blocks + c * g.block_len());
   });
 }
 MTSEG_CPU_CLONES void blocks_backward_row(const float* cells, const double* parts, const BlockGeometry& g,
-                                          BlockNorm norm, int64_t r, double* rows, double* block,
+                                          BlockNorm norm, int64_t r, double* block,
                                           const float* grad_out, float* grad_blocks) {
-  blocks_backward_row_impl(cells, parts, g, norm, r, rows, block, grad_out, grad_blocks);
+  blocks_backward_row_impl(cells, parts, g, norm, r, block, grad_out, grad_blocks);
 }
 MTSEG_CPU_CLONES void blocks_backward_row(const double* cells, const double* parts, const BlockGeometry& g,
-                                          BlockNorm norm, int64_t r, double* rows, double* block,
+                                          BlockNorm norm, int64_t r, double* block,
                                           const double* grad_out, double* grad_blocks) {
-  blocks_backward_row_impl(cells, parts, g, norm, r, rows, block, grad_out, grad_blocks);
+  blocks_backward_row_impl(cells, parts, g, norm, r, block, grad_out, grad_blocks);
 }
 
 // Row r of one image's cell gradients from its block gradients (n_blocks_row, n_blocks_col,
@@ -1221,7 +1206,7 @@ at::Tensor hog_blocks_cpu(const at::Tensor& cells_in, at::IntArrayRef cells_per_
     scalar_t* o = out.data_ptr<scalar_t>();
     cell_norm_parts(c, g, norm, parts.data_ptr<double>());
     at::parallel_for(0, g.batch * g.n_blocks_row, grain_for(row_len), [&](int64_t begin, int64_t end) {
-      BlockScratch t(g, std::is_same_v<scalar_t, float>, true);
+      BlockScratch t(g, true);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / g.n_blocks_row, r = item % g.n_blocks_row;
         blocks_row(c + b * image_cells * g.orientations, p + b * image_cells, g, norm, r, t, o + item * row_len);
@@ -1253,11 +1238,11 @@ at::Tensor hog_blocks_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
     scalar_t* gb = grad_blocks.data_ptr<scalar_t>();
     cell_norm_parts(c, g, norm, parts.data_ptr<double>());
     at::parallel_for(0, g.batch * g.n_blocks_row, grain_for(row_len), [&](int64_t begin, int64_t end) {
-      BlockScratch t(g, std::is_same_v<scalar_t, float>, false);
+      BlockScratch t(g, false);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / g.n_blocks_row, r = item % g.n_blocks_row;
-        blocks_backward_row(c + b * image_cells * g.orientations, p + b * image_cells, g, norm, r, t.rows.data(),
-                            t.blocks.data(), go + item * row_len, gb + item * row_len);
+        blocks_backward_row(c + b * image_cells * g.orientations, p + b * image_cells, g, norm, r, t.blocks.data(),
+                            go + item * row_len, gb + item * row_len);
       }
     });
     scalar_t* gc = grad_cells.data_ptr<scalar_t>();
