@@ -1006,15 +1006,15 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
             all_valid = false;
             continue;
           }
-          if constexpr (std::is_same_v<cell_t, float>) {
+          cell_t* out = cells + item * g.n_cells_col * n;
+          bool written = false;
+          if constexpr (std::is_same_v<cell_t, float>) {  // always, for the fused pass's input types
             if (n * n_cols < (int64_t(1) << 31)) {
-              write_cells_fused(t.column_sums.data(), g, means.data(), cells + item * g.n_cells_col * n);
-            } else {
-              write_cells(t.column_sums.data(), g, n_cols, totals.data(), cells + item * g.n_cells_col * n);
+              write_cells_fused(t.column_sums.data(), g, means.data(), out);
+              written = true;
             }
-          } else {
-            write_cells(t.column_sums.data(), g, n_cols, totals.data(), cells + item * g.n_cells_col * n);
           }
+          if (!written) write_cells(t.column_sums.data(), g, n_cols, totals.data(), out);
           ++t.fused_rows;
           continue;
         }

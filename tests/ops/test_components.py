@@ -16,7 +16,7 @@ import mtseg_kernels as mk
 
 from distance_testing import cadis_label_maps, hc18_masks
 
-cc3d = pytest.importorskip("cc3d")
+cc3d = pytest.importorskip("cc3d", reason="cc3d (connected-components-3d, pinned in requirements-ci.txt) is not installed")
 
 STRUCTURES = {4: (2, 1), 8: (2, 2), 6: (3, 1), 18: (3, 2), 26: (3, 3)}
 CONNECTIVITIES_2D, CONNECTIVITIES_3D = (4, 8), (6, 18, 26)
@@ -168,7 +168,7 @@ def test_real_2d_masks(shared_data):
 
 
 def test_real_3d_masks(shared_data):
-    nib = pytest.importorskip("nibabel")
+    nib = pytest.importorskip("nibabel", reason="nibabel (pinned in requirements-ci.txt) is not installed")
     files = sorted((shared_data / "brats18").glob("*/*/*_seg.nii.gz"))
     if not files:
         pytest.skip(f"real data not found: no BraTS segmentation (*_seg.nii.gz) under {shared_data / 'brats18'}")
