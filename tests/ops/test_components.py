@@ -16,7 +16,9 @@ import mtseg_kernels as mk
 
 from distance_testing import cadis_label_maps, hc18_masks
 
-cc3d = pytest.importorskip("cc3d", reason="cc3d (connected-components-3d, pinned in requirements-ci.txt) is not installed")
+cc3d = pytest.importorskip(
+    "cc3d", reason="cc3d (connected-components-3d, pinned in requirements-ci.txt) is not installed"
+)
 
 STRUCTURES = {4: (2, 1), 8: (2, 2), 6: (3, 1), 18: (3, 2), 26: (3, 3)}
 CONNECTIVITIES_2D, CONNECTIVITIES_3D = (4, 8), (6, 18, 26)
