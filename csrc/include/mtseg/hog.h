@@ -571,9 +571,12 @@ MTSEG_BLOCK_INLINE void normalize_block_backward_scaled(const BlockView<cell_t>&
     }
     case BlockNorm::L1Sqrt: {
       // out = sqrt(u), u = v / d: d sqrt(u) = 1 / (2 sqrt(u)), 0 where u = 0.
+      // grad_out[k] is read whatever the branch: GCC 12's loop vectoriser (-O3, AVX2
+      // target, no trapping math) turns a load under the condition into a masked load
+      // that gives wrong sums (tests/ops/test_hog_blocks.py's float64 backward cases).
       auto grad_u = [&](int64_t k, double x) -> double {
-        const double o = ::sqrt(x * inv);
-        return o > 0.0 ? static_cast<double>(grad_out[k]) * 0.5 / o : 0.0;
+        const double o = ::sqrt(x * inv), g = static_cast<double>(grad_out[k]);
+        return o > 0.0 ? g * 0.5 / o : 0.0;
       };
       const double q = v.lane_sum([&](int64_t k, double x) { return grad_u(k, x) * x; });
       const double c = q * inv * inv;
@@ -599,9 +602,9 @@ MTSEG_BLOCK_INLINE void normalize_block_backward_scaled(const BlockView<cell_t>&
           v.lane_sum([&](int64_t k, double x) { return static_cast<double>(grad_out[k]) * hys_clip(x, inv); });
       const double c2 = q2 * inv2 * inv2 * inv2;
       // Gradient with respect to o1 = v / n1; the clip passes it where v / n1 <= 0.2.
-      auto grad_o1 = [&](int64_t k, double x) -> double {
-        const double o1 = x * inv;
-        return o1 > kHysClip ? 0.0 : static_cast<double>(grad_out[k]) * inv2 - o1 * c2;
+      auto grad_o1 = [&](int64_t k, double x) -> double {  // grad_out[k] read always, as in grad_u
+        const double o1 = x * inv, g = static_cast<double>(grad_out[k]);
+        return o1 > kHysClip ? 0.0 : g * inv2 - o1 * c2;
       };
       const double q1 = v.lane_sum([&](int64_t k, double x) { return grad_o1(k, x) * x; });
       const double c1 = q1 * inv * inv * inv;
