@@ -28,8 +28,8 @@ PyObject* py_compiled_backends(PyObject*, PyObject*) {
 }
 
 // (scalar, exact, fused_rows): HOG pixels whose bin left the CPU vector test, those of
-// them that needed hog.h's exact integer test, and the cell rows of the fused AVX-512
-// pass, since the last call with reset=True.
+// them that needed hog.h's exact integer test, and the cell rows of a fused pass
+// (AVX-512 or AVX2), since the last call with reset=True.
 PyObject* py_hog_fallback_counts(PyObject*, PyObject* args) {
   int reset = 0;
   if (!PyArg_ParseTuple(args, "|p", &reset)) return nullptr;
@@ -38,13 +38,18 @@ PyObject* py_hog_fallback_counts(PyObject*, PyObject* args) {
                        static_cast<long long>(counts[2]));
 }
 
+PyObject* py_hog_cells_pass(PyObject*, PyObject*) { return PyUnicode_FromString(mtseg::hog::cpu_cells_pass()); }
+
 PyMethodDef methods[] = {
     {"compiled_backends", py_compiled_backends, METH_NOARGS,
      "Backends this build of mtseg_kernels._C has kernels for, e.g. ['cpu', 'cuda']."},
     {"hog_fallback_counts", py_hog_fallback_counts, METH_VARARGS,
      "hog_fallback_counts(reset=False) -> (scalar, exact, fused_rows): CPU HOG pixels whose orientation bin the "
      "vector test left to the scalar rule, those that took the exact integer test, and the cell rows the fused "
-     "AVX-512 pass computed, since the last reset."},
+     "pass (AVX-512 or AVX2) computed, since the last reset."},
+    {"hog_cells_pass", py_hog_cells_pass, METH_NOARGS,
+     "hog_cells_pass() -> 'avx512', 'avx2' or 'rows': the CPU cells pass that float32 and uint8 images without "
+     "transform_sqrt take now, given this CPU and MTSEG_HOG_SIMD (0, avx2 or avx512; unset: the widest)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "Compiled kernels of mtseg_kernels (torch.ops.mtseg).", -1,

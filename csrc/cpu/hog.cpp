@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -430,18 +431,29 @@ void orient_pixel_row(RowScratch<T>& t, const T* mid, int64_t channels, int64_t 
 // cannot decide (channels within rounding of a tie, a bin within rounding of an edge,
 // squares outside the accurate range) are redone with the scalar rules, as above.
 // The cells backward takes the same per-pixel routine (fused_pixels16) for its pass 1.
-// MTSEG_HOG_SIMD=0 in the environment turns this pass off (tests compare both, forward
-// and backward).
+// CPUs with AVX2 but no AVX-512 take the 8-lane twin of the forward (further below);
+// fused_pass_selected() picks, MTSEG_HOG_SIMD overrides (tests compare every pass with
+// the row loops, forward and backward).
 // ---------------------------------------------------------------------------------
 #if defined(__x86_64__) && defined(__GNUC__)
 #define MTSEG_HOG_FUSED 1
 #define MTSEG_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 
-bool fused_pass_enabled() {
-  static const bool cpu_ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+// Which fused pass the cells take (the AVX2 one only where AVX-512 is absent, or asked
+// for): MTSEG_HOG_SIMD=0 in the environment selects the row loops, =avx2 / =avx512 that
+// pass where the CPU has it (else the row loops); unset, the widest the CPU has.
+enum class FusedPass { kNone, kAvx2, kAvx512 };
+
+FusedPass fused_pass_selected() {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  static const bool avx2 = __builtin_cpu_supports("avx2");
   const char* env = std::getenv("MTSEG_HOG_SIMD");
-  return cpu_ok && !(env != nullptr && env[0] == '0');
+  const std::string want = env == nullptr ? "" : env;
+  if (want == "0") return FusedPass::kNone;
+  if (want == "avx2") return avx2 ? FusedPass::kAvx2 : FusedPass::kNone;
+  if (want == "avx512") return avx512 ? FusedPass::kAvx512 : FusedPass::kNone;
+  return avx512 ? FusedPass::kAvx512 : avx2 ? FusedPass::kAvx2 : FusedPass::kNone;
 }
 
 MTSEG_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
@@ -540,6 +552,41 @@ FusedContext fused_context(const ImageView<scalar_t>& img, const CellGeometry& g
           (g.cell_rows + 1) * img.stride_h * static_cast<int64_t>(sizeof(scalar_t)),
           E, edges, t.exact_scratch.data(), static_cast<int64_t>(t.exact_scratch.size()), t.scalar_bins,
           t.exact_bins};
+}
+
+// The scalar rules for the lanes of `redo` (bit l: column x0 + l of pixel row y) that a
+// fused pass's vector tests left: the channel choice again where `ambiguous`, then the
+// magnitude in grad_t where the float square is outside its accurate range, and the
+// exact bin. s_*: the lanes' winning differences, magnitude, bin and channel, updated in
+// place. Returns false if a lane holds a NaN (the call then raises; nothing to decide).
+template <typename scalar_t, typename grad_t>
+bool redo_lanes(const scalar_t* img, FusedContext& c, int64_t y, int64_t x0, uint32_t redo, uint32_t ambiguous,
+                float* s_row, float* s_col, float* s_mag, int32_t* s_bin, int32_t* s_win) {
+  using B = EdgeBound<float>;
+  bool finite = true;
+  for (int l = 0; redo >> l; ++l) {
+    if (!((redo >> l) & 1)) continue;
+    const int64_t x = x0 + l;
+    if ((ambiguous >> l) & 1)
+      s_win[l] = redo_channel_choice_direct<scalar_t, grad_t>(img, c.channels, c.stride_c, c.stride_h, c.height,
+                                                              c.width, y, x, s_row[l], s_col[l]);
+    const float r = s_row[l], cc = s_col[l];
+    if (std::isnan(r) || std::isnan(cc)) {
+      finite = false;
+      continue;
+    }
+    const float sq = r * r + cc * cc;
+    s_mag[l] = std::sqrt(sq);
+    if (!((sq >= B::sq_lo) && (sq <= B::sq_hi)) && (r != 0.0f || cc != 0.0f))
+      s_mag[l] = static_cast<float>(magnitude(static_cast<grad_t>(r), static_cast<grad_t>(cc)));
+    const auto d = orientation_bin_exact(static_cast<double>(r), static_cast<double>(cc), c.edges.data(), c.n,
+                                         c.exact_scratch, c.exact_capacity);
+    TORCH_INTERNAL_ASSERT(d.path >= 0, "hog: exact orientation test out of scratch");
+    s_bin[l] = d.bin;
+    ++c.scalar_bins;
+    c.exact_bins += d.path;
+  }
+  return finite;
 }
 
 // Where the float squares of two channels decide skimage's channel choice (the float32
@@ -701,28 +748,7 @@ MTSEG_AVX512 MTSEG_ALWAYS_INLINE Pixels16 fused_pixels16(const scalar_t* img, Fu
     _mm512_store_ps(s_mag, mag);
     _mm512_store_epi32(s_bin, bin);
     _mm512_store_epi32(s_win, win);
-    for (int l = 0; l < 16; ++l) {
-      if (!((redo >> l) & 1)) continue;
-      const int64_t x = x0 + l;
-      if ((ambiguous >> l) & 1)
-        s_win[l] = redo_channel_choice_direct<scalar_t, grad_t>(img, c.channels, c.stride_c, c.stride_h, c.height,
-                                                                c.width, y, x, s_row[l], s_col[l]);
-      const float r = s_row[l], cc = s_col[l];
-      if (std::isnan(r) || std::isnan(cc)) {  // a NaN read: the call raises, nothing to decide
-        bad = 1;
-        continue;
-      }
-      const float sq = r * r + cc * cc;
-      s_mag[l] = std::sqrt(sq);
-      if (!((sq >= B::sq_lo) && (sq <= B::sq_hi)) && (r != 0.0f || cc != 0.0f))
-        s_mag[l] = static_cast<float>(magnitude(static_cast<grad_t>(r), static_cast<grad_t>(cc)));
-      const auto d = orientation_bin_exact(static_cast<double>(r), static_cast<double>(cc), c.edges.data(), c.n,
-                                           c.exact_scratch, c.exact_capacity);
-      TORCH_INTERNAL_ASSERT(d.path >= 0, "hog: exact orientation test out of scratch");
-      s_bin[l] = d.bin;
-      ++c.scalar_bins;
-      c.exact_bins += d.path;
-    }
+    if (!redo_lanes<scalar_t, grad_t>(img, c, y, x0, redo, ambiguous, s_row, s_col, s_mag, s_bin, s_win)) bad = 1;
     br = _mm512_load_ps(s_row);
     bc = _mm512_load_ps(s_col);
     mag = _mm512_load_ps(s_mag);
@@ -907,6 +933,291 @@ MTSEG_AVX512 void transpose_stencil_row16(const float* d_row, const float* d_col
     _mm512_mask_storeu_ps(out + x0, m, v);
   }
 }
+
+// ---------------------------------------------------------------------------------
+// The fused cells pass on CPUs with AVX2 but no AVX-512: 8 columns at a time, the same
+// rules in the same float operations as fused_pixels16 and the row loops, so again the
+// very same cells. Lane masks are vectors; the loads at the image's first and last
+// columns and in a partial last vector are put together in registers. The cells
+// backward keeps the row loops on these CPUs.
+// ---------------------------------------------------------------------------------
+#define MTSEG_AVX2 __attribute__((target("avx2")))
+
+// p[lo .. hi) in lanes lo .. hi - 1, 0 in the other lanes, which are not read: floats,
+// or uint8 as int32 (differences are taken in int32, as in fused_pixels16). A partial
+// vector is put together in registers (a masked load for float, the bytes shifted into
+// one integer for uint8): building it in memory and loading it back would stall on
+// store forwarding, at every image border.
+MTSEG_AVX2 MTSEG_ALWAYS_INLINE __m256 load8(const float* p, int lo, int hi) {
+  if (lo == 0 && hi == 8) return _mm256_loadu_ps(p);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i in = _mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(lo - 1)),
+                                      _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), lane));
+  return _mm256_maskload_ps(p, in);
+}
+// (For uint8 a partial vector is one 8-byte load inside the row [begin, end) that p
+// points into, shifted into place and masked; byte by byte only in rows under 8 bytes.)
+MTSEG_AVX2 MTSEG_ALWAYS_INLINE __m256i load8(const uint8_t* p, int lo, int hi, const uint8_t* begin,
+                                             const uint8_t* end) {
+  uint64_t bytes = 0;
+  if (lo == 0 && hi == 8) {
+    std::memcpy(&bytes, p, 8);
+  } else if (lo < hi) {
+    const int64_t before = p - begin, room = end - p;
+    if (lo + 8 <= room) {  // bytes p[lo .. lo + 8) to lanes lo ..
+      std::memcpy(&bytes, p + lo, 8);
+      bytes <<= 8 * lo;
+    } else if (before + hi - 8 >= 0) {  // bytes p[hi - 8 .. hi) to lanes .. hi - 1
+      std::memcpy(&bytes, p + hi - 8, 8);
+      bytes >>= 8 * (8 - hi);
+    } else {
+      for (int l = lo; l < hi; ++l) bytes |= static_cast<uint64_t>(p[l]) << (8 * l);
+    }
+    bytes &= (hi == 8 ? ~uint64_t(0) : (uint64_t(1) << (8 * hi)) - 1) & (~uint64_t(0) << (8 * lo));
+  }
+  return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes)));
+}
+// float rows need no bounds: the masked load reads nothing outside [lo, hi).
+MTSEG_AVX2 MTSEG_ALWAYS_INLINE __m256 load8(const float* p, int lo, int hi, const float*, const float*) {
+  return load8(p, lo, hi);
+}
+MTSEG_AVX2 MTSEG_ALWAYS_INLINE __m256 sub8(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
+MTSEG_AVX2 MTSEG_ALWAYS_INLINE __m256 sub8(__m256i a, __m256i b) {
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(a, b));  // exact: |a - b| <= 255
+}
+
+MTSEG_AVX2 inline __m256 abs8(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+MTSEG_AVX2 inline uint32_t bits8(__m256 m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
+MTSEG_AVX2 inline __m256 as_mask8(uint32_t bits) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i b = _mm256_and_si256(_mm256_set1_epi32(static_cast<int32_t>(bits)), lane_bit);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lane_bit));
+}
+
+// Lanes 4 h .. 4 h + 3 of v in double.
+MTSEG_AVX2 inline __m256d half_to_double4(__m256 v, int h) {
+  return _mm256_cvtps_pd(h == 0 ? _mm256_castps256_ps128(v) : _mm256_extractf128_ps(v, 1));
+}
+
+// key_greater8 on AVX2: of 8 float lanes, in two halves of 4 double lanes, those where
+// the new channel's key is larger (bit l for lane l), by the same tests.
+MTSEG_AVX2 inline uint32_t key_greater8_avx2(__m256 r, __m256 c, __m256 br, __m256 bc) {
+  uint32_t out = 0;
+  for (int h = 0; h < 2; ++h) {
+    const __m256d nr = half_to_double4(r, h), nc = half_to_double4(c, h), pr = half_to_double4(br, h),
+                  pc = half_to_double4(bc, h);
+    const __m256d s_new = _mm256_add_pd(_mm256_mul_pd(nr, nr), _mm256_mul_pd(nc, nc));
+    const __m256d s_best = _mm256_add_pd(_mm256_mul_pd(pr, pr), _mm256_mul_pd(pc, pc));
+    const __m256d lo = _mm256_min_pd(s_new, s_best), hi = _mm256_max_pd(s_new, s_best);
+    const __m256d apart = _mm256_and_pd(
+        _mm256_and_pd(_mm256_cmp_pd(hi, _mm256_mul_pd(lo, _mm256_set1_pd(1.0 + 0x1p-22 + 0x1p-40)), _CMP_GT_OQ),
+                      _mm256_cmp_pd(lo, _mm256_set1_pd(0x1p-250), _CMP_GE_OQ)),
+        _mm256_cmp_pd(hi, _mm256_set1_pd(0x1p254), _CMP_LT_OQ));
+    const __m128 k_new = _mm256_cvtpd_ps(_mm256_sqrt_pd(s_new)), k_best = _mm256_cvtpd_ps(_mm256_sqrt_pd(s_best));
+    const uint32_t apart_bits = static_cast<uint32_t>(_mm256_movemask_pd(apart));
+    const uint32_t by_sum = static_cast<uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(s_new, s_best, _CMP_GT_OQ)));
+    const uint32_t by_key = static_cast<uint32_t>(_mm_movemask_ps(_mm_cmp_ps(k_new, k_best, _CMP_GT_OQ)));
+    out |= ((by_sum & apart_bits) | (by_key & ~apart_bits & 0xfu)) << (4 * h);
+  }
+  return out;
+}
+
+// The 8 pixels (y, x0 .. x0 + 7) of one pixel row: the winning channel's magnitude (0
+// outside the covered columns) and bin. Columns x0 + l, l < n_valid, are covered; those
+// with l in [col_lo, col_hi) have a column difference. `bad`: a non-finite value read
+// in row y + 1 (float input), as in fused_pixels16.
+struct Pixels8 {
+  __m256 mag;
+  __m256i bin;
+};
+
+// kC: the number of channels when known at compile time (3), else 0. kInner: the caller
+// knows that all 8 pixels have both neighbours in the row and in the column (most do),
+// so that every load is a full one, with no test.
+template <typename scalar_t, typename grad_t, int N, int kC, bool kInner>
+MTSEG_AVX2 MTSEG_ALWAYS_INLINE Pixels8 fused_pixels8(const scalar_t* img, FusedContext& c, int64_t y, int64_t x0,
+                                                     int n_valid, int col_lo, int col_hi, bool& bad) {
+  constexpr bool kFloatInput = std::is_same_v<scalar_t, float>;
+  using B = EdgeBound<float>;
+  const __m256 zero = _mm256_setzero_ps();
+  if constexpr (kInner) n_valid = 8, col_lo = 0, col_hi = 8;
+  const bool row_inside = kInner || (y > 0 && y < c.height - 1), has_below = kInner || y + 1 < c.height;
+  const uint32_t valid = (1u << n_valid) - 1;
+  __m256 best = zero, br = zero, bc = zero;
+  uint32_t ambiguous = 0;  // lanes whose channel choice is redone
+  __m256 nan_sum = zero;   // float input: NaN where row y + 1 holds a non-finite value
+  const int64_t channels = kC > 0 ? kC : c.channels, stride_c = c.stride_c, stride_h = c.stride_h;
+  const int64_t prefetch_offset = c.prefetch_offset;
+  const int64_t width = c.width;
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < channels; ++k) {
+    const scalar_t* row = img + k * stride_c + y * stride_h;  // row y of channel k, `width` values
+    const scalar_t* mid = row + x0;
+    __m256 gr = zero;
+    if (has_below) {
+      const auto up = load8(mid + stride_h, 0, n_valid, row + stride_h, row + stride_h + width);
+      if constexpr (kFloatInput) nan_sum = _mm256_add_ps(nan_sum, _mm256_sub_ps(up, up));  // NaN iff inf or NaN
+      if (row_inside) gr = sub8(up, load8(mid - stride_h, 0, n_valid, row - stride_h, row - stride_h + width));
+    }
+    const __m256 gc =
+        sub8(load8(mid + 1, col_lo, col_hi, row, row + width), load8(mid - 1, col_lo, col_hi, row, row + width));
+    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(mid) + prefetch_offset), _MM_HINT_T1);
+    const __m256 sq = _mm256_add_ps(_mm256_mul_ps(gr, gr), _mm256_mul_ps(gc, gc));
+    if (k == 0) {
+      best = sq, br = gr, bc = gc;
+      continue;
+    }
+    __m256 take = _mm256_cmp_ps(sq, best, _CMP_GT_OQ);  // strict: the lowest channel keeps a tie
+    if constexpr (kFloatInput) {
+      // Squares within kNearTieUlps: skimage's keys decide (key_greater8_avx2), unless
+      // the components are the same up to sign and order (an exact tie).
+      const __m256i ulps = _mm256_abs_epi32(_mm256_sub_epi32(_mm256_castps_si256(sq), _mm256_castps_si256(best)));
+      const __m256 near = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(kNearTieUlps + 1), ulps));
+      if (bits8(near) != 0) {
+        const __m256 agr = abs8(gr), agc = abs8(gc), abr = abs8(br), abc = abs8(bc);
+        const __m256 same =
+            _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(agr, abr, _CMP_EQ_OQ), _mm256_cmp_ps(agc, abc, _CMP_EQ_OQ)),
+                         _mm256_and_ps(_mm256_cmp_ps(agr, abc, _CMP_EQ_OQ), _mm256_cmp_ps(agc, abr, _CMP_EQ_OQ)));
+        const uint32_t flagged = bits8(_mm256_andnot_ps(same, near)) & valid;
+        if (flagged != 0) {
+          const uint32_t greater = key_greater8_avx2(gr, gc, br, bc);
+          take = as_mask8((bits8(take) & ~flagged) | (greater & flagged));
+        }
+      }
+    } else {
+      // uint8: equal squares with different |g_row g_col| (see fused_pixels16); equal
+      // zero squares have the same (zero) components.
+      const __m256 tie = _mm256_andnot_ps(_mm256_cmp_ps(sq, zero, _CMP_EQ_OQ), _mm256_cmp_ps(sq, best, _CMP_EQ_OQ));
+      if (bits8(tie) != 0) {
+        const __m256 same = _mm256_cmp_ps(abs8(_mm256_mul_ps(gr, gc)), abs8(_mm256_mul_ps(br, bc)), _CMP_EQ_OQ);
+        ambiguous |= bits8(_mm256_andnot_ps(same, tie));
+      }
+    }
+    best = _mm256_blendv_ps(best, sq, take);
+    br = _mm256_blendv_ps(br, gr, take);
+    bc = _mm256_blendv_ps(bc, gc, take);
+  }
+  if constexpr (kFloatInput) bad |= bits8(_mm256_cmp_ps(nan_sum, nan_sum, _CMP_UNORD_Q)) != 0;
+  ambiguous &= valid;
+  __m256 mag = _mm256_sqrt_ps(best);
+  uint32_t rescale = 0;
+  if constexpr (kFloatInput) {  // uint8 squares are 0 or integers in [1, 2 x 255^2]
+    const __m256 nonzero = _mm256_or_ps(_mm256_cmp_ps(br, zero, _CMP_NEQ_UQ), _mm256_cmp_ps(bc, zero, _CMP_NEQ_UQ));
+    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(best, _mm256_set1_ps(B::sq_lo), _CMP_GE_OQ),
+                                        _mm256_cmp_ps(best, _mm256_set1_ps(B::sq_hi), _CMP_LE_OQ));
+    rescale = bits8(_mm256_andnot_ps(inside, nonzero));
+  }
+  // Bins as in fused_pixels16 (which see), in the same float operations.
+  const __m256 ar = abs8(br), ac = abs8(bc);
+  const __m256 err =
+      _mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(ar, ac), _mm256_set1_ps(B::coef)), _mm256_set1_ps(B::tiny));
+  __m256i bin = _mm256_setzero_si256();  // counts edges passed: a true compare is -1
+  __m256 nearest = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  if constexpr (N > 0) {
+    static_assert(N % 4 != 0, "the fold needs the 45 and 135 degree edges absent");
+    constexpr int kBelow90 = (N - 1) / 2;
+#pragma GCC unroll 8
+    for (int i = 0; i < kBelow90; ++i) {
+      const __m256 d = _mm256_sub_ps(_mm256_mul_ps(ar, _mm256_set1_ps(c.E.cos_phi[i])),
+                                     _mm256_mul_ps(ac, _mm256_set1_ps(c.E.sin_phi[i])));
+      bin = _mm256_sub_epi32(bin, _mm256_castps_si256(_mm256_cmp_ps(d, zero, _CMP_GT_OQ)));
+      nearest = _mm256_min_ps(abs8(d), nearest);
+    }
+    const __m256 col_zero = _mm256_cmp_ps(bc, zero, _CMP_EQ_OQ);
+    const __m256 incl90 = (N % 2 == 0 && c.E.inclusive[N / 2 - 1]) ? as_mask8(0xff) : zero;
+    const __m256 opposite = _mm256_castsi256_ps(_mm256_srai_epi32(_mm256_castps_si256(_mm256_xor_ps(br, bc)), 31));
+    const __m256 mirror = _mm256_or_ps(_mm256_andnot_ps(col_zero, opposite), _mm256_and_ps(col_zero, incl90));
+    bin = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bin),
+                                               _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(N - 1), bin)),
+                                               mirror));
+  } else {
+    const __m256 flip = _mm256_cmp_ps(br, zero, _CMP_LT_OQ);
+    const __m256 uc = _mm256_blendv_ps(bc, _mm256_sub_ps(zero, bc), flip);
+    for (int64_t i = 0; i < c.n - 1; ++i) {
+      const __m256 d = _mm256_sub_ps(_mm256_mul_ps(ar, _mm256_set1_ps(c.E.cos_phi[i])),
+                                     _mm256_mul_ps(uc, _mm256_set1_ps(c.E.sin_phi[i])));
+      if (c.E.exact[i]) {
+        const __m256 past = c.E.inclusive[i] ? _mm256_cmp_ps(d, zero, _CMP_GE_OQ) : _mm256_cmp_ps(d, zero, _CMP_GT_OQ);
+        bin = _mm256_sub_epi32(bin, _mm256_castps_si256(past));
+      } else {
+        bin = _mm256_sub_epi32(bin, _mm256_castps_si256(_mm256_cmp_ps(d, zero, _CMP_GT_OQ)));
+        nearest = _mm256_min_ps(abs8(d), nearest);
+      }
+    }
+  }
+  const __m256 on_axis = _mm256_cmp_ps(br, zero, _CMP_EQ_OQ);
+  bin = _mm256_andnot_si256(_mm256_castps_si256(on_axis), bin);
+  const uint32_t undecided = bits8(_mm256_andnot_ps(on_axis, _mm256_cmp_ps(nearest, err, _CMP_LE_OQ)));
+  const uint32_t redo = (ambiguous | rescale | undecided) & valid;
+  if (redo != 0 && !(kFloatInput && bad)) {
+    alignas(32) float s_row[8], s_col[8], s_mag[8];
+    alignas(32) int32_t s_bin[8], s_win[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    _mm256_store_ps(s_row, br);
+    _mm256_store_ps(s_col, bc);
+    _mm256_store_ps(s_mag, mag);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(s_bin), bin);
+    if (!redo_lanes<scalar_t, grad_t>(img, c, y, x0, redo, ambiguous, s_row, s_col, s_mag, s_bin, s_win)) bad = true;
+    mag = _mm256_load_ps(s_mag);
+    bin = _mm256_load_si256(reinterpret_cast<const __m256i*>(s_bin));
+  }
+  return Pixels8{_mm256_and_ps(mag, as_mask8(valid)), bin};
+}
+
+// fused_cell_row on AVX2 (same contract), 8 columns at a time.
+template <typename scalar_t, typename grad_t, int N, int kC>
+MTSEG_AVX2 bool fused_cell_row_avx2(const scalar_t* img, FusedContext& c, int64_t y0, int64_t cell_rows, float* acc,
+                                    float* column_sums) {
+  bool bad = false;
+  if constexpr (std::is_same_v<scalar_t, float>) {  // what fused_pixels8 does not read as a row below
+    for (int64_t k = 0; k < c.channels; ++k)
+      for (int64_t y = y0; y < y0 + cell_rows; ++y) {
+        const float* row = img + k * c.stride_c + y * c.stride_h;
+        for (int64_t x = y == 0 ? 0 : c.n_cols; x < c.width; ++x) bad |= !(row[x] - row[x] == 0.0f);
+      }
+  }
+  __m256 acc_reg[N > 0 ? N : 1];
+  for (int64_t x0 = 0; x0 < c.n_cols; x0 += 8) {
+    const int n_valid = static_cast<int>(std::min<int64_t>(8, c.n_cols - x0));
+    const int col_lo = x0 == 0 ? 1 : 0;
+    const int col_hi = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(n_valid, c.width - 1 - x0)));
+    if constexpr (N > 0) {
+#pragma GCC unroll 16
+      for (int o = 0; o < N; ++o) acc_reg[o] = _mm256_setzero_ps();
+    } else {
+      std::fill(acc, acc + 8 * c.n, 0.0f);
+    }
+    const bool inner_columns = n_valid == 8 && col_lo == 0 && col_hi == 8;
+    for (int64_t y = y0; y < y0 + cell_rows; ++y) {
+      const Pixels8 px = inner_columns && y > 0 && y < c.height - 1
+                             ? fused_pixels8<scalar_t, grad_t, N, kC, true>(img, c, y, x0, 8, 0, 8, bad)
+                             : fused_pixels8<scalar_t, grad_t, N, kC, false>(img, c, y, x0, n_valid, col_lo,
+                                                                             col_hi, bad);
+      // A pixel adds its magnitude to its bin and +0 to the others (exact: the sums are >= +0).
+      if constexpr (N > 0) {
+#pragma GCC unroll 16
+        for (int o = 0; o < N; ++o)
+          acc_reg[o] = _mm256_add_ps(acc_reg[o], _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(
+                                                                  px.bin, _mm256_set1_epi32(o))),
+                                                              px.mag));
+      } else {
+        for (int64_t o = 0; o < c.n; ++o) {
+          const __m256 in_bin =
+              _mm256_castsi256_ps(_mm256_cmpeq_epi32(px.bin, _mm256_set1_epi32(static_cast<int32_t>(o))));
+          _mm256_storeu_ps(acc + 8 * o, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * o), _mm256_and_ps(in_bin, px.mag)));
+        }
+      }
+    }
+    const __m256i store = _mm256_castps_si256(as_mask8((1u << n_valid) - 1));
+    if constexpr (N > 0) {
+#pragma GCC unroll 16
+      for (int o = 0; o < N; ++o) _mm256_maskstore_ps(column_sums + o * c.n_cols + x0, store, acc_reg[o]);
+    } else {
+      for (int64_t o = 0; o < c.n; ++o)
+        _mm256_maskstore_ps(column_sums + o * c.n_cols + x0, store, _mm256_loadu_ps(acc + 8 * o));
+    }
+  }
+  return !bad;
+}
 #endif  // fused pass
 
 // Calls f(scalar_t{}, T{}, grad_t{}, cell_t{}) with the CPU kernels' types for an
@@ -956,19 +1267,19 @@ MTSEG_CPU_CLONES void write_cells(const double* column_sums, const CellGeometry&
   write_cells_impl(column_sums, g, n_cols, totals, out);
 }
 
-// Whether cells_kernel takes the fused pass (see above) for these images.
+// The fused pass (see above) cells_kernel takes for these images, if any.
 template <typename scalar_t, typename T>
-bool use_fused_pass(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt) {
+FusedPass fused_pass_for(const at::Tensor& images, const CellGeometry& g, bool transform_sqrt) {
 #ifdef MTSEG_HOG_FUSED
   constexpr bool types_ok =
       std::is_same_v<T, float> && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, uint8_t>);
   // Lane column indices are int32.
-  return types_ok && !transform_sqrt && images.stride(3) == 1 && g.width < (int64_t(1) << 30) &&
-         fused_pass_enabled();
+  if (types_ok && !transform_sqrt && images.stride(3) == 1 && g.width < (int64_t(1) << 30))
+    return fused_pass_selected();
 #else
   (void)images, (void)g, (void)transform_sqrt;
-  return false;
 #endif
+  return FusedPass::kNone;
 }
 
 // T: working type of the row buffers; grad_t: hog.h's gradient type for this image
@@ -980,7 +1291,8 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
   const auto edges = orientation_edges(n);
   const EdgeLanes<T> lanes(edges);
   std::atomic<bool> all_valid{true};
-  const bool fused = use_fused_pass<scalar_t, T>(images, g, transform_sqrt);
+  const FusedPass pass = fused_pass_for<scalar_t, T>(images, g, transform_sqrt);
+  const bool fused = pass != FusedPass::kNone;
 #ifdef MTSEG_HOG_FUSED
   const FusedEdges fused_edges(edges);
 #endif
@@ -997,9 +1309,16 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
       if constexpr (std::is_same_v<T, float> && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, uint8_t>)) {
         if (fused) {
           // The presets' bin counts with the sums in registers, any other n with them in memory.
-          auto* const row_fn = n == 6   ? &fused_cell_row<scalar_t, grad_t, 6>
-                               : n == 9 ? &fused_cell_row<scalar_t, grad_t, 9>
-                                        : &fused_cell_row<scalar_t, grad_t, 0>;
+          const bool wide = pass == FusedPass::kAvx512;
+          auto* const row_fn = wide ? (n == 6   ? &fused_cell_row<scalar_t, grad_t, 6>
+                                       : n == 9 ? &fused_cell_row<scalar_t, grad_t, 9>
+                                                : &fused_cell_row<scalar_t, grad_t, 0>)
+                             : C == 3 ? (n == 6   ? &fused_cell_row_avx2<scalar_t, grad_t, 6, 3>
+                                         : n == 9 ? &fused_cell_row_avx2<scalar_t, grad_t, 9, 3>
+                                                  : &fused_cell_row_avx2<scalar_t, grad_t, 0, 3>)
+                                      : (n == 6   ? &fused_cell_row_avx2<scalar_t, grad_t, 6, 0>
+                                         : n == 9 ? &fused_cell_row_avx2<scalar_t, grad_t, 9, 0>
+                                                  : &fused_cell_row_avx2<scalar_t, grad_t, 0, 0>);
           FusedContext ctx = fused_context(img, g, C, n_cols, n, fused_edges, edges, t);
           if (!row_fn(img.data, ctx, y0, g.cell_rows, acc.data(), t.column_sums.data())) {
             all_valid = false;
@@ -1008,7 +1327,7 @@ void cells_kernel(const at::Tensor& images, const CellGeometry& g, bool transfor
           cell_t* out = cells + item * g.n_cells_col * n;
           bool written = false;
           if constexpr (std::is_same_v<cell_t, float>) {  // always, for the fused pass's input types
-            if (n * n_cols < (int64_t(1) << 31)) {
+            if (wide && n * n_cols < (int64_t(1) << 31)) {
               write_cells_fused(t.column_sums.data(), g, means.data(), out);
               written = true;
             }
@@ -1321,7 +1640,8 @@ void cells_backward_kernel(const at::Tensor& images, const CellGeometry& g, bool
   const EdgeLanes<T> lanes(edges);
   std::atomic<bool> all_valid{true};
   // (The gather of pass 1 takes int32 indices into a cell row.)
-  const bool fused = use_fused_pass<scalar_t, T>(images, g, transform_sqrt) && g.n_cells_col * n < (int64_t(1) << 30);
+  const bool fused = fused_pass_for<scalar_t, T>(images, g, transform_sqrt) == FusedPass::kAvx512 &&
+                     g.n_cells_col * n < (int64_t(1) << 30);
 #ifdef MTSEG_HOG_FUSED
   const FusedEdges fused_edges(edges);
   std::vector<int32_t> cell_base(fused ? n_cols + 16 : 0);  // (x / cell_cols) n, padded for 16-lane loads
@@ -1437,6 +1757,17 @@ at::Tensor hog_cells_backward_cpu(const at::Tensor& grad_cells_in, const at::Ten
 std::array<int64_t, 3> cpu_fallback_counts(bool reset) {
   if (reset) return {g_scalar_bins.exchange(0), g_exact_bins.exchange(0), g_fused_rows.exchange(0)};
   return {g_scalar_bins.load(), g_exact_bins.load(), g_fused_rows.load()};
+}
+
+const char* cpu_cells_pass() {
+#ifdef MTSEG_HOG_FUSED
+  switch (fused_pass_selected()) {
+    case FusedPass::kAvx512: return "avx512";
+    case FusedPass::kAvx2: return "avx2";
+    case FusedPass::kNone: break;
+  }
+#endif
+  return "rows";
 }
 
 TORCH_LIBRARY_IMPL(mtseg, CPU, m) {

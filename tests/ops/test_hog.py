@@ -223,35 +223,51 @@ def test_sixty_degree_case_from_the_issue():
 
 
 # --------------------------------------------------------------------------------------
-# The two CPU passes: fused AVX-512 (float32/uint8, no sqrt) and the row loops
+# The CPU cells passes: fused AVX-512 or AVX2 (float32/uint8, no sqrt), and the row loops
 # --------------------------------------------------------------------------------------
-def _fused_pass_available() -> bool:
-    os.environ.pop("MTSEG_HOG_SIMD", None)
-    mk._C.hog_fallback_counts(True)
-    mk.hog_cells(torch.zeros(1, 1, 4, 4), 4, (2, 2))
-    return mk._C.hog_fallback_counts(True)[2] > 0
+def _pass_available(kind: str) -> bool:
+    """Whether MTSEG_HOG_SIMD=kind selects that fused pass on this CPU."""
+    saved = os.environ.get("MTSEG_HOG_SIMD")
+    os.environ["MTSEG_HOG_SIMD"] = kind
+    try:
+        return mk._C.hog_cells_pass() == kind
+    finally:
+        os.environ.pop("MTSEG_HOG_SIMD", None)
+        if saved is not None:
+            os.environ["MTSEG_HOG_SIMD"] = saved
 
 
-FUSED = _fused_pass_available()
-PASSES = [pytest.param("fused", marks=pytest.mark.skipif(not FUSED, reason="this CPU has no AVX-512")), "rows"]
+FUSED_KINDS = [pytest.param(kind, marks=pytest.mark.skipif(not _pass_available(kind), reason=f"this CPU has no {kind}"))
+               for kind in ("avx512", "avx2")]
+PASSES = [*FUSED_KINDS, "rows"]
 
 
 @contextlib.contextmanager
 def cpu_pass(kind):
-    """Runs the block with the CPU cells pass `kind` ("fused" or "rows", MTSEG_HOG_SIMD=0)
-    and checks afterwards that the fused pass ran, or did not."""
+    """Runs the block with the CPU cells pass `kind` ("avx512", "avx2" or "rows", through
+    MTSEG_HOG_SIMD) and checks afterwards that that pass ran: fused cell rows counted
+    for a fused pass, none for the row loops."""
     saved = os.environ.get("MTSEG_HOG_SIMD")
-    if kind == "rows":
-        os.environ["MTSEG_HOG_SIMD"] = "0"
-    else:
-        os.environ.pop("MTSEG_HOG_SIMD", None)
+    os.environ["MTSEG_HOG_SIMD"] = "0" if kind == "rows" else kind
+    assert mk._C.hog_cells_pass() == kind
     mk._C.hog_fallback_counts(True)
     try:
         yield
         fused_rows = mk._C.hog_fallback_counts(True)[2]
-        assert (fused_rows > 0) == (kind == "fused"), (kind, fused_rows)
+        assert (fused_rows > 0) == (kind != "rows"), (kind, fused_rows)
     finally:
         os.environ.pop("MTSEG_HOG_SIMD", None)
+        if saved is not None:
+            os.environ["MTSEG_HOG_SIMD"] = saved
+
+
+def test_default_pass_is_the_widest():
+    """Without MTSEG_HOG_SIMD the cells take the widest fused pass this CPU has."""
+    saved = os.environ.pop("MTSEG_HOG_SIMD", None)
+    try:
+        expected = next((k for k in ("avx512", "avx2") if _pass_available(k)), "rows")
+        assert mk._C.hog_cells_pass() == expected
+    finally:
         if saved is not None:
             os.environ["MTSEG_HOG_SIMD"] = saved
 
@@ -279,43 +295,43 @@ FUSED_CASES = [((3, 128, 64), 6, (16, 16)), ((3, 37, 53), 7, (5, 7)), ((1, 40, 4
                ((3, 24, 47), 1, (4, 16))]
 
 
-@pytest.mark.skipif(not FUSED, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("kind", FUSED_KINDS)
 @pytest.mark.parametrize("dname", ["float32", "uint8"])
 @pytest.mark.parametrize("shape, n, ppc", FUSED_CASES)
-def test_fused_pass_equals_row_loops(dname, shape, n, ppc):
+def test_fused_pass_equals_row_loops(kind, dname, shape, n, ppc):
     """Same float operations in the same order: the two passes give identical cells
     (widths that are not a multiple of 16, columns and rows no cell covers, one channel
     and four, n from 1 to 28)."""
     image = torch.from_numpy(_mixed_image(shape, DTYPES[dname], seed=n))[None].repeat(2, 1, 1, 1)
-    with cpu_pass("fused"):
+    with cpu_pass(kind):
         fused = mk.hog_cells(image, n, ppc)
     with cpu_pass("rows"):
         rows = mk.hog_cells(image, n, ppc)
     assert torch.equal(fused, rows)
 
 
-@pytest.mark.skipif(not FUSED, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("kind", FUSED_KINDS)
 @pytest.mark.parametrize("scale", [2.0**-70, 2.0**-60, 2.0**58, 2.0**64], ids=["2^-70", "2^-60", "2^58", "2^64"])
-def test_fused_pass_equals_row_loops_at_extreme_scales(scale):
+def test_fused_pass_equals_row_loops_at_extreme_scales(kind, scale):
     """Float32 images scaled by powers of two keep their near ties between channels, but
     move the squares out of float's normal range: denormal or zero (2^-70, 2^-60), near
     and past overflow (2^58, 2^64), where the fused pass's ulp test between channels and
     its magnitudes meet their edge cases; both passes must agree bit for bit, forward and
-    backward."""
+    backward (the AVX2 pass's backward is the row loops')."""
     image = torch.from_numpy(_mixed_image((3, 48, 40), np.float32, seed=5) * np.float32(scale))[None]
     assert torch.isfinite(image).all()
     grad = torch.randn((1, 6, 5, 6), generator=torch.Generator().manual_seed(5))
     results = {}
-    for kind in ("fused", "rows"):
-        with cpu_pass(kind):
-            results[kind] = (mk.hog_cells(image, 6, (8, 8)),
-                             torch.ops.mtseg.hog_cells_backward(grad, image, 6, [8, 8], False))
-    assert results["fused"][0].abs().sum() > 0
-    assert torch.equal(results["fused"][0], results["rows"][0])
-    assert torch.equal(results["fused"][1], results["rows"][1])
+    for k in (kind, "rows"):
+        with cpu_pass(k):
+            results[k] = (mk.hog_cells(image, 6, (8, 8)),
+                          torch.ops.mtseg.hog_cells_backward(grad, image, 6, [8, 8], False))
+    assert results[kind][0].abs().sum() > 0
+    assert torch.equal(results[kind][0], results["rows"][0])
+    assert torch.equal(results[kind][1], results["rows"][1])
 
 
-@pytest.mark.skipif(not FUSED, reason="this CPU has no AVX-512")
+@pytest.mark.skipif(not _pass_available("avx512"), reason="this CPU has no avx512 (the only fused backward)")
 @pytest.mark.parametrize("dname", ["float32", "uint8"])
 @pytest.mark.parametrize("shape, n, ppc", FUSED_CASES)
 def test_fused_backward_equals_row_loops(dname, shape, n, ppc):
@@ -327,7 +343,7 @@ def test_fused_backward_equals_row_loops(dname, shape, n, ppc):
     cells_shape = (2, shape[1] // ppc[0], shape[2] // ppc[1], n)
     grad = torch.randn(cells_shape, generator=torch.Generator().manual_seed(n))
     grad[grad.abs() < 0.3] = 0.0
-    with cpu_pass("fused"):
+    with cpu_pass("avx512"):
         fused = torch.ops.mtseg.hog_cells_backward(grad, image, n, list(ppc), False)
     with cpu_pass("rows"):
         rows = torch.ops.mtseg.hog_cells_backward(grad, image, n, list(ppc), False)
@@ -409,8 +425,9 @@ def _tie_image(precision, seed=7):
     return image.astype(np.uint8) if precision == np.uint8 else (image / 256).astype(precision)
 
 
+@pytest.mark.parametrize("kind", PASSES)
 @pytest.mark.parametrize("precision", [np.float64, np.float32, np.uint8], ids=["float64", "float32", "uint8"])
-def test_channel_ties_follow_skimage(precision, record_property):
+def test_channel_ties_follow_skimage(kind, precision, record_property):
     """Exact ties go to the lowest channel, as numpy's argmax does in skimage; the near-ties
     that float32 rounding creates are decided at skimage's precision. No block is exempt
     here, so a changed tie rule cannot hide."""
@@ -419,9 +436,45 @@ def test_channel_ties_follow_skimage(precision, record_property):
     mags = [np.hypot(*skimage_gradients(image[k : k + 1], False)) for k in range(3)]
     ties = (np.sort(np.stack(mags), axis=0)[-1] == np.sort(np.stack(mags), axis=0)[-2]) & (mags[0] > 0)
     assert ties.mean() > 0.2, ties.mean()  # the case is really about ties
-    for orientations in (4, 9):
-        exempt, _ = check_parity(image, orientations, (4, 4), (2, 2), False, norms=["L1"], record=record_property)
-        assert exempt == 0
+    if precision == np.float64 and kind != "rows":
+        pytest.skip("float64 images always take the row loops")
+    with cpu_pass(kind):
+        for orientations in (4, 9):
+            exempt, _ = check_parity(image, orientations, (4, 4), (2, 2), False, norms=["L1"], record=record_property)
+            assert exempt == 0
+
+
+def _hypot_tie_image():
+    """uint8 channels whose gradients have the same exact square but whose float64 hypot
+    rounds one ulp apart: (45, 43) > (57, -25) (both 3874, the larger squares), then
+    (47, 28) < (52, -17) (both 2993), as wrapping ramps (the wraps break a share of the ties)."""
+    rows, cols = np.mgrid[:48, :64]
+    ramps = [(22.5, 21.5), (28.5, -12.5), (23.5, 14.0), (26.0, -8.5)]  # half the central difference
+    image = np.stack([np.floor(a * rows + b * cols + 300) for a, b in ramps])
+    return (image % 256).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", PASSES)
+def test_uint8_ties_decided_by_float64_hypot(kind, record_property):
+    """skimage picks the channel by float64 hypot of uint8 gradients, which can round two
+    equal exact magnitudes one ulp apart; the channel with the larger rounded hypot must
+    win then, be it the lower or the higher one (a true tie goes to the lower channel)."""
+    image = _hypot_tie_image()
+    for order, higher_wins in (([0, 1, 2, 3], False), ([1, 0, 3, 2], True)):
+        img = image[order]
+        grads = [skimage_gradients(img[k : k + 1], False) for k in range(4)]
+        squares = np.stack([g_row.astype(np.int64) ** 2 + g_col.astype(np.int64) ** 2 for g_row, g_col in grads])
+        mags = np.stack([np.hypot(g_row, g_col) for g_row, g_col in grads])  # skimage's float64 keys
+        top = np.argsort(-squares, axis=0, kind="stable")[:2]  # the two best channels, lower first on a tie
+        (s_low, s_high), (m_low, m_high) = np.take_along_axis(squares, top, 0), np.take_along_axis(mags, top, 0)
+        split = s_low == s_high
+        # the case is really about these ties: the larger hypot on the lower channel, then the higher
+        assert (split & ((m_high > m_low) if higher_wins else (m_high < m_low))).mean() > 0.2
+        with cpu_pass(kind):
+            for orientations in (6, 9):
+                exempt, _ = check_parity(img, orientations, (4, 4), (2, 2), False, norms=["L1"],
+                                         record=record_property)
+                assert exempt == 0
 
 
 @pytest.mark.parametrize("orientations", [4, 8, 12, 14, 20, 28, 36, 44])
@@ -885,6 +938,49 @@ def test_header_orientation_bin_is_exact(header_probe, n):
         assert b == exact_bin(float(r), float(c), n), (n, float(r).hex(), float(c).hex())
     if n not in (2, 4):  # every edge of 2 and 4 bins is exact (90 / 45, 90, 135 degrees)
         assert paths > 0  # the integer test really ran
+
+
+def _limbs(v: int) -> list[int]:
+    out = []
+    v = abs(v)
+    while v:
+        out.append(v & 0xFFFFFFFF)
+        v >>= 32
+    return out
+
+
+def _big_text(v: int) -> str:
+    limbs = _limbs(v)
+    return " ".join(map(str, [int(v < 0), len(limbs), *limbs]))
+
+
+def test_header_big_add_against_python_integers(header_probe):
+    """big_add (the signed limb arithmetic under the exact bin test) against Python's
+    integers, in fresh storage and written over either operand. The operands are built
+    limb by limb so that subtractions meet the cases random numbers almost never do: equal
+    limbs (a difference of exactly 0 that must not borrow), borrow chains through 0 and
+    0xffffffff limbs, equal magnitudes (a zero result), and carries out of the top limb."""
+    rng = np.random.default_rng(5)
+    pool = [0, 1, 2, 0xFFFFFFFF, 0xFFFFFFFE, 0x80000000]
+    pairs = []
+    for _ in range(400):
+        size = int(rng.integers(1, 6))
+        a = [int(rng.choice(pool)) if rng.random() < 0.5 else int(rng.integers(0, 2**32)) for _ in range(size)]
+        b = [a[k] if rng.random() < 0.5 else int(rng.choice(pool)) for k in range(int(rng.integers(1, size + 1)))]
+        value = lambda limbs: sum(v << (32 * k) for k, v in enumerate(limbs))  # noqa: E731
+        pairs.append((value(a) * (-1 if rng.random() < 0.5 else 1), value(b) * (-1 if rng.random() < 0.5 else 1)))
+    pairs += [(5 + (7 << 32), 5 + (3 << 32)), (2**64, 1), (-(2**96) + 1, -(2**96) + 1), (2**64 - 1, 1), (0, 0)]
+    cases = [(a, b, negate, alias) for a, b in pairs for negate in (0, 1) for alias in (0, 1, 2)]
+    text = "".join(f"add {_big_text(a)} {_big_text(b)} {negate} {alias}\n" for a, b, negate, alias in cases)
+    out = _probe(header_probe, text)
+    pos = 0
+    for a, b, negate, alias in cases:
+        negative, size = int(out[pos]), int(out[pos + 1])
+        limbs = [int(v) for v in out[pos + 2 : pos + 2 + size]]
+        pos += 2 + size
+        expected = a - b if negate else a + b
+        assert (negative, limbs) == (int(expected < 0), _limbs(expected)), (a, b, negate, alias)
+    assert pos == len(out)
 
 
 def test_header_input_gradient_is_the_stencil_transpose(header_probe):

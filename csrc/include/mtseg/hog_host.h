@@ -33,8 +33,11 @@ std::vector<Edge> orientation_edges(int64_t orientations);
 
 // Pixels of CPU cells passes since the last reset whose bin the vector test left to
 // hog.h's scalar rule, those of them that took its exact integer test, and the cell rows
-// computed by the fused AVX-512 pass.
+// computed by a fused pass (AVX-512 or AVX2).
 std::array<int64_t, 3> cpu_fallback_counts(bool reset);
+// The CPU cells pass float32 and uint8 images without transform_sqrt take now, given
+// the CPU and MTSEG_HOG_SIMD: "avx512", "avx2" (fused passes) or "rows".
+const char* cpu_cells_pass();
 
 // Cells are float32 except for float64 images; the descriptor follows the cells.
 at::ScalarType cell_dtype(at::ScalarType image_dtype);
