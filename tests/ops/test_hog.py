@@ -425,8 +425,17 @@ def _tie_image(precision, seed=7):
     return image.astype(np.uint8) if precision == np.uint8 else (image / 256).astype(precision)
 
 
-@pytest.mark.parametrize("kind", PASSES)
-@pytest.mark.parametrize("precision", [np.float64, np.float32, np.uint8], ids=["float64", "float32", "uint8"])
+def _passes_with(kind_param, precisions):
+    """(kind, precision) cases for one entry of PASSES, keeping its skip mark."""
+    kind, marks = (kind_param, ()) if isinstance(kind_param, str) else (kind_param.values[0], kind_param.marks)
+    return [pytest.param(kind, p, id=f"{p.__name__}-{kind}", marks=marks) for p in precisions]
+
+
+# float64 images always take the row loops, so they are checked there only.
+TIE_CASES = _passes_with("rows", [np.float64]) + [c for k in PASSES for c in _passes_with(k, [np.float32, np.uint8])]
+
+
+@pytest.mark.parametrize("kind, precision", TIE_CASES)
 def test_channel_ties_follow_skimage(kind, precision, record_property):
     """Exact ties go to the lowest channel, as numpy's argmax does in skimage; the near-ties
     that float32 rounding creates are decided at skimage's precision. No block is exempt
@@ -436,8 +445,6 @@ def test_channel_ties_follow_skimage(kind, precision, record_property):
     mags = [np.hypot(*skimage_gradients(image[k : k + 1], False)) for k in range(3)]
     ties = (np.sort(np.stack(mags), axis=0)[-1] == np.sort(np.stack(mags), axis=0)[-2]) & (mags[0] > 0)
     assert ties.mean() > 0.2, ties.mean()  # the case is really about ties
-    if precision == np.float64 and kind != "rows":
-        pytest.skip("float64 images always take the row loops")
     with cpu_pass(kind):
         for orientations in (4, 9):
             exempt, _ = check_parity(image, orientations, (4, 4), (2, 2), False, norms=["L1"], record=record_property)
